@@ -1,0 +1,1 @@
+"""servetune: autotuner for the server flags of LLM inference engines."""

@@ -1,0 +1,128 @@
+"""Objectives, scores and ranks: which trial is best, and the Pareto front of a two-objective study.
+
+Feasible trials rank by their objective; infeasible ones by how far they miss; failed ones last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from servetune.core.metrics import ServingMetrics, metric_names
+from servetune.core.study import Trial, TrialState
+
+
+class ObjectiveTerm(BaseModel):
+    """One metric to maximise or minimise at one load level.
+
+    ``metric`` is a ``ServingMetrics.value`` name: ``output_tokens_per_s``, ``requests_per_s``,
+    ``goodput_requests_per_s``, or ``<latency>.<stat>`` such as ``ttft_ms.p99``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    metric: str = Field(description="Metric name, e.g. output_tokens_per_s or ttft_ms.p99.")
+    direction: Literal["maximize", "minimize"] = Field(description="maximize or minimize.")
+    level: float | None = Field(
+        default=None, description="Load level (concurrency or rate) to read it at; null = the last level."
+    )
+
+    @field_validator("metric")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in metric_names():
+            raise ValueError(f"unknown metric {v!r}; use one of: {', '.join(metric_names())}")
+        return v
+
+    @property
+    def label(self) -> str:
+        """Readable form, e.g. ``maximize output_tokens_per_s``."""
+        at = f" @ {self.level:g}" if self.level is not None else ""
+        return f"{self.direction} {self.metric}{at}"
+
+    def read(self, metrics: Sequence[ServingMetrics]) -> float | None:
+        """The term's value from a trial's per-level metrics (None when not measured)."""
+        if not metrics:
+            return None
+        if self.level is None:
+            chosen = metrics[-1]
+        else:
+            found = [m for m in metrics if abs(m.level.value - self.level) < 1e-9]
+            if not found:
+                return None
+            chosen = found[0]
+        return chosen.value(self.metric)
+
+
+class Objective(BaseModel):
+    """One term (single-objective study) or two (Pareto study)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    terms: list[ObjectiveTerm] = Field(min_length=1, max_length=2, description="1 or 2 terms.")
+
+    def values(self, metrics: Sequence[ServingMetrics]) -> list[float] | None:
+        """The value of every term, or None if any is unmeasured."""
+        out = [t.read(metrics) for t in self.terms]
+        if any(v is None for v in out):
+            return None
+        return [float(v) for v in out if v is not None]
+
+    @property
+    def directions(self) -> list[str]:
+        """``maximize``/``minimize`` per term (Optuna's ``directions``)."""
+        return [t.direction for t in self.terms]
+
+
+def _signed(value: float, direction: str) -> float:
+    """Value turned so that larger is better."""
+    return value if direction == "maximize" else -value
+
+
+def rank_key(trial: Trial, objective: Objective) -> tuple[int, float]:
+    """Sort key, smaller = better: (tier, score).
+
+    Tier 0: feasible COMPLETE, by the first term (direction-aware). Tier 1: COMPLETE but
+    infeasible, by total relative SLO overshoot. Tier 2: everything else (FAIL, unfinished).
+    """
+    r = trial.result
+    if trial.state is not TrialState.COMPLETE or r is None:
+        return (2, 0.0)
+    if r.feasible and r.objective_values:
+        return (0, -_signed(r.objective_values[0], objective.terms[0].direction))
+    miss = r.slo_report.total_miss if r.slo_report else float("inf")
+    return (1, miss)
+
+
+def rank(trials: Sequence[Trial], objective: Objective) -> list[Trial]:
+    """Trials best first (see ``rank_key``); ties keep trial-number order."""
+    return sorted(trials, key=lambda t: (rank_key(t, objective), t.number))
+
+
+def best_trial(trials: Sequence[Trial], objective: Objective) -> Trial | None:
+    """The best COMPLETE trial, feasible or not (None when no trial completed)."""
+    ranked = [t for t in rank(trials, objective) if t.state is TrialState.COMPLETE]
+    return ranked[0] if ranked else None
+
+
+def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[str]) -> bool:
+    """True when ``a`` is at least as good as ``b`` in every term and better in one."""
+    sa = [_signed(v, d) for v, d in zip(a, directions, strict=True)]
+    sb = [_signed(v, d) for v, d in zip(b, directions, strict=True)]
+    return all(x >= y for x, y in zip(sa, sb, strict=True)) and any(x > y for x, y in zip(sa, sb, strict=True))
+
+
+def pareto_front(trials: Sequence[Trial], objective: Objective) -> list[Trial]:
+    """Feasible COMPLETE trials that no other feasible trial dominates, by trial number."""
+    pool = [t for t in trials if t.state is TrialState.COMPLETE and t.feasible and t.result and t.result.objective_values]
+    front = []
+    for t in pool:
+        assert t.result and t.result.objective_values
+        if not any(
+            o is not t and o.result and o.result.objective_values
+            and dominates(o.result.objective_values, t.result.objective_values, objective.directions)
+            for o in pool
+        ):
+            front.append(t)
+    return sorted(front, key=lambda t: t.number)

@@ -1,0 +1,1 @@
+"""Deployment targets: where an engine process runs (local process group now; docker, kubernetes later)."""

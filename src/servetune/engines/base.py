@@ -1,0 +1,88 @@
+"""The Engine protocol every adapter (llama.cpp, vLLM, SGLang) implements, and its value types.
+
+An Engine is pure: it builds commands and reads logs; it never starts a process itself.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from servetune.core.spec import Problem, StudySpec, Workload
+from servetune.core.study import FailureKind, Params, ParamValue
+
+
+@dataclass(frozen=True)
+class LaunchCommand:
+    """What to execute for one trial: ``argv`` (never a shell string), extra ``env``, and where it listens."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int = 0
+
+    def display(self) -> str:
+        """The command as a shell line a user can paste (quoted with ``shlex.join``)."""
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
+        return f"{env} {shlex.join(self.argv)}".strip()
+
+
+@dataclass(frozen=True)
+class FlagInfo:
+    """One entry of an engine's flag catalogue.
+
+    ``type`` is the value type the flag takes; ``default`` is the engine's own default (None when
+    it depends on the machine or is unset); ``source`` names where the fact comes from.
+    """
+
+    name: str
+    type: Literal["int", "float", "str", "bool"]
+    default: ParamValue | None
+    meaning: str
+    source: str
+    choices: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """An OpenAI-compatible server: base URL (``http://127.0.0.1:8080``) and the served model name."""
+
+    base_url: str
+    model: str
+
+
+class Engine(Protocol):
+    """An inference engine adapter.
+
+    ``launch_command`` is pure and deterministic; ``preflight`` rejects params that cannot work
+    before any launch; ``classify_failure`` maps a start-up log and exit code to a FailureKind.
+    """
+
+    kind: str
+    health_path: str
+
+    def flag_catalogue(self) -> Mapping[str, FlagInfo]:
+        """Known flags by name (CLI name without dashes)."""
+        ...
+
+    def launch_command(self, params: Params, *, host: str, port: int) -> LaunchCommand:
+        """The command that serves the model with ``params`` (plus the spec's fixed flags) on host:port."""
+        ...
+
+    def preflight(self, params: Params, workload: Workload) -> list[str]:
+        """Reasons ``params`` cannot serve ``workload`` (empty = fine to launch)."""
+        ...
+
+    def check_spec(self, spec: StudySpec) -> list[Problem]:
+        """Problems of the spec only this engine can see (unknown flags, wrong types, missing model)."""
+        ...
+
+    def classify_failure(self, log_text: str, returncode: int | None) -> tuple[FailureKind, str]:
+        """Why the engine failed, from its log and exit code: (kind, one readable line of evidence)."""
+        ...
+
+    def endpoint(self, host: str, port: int) -> Endpoint:
+        """Where the launched server answers."""
+        ...

@@ -1,0 +1,62 @@
+"""The servetune error tree; adapters translate foreign errors into it (``raise … from e``).
+
+    ServetuneError
+    ├── SpecInvalid          a spec with problems (each names the field and the fix)
+    ├── StudyNotFound        no study with that id or name
+    ├── StoreError           the database failed (SQLAlchemy errors, translated)
+    ├── EngineError          the engine could not be prepared or launched
+    │   └── EngineNotFound   the binary/wheel for the engine is missing
+    ├── DeploymentError      a deployment could not start or stop an engine
+    │   └── EngineStartFailed   carries the FailureKind and the reason
+    └── BenchmarkError       the benchmark could not run at all (not a failed request)
+"""
+
+from __future__ import annotations
+
+from servetune.core.spec import Problem
+from servetune.core.study import FailureKind
+
+
+class ServetuneError(Exception):
+    """Base of every error servetune raises on purpose."""
+
+
+class SpecInvalid(ServetuneError):
+    """A spec with problems; ``problems`` holds every one, each with field path and fix."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+class StudyNotFound(ServetuneError):
+    """No study with the given id or name."""
+
+
+class StoreError(ServetuneError):
+    """The database failed; the message says what was being done."""
+
+
+class EngineError(ServetuneError):
+    """The engine could not be prepared or launched."""
+
+
+class EngineNotFound(EngineError):
+    """The engine's binary or wheel is missing; the message says how to install it."""
+
+
+class DeploymentError(ServetuneError):
+    """A deployment could not start or stop an engine."""
+
+
+class EngineStartFailed(DeploymentError):
+    """The engine did not become ready: ``kind`` says why, ``reason`` gives the evidence."""
+
+    def __init__(self, kind: FailureKind, reason: str) -> None:
+        self.kind = kind
+        self.reason = reason
+        super().__init__(f"{kind.value}: {reason}")
+
+
+class BenchmarkError(ServetuneError):
+    """The benchmark could not run at all (e.g. the prompts could not be built)."""

@@ -1,0 +1,1 @@
+"""Persistence of studies and trials: SQLAlchemy 2 tables, a repository, Alembic migrations."""
