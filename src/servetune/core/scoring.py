@@ -126,3 +126,75 @@ def pareto_front(trials: Sequence[Trial], objective: Objective) -> list[Trial]:
         ):
             front.append(t)
     return sorted(front, key=lambda t: t.number)
+
+
+class Verdict(BaseModel):
+    """The confirmed comparison of the best trial against the baseline, from fresh repeats.
+
+    ``gain_pct`` compares the means of the repeats (fresh servers), signed so that positive is
+    better for the objective's direction. ``spread_pct`` is the run-to-run noise: the largest
+    relative range (max − min) / mean over the measurements of either configuration, original
+    run included. The gain ``is_win`` only when it exceeds that spread and the ranges do not overlap.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    metric: str = Field(description="The objective metric compared.")
+    direction: Literal["maximize", "minimize"] = Field(description="Objective direction.")
+    baseline_values: list[float] = Field(description="Baseline: original run then repeats.")
+    best_values: list[float] = Field(description="Best trial: original run then repeats.")
+    baseline_mean: float = Field(description="Mean of the baseline repeats (original if none).")
+    best_mean: float = Field(description="Mean of the best trial's repeats (original if none).")
+    gain_pct: float = Field(description="Improvement of best over baseline in %, positive = better.")
+    spread_pct: float = Field(description="Run-to-run spread in % (see class doc).")
+    is_win: bool = Field(description="Gain beyond the spread with non-overlapping ranges.")
+
+    @property
+    def summary(self) -> str:
+        """One line for people."""
+        what = "a real gain" if self.is_win else "within the measured noise: not a confirmed win"
+        return (
+            f"{self.metric}: baseline {self.baseline_mean:.4g} → best {self.best_mean:.4g} "
+            f"({self.gain_pct:+.1f} %, run-to-run spread ±{self.spread_pct / 2:.1f} %): {what}"
+        )
+
+
+def _rel_range(values: Sequence[float]) -> float:
+    mean = sum(values) / len(values)
+    return (max(values) - min(values)) / abs(mean) * 100.0 if mean else 0.0
+
+
+def confirm_verdict(
+    metric: str,
+    direction: Literal["maximize", "minimize"],
+    baseline_values: Sequence[float],
+    best_values: Sequence[float],
+) -> Verdict:
+    """Compare best vs baseline from their measurements (original first, then fresh repeats).
+
+    Raises ValueError when either list is empty.
+    """
+    if not baseline_values or not best_values:
+        raise ValueError("confirm_verdict needs at least one measurement of each configuration")
+    base_rep = list(baseline_values[1:]) or list(baseline_values)
+    best_rep = list(best_values[1:]) or list(best_values)
+    base_mean = sum(base_rep) / len(base_rep)
+    best_mean = sum(best_rep) / len(best_rep)
+    raw = (best_mean - base_mean) / abs(base_mean) * 100.0 if base_mean else 0.0
+    gain = raw if direction == "maximize" else -raw
+    spread = max(_rel_range(baseline_values), _rel_range(best_values))
+    if direction == "maximize":
+        apart = min(best_values) > max(baseline_values)
+    else:
+        apart = max(best_values) < min(baseline_values)
+    return Verdict(
+        metric=metric,
+        direction=direction,
+        baseline_values=list(baseline_values),
+        best_values=list(best_values),
+        baseline_mean=base_mean,
+        best_mean=best_mean,
+        gain_pct=gain,
+        spread_pct=spread,
+        is_win=gain > spread and apart,
+    )

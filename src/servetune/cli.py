@@ -1,0 +1,449 @@
+"""The servetune command line (typer + rich): demo, run, resume, show, bench, export, report, …
+
+Entry point only: it parses options, sets up logging and output, and calls the library.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Coroutine
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from servetune.core.spec import StudySpec
+from servetune.core.study import Trial, TrialRole
+from servetune.errors import ServetuneError, SpecInvalid
+from servetune.settings import Settings
+
+app = typer.Typer(
+    help="Tune the server flags of LLM inference engines against your workload and SLOs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+log = logging.getLogger("servetune")
+
+T = TypeVar("T")
+
+DbOption = Annotated[
+    str | None, typer.Option("--db", help="Database URL (default: SQLite file in the data directory).")
+]
+
+
+def _settings(db: str | None) -> Settings:
+    return Settings(db_url=db) if db else Settings()
+
+
+def _setup_logging(settings: Settings, verbose: bool) -> Path:
+    """Log everything to a file under the data dir; warnings (or all with -v) to stderr."""
+    log_dir = Path(settings.data_dir) / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / "servetune.log"
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    fh = logging.FileHandler(path, encoding="utf-8")
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(fh)
+    sh = logging.StreamHandler(sys.stderr)
+    sh.setLevel(logging.INFO if verbose else logging.WARNING)
+    sh.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(sh)
+    for noisy in ("httpx", "httpcore", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return path
+
+
+def _run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro``; SIGINT and SIGTERM cancel it (engines are stopped, the trial recorded)."""
+
+    async def main() -> T:
+        task = asyncio.ensure_future(coro)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        return await task
+
+    return asyncio.run(main())
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _print_problems(e: SpecInvalid) -> None:
+    err_console.print(f"[bold red]The spec has {len(e.problems)} problem(s):[/]")
+    for p in e.problems:
+        err_console.print(f"  [yellow]{p.loc}[/]: {p.message}", highlight=False)
+
+
+# ---- spec commands -----------------------------------------------------------------------
+
+@app.command()
+def validate(spec: Annotated[Path, typer.Argument(help="Study spec (YAML or JSON).")]) -> None:
+    """Check a spec and report every problem at once (exit status 2 when there are any)."""
+    from servetune.specfile import load_spec
+
+    try:
+        parsed, _ = load_spec(spec)
+    except SpecInvalid as e:
+        _print_problems(e)
+        raise typer.Exit(2) from None
+    console.print(
+        f"[green]valid[/]: {parsed.engine.kind} study over {', '.join(parsed.space.params)}; "
+        f"strategy {parsed.strategy.kind}, up to {parsed.budget.max_trials} trials"
+    )
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of a study spec (every field described)."""
+    console.print_json(json.dumps(StudySpec.model_json_schema()))
+
+
+@app.command("make-model")
+def make_model_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write model.gguf and tokenizer/ into.")],
+    size: Annotated[str, typer.Option("--size", help="tiny (~10 MB) or small (~64 MB).")] = "tiny",
+    seed: Annotated[int, typer.Option(help="Seed; the same seed writes the same files.")] = 0,
+) -> None:
+    """Write a random-weight Llama GGUF and its tokenizer, generated locally (no download)."""
+    from servetune.modelgen import make_model
+
+    if size not in ("tiny", "small"):
+        raise _fail(f"--size must be tiny or small, not {size!r}", 2)
+    files = make_model(size, out, seed=seed)  # type: ignore[arg-type]
+    console.print(f"model: {files.gguf_path} ({files.size_bytes / 1e6:.1f} MB)\ntokenizer: {files.tokenizer_dir}")
+
+
+# ---- running studies ---------------------------------------------------------------------
+
+def _study_name(spec: StudySpec) -> str:
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    return spec.name or f"{spec.engine.kind}-{stamp}"
+
+
+def _execute(settings: Settings, study_ref: str | int, verbose: bool) -> Any:
+    """Run or resume the study ``study_ref`` with a live display; returns the StudyOutcome."""
+    from servetune.study_session import run_study
+
+    log_path = _setup_logging(settings, verbose)
+    log.info("log file: %s", log_path)
+    try:
+        return _run_async(run_study(settings, study_ref, console))
+    except asyncio.CancelledError:
+        err_console.print(
+            f"[yellow]cancelled[/]: the running trial was recorded as cancelled. "
+            f"Continue with: servetune resume {study_ref}"
+        )
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def run(
+    spec: Annotated[Path, typer.Argument(help="Study spec (YAML or JSON).")],
+    name: Annotated[str | None, typer.Option(help="Study name (default: from the spec, else generated).")] = None,
+    db: DbOption = None,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Log every phase to stderr.")] = False,
+) -> None:
+    """Run a tuning study described by SPEC, then print the winner and how it was confirmed."""
+    from servetune.specfile import load_spec
+    from servetune.store.repo import StudyStore
+
+    try:
+        parsed, doc = load_spec(spec)
+    except SpecInvalid as e:
+        _print_problems(e)
+        raise typer.Exit(2) from None
+    settings = _settings(db)
+    try:
+        store = StudyStore(settings.db_url)
+        study = store.create_study(name or _study_name(parsed), parsed, doc)
+    except ServetuneError as e:
+        raise _fail(str(e)) from None
+    console.print(f"study [bold]{study.name}[/] (id {study.id}) in {settings.db_url}")
+    outcome = _execute(settings, study.id, verbose)
+    _print_outcome(outcome, settings)
+
+
+@app.command()
+def resume(
+    study: Annotated[str, typer.Argument(help="Study id or name.")],
+    db: DbOption = None,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Continue a study that was stopped or killed: finished trials are kept, not re-run."""
+    from servetune.store.repo import StudyStore
+
+    settings = _settings(db)
+    try:
+        record = StudyStore(settings.db_url).get_study(study)
+    except ServetuneError as e:
+        raise _fail(str(e)) from None
+    outcome = _execute(settings, record.id, verbose)
+    _print_outcome(outcome, settings)
+
+
+@app.command()
+def demo(
+    db: DbOption = None,
+    trials: Annotated[int, typer.Option(help="Trials in the search, the baseline included.")] = 12,
+    size: Annotated[str, typer.Option(help="Demo model size: tiny or small.")] = "small",
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Make a small local model if missing and tune llama.cpp on it with TPE (about 12 trials)."""
+    from servetune.demo import demo_spec
+    from servetune.modelgen import make_model
+    from servetune.specfile import validate_document
+    from servetune.store.repo import StudyStore
+
+    settings = _settings(db)
+    model_dir = Path(settings.data_dir) / "models" / size
+    console.print(f"[bold]servetune demo[/]: model in {model_dir}")
+    files = make_model(size, model_dir)  # type: ignore[arg-type]
+    doc = demo_spec(files.gguf_path, files.tokenizer_dir, trials)
+    spec_path = Path(settings.data_dir) / "demo.yaml"
+    spec_path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    spec = validate_document(doc)
+    store = StudyStore(settings.db_url)
+    study = store.create_study(_study_name(spec), spec, doc)
+    console.print(f"spec written to {spec_path}; study [bold]{study.name}[/] (id {study.id})")
+    outcome = _execute(settings, study.id, verbose)
+    _print_outcome(outcome, settings)
+
+
+def _print_outcome(outcome: Any, settings: Settings) -> None:
+    from servetune.engines import get_engine
+    from servetune.report.html import write_report
+
+    spec: StudySpec = outcome.study.spec
+    best: Trial | None = outcome.best
+    base: Trial | None = outcome.baseline
+    console.rule(f"study {outcome.study.name}")
+    counts: dict[str, int] = {}
+    for t in outcome.trials:
+        counts[t.state.value] = counts.get(t.state.value, 0) + 1
+    console.print("trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    if best is None or best.result is None:
+        console.print("[red]no trial completed[/]: see `servetune show` for each failure's reason")
+        return
+    console.print(f"best: trial {best.number} ({'feasible' if best.feasible else '[red]infeasible[/]'}) "
+                  f"params {json.dumps(best.params)}")
+    table = Table("metric", "baseline (trial 0)", f"best (trial {best.number})", "change")
+    for name in ("output_tokens_per_s", "ttft_ms.p99", "ttft_ms.p50", "tpot_ms.p50", "requests_per_s"):
+        b = base.result.metrics[-1].value(name) if base and base.result and base.result.metrics else None
+        v = best.result.metrics[-1].value(name) if best.result.metrics else None
+        change = f"{(v / b - 1) * 100:+.1f} %" if b and v is not None else "-"
+        table.add_row(name, f"{b:.1f}" if b is not None else "-", f"{v:.1f}" if v is not None else "-", change)
+    console.print(table)
+    if outcome.verdict is not None:
+        console.print(f"[bold]confirmed on fresh servers[/]: {outcome.verdict.summary}")
+    if outcome.front:
+        console.print("Pareto front: trials " + ", ".join(str(t.number) for t in outcome.front))
+    cmd = get_engine(spec.engine).launch_command(best.params, host="127.0.0.1", port=8080)
+    console.print("[bold]launch command[/]:")
+    console.print(cmd.display(), soft_wrap=True, highlight=False)
+    report_path = Path(settings.data_dir) / "reports" / f"{outcome.study.name}.html"
+    write_report(outcome.study, outcome.trials, report_path)
+    console.print(f"report: {report_path}")
+
+
+# ---- inspecting studies ------------------------------------------------------------------
+
+def _load(study: str, db: str | None) -> tuple[Any, list[Trial]]:
+    from servetune.store.repo import StudyStore
+
+    try:
+        store = StudyStore(_settings(db).db_url)
+        record = store.get_study(study)
+        return record, store.trials(record.id)
+    except ServetuneError as e:
+        raise _fail(str(e)) from None
+
+
+def _best(record: Any, trials: list[Trial]) -> Trial | None:
+    from servetune.core.scoring import best_trial
+
+    return best_trial([t for t in trials if t.role is not TrialRole.CONFIRM], record.spec.objective)
+
+
+@app.command()
+def show(
+    study: Annotated[str, typer.Argument(help="Study id or name.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    db: DbOption = None,
+) -> None:
+    """Show a study's trials: state, params, key metrics, feasibility, failure reasons."""
+    record, trials = _load(study, db)
+    best = _best(record, trials)
+    if as_json:
+        payload = {
+            "study": {
+                "id": record.id, "name": record.name, "status": record.status,
+                "engine": record.spec.engine.kind, "created_at": record.created_at.isoformat(),
+                "objective": [t.label for t in record.spec.objective.terms],
+                "verdict": record.verdict,
+            },
+            "trials": [t.summary() for t in trials],
+            "best_trial": best.summary() if best else None,
+        }
+        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+        return
+    console.print(f"study [bold]{record.name}[/] (id {record.id}) — {record.status}")
+    table = Table("#", "role", "state", "params", "out tok/s", "TTFT p99 ms", "feasible", "failure")
+    for t in trials:
+        m = t.result.metrics[-1] if t.result and t.result.metrics else None
+        tps = f"{m.output_tokens_per_s:.1f}" if m else "-"
+        ttft = m.value("ttft_ms.p99") if m else None
+        failure = f"{t.failure_kind.value}: {t.result.failure_reason}" if t.failure_kind and t.result else ""
+        mark = " ★" if best and t.number == best.number else ""
+        table.add_row(
+            f"{t.number}{mark}", t.role.value, t.state.value, json.dumps(t.params) if t.params else "(defaults)",
+            tps, f"{ttft:.0f}" if ttft is not None else "-", "yes" if t.feasible else "no", failure[:120],
+        )
+    console.print(table)
+    if record.verdict and record.verdict.get("summary"):
+        console.print(record.verdict["summary"])
+
+
+@app.command(name="list")
+def list_studies(db: DbOption = None) -> None:
+    """List recent studies."""
+    from servetune.store.repo import StudyStore
+
+    store = StudyStore(_settings(db).db_url)
+    table = Table("id", "name", "engine", "status", "created")
+    for s in store.list_studies():
+        table.add_row(str(s.id), s.name, s.spec.engine.kind, s.status, s.created_at.isoformat(timespec="seconds"))
+    console.print(table)
+
+
+@app.command()
+def export(
+    study: Annotated[str, typer.Argument(help="Study id or name.")],
+    fmt: Annotated[str, typer.Option("--format", help="command, yaml or json.")] = "command",
+    db: DbOption = None,
+) -> None:
+    """Print the winning configuration: a launch command ready to paste, or its params as YAML/JSON."""
+    from servetune.engines import get_engine
+
+    if fmt not in ("command", "yaml", "json"):
+        raise _fail(f"--format must be command, yaml or json, not {fmt!r}", 2)
+    record, trials = _load(study, db)
+    best = _best(record, trials)
+    if best is None:
+        raise _fail(f"study {record.name} has no completed trial to export; see `servetune show {record.name}`")
+    engine = get_engine(record.spec.engine)
+    cmd = engine.launch_command(best.params, host="127.0.0.1", port=8080)
+    data = {
+        "study": record.name, "trial": best.number, "engine": record.spec.engine.kind,
+        "params": best.params, "fixed_flags": dict(record.spec.engine.flags),
+        "feasible": best.feasible, "argv": cmd.argv,
+    }
+    if fmt == "command":
+        sys.stdout.write(cmd.display() + "\n")
+    elif fmt == "json":
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    else:
+        sys.stdout.write(yaml.safe_dump(data, sort_keys=False))
+
+
+@app.command()
+def report(
+    study: Annotated[str, typer.Argument(help="Study id or name.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="HTML file to write.")],
+    db: DbOption = None,
+) -> None:
+    """Write a self-contained HTML report: trials, objective over trials, Pareto scatter, importances."""
+    from servetune.report.html import write_report
+
+    record, trials = _load(study, db)
+    write_report(record, trials, out)
+    console.print(f"report: {out}")
+
+
+# ---- one-off benchmark ----------------------------------------------------------------------
+
+@app.command()
+def bench(
+    url: Annotated[str, typer.Argument(help="Base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8080")],
+    model: Annotated[str | None, typer.Option(help="Model name (default: the first of /v1/models).")] = None,
+    api: Annotated[str, typer.Option(help="completions or chat.")] = "completions",
+    input_tokens: Annotated[int, typer.Option(help="Prompt tokens per request.")] = 128,
+    output_tokens: Annotated[int, typer.Option(help="Output tokens per request.")] = 64,
+    concurrency: Annotated[str | None, typer.Option(help="Comma-separated concurrency levels, e.g. 1,4.")] = None,
+    rate: Annotated[str | None, typer.Option(help="Comma-separated Poisson request rates per s.")] = None,
+    num_requests: Annotated[int | None, typer.Option(help="Measured requests per level.")] = None,
+    duration_s: Annotated[float | None, typer.Option(help="Seconds per level instead of a count.")] = None,
+    warmup: Annotated[int, typer.Option(help="Unmeasured warm-up requests per level.")] = 2,
+    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer dir (default: the server's /tokenize).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Benchmark an already-running endpoint once with the built-in client and print the metrics."""
+    from pydantic import ValidationError
+
+    from servetune.bench.builtin import bench_endpoint
+    from servetune.core.spec import Workload
+
+    def floats(text: str | None, field: str) -> list[float] | None:
+        if text is None:
+            return None
+        try:
+            return [float(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise _fail(f"--{field} takes comma-separated numbers, e.g. 1,4") from None
+
+    conc = floats(concurrency, "concurrency")
+    if conc is None and rate is None:
+        conc = [1.0]
+    if num_requests is None and duration_s is None:
+        num_requests = 16
+    try:
+        workload = Workload(
+            api=api,  # type: ignore[arg-type]
+            input_tokens=input_tokens, output_tokens=output_tokens,
+            concurrency=[int(c) for c in conc] if conc else None,
+            request_rates_per_s=floats(rate, "rate"),
+            num_requests=num_requests, duration_s=duration_s, warmup_requests=warmup,
+        )
+    except ValidationError as e:
+        for err in e.errors(include_url=False):
+            loc = ".".join(str(x) for x in err["loc"])
+            err_console.print(f"  [yellow]{loc or 'options'}[/]: {err['msg']}", highlight=False)
+        raise typer.Exit(2) from None
+    try:
+        metrics = _run_async(bench_endpoint(url, model, workload, tokenizer))
+    except ServetuneError as e:
+        raise _fail(str(e)) from None
+    if as_json:
+        sys.stdout.write(json.dumps([m.model_dump(mode="json") for m in metrics], indent=2) + "\n")
+        return
+    table = Table("level", "ok", "failed", "out tok/s", "req/s", "TTFT p50", "TTFT p99", "TPOT p50", "ITL p99",
+                  "E2E p99")
+    for m in metrics:
+        def ms(name: str, mm: Any = m) -> str:
+            v = mm.value(name)
+            return f"{v:.1f}" if v is not None else "-"
+        table.add_row(m.level.label, str(m.completed), str(m.failed), f"{m.output_tokens_per_s:.1f}",
+                      f"{m.requests_per_s:.2f}", ms("ttft_ms.p50"), ms("ttft_ms.p99"), ms("tpot_ms.p50"),
+                      ms("itl_ms.p99"), ms("e2e_latency_ms.p99"))
+    console.print(table)
+    console.print("latencies in ms")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+

@@ -1,0 +1,68 @@
+"""Reading a StudySpec from a YAML or JSON file, with paths resolved against the file's folder.
+
+Every problem (syntax, structure, cross-field, engine-specific) is gathered and raised at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from servetune.core.spec import Problem, SpecError, StudySpec, parse_spec
+from servetune.engines import get_engine
+from servetune.errors import SpecInvalid
+
+
+def read_document(path: Path) -> dict[str, Any]:
+    """Parse ``path`` as YAML (JSON is YAML too). Raises SpecInvalid for unreadable or non-mapping files."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SpecInvalid([Problem(str(path), f"cannot read the spec file: {e.strerror}")]) from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise SpecInvalid([Problem(str(path), f"not valid YAML/JSON{where}: {getattr(e, 'problem', e)}")]) from e
+    if not isinstance(data, dict):
+        raise SpecInvalid([Problem("(root)", "a spec is a mapping with engine, space, workload and objective")])
+    return data
+
+
+def resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make relative ``engine.model``/``engine.tokenizer`` paths relative to ``base`` (the spec's folder)."""
+    engine = data.get("engine")
+    if isinstance(engine, dict):
+        engine = dict(engine)
+        for key in ("model", "tokenizer"):
+            value = engine.get(key)
+            if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+                engine[key] = str((base / value).resolve())
+            elif isinstance(value, str) and value.startswith("~"):
+                engine[key] = str(Path(value).expanduser())
+        data = {**data, "engine": engine}
+    return data
+
+
+def validate_document(data: dict[str, Any]) -> StudySpec:
+    """Structural, cross-field and engine checks together. Raises SpecInvalid with every problem."""
+    try:
+        spec = parse_spec(data)
+    except SpecError as e:
+        raise SpecInvalid(e.problems) from e
+    problems = get_engine(spec.engine).check_spec(spec)
+    if problems:
+        raise SpecInvalid(problems)
+    return spec
+
+
+def load_spec(path: Path) -> tuple[StudySpec, dict[str, Any]]:
+    """Read, resolve and validate the spec at ``path``; returns (spec, resolved document).
+
+    Raises SpecInvalid listing every problem.
+    """
+    data = resolve_paths(read_document(path), path.resolve().parent)
+    return validate_document(data), data
