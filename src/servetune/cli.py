@@ -173,7 +173,7 @@ def run(
         study = store.create_study(name or _study_name(parsed), parsed, doc)
     except ServetuneError as e:
         raise _fail(str(e)) from None
-    console.print(f"study [bold]{study.name}[/] (id {study.id}) in {settings.db_url}")
+    console.print(f"study [bold]{study.name}[/] (id {study.id}) in {store.url}")
     outcome = _execute(settings, study.id, verbose)
     _print_outcome(outcome, settings)
 

@@ -3,6 +3,7 @@
     ServetuneError
     ├── SpecInvalid          a spec with problems (each names the field and the fix)
     ├── StudyNotFound        no study with that id or name
+    ├── StudyExists          a study with that name is already stored
     ├── StoreError           the database failed (SQLAlchemy errors, translated)
     ├── EngineError          the engine could not be prepared or launched
     │   └── EngineNotFound   the binary/wheel for the engine is missing
@@ -31,6 +32,10 @@ class SpecInvalid(ServetuneError):
 
 class StudyNotFound(ServetuneError):
     """No study with the given id or name."""
+
+
+class StudyExists(ServetuneError):
+    """A study with that name is already stored; the message says how to resume it."""
 
 
 class StoreError(ServetuneError):

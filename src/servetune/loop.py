@@ -103,9 +103,9 @@ class StudyLoop:
         state = t.state if values is not None or t.state is not TrialState.COMPLETE else TrialState.FAIL
         miss = r.slo_report.total_miss if r.slo_report else None
         if replay or token is None:
-            self.strategy.replay(t.params, state, values, miss)
+            self.strategy.replay(t.params, state, values, miss, failure_kind=t.failure_kind)
         else:
-            self.strategy.tell(token, state, values, miss)
+            self.strategy.tell(token, state, values, miss, failure_kind=t.failure_kind)
 
     async def _run(self, number: int, role: TrialRole, params: Params, repeat_of: int | None = None) -> Trial:
         trial = self.store.add_trial(self.study.id, number, role, params, repeat_of=repeat_of)

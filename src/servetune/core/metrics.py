@@ -220,7 +220,7 @@ class ServingMetrics(BaseModel):
             if metric not in LATENCY_METRICS or stat not in PERCENTILES:
                 raise KeyError(name)
             dist: Distribution | None = getattr(self, metric)
-            return None if dist is None else dist.get(stat)  # type: ignore[arg-type]
+            return None if dist is None else dist.get(stat)
         if name not in SCALAR_METRICS:
             raise KeyError(name)
         return float(getattr(self, name))

@@ -206,6 +206,25 @@ class SpecError(ValueError):
         super().__init__("\n".join(str(p) for p in problems))
 
 
+def _field_path(data: Any, loc: tuple[int | str, ...]) -> str:
+    """Dotted path of ``loc`` in the document, without the tags pydantic inserts for
+    discriminated unions (``space.params.x.int.low`` → ``space.params.x.low``).
+    """
+    parts: list[str] = []
+    node: Any = data
+    for key in loc:
+        if isinstance(node, dict) and key not in node and node.get("kind") == key:
+            continue  # the union member chosen by `kind`, not a field of the document
+        parts.append(str(key))
+        if isinstance(node, dict):
+            node = node.get(key)
+        elif isinstance(node, list) and isinstance(key, int) and 0 <= key < len(node):
+            node = node[key]
+        else:
+            node = None
+    return ".".join(parts) or "(root)"
+
+
 def parse_spec(data: Any) -> StudySpec:
     """Validate a parsed YAML/JSON document into a StudySpec.
 
@@ -219,7 +238,7 @@ def parse_spec(data: Any) -> StudySpec:
     except ValidationError as e:
         problems = []
         for err in e.errors(include_url=False):
-            loc = ".".join(str(x) for x in err["loc"]) or "(root)"
+            loc = _field_path(data, err["loc"])
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "missing":
                 msg = "missing; add this field"

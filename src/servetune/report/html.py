@@ -126,7 +126,7 @@ def _importance_plot(record: StudyRecord, trials: Sequence[Trial]) -> go.Figure 
         return None
     names = list(imp)[::-1]
     fig = go.Figure(go.Bar(x=[imp[n] for n in names], y=names, orientation="h", marker={"color": "#468"}))
-    fig.update_layout(title="parameter importance (Optuna fANOVA, feasible and infeasible complete trials)",
+    fig.update_layout(title="parameter importance (Optuna PED-ANOVA over complete trials)",
                       height=120 + 40 * len(names), margin={"t": 50, "b": 40})
     return fig
 

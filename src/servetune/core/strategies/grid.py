@@ -1,0 +1,64 @@
+"""Grid strategy: every grid point of the search space that meets its constraints, in a fixed order.
+
+It learns nothing from results; it only never proposes a point twice, replayed ones included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+from servetune.core.space import SearchSpace
+from servetune.core.strategies.base import History, Suggestion
+from servetune.core.study import FailureKind, Params, ParamValue, TrialState
+
+
+class GridStrategy:
+    """Walks ``SearchSpace.grid_points()`` in order; ``ask`` gives None once all were proposed.
+
+    Points already in the history (told, replayed, or pending) are skipped, so a resumed grid
+    study continues where it stopped. ``n_values`` is the number of objective terms.
+    Raises ValueError when a param has no grid (a float without ``step``).
+    """
+
+    def __init__(self, space: SearchSpace, n_values: int = 1) -> None:
+        for name, param in space.params.items():
+            try:
+                param.grid()
+            except ValueError as e:
+                raise ValueError(f"space.params.{name}: {e}") from e
+        self._history = History(space=space, n_values=n_values)
+        self._points: Iterator[Params] = space.grid_points()
+
+    @property
+    def history(self) -> History:
+        """What this strategy was told (read-only use)."""
+        return self._history
+
+    def ask(self) -> Suggestion | None:
+        """The next grid point not tried yet, or None when the grid is exhausted."""
+        for point in self._points:
+            if not self._history.tried(point):
+                return self._history.issue(point)
+        return None
+
+    def tell(
+        self,
+        token: int,
+        state: TrialState,
+        values: list[float] | None,
+        slo_miss: float | None = None,
+        failure_kind: FailureKind | None = None,
+    ) -> None:
+        """Record the outcome of ``token`` (see ``Strategy.tell``); a grid does not learn."""
+        self._history.tell(token, state, values, slo_miss, failure_kind)
+
+    def replay(
+        self,
+        params: Mapping[str, ParamValue],
+        state: TrialState,
+        values: list[float] | None,
+        slo_miss: float | None = None,
+        failure_kind: FailureKind | None = None,
+    ) -> bool:
+        """Mark a stored trial's point as tried (see ``Strategy.replay``); False if not a point."""
+        return self._history.replay(params, state, values, slo_miss, failure_kind) is not None

@@ -1,0 +1,221 @@
+"""Database connections for the store: URL rules, engine set-up per dialect, Alembic upgrades.
+
+SQLite (the default, one file) and PostgreSQL (through psycopg 3) are supported.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
+from sqlalchemy.pool import StaticPool
+
+from servetune.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+SQLITE_BUSY_TIMEOUT_S = 30.0
+"""How long a SQLite connection waits for another process's write lock before failing, in s."""
+
+MIGRATIONS = "servetune.store:migrations"
+"""Alembic ``script_location`` of the migrations shipped inside the package."""
+
+_PG_MIGRATION_LOCK = 0x5E7E7E0E
+"""Key of the PostgreSQL advisory lock held while migrating (any constant unique to servetune)."""
+
+
+def normalize_url(url: str) -> URL:
+    """Parse ``url`` and pick servetune's driver: psycopg 3 for PostgreSQL, pysqlite for SQLite.
+
+    ``postgresql://`` and ``postgres://`` become ``postgresql+psycopg://``; ``~`` in a SQLite
+    path is expanded. Raises StoreError for an unparsable URL or another database.
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError as e:
+        raise StoreError(
+            f"cannot parse database URL {url!r}: {e}; "
+            "use sqlite:///path/to/servetune.db or postgresql://user@host/dbname"
+        ) from e
+    backend, _, driver = parsed.drivername.partition("+")
+    if backend in ("postgresql", "postgres"):
+        if driver not in ("", "psycopg"):
+            raise StoreError(f"database URL {_safe(parsed)}: driver {driver!r} is not supported; "
+                             "use postgresql:// (servetune uses psycopg 3)")
+        return parsed.set(drivername="postgresql+psycopg")
+    if backend == "sqlite":
+        if driver not in ("", "pysqlite"):
+            raise StoreError(
+                f"database URL {_safe(parsed)}: driver {driver!r} is not supported; use sqlite:///"
+            )
+        db = parsed.database
+        if db and db != ":memory:" and not db.startswith("file:") and db.startswith("~"):
+            parsed = parsed.set(database=str(Path(db).expanduser()))
+        return parsed.set(drivername="sqlite+pysqlite")
+    raise StoreError(f"database URL {_safe(parsed)}: {backend!r} is not supported; "
+                     "use sqlite:///path/to/servetune.db or postgresql://user@host/dbname")
+
+
+def _safe(url: URL) -> str:
+    """The URL with its password hidden, for messages and logs."""
+    return url.render_as_string(hide_password=True)
+
+
+def describe(e: SQLAlchemyError) -> str:
+    """A short readable form of a SQLAlchemy error: the driver's own message when there is one.
+
+    ``str(e)`` would repeat the whole SQL statement and its parameters (a trial's JSON), so
+    the driver error is shown instead; the full error stays chained (``raise ... from e``).
+    """
+    if isinstance(e, DBAPIError) and e.orig is not None:
+        return f"{type(e.orig).__name__}: {str(e.orig).strip()}"
+    return str(e).split("\n[SQL:", 1)[0].strip()
+
+
+def _json_dumps(obj: Any) -> str:
+    """JSON text for the JSON columns; NaN/±inf become the strings pydantic reads back as floats.
+
+    PostgreSQL rejects the bare ``NaN``/``Infinity`` tokens Python writes, so they are quoted
+    ("NaN", "Infinity", "-Infinity"); pydantic float fields accept those strings on load.
+    """
+    try:
+        return json.dumps(obj, allow_nan=False)
+    except ValueError:
+        return json.dumps(_quote_non_finite(obj), allow_nan=False)
+
+
+def _quote_non_finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
+    if isinstance(obj, dict):
+        return {k: _quote_non_finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_quote_non_finite(v) for v in obj]
+    return obj
+
+
+def make_engine(url: str) -> Engine:
+    """A SQLAlchemy engine for ``url`` (see ``normalize_url``), set up for servetune's use.
+
+    SQLite: creates the parent directory, uses WAL, foreign keys, a busy timeout of
+    ``SQLITE_BUSY_TIMEOUT_S``, and ``BEGIN IMMEDIATE`` for every transaction, so writers queue
+    on the lock instead of failing mid-transaction (SQLAlchemy's documented recipe for taking
+    over pysqlite's transaction control). ``sqlite://`` (in memory) keeps one shared connection.
+    PostgreSQL: psycopg 3 with pre-ping. Raises StoreError when the directory cannot be made.
+    """
+    parsed = normalize_url(url)
+    kwargs: dict[str, Any] = {"json_serializer": _json_dumps}
+    if parsed.get_backend_name() == "sqlite":
+        db = parsed.database
+        in_memory = not db or db == ":memory:" or "mode=memory" in db
+        if not in_memory and db and not db.startswith("file:"):
+            try:
+                Path(db).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"cannot create the directory of the SQLite file {db}: {e}") from e
+        kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}
+        if in_memory:
+            kwargs["poolclass"] = StaticPool
+        engine = create_engine(parsed, **kwargs)
+        _sqlite_setup(engine, wal=not in_memory)
+        return engine
+    return create_engine(parsed, pool_pre_ping=True, **kwargs)
+
+
+def _sqlite_setup(engine: Engine, wal: bool) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself (below)
+        cur = dbapi_connection.cursor()
+        try:
+            cur.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+            cur.execute("PRAGMA foreign_keys = ON")
+            if wal:
+                cur.execute("PRAGMA journal_mode = WAL")
+        finally:
+            cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def alembic_config(connection: Connection | None = None, url: str | None = None) -> Config:
+    """An Alembic ``Config`` for the shipped migrations, no ``alembic.ini`` needed.
+
+    Give an open ``connection`` (used as is, inside its transaction) or a ``url``. Developers
+    make a new revision with
+    ``command.revision(alembic_config(url="sqlite:///x.db"), autogenerate=True, message="...")``.
+    """
+    cfg = Config()
+    cfg.set_main_option("script_location", MIGRATIONS)
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    if url is not None:
+        cfg.attributes["url"] = normalize_url(url)
+    return cfg
+
+
+@functools.cache
+def head_revision() -> str:
+    """The newest revision id of the shipped migrations."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None, "the store ships at least one migration"
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The revision the database is at (None for an empty database). Raises StoreError."""
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    except SQLAlchemyError as e:
+        raise StoreError(f"reading the schema version of {_safe(engine.url)}: {describe(e)}") from e
+
+
+def upgrade(engine: Engine) -> None:
+    """Bring the database to the newest schema (``alembic upgrade head``); idempotent.
+
+    The whole upgrade runs in one transaction that first takes a lock, so processes opening
+    the same database at once migrate it one after the other: SQLite's write lock
+    (``BEGIN IMMEDIATE``, DDL is transactional) or a PostgreSQL advisory transaction lock.
+    Raises StoreError naming the database when it fails, or when the database has a schema
+    revision this servetune does not know (written by a newer servetune).
+    """
+    try:
+        if _up_to_date(engine):
+            return
+        with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                lock = text("SELECT pg_advisory_xact_lock(:key)")
+                conn.execute(lock, {"key": _PG_MIGRATION_LOCK})
+            command.upgrade(alembic_config(connection=conn), "head")
+    except SQLAlchemyError as e:
+        raise StoreError(
+            f"opening the database {_safe(engine.url)} (schema upgrade): {describe(e)}"
+        ) from e
+    except CommandError as e:
+        raise StoreError(
+            f"opening the database {_safe(engine.url)}: its schema is unknown to this servetune "
+            f"(newest known revision {head_revision()}): {e}; "
+            "upgrade servetune, or use another database"
+        ) from e
+
+
+def _up_to_date(engine: Engine) -> bool:
+    """True when the schema is already at head (the common case: no write lock needed)."""
+    with engine.connect() as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
+    return current is not None and current == head_revision()

@@ -1,0 +1,128 @@
+"""SQLAlchemy 2 tables of the store: one row per study, one per trial.
+
+The pydantic records (StudySpec, TrialResult) are stored whole as JSON; the scalar columns beside
+them (status, state, failure kind, feasible, first objective value) are copies for cheap queries.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+"""Constraint names, fixed so Alembic migrations name the same things on every database."""
+
+STUDY_NAME_MAX = 200
+"""Longest study name the ``studies.name`` column holds."""
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """An aware UTC datetime in, an aware UTC datetime out, on every database.
+
+    PostgreSQL stores ``timestamptz``; SQLite keeps no zone, so the value is stored as UTC wall
+    time and UTC is attached again on load. Binding a naive datetime raises ValueError (wrapped
+    by SQLAlchemy in a StatementError): the store never guesses a zone.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Convert to UTC; drop the zone on SQLite, which cannot store it."""
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value.isoformat()} given to the store; use UTC")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Attach UTC to a naive value (SQLite), convert an aware one (PostgreSQL) to UTC."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    """Base of the store's tables; Alembic compares ``Base.metadata`` to the database."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, datetime: UtcDateTime}
+
+
+class StudyRow(Base):
+    """One study: its validated spec (JSON), the document it came from, status and verdict."""
+
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(STUDY_NAME_MAX), unique=True)
+    engine_kind: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(comment="StudySpec.model_dump(mode='json')")
+    spec_source: Mapped[dict[str, Any]] = mapped_column(comment="The document the user wrote")
+    verdict: Mapped[dict[str, Any] | None] = mapped_column(
+        comment="Confirm/repeat summary at the end"
+    )
+    created_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+
+
+class TrialRow(Base):
+    """One trial: params, lifecycle, engine process, and its TrialResult (JSON) once finished."""
+
+    __tablename__ = "trials"
+    __table_args__ = (
+        UniqueConstraint("study_id", "number"),
+        Index("ix_trials_study_id_state", "study_id", "state"),
+        Index(
+            "ix_trials_study_id_feasible_objective_value", "study_id", "feasible", "objective_value"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
+    number: Mapped[int] = mapped_column(Integer)
+    role: Mapped[str] = mapped_column(String(16))
+    params: Mapped[dict[str, Any]]
+    repeat_of: Mapped[int | None] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    failure_kind: Mapped[str | None] = mapped_column(String(32), index=True)
+    feasible: Mapped[bool] = mapped_column(Boolean, default=False)
+    objective_value: Mapped[float | None] = mapped_column(
+        Float, comment="First objective term's value (a copy of result.objective_values[0])"
+    )
+    result: Mapped[dict[str, Any] | None] = mapped_column(
+        comment="TrialResult.model_dump(mode='json')"
+    )
+    pid: Mapped[int | None] = mapped_column(Integer, comment="Engine process id while RUNNING")
+    pgid: Mapped[int | None] = mapped_column(
+        Integer, comment="Engine process group id while RUNNING"
+    )
+    created_at: Mapped[datetime]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]

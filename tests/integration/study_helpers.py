@@ -1,0 +1,60 @@
+"""Helpers shared by the study-level integration tests: a small spec on the tiny model, CLI runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def small_spec(model: Any, *, trials: int = 4, name: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """A quick llama.cpp study on the tiny model: about 1-2 s per trial on 2 cores."""
+    doc: dict[str, Any] = {
+        "name": name,
+        "engine": {"kind": "llamacpp", "model": str(model.gguf_path), "tokenizer": str(model.tokenizer_dir),
+                   "binary": "xllamacpp"},
+        "deployment": {"kind": "local", "startup_timeout_s": 30, "stop_timeout_s": 5},
+        "space": {
+            "params": {
+                "threads": {"kind": "int", "low": 1, "high": 2},
+                "parallel": {"kind": "choice", "values": [1, 2]},
+                "batch-size": {"kind": "choice", "values": [512, 2048]},
+            },
+        },
+        "strategy": {"kind": "random", "seed": 1},
+        "budget": {"max_trials": trials, "confirm_repeats": 0},
+        "workload": {"input_tokens": 32, "output_tokens": 12, "concurrency": [2], "num_requests": 6,
+                     "warmup_requests": 1},
+        "slos": [{"metric": "ttft_ms", "percentile": "p99", "max_ms": 5000}],
+        "objective": {"metric": "output_tokens_per_s", "direction": "maximize"},
+    }
+    for key, value in overrides.items():
+        doc[key] = value
+    return doc
+
+
+def write_spec(path: Path, doc: dict[str, Any]) -> Path:
+    """Write ``doc`` as YAML to ``path``."""
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for a CLI subprocess with its own data directory and database."""
+    env = dict(os.environ)
+    env["SERVETUNE_DATA_DIR"] = str(tmp_path / "data")
+    env["SERVETUNE_DB_URL"] = f"sqlite:///{tmp_path / 'studies.db'}"
+    env["COLUMNS"] = "200"
+    return env
+
+
+def servetune(tmp_path: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """Run the servetune CLI in a subprocess; returns the completed process (never raises on status)."""
+    return subprocess.run(
+        [sys.executable, "-m", "servetune", *args], capture_output=True, text=True,
+        env=cli_env(tmp_path), timeout=timeout, check=False,
+    )
