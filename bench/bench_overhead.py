@@ -36,20 +36,39 @@ def main() -> None:
         model = make_model("tiny", tmp / "model")
         doc = {
             "name": "overhead",
-            "engine": {"kind": "llamacpp", "model": str(model.gguf_path), "tokenizer": str(model.tokenizer_dir)},
-            "space": {"params": {"threads": {"kind": "int", "low": 1, "high": 2},
-                                 "parallel": {"kind": "choice", "values": [1, 2, 4]}}},
+            "engine": {
+                "kind": "llamacpp",
+                "model": str(model.gguf_path),
+                "tokenizer": str(model.tokenizer_dir),
+            },
+            "space": {
+                "params": {
+                    "threads": {"kind": "int", "low": 1, "high": 2},
+                    "parallel": {"kind": "choice", "values": [1, 2, 4]},
+                }
+            },
             "strategy": {"kind": "tpe", "seed": 0},
             "budget": {"max_trials": args.trials, "confirm_repeats": 0},
-            "workload": {"input_tokens": 64, "output_tokens": 16, "concurrency": [2], "num_requests": 8,
-                         "warmup_requests": 1},
+            "workload": {
+                "input_tokens": 64,
+                "output_tokens": 16,
+                "concurrency": [2],
+                "num_requests": 8,
+                "warmup_requests": 1,
+            },
             "objective": {"metric": "output_tokens_per_s", "direction": "maximize"},
         }
         spec = validate_document(doc)
         store = StudyStore(f"sqlite:///{tmp / 'bench.db'}")
         study = store.create_study("overhead", spec, doc)
-        ctx = TrialContext(spec=spec, engine=get_engine(spec.engine), deployment=LocalDeployment(),
-                           client=BuiltinClient.for_spec(spec), log_dir=tmp / "logs", label="overhead")
+        ctx = TrialContext(
+            spec=spec,
+            engine=get_engine(spec.engine),
+            deployment=LocalDeployment(),
+            client=BuiltinClient.for_spec(spec),
+            log_dir=tmp / "logs",
+            label="overhead",
+        )
         (tmp / "logs").mkdir()
         starts: dict[int, float] = {}
         walls: dict[int, float] = {}
@@ -60,7 +79,9 @@ def main() -> None:
         def finished(t: Trial) -> None:
             walls[t.number] = time.perf_counter() - starts[t.number]
 
-        loop = StudyLoop(store, study, ctx, events=LoopEvents(trial_started=started, trial_finished=finished))
+        loop = StudyLoop(
+            store, study, ctx, events=LoopEvents(trial_started=started, trial_finished=finished)
+        )
         t0 = time.perf_counter()
         outcome = asyncio.run(loop.run())
         total_s = time.perf_counter() - t0
@@ -70,12 +91,21 @@ def main() -> None:
             if r is None or r.engine_start_s is None or r.benchmark_s is None:
                 continue
             wall = walls[t.number]
-            rows.append({"trial": t.number, "wall_s": wall, "engine_start_s": r.engine_start_s,
-                         "benchmark_s": r.benchmark_s, "overhead_s": wall - r.engine_start_s - r.benchmark_s})
+            rows.append(
+                {
+                    "trial": t.number,
+                    "wall_s": wall,
+                    "engine_start_s": r.engine_start_s,
+                    "benchmark_s": r.benchmark_s,
+                    "overhead_s": wall - r.engine_start_s - r.benchmark_s,
+                }
+            )
         overheads = [r["overhead_s"] for r in rows]
         summary = {
-            "trials": len(rows), "study_wall_s": total_s,
-            "overhead_mean_s": statistics.mean(overheads), "overhead_max_s": max(overheads),
+            "trials": len(rows),
+            "study_wall_s": total_s,
+            "overhead_mean_s": statistics.mean(overheads),
+            "overhead_max_s": max(overheads),
             "between_trials_s": (total_s - sum(walls.values())) / max(1, len(walls)),
             "rows": rows,
         }
@@ -85,11 +115,15 @@ def main() -> None:
     print("tuner overhead per trial (tiny model, real llama.cpp server)")
     print(f"{'trial':>5} {'wall s':>8} {'start s':>8} {'bench s':>8} {'overhead s':>10}")
     for r in rows:
-        print(f"{r['trial']:>5} {r['wall_s']:8.3f} {r['engine_start_s']:8.3f} {r['benchmark_s']:8.3f} "
-              f"{r['overhead_s']:10.3f}")
-    print(f"overhead per trial: mean {summary['overhead_mean_s']:.3f} s, max {summary['overhead_max_s']:.3f} s; "
-          f"loop time between trials (ask/tell, store): {summary['between_trials_s']:.3f} s; "
-          f"study wall {total_s:.1f} s")
+        print(
+            f"{r['trial']:>5} {r['wall_s']:8.3f} {r['engine_start_s']:8.3f} {r['benchmark_s']:8.3f} "
+            f"{r['overhead_s']:10.3f}"
+        )
+    print(
+        f"overhead per trial: mean {summary['overhead_mean_s']:.3f} s, max {summary['overhead_max_s']:.3f} s; "
+        f"loop time between trials (ask/tell, store): {summary['between_trials_s']:.3f} s; "
+        f"study wall {total_s:.1f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ log = logging.getLogger("servetune")
 T = TypeVar("T")
 
 DbOption = Annotated[
-    str | None, typer.Option("--db", help="Database URL (default: SQLite file in the data directory).")
+    str | None,
+    typer.Option("--db", help="Database URL (default: SQLite file in the data directory)."),
 ]
 
 
@@ -91,6 +92,7 @@ def _print_problems(e: SpecInvalid) -> None:
 
 # ---- spec commands -----------------------------------------------------------------------
 
+
 @app.command()
 def validate(spec: Annotated[Path, typer.Argument(help="Study spec (YAML or JSON).")]) -> None:
     """Check a spec and report every problem at once (exit status 2 when there are any)."""
@@ -115,7 +117,9 @@ def schema() -> None:
 
 @app.command("make-model")
 def make_model_cmd(
-    out: Annotated[Path, typer.Option("--out", help="Folder to write model.gguf and tokenizer/ into.")],
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder to write model.gguf and tokenizer/ into.")
+    ],
     size: Annotated[str, typer.Option("--size", help="tiny (~10 MB) or small (~64 MB).")] = "tiny",
     seed: Annotated[int, typer.Option(help="Seed; the same seed writes the same files.")] = 0,
 ) -> None:
@@ -125,10 +129,13 @@ def make_model_cmd(
     if size not in ("tiny", "small"):
         raise _fail(f"--size must be tiny or small, not {size!r}", 2)
     files = make_model(size, out, seed=seed)  # type: ignore[arg-type]
-    console.print(f"model: {files.gguf_path} ({files.size_bytes / 1e6:.1f} MB)\ntokenizer: {files.tokenizer_dir}")
+    console.print(
+        f"model: {files.gguf_path} ({files.size_bytes / 1e6:.1f} MB)\ntokenizer: {files.tokenizer_dir}"
+    )
 
 
 # ---- running studies ---------------------------------------------------------------------
+
 
 def _study_name(spec: StudySpec) -> str:
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
@@ -154,9 +161,13 @@ def _execute(settings: Settings, study_ref: str | int, verbose: bool) -> Any:
 @app.command()
 def run(
     spec: Annotated[Path, typer.Argument(help="Study spec (YAML or JSON).")],
-    name: Annotated[str | None, typer.Option(help="Study name (default: from the spec, else generated).")] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Study name (default: from the spec, else generated).")
+    ] = None,
     db: DbOption = None,
-    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Log every phase to stderr.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("-v", "--verbose", help="Log every phase to stderr.")
+    ] = False,
 ) -> None:
     """Run a tuning study described by SPEC, then print the winner and how it was confirmed."""
     from servetune.specfile import load_spec
@@ -239,14 +250,28 @@ def _print_outcome(outcome: Any, settings: Settings) -> None:
     if best is None or best.result is None:
         console.print("[red]no trial completed[/]: see `servetune show` for each failure's reason")
         return
-    console.print(f"best: trial {best.number} ({'feasible' if best.feasible else '[red]infeasible[/]'}) "
-                  f"params {json.dumps(best.params)}")
+    console.print(
+        f"best: trial {best.number} ({'feasible' if best.feasible else '[red]infeasible[/]'}) "
+        f"params {json.dumps(best.params)}"
+    )
     table = Table("metric", "baseline (trial 0)", f"best (trial {best.number})", "change")
-    for name in ("output_tokens_per_s", "ttft_ms.p99", "ttft_ms.p50", "tpot_ms.p50", "requests_per_s"):
-        b = base.result.metrics[-1].value(name) if base and base.result and base.result.metrics else None
+    for name in (
+        "output_tokens_per_s",
+        "ttft_ms.p99",
+        "ttft_ms.p50",
+        "tpot_ms.p50",
+        "requests_per_s",
+    ):
+        b = (
+            base.result.metrics[-1].value(name)
+            if base and base.result and base.result.metrics
+            else None
+        )
         v = best.result.metrics[-1].value(name) if best.result.metrics else None
         change = f"{(v / b - 1) * 100:+.1f} %" if b and v is not None else "-"
-        table.add_row(name, f"{b:.1f}" if b is not None else "-", f"{v:.1f}" if v is not None else "-", change)
+        table.add_row(
+            name, f"{b:.1f}" if b is not None else "-", f"{v:.1f}" if v is not None else "-", change
+        )
     console.print(table)
     if outcome.verdict is not None:
         console.print(f"[bold]confirmed on fresh servers[/]: {outcome.verdict.summary}")
@@ -261,6 +286,7 @@ def _print_outcome(outcome: Any, settings: Settings) -> None:
 
 
 # ---- inspecting studies ------------------------------------------------------------------
+
 
 def _load(study: str, db: str | None) -> tuple[Any, list[Trial]]:
     from servetune.store.repo import StudyStore
@@ -291,8 +317,11 @@ def show(
     if as_json:
         payload = {
             "study": {
-                "id": record.id, "name": record.name, "status": record.status,
-                "engine": record.spec.engine.kind, "created_at": record.created_at.isoformat(),
+                "id": record.id,
+                "name": record.name,
+                "status": record.status,
+                "engine": record.spec.engine.kind,
+                "created_at": record.created_at.isoformat(),
                 "objective": [t.label for t in record.spec.objective.terms],
                 "verdict": record.verdict,
             },
@@ -307,11 +336,21 @@ def show(
         m = t.result.metrics[-1] if t.result and t.result.metrics else None
         tps = f"{m.output_tokens_per_s:.1f}" if m else "-"
         ttft = m.value("ttft_ms.p99") if m else None
-        failure = f"{t.failure_kind.value}: {t.result.failure_reason}" if t.failure_kind and t.result else ""
+        failure = (
+            f"{t.failure_kind.value}: {t.result.failure_reason}"
+            if t.failure_kind and t.result
+            else ""
+        )
         mark = " ★" if best and t.number == best.number else ""
         table.add_row(
-            f"{t.number}{mark}", t.role.value, t.state.value, json.dumps(t.params) if t.params else "(defaults)",
-            tps, f"{ttft:.0f}" if ttft is not None else "-", "yes" if t.feasible else "no", failure[:120],
+            f"{t.number}{mark}",
+            t.role.value,
+            t.state.value,
+            json.dumps(t.params) if t.params else "(defaults)",
+            tps,
+            f"{ttft:.0f}" if ttft is not None else "-",
+            "yes" if t.feasible else "no",
+            failure[:120],
         )
     console.print(table)
     if record.verdict and record.verdict.get("summary"):
@@ -326,7 +365,13 @@ def list_studies(db: DbOption = None) -> None:
     store = StudyStore(_settings(db).db_url)
     table = Table("id", "name", "engine", "status", "created")
     for s in store.list_studies():
-        table.add_row(str(s.id), s.name, s.spec.engine.kind, s.status, s.created_at.isoformat(timespec="seconds"))
+        table.add_row(
+            str(s.id),
+            s.name,
+            s.spec.engine.kind,
+            s.status,
+            s.created_at.isoformat(timespec="seconds"),
+        )
     console.print(table)
 
 
@@ -344,13 +389,19 @@ def export(
     record, trials = _load(study, db)
     best = _best(record, trials)
     if best is None:
-        raise _fail(f"study {record.name} has no completed trial to export; see `servetune show {record.name}`")
+        raise _fail(
+            f"study {record.name} has no completed trial to export; see `servetune show {record.name}`"
+        )
     engine = get_engine(record.spec.engine)
     cmd = engine.launch_command(best.params, host="127.0.0.1", port=8080)
     data = {
-        "study": record.name, "trial": best.number, "engine": record.spec.engine.kind,
-        "params": best.params, "fixed_flags": dict(record.spec.engine.flags),
-        "feasible": best.feasible, "argv": cmd.argv,
+        "study": record.name,
+        "trial": best.number,
+        "engine": record.spec.engine.kind,
+        "params": best.params,
+        "fixed_flags": dict(record.spec.engine.flags),
+        "feasible": best.feasible,
+        "argv": cmd.argv,
     }
     if fmt == "command":
         sys.stdout.write(cmd.display() + "\n")
@@ -376,19 +427,33 @@ def report(
 
 # ---- one-off benchmark ----------------------------------------------------------------------
 
+
 @app.command()
 def bench(
-    url: Annotated[str, typer.Argument(help="Base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8080")],
-    model: Annotated[str | None, typer.Option(help="Model name (default: the first of /v1/models).")] = None,
+    url: Annotated[
+        str,
+        typer.Argument(help="Base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8080"),
+    ],
+    model: Annotated[
+        str | None, typer.Option(help="Model name (default: the first of /v1/models).")
+    ] = None,
     api: Annotated[str, typer.Option(help="completions or chat.")] = "completions",
     input_tokens: Annotated[int, typer.Option(help="Prompt tokens per request.")] = 128,
     output_tokens: Annotated[int, typer.Option(help="Output tokens per request.")] = 64,
-    concurrency: Annotated[str | None, typer.Option(help="Comma-separated concurrency levels, e.g. 1,4.")] = None,
-    rate: Annotated[str | None, typer.Option(help="Comma-separated Poisson request rates per s.")] = None,
+    concurrency: Annotated[
+        str | None, typer.Option(help="Comma-separated concurrency levels, e.g. 1,4.")
+    ] = None,
+    rate: Annotated[
+        str | None, typer.Option(help="Comma-separated Poisson request rates per s.")
+    ] = None,
     num_requests: Annotated[int | None, typer.Option(help="Measured requests per level.")] = None,
-    duration_s: Annotated[float | None, typer.Option(help="Seconds per level instead of a count.")] = None,
+    duration_s: Annotated[
+        float | None, typer.Option(help="Seconds per level instead of a count.")
+    ] = None,
     warmup: Annotated[int, typer.Option(help="Unmeasured warm-up requests per level.")] = 2,
-    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer dir (default: the server's /tokenize).")] = None,
+    tokenizer: Annotated[
+        str | None, typer.Option(help="Tokenizer dir (default: the server's /tokenize).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Benchmark an already-running endpoint once with the built-in client and print the metrics."""
@@ -412,11 +477,14 @@ def bench(
         num_requests = 16
     try:
         workload = Workload(
-            api=api,  # type: ignore[arg-type]
-            input_tokens=input_tokens, output_tokens=output_tokens,
+            api=api,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
             concurrency=[int(c) for c in conc] if conc else None,
             request_rates_per_s=floats(rate, "rate"),
-            num_requests=num_requests, duration_s=duration_s, warmup_requests=warmup,
+            num_requests=num_requests,
+            duration_s=duration_s,
+            warmup_requests=warmup,
         )
     except ValidationError as e:
         for err in e.errors(include_url=False):
@@ -430,15 +498,36 @@ def bench(
     if as_json:
         sys.stdout.write(json.dumps([m.model_dump(mode="json") for m in metrics], indent=2) + "\n")
         return
-    table = Table("level", "ok", "failed", "out tok/s", "req/s", "TTFT p50", "TTFT p99", "TPOT p50", "ITL p99",
-                  "E2E p99")
+    table = Table(
+        "level",
+        "ok",
+        "failed",
+        "out tok/s",
+        "req/s",
+        "TTFT p50",
+        "TTFT p99",
+        "TPOT p50",
+        "ITL p99",
+        "E2E p99",
+    )
     for m in metrics:
+
         def ms(name: str, mm: Any = m) -> str:
             v = mm.value(name)
             return f"{v:.1f}" if v is not None else "-"
-        table.add_row(m.level.label, str(m.completed), str(m.failed), f"{m.output_tokens_per_s:.1f}",
-                      f"{m.requests_per_s:.2f}", ms("ttft_ms.p50"), ms("ttft_ms.p99"), ms("tpot_ms.p50"),
-                      ms("itl_ms.p99"), ms("e2e_latency_ms.p99"))
+
+        table.add_row(
+            m.level.label,
+            str(m.completed),
+            str(m.failed),
+            f"{m.output_tokens_per_s:.1f}",
+            f"{m.requests_per_s:.2f}",
+            ms("ttft_ms.p50"),
+            ms("ttft_ms.p99"),
+            ms("tpot_ms.p50"),
+            ms("itl_ms.p99"),
+            ms("e2e_latency_ms.p99"),
+        )
     console.print(table)
     console.print("latencies in ms")
 
@@ -446,4 +535,3 @@ def bench(
 def main() -> None:
     """Console-script entry point."""
     app()
-

@@ -1,15 +1,15 @@
 """The servetune error tree; adapters translate foreign errors into it (``raise … from e``).
 
-    ServetuneError
-    ├── SpecInvalid          a spec with problems (each names the field and the fix)
-    ├── StudyNotFound        no study with that id or name
-    ├── StudyExists          a study with that name is already stored
-    ├── StoreError           the database failed (SQLAlchemy errors, translated)
-    ├── EngineError          the engine could not be prepared or launched
-    │   └── EngineNotFound   the binary/wheel for the engine is missing
-    ├── DeploymentError      a deployment could not start or stop an engine
-    │   └── EngineStartFailed   carries the FailureKind and the reason
-    └── BenchmarkError       the benchmark could not run at all (not a failed request)
+ServetuneError
+├── SpecInvalid          a spec with problems (each names the field and the fix)
+├── StudyNotFound        no study with that id or name
+├── StudyExists          a study with that name is already stored
+├── StoreError           the database failed (SQLAlchemy errors, translated)
+├── EngineError          the engine could not be prepared or launched
+│   └── EngineNotFound   the binary/wheel for the engine is missing
+├── DeploymentError      a deployment could not start or stop an engine
+│   └── EngineStartFailed   carries the FailureKind and the reason
+└── BenchmarkError       the benchmark could not run at all (not a failed request)
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -83,12 +82,14 @@ class StudyLoop:
     def _recover(self) -> None:
         """Kill engines left by a killed run and mark their trials FAIL (interrupted)."""
         for number, pid, pgid in self.store.trial_processes(self.study.id):
-            if kill_process_group(pgid):
+            if kill_process_group(pgid, must_contain=self.spec.engine.model):
                 self._say(f"killed the engine (pid {pid}) left running by trial {number}")
         for t in self.store.interrupt_running(
             self.study.id, "the study process stopped while this trial was running; resumed later"
         ):
-            self._say(f"trial {t.number} was RUNNING when the study stopped: marked FAIL (interrupted)")
+            self._say(
+                f"trial {t.number} was RUNNING when the study stopped: marked FAIL (interrupted)"
+            )
 
     def _replay(self, trials: list[Trial]) -> None:
         for t in trials:
@@ -100,14 +101,18 @@ class StudyLoop:
         r = t.result
         assert r is not None
         values = r.objective_values if t.state is TrialState.COMPLETE else None
-        state = t.state if values is not None or t.state is not TrialState.COMPLETE else TrialState.FAIL
+        state = (
+            t.state if values is not None or t.state is not TrialState.COMPLETE else TrialState.FAIL
+        )
         miss = r.slo_report.total_miss if r.slo_report else None
         if replay or token is None:
             self.strategy.replay(t.params, state, values, miss, failure_kind=t.failure_kind)
         else:
             self.strategy.tell(token, state, values, miss, failure_kind=t.failure_kind)
 
-    async def _run(self, number: int, role: TrialRole, params: Params, repeat_of: int | None = None) -> Trial:
+    async def _run(
+        self, number: int, role: TrialRole, params: Params, repeat_of: int | None = None
+    ) -> Trial:
         trial = self.store.add_trial(self.study.id, number, role, params, repeat_of=repeat_of)
         assert trial.id is not None
         trial_id = trial.id
@@ -116,25 +121,33 @@ class StudyLoop:
 
         def started(running: RunningEngine) -> None:
             if running.pid is not None:
-                self.store.set_trial_process(trial_id, running.pid, os.getpgid(running.pid))
+                pgid = running.pgid if running.pgid is not None else running.pid
+                self.store.set_trial_process(trial_id, running.pid, pgid)
 
         self.ctx.on_started = started
-        self.ctx.on_phase = (lambda p: self.events.trial_phase(number, p)) if self.events.trial_phase else None
+        on_phase = self.events.trial_phase
+        self.ctx.on_phase = (lambda p: on_phase(number, p)) if on_phase else None
         try:
             result = await self.runner(self.ctx, params, number)
         except asyncio.CancelledError:
             self.store.finish_trial(
                 trial_id,
-                TrialResult(state=TrialState.FAIL, failure_kind=FailureKind.CANCELLED,
-                            failure_reason="cancelled by the user"),
+                TrialResult(
+                    state=TrialState.FAIL,
+                    failure_kind=FailureKind.CANCELLED,
+                    failure_reason="cancelled by the user",
+                ),
             )
             raise
         except Exception as e:  # a bug must not leave the trial RUNNING forever
             log.exception("trial %d crashed servetune itself", number)
             self.store.finish_trial(
                 trial_id,
-                TrialResult(state=TrialState.FAIL, failure_kind=FailureKind.UNKNOWN,
-                            failure_reason=f"internal error: {type(e).__name__}: {e}"),
+                TrialResult(
+                    state=TrialState.FAIL,
+                    failure_kind=FailureKind.UNKNOWN,
+                    failure_reason=f"internal error: {type(e).__name__}: {e}",
+                ),
             )
             raise
         saved = self.store.finish_trial(trial_id, result)
@@ -168,7 +181,11 @@ class StudyLoop:
         if not any(t.number == 0 for t in trials):
             self._say("trial 0: the engine's defaults (baseline)")
             await self._run(0, TrialRole.BASELINE, {})
-        deadline = (time.monotonic() + spec.budget.max_wall_time_s) if spec.budget.max_wall_time_s else None
+        deadline = (
+            (time.monotonic() + spec.budget.max_wall_time_s)
+            if spec.budget.max_wall_time_s
+            else None
+        )
 
         while True:
             trials = self._trials()
@@ -200,7 +217,9 @@ class StudyLoop:
         }
         self.store.set_study_status(self.study.id, "finished", verdict_data)
         study = self.store.get_study(self.study.id)
-        return StudyOutcome(study=study, trials=trials, best=best, baseline=baseline, front=front, verdict=verdict)
+        return StudyOutcome(
+            study=study, trials=trials, best=best, baseline=baseline, front=front, verdict=verdict
+        )
 
     async def _confirm(self) -> Verdict | None:
         """Re-run the best trial and the baseline on fresh servers; compare from the repeats."""
@@ -219,10 +238,15 @@ class StudyLoop:
                 self._say("the baseline (engine defaults) is the best trial")
             values_best = self._values_of(best, trials)
             values_base = self._values_of(baseline, trials)
-            return confirm_verdict(term.metric, term.direction, values_base, values_best) if (
-                values_best and values_base) else None
+            return (
+                confirm_verdict(term.metric, term.direction, values_base, values_best)
+                if (values_best and values_base)
+                else None
+            )
         for target in (best, baseline):
-            done = [t for t in trials if t.role is TrialRole.CONFIRM and t.repeat_of == target.number]
+            done = [
+                t for t in trials if t.role is TrialRole.CONFIRM and t.repeat_of == target.number
+            ]
             for _ in range(repeats - len(done)):
                 number = self.store.next_trial_number(self.study.id)
                 self._say(f"trial {number}: repeating trial {target.number} on a fresh server")
@@ -239,7 +263,10 @@ class StudyLoop:
     def _values_of(self, target: Trial, trials: list[Trial]) -> list[float]:
         """The first objective value of ``target`` then of each COMPLETE repeat of it."""
         out: list[float] = []
-        for t in [target, *[t for t in trials if t.role is TrialRole.CONFIRM and t.repeat_of == target.number]]:
+        for t in [
+            target,
+            *[t for t in trials if t.role is TrialRole.CONFIRM and t.repeat_of == target.number],
+        ]:
             if t.state is TrialState.COMPLETE and t.result and t.result.objective_values:
                 out.append(t.result.objective_values[0])
         return out

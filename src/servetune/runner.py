@@ -27,7 +27,12 @@ from servetune.errors import EngineStartFailed, ServetuneError
 log = logging.getLogger(__name__)
 
 RETRYABLE = frozenset(
-    {FailureKind.PORT_IN_USE, FailureKind.ENGINE_CRASHED, FailureKind.WORKER_LOST, FailureKind.UNKNOWN}
+    {
+        FailureKind.PORT_IN_USE,
+        FailureKind.ENGINE_CRASHED,
+        FailureKind.WORKER_LOST,
+        FailureKind.UNKNOWN,
+    }
 )
 """Infrastructure failure kinds retried once with the same params (DESIGN.md §3)."""
 
@@ -66,7 +71,7 @@ def _now() -> datetime:
 
 
 def _fail(kind: FailureKind, reason: str, **extra: object) -> TrialResult:
-    return TrialResult(state=TrialState.FAIL, failure_kind=kind, failure_reason=reason, **extra)  # type: ignore[arg-type]
+    return TrialResult(state=TrialState.FAIL, failure_kind=kind, failure_reason=reason, **extra)
 
 
 async def run_trial(ctx: TrialContext, params: Params, number: int) -> TrialResult:
@@ -80,7 +85,10 @@ async def run_trial(ctx: TrialContext, params: Params, number: int) -> TrialResu
     if result.state is TrialState.FAIL and result.failure_kind in RETRYABLE:
         log.warning(
             "%s trial %d: %s (%s); retrying once",
-            ctx.label, number, result.failure_kind, result.failure_reason,
+            ctx.label,
+            number,
+            result.failure_kind,
+            result.failure_reason,
         )
         first = result
         result = await _run_once(ctx, params, number, attempt=2)
@@ -101,7 +109,12 @@ async def _run_once(ctx: TrialContext, params: Params, number: int, attempt: int
     problems += ctx.engine.preflight(params, spec.workload)
     if problems:
         log.info("%s trial %d rejected before launch: %s", ctx.label, number, "; ".join(problems))
-        return _fail(FailureKind.PREFLIGHT_REJECTED, "; ".join(problems), started_at=started_at, finished_at=_now())
+        return _fail(
+            FailureKind.PREFLIGHT_REJECTED,
+            "; ".join(problems),
+            started_at=started_at,
+            finished_at=_now(),
+        )
 
     host, port = ctx.deployment.reserve_port()
     command = ctx.engine.launch_command(params, host=host, port=port)
@@ -114,7 +127,12 @@ async def _run_once(ctx: TrialContext, params: Params, number: int, attempt: int
     try:
         running = await ctx.deployment.start(command, log_path)
     except ServetuneError as e:
-        return _fail(FailureKind.ENGINE_CRASHED, f"could not spawn the engine: {e}", finished_at=_now(), **common)
+        return _fail(
+            FailureKind.ENGINE_CRASHED,
+            f"could not spawn the engine: {e}",
+            finished_at=_now(),
+            **common,
+        )
     try:
         if ctx.on_started:
             ctx.on_started(running)
@@ -123,7 +141,13 @@ async def _run_once(ctx: TrialContext, params: Params, number: int, attempt: int
             await wait_ready(endpoint, running, ctx.engine, spec.deployment.startup_timeout_s)
         except EngineStartFailed as e:
             log.info("%s trial %d failed to start: %s", ctx.label, number, e)
-            return _fail(e.kind, e.reason, finished_at=_now(), engine_start_s=time.perf_counter() - t0, **common)
+            return _fail(
+                e.kind,
+                e.reason,
+                finished_at=_now(),
+                engine_start_s=time.perf_counter() - t0,
+                **common,
+            )
         start_s = time.perf_counter() - t0
         log.info("%s trial %d: ready in %.2f s; benchmarking", ctx.label, number, start_s)
         _phase(ctx, "benchmarking")
@@ -132,7 +156,11 @@ async def _run_once(ctx: TrialContext, params: Params, number: int, attempt: int
             levels = await ctx.client.run(endpoint, spec.workload)
         except ServetuneError as e:
             return _fail(
-                FailureKind.BENCHMARK_FAILED, str(e), finished_at=_now(), engine_start_s=start_s, **common
+                FailureKind.BENCHMARK_FAILED,
+                str(e),
+                finished_at=_now(),
+                engine_start_s=start_s,
+                **common,
             )
         bench_s = time.perf_counter() - t1
         code = running.returncode()
@@ -140,8 +168,14 @@ async def _run_once(ctx: TrialContext, params: Params, number: int, attempt: int
             kind, reason = ctx.engine.classify_failure(running.log_text(), code)
             if kind is FailureKind.UNKNOWN:
                 kind = FailureKind.ENGINE_CRASHED
-            return _fail(kind, f"engine exited ({code}) during the benchmark: {reason}",
-                         finished_at=_now(), engine_start_s=start_s, benchmark_s=bench_s, **common)
+            return _fail(
+                kind,
+                f"engine exited ({code}) during the benchmark: {reason}",
+                finished_at=_now(),
+                engine_start_s=start_s,
+                benchmark_s=bench_s,
+                **common,
+            )
         return _score(ctx, levels, started_at, start_s, bench_s, common)
     finally:
         _phase(ctx, "stopping")
@@ -163,7 +197,8 @@ def _score(
     spec = ctx.spec
     bounds = request_bounds(spec.slos)
     metrics = [
-        summarize(level, records, bounds, spec.workload.prompt_token_tolerance) for level, records in levels
+        summarize(level, records, bounds, spec.workload.prompt_token_tolerance)
+        for level, records in levels
     ]
     notes: list[str] = []
     for m in metrics:
@@ -173,7 +208,10 @@ def _score(
                 f"tokens by more than {spec.workload.prompt_token_tolerance} (server mean "
                 f"{m.mean_prompt_tokens})"
             )
-        if m.mean_output_tokens is not None and abs(m.mean_output_tokens - spec.workload.output_tokens) > 0.5:
+        if (
+            m.mean_output_tokens is not None
+            and abs(m.mean_output_tokens - spec.workload.output_tokens) > 0.5
+        ):
             notes.append(
                 f"{m.level.label}: mean output {m.mean_output_tokens:.1f} tokens, asked for "
                 f"{spec.workload.output_tokens}"
@@ -186,7 +224,11 @@ def _score(
         return _fail(
             FailureKind.BENCHMARK_FAILED,
             f"no request succeeded (failures by kind: {kinds})",
-            metrics=metrics, finished_at=_now(), engine_start_s=start_s, benchmark_s=bench_s, notes=notes,
+            metrics=metrics,
+            finished_at=_now(),
+            engine_start_s=start_s,
+            benchmark_s=bench_s,
+            notes=notes,
             **common,
         )
     report = check_slos(spec.slos, metrics, spec.workload.max_error_rate)
@@ -201,7 +243,7 @@ def _score(
         engine_start_s=start_s,
         benchmark_s=bench_s,
         notes=notes,
-        **common,  # type: ignore[arg-type]
+        **common,
     )
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
-from servetune.core.spec import Problem, SpecError, StudySpec, parse_spec
+from servetune.core.spec import EngineSpec, Problem, SpecError, StudySpec, parse_spec
 from servetune.engines import get_engine
 from servetune.errors import SpecInvalid
 
@@ -26,9 +27,13 @@ def read_document(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise SpecInvalid([Problem(str(path), f"not valid YAML/JSON{where}: {getattr(e, 'problem', e)}")]) from e
+        raise SpecInvalid(
+            [Problem(str(path), f"not valid YAML/JSON{where}: {getattr(e, 'problem', e)}")]
+        ) from e
     if not isinstance(data, dict):
-        raise SpecInvalid([Problem("(root)", "a spec is a mapping with engine, space, workload and objective")])
+        raise SpecInvalid(
+            [Problem("(root)", "a spec is a mapping with engine, space, workload and objective")]
+        )
     return data
 
 
@@ -52,11 +57,21 @@ def validate_document(data: dict[str, Any]) -> StudySpec:
     try:
         spec = parse_spec(data)
     except SpecError as e:
-        raise SpecInvalid(e.problems) from e
+        raise SpecInvalid(e.problems + _engine_problems(data, e.problems)) from e
     problems = get_engine(spec.engine).check_spec(spec)
     if problems:
         raise SpecInvalid(problems)
     return spec
+
+
+def _engine_problems(data: dict[str, Any], known: list[Problem]) -> list[Problem]:
+    """Engine-level problems of a spec whose other parts are invalid (when its engine section parses)."""
+    try:
+        engine_spec = TypeAdapter(EngineSpec).validate_python(data.get("engine"))
+    except ValidationError:
+        return []
+    seen = {(p.loc, p.message) for p in known}
+    return [p for p in get_engine(engine_spec).check_engine() if (p.loc, p.message) not in seen]
 
 
 def load_spec(path: Path) -> tuple[StudySpec, dict[str, Any]]:

@@ -5,12 +5,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from servetune.bench.builtin import BuiltinClient
 from servetune.core.study import Params, Trial, TrialRole, TrialState
@@ -34,7 +42,7 @@ def _describe(t: Trial) -> str:
         m = r.metrics[-1]
         ttft = m.value("ttft_ms.p99")
         ok = "[green]feasible[/]" if r.feasible else "[yellow]misses SLO[/]"
-        return (f"{head} {m.output_tokens_per_s:7.1f} tok/s  TTFT p99 {ttft or 0:7.0f} ms  {ok}  {params}")
+        return f"{head} {m.output_tokens_per_s:7.1f} tok/s  TTFT p99 {ttft or 0:7.0f} ms  {ok}  {params}"
     kind = r.failure_kind.value if r.failure_kind else t.state.value
     return f"{head} [red]{t.state.value}[/] {kind}: {r.failure_reason}  {params}"
 
@@ -46,16 +54,29 @@ async def run_study(settings: Settings, study_ref: str | int, console: Console) 
     spec = study.spec
     engine = get_engine(spec.engine)
     log_dir = Path(spec.deployment.log_dir or Path(settings.data_dir) / "logs" / study.name)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    deployment = LocalDeployment(host=spec.deployment.host, stop_timeout_s=spec.deployment.stop_timeout_s)
+    await asyncio.to_thread(log_dir.mkdir, parents=True, exist_ok=True)
+    deployment = LocalDeployment(
+        host=spec.deployment.host, stop_timeout_s=spec.deployment.stop_timeout_s
+    )
     client = BuiltinClient.for_spec(spec)
-    ctx = TrialContext(spec=spec, engine=engine, deployment=deployment, client=client, log_dir=log_dir,
-                       label=study.name)
+    ctx = TrialContext(
+        spec=spec,
+        engine=engine,
+        deployment=deployment,
+        client=client,
+        log_dir=log_dir,
+        label=study.name,
+    )
     total = spec.budget.max_trials + (2 * spec.budget.confirm_repeats)
     done = len([t for t in store.trials(study.id) if t.state.is_finished()])
     with Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=console, transient=True,
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
     ) as progress:
         task = progress.add_task("starting", total=total, completed=done)
 

@@ -11,12 +11,18 @@ from typing import Any
 import yaml
 
 
-def small_spec(model: Any, *, trials: int = 4, name: str | None = None, **overrides: Any) -> dict[str, Any]:
+def small_spec(
+    model: Any, *, trials: int = 4, name: str | None = None, **overrides: Any
+) -> dict[str, Any]:
     """A quick llama.cpp study on the tiny model: about 1-2 s per trial on 2 cores."""
     doc: dict[str, Any] = {
         "name": name,
-        "engine": {"kind": "llamacpp", "model": str(model.gguf_path), "tokenizer": str(model.tokenizer_dir),
-                   "binary": "xllamacpp"},
+        "engine": {
+            "kind": "llamacpp",
+            "model": str(model.gguf_path),
+            "tokenizer": str(model.tokenizer_dir),
+            "binary": "xllamacpp",
+        },
         "deployment": {"kind": "local", "startup_timeout_s": 30, "stop_timeout_s": 5},
         "space": {
             "params": {
@@ -27,8 +33,13 @@ def small_spec(model: Any, *, trials: int = 4, name: str | None = None, **overri
         },
         "strategy": {"kind": "random", "seed": 1},
         "budget": {"max_trials": trials, "confirm_repeats": 0},
-        "workload": {"input_tokens": 32, "output_tokens": 12, "concurrency": [2], "num_requests": 6,
-                     "warmup_requests": 1},
+        "workload": {
+            "input_tokens": 32,
+            "output_tokens": 12,
+            "concurrency": [2],
+            "num_requests": 6,
+            "warmup_requests": 1,
+        },
         "slos": [{"metric": "ttft_ms", "percentile": "p99", "max_ms": 5000}],
         "objective": {"metric": "output_tokens_per_s", "direction": "maximize"},
     }
@@ -54,7 +65,11 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
 
 def servetune(tmp_path: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     """Run the servetune CLI in a subprocess; returns the completed process (never raises on status)."""
-    return subprocess.run(
-        [sys.executable, "-m", "servetune", *args], capture_output=True, text=True,
-        env=cli_env(tmp_path), timeout=timeout, check=False,
+    return subprocess.run(  # noqa: S603 - argv list of our own CLI
+        [sys.executable, "-m", "servetune", *args],
+        capture_output=True,
+        text=True,
+        env=cli_env(tmp_path),
+        timeout=timeout,
+        check=False,
     )

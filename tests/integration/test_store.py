@@ -34,7 +34,9 @@ from servetune.store.tables import TrialRow
 
 pytestmark = pytest.mark.integration
 
-PG_ADMIN_URL = os.environ.get("SERVETUNE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN_URL = os.environ.get(
+    "SERVETUNE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 """A PostgreSQL URL of a role allowed to create databases (trust auth on the test machine)."""
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
@@ -69,29 +71,40 @@ def store(store_url: str) -> Iterator[StudyStore]:
 
 def make_spec(name: str | None = None) -> StudySpec:
     """A realistic llama.cpp study: two load levels, two SLOs, a constrained space."""
-    return parse_spec({
-        "name": name,
-        "engine": {"kind": "llamacpp", "model": "/models/qwen2.5-0.5b-instruct-q4_k_m.gguf",
-                   "flags": {"n-gpu-layers": 0}},
-        "deployment": {"kind": "local", "startup_timeout_s": 60},
-        "space": {
-            "params": {
-                "parallel": {"kind": "int", "low": 1, "high": 8, "log": True},
-                "batch-size": {"kind": "choice", "values": [256, 512, 1024]},
-                "ubatch-size": {"kind": "choice", "values": [128, 256, 512]},
-                "cont-batching": {"kind": "bool"},
-                "cache-type-k": {"kind": "choice", "values": ["f16", "q8_0"]},
+    return parse_spec(
+        {
+            "name": name,
+            "engine": {
+                "kind": "llamacpp",
+                "model": "/models/qwen2.5-0.5b-instruct-q4_k_m.gguf",
+                "flags": {"n-gpu-layers": 0},
             },
-            "constraints": ["ubatch-size <= batch-size"],
-        },
-        "strategy": {"kind": "tpe", "seed": 7},
-        "budget": {"max_trials": 12, "confirm_repeats": 1},
-        "workload": {"input_tokens": 128, "output_tokens": 32, "concurrency": [1, 4],
-                     "num_requests": 8},
-        "slos": [{"metric": "ttft_ms", "percentile": "p99", "max_ms": 800},
-                 {"metric": "tpot_ms", "percentile": "p50", "max_ms": 60, "levels": [4]}],
-        "objective": {"metric": "output_tokens_per_s", "direction": "maximize"},
-    })
+            "deployment": {"kind": "local", "startup_timeout_s": 60},
+            "space": {
+                "params": {
+                    "parallel": {"kind": "int", "low": 1, "high": 8, "log": True},
+                    "batch-size": {"kind": "choice", "values": [256, 512, 1024]},
+                    "ubatch-size": {"kind": "choice", "values": [128, 256, 512]},
+                    "cont-batching": {"kind": "bool"},
+                    "cache-type-k": {"kind": "choice", "values": ["f16", "q8_0"]},
+                },
+                "constraints": ["ubatch-size <= batch-size"],
+            },
+            "strategy": {"kind": "tpe", "seed": 7},
+            "budget": {"max_trials": 12, "confirm_repeats": 1},
+            "workload": {
+                "input_tokens": 128,
+                "output_tokens": 32,
+                "concurrency": [1, 4],
+                "num_requests": 8,
+            },
+            "slos": [
+                {"metric": "ttft_ms", "percentile": "p99", "max_ms": 800},
+                {"metric": "tpot_ms", "percentile": "p50", "max_ms": 60, "levels": [4]},
+            ],
+            "objective": {"metric": "output_tokens_per_s", "direction": "maximize"},
+        }
+    )
 
 
 def make_result(spec: StudySpec, slow: bool = False) -> TrialResult:
@@ -104,12 +117,16 @@ def make_result(spec: StudySpec, slow: bool = False) -> TrialResult:
         for i in range(8):
             sent = 1.0 + i * 0.25
             first = sent + 0.08 + 0.011 * i * n
-            records.append(RequestRecord(
-                sent_s=sent,
-                chunk_times_s=tuple(first + k * step for k in range(32)),
-                done_s=first + 31 * step + 0.001,
-                prompt_tokens=128, output_tokens=32, expected_prompt_tokens=128,
-            ))
+            records.append(
+                RequestRecord(
+                    sent_s=sent,
+                    chunk_times_s=tuple(first + k * step for k in range(32)),
+                    done_s=first + 31 * step + 0.001,
+                    prompt_tokens=128,
+                    output_tokens=32,
+                    expected_prompt_tokens=128,
+                )
+            )
         records.append(RequestRecord(sent_s=3.5, error_kind="http_500", error="server error"))
         metrics.append(summarize(level, records, request_bounds(spec.slos), 2))
     report = check_slos(spec.slos, metrics, max_error_rate=0.2)
@@ -120,8 +137,15 @@ def make_result(spec: StudySpec, slow: bool = False) -> TrialResult:
         slo_report=report,
         feasible=report.feasible,
         objective_values=spec.objective.values(metrics),
-        launch_argv=["llama-server", "--model", "/models/m.gguf", "--parallel", "4",
-                     "--port", "41234"],
+        launch_argv=[
+            "llama-server",
+            "--model",
+            "/models/m.gguf",
+            "--parallel",
+            "4",
+            "--port",
+            "41234",
+        ],
         log_path="/tmp/servetune/logs/trial-1.log",
         started_at=started,
         finished_at=started + timedelta(seconds=42, microseconds=7),
@@ -132,7 +156,10 @@ def make_result(spec: StudySpec, slow: bool = False) -> TrialResult:
 
 
 PARAMS = {
-    "parallel": 4, "batch-size": 512, "ubatch-size": 256, "cont-batching": True,
+    "parallel": 4,
+    "batch-size": 512,
+    "ubatch-size": 256,
+    "cont-batching": True,
     "cache-type-k": "q8_0",
 }
 
@@ -230,7 +257,8 @@ def test_failed_trial_and_infinite_values_round_trip(store: StudyStore) -> None:
     t = store.add_trial(study.id, 0, TrialRole.BASELINE, {})
     assert t.id is not None
     failed = TrialResult(
-        state=TrialState.FAIL, failure_kind=FailureKind.CUDA_OOM,
+        state=TrialState.FAIL,
+        failure_kind=FailureKind.CUDA_OOM,
         failure_reason="CUDA error: out of memory\n\tat llama_kv_cache_init ‘kv’ ✓",
         launch_argv=["llama-server", "--parallel", "64"],
     )
@@ -316,10 +344,14 @@ def test_calls_from_threads_of_an_event_loop(store: StudyStore) -> None:
     study = store.create_study("threads", make_spec(), {})
 
     async def main() -> None:
-        await asyncio.gather(*(
-            asyncio.to_thread(store.add_trial, study.id, n, TrialRole.SEARCH, {"parallel": n + 1})
-            for n in range(6)
-        ))
+        await asyncio.gather(
+            *(
+                asyncio.to_thread(
+                    store.add_trial, study.id, n, TrialRole.SEARCH, {"parallel": n + 1}
+                )
+                for n in range(6)
+            )
+        )
 
     asyncio.run(main())
     assert [t.params["parallel"] for t in store.trials(study.id)] == [1, 2, 3, 4, 5, 6]
@@ -381,7 +413,10 @@ def test_processes_opening_a_new_database_at_once(store_url: str) -> None:
     procs = [
         subprocess.Popen(  # noqa: S603 - fixed argv
             [sys.executable, "-c", script, store_url, f"s{i}"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
         )
         for i in range(3)
     ]

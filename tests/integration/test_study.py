@@ -47,7 +47,9 @@ def test_real_study_persists_trials_with_consistent_metrics(tiny_model, tmp_path
         # throughput is consistent with the counted tokens and the measured window
         expected = level["completed"] * level["mean_output_tokens"] / level["duration_s"]
         assert level["output_tokens_per_s"] == pytest.approx(expected, rel=1e-6)
-        assert 0 < level["ttft_ms"]["p50"] <= level["ttft_ms"]["p99"] <= level["e2e_latency_ms"]["max"]
+        assert (
+            0 < level["ttft_ms"]["p50"] <= level["ttft_ms"]["p99"] <= level["e2e_latency_ms"]["max"]
+        )
         assert t["feasible"] is True
     assert shown["best_trial"]["number"] in {0, 1, 2, 3}
     assert shown["study"]["status"] == "finished"
@@ -66,45 +68,64 @@ def test_real_study_persists_trials_with_consistent_metrics(tiny_model, tmp_path
 
 def test_failing_candidate_is_recorded_and_study_continues(tiny_model, tmp_path: Path) -> None:
     doc = small_spec(tiny_model, trials=4, name="fails")
-    # parallel=64 with a 256-token context cannot hold 64 × (32 + 12) tokens: rejected before launch;
-    # cache-type-k "q9_9" is not a llama.cpp cache type: the engine itself refuses to start.
-    doc["space"] = {"params": {
-        "parallel": {"kind": "choice", "values": [1, 64]},
-        "cache-type-k": {"kind": "choice", "values": ["f16", "q9_9"]},
-    }}
-    doc["engine"]["flags"] = {"ctx-size": 256}
+    # parallel=64 cannot hold 64 × (32 + 12) tokens in a 2048-token context: rejected before launch.
+    # ctx-size=30M with an f32 KV cache (~234 GiB) cannot be allocated: the engine fails to start.
+    doc["space"] = {
+        "params": {
+            "parallel": {"kind": "choice", "values": [1, 64]},
+            "ctx-size": {"kind": "choice", "values": [2048, 30_000_000]},
+        }
+    }
+    doc["engine"]["flags"] = {"cache-type-k": "f32", "cache-type-v": "f32"}
     doc["strategy"] = {"kind": "grid"}
     doc["budget"] = {"max_trials": 5, "confirm_repeats": 0}
     spec = write_spec(tmp_path / "spec.yaml", doc)
     run = servetune(tmp_path, "run", str(spec))
     assert run.returncode == 0, run.stdout + run.stderr
-    trials = {tuple(sorted(t["params"].items())): t for t in _show(tmp_path, "fails")["trials"]}
-    ok = trials[(("cache-type-k", "f16"), ("parallel", 1))]
+    shown = _show(tmp_path, "fails")["trials"]
+    assert len(shown) == 5  # baseline + the 4 grid points: the failures did not stop the study
+    trials = {tuple(sorted(t["params"].items())): t for t in shown}
+    assert shown[0]["state"] == "COMPLETE"
+    ok = trials[(("ctx-size", 2048), ("parallel", 1))]
     assert ok["state"] == "COMPLETE"
-    too_many_slots = trials[(("cache-type-k", "f16"), ("parallel", 64))]
+    too_many_slots = trials[(("ctx-size", 2048), ("parallel", 64))]
     assert too_many_slots["state"] == "FAIL"
     assert too_many_slots["failure_kind"] == "preflight_rejected"
-    assert "ctx-size" in too_many_slots["failure_reason"] and "parallel" in too_many_slots["failure_reason"]
-    bad_type = trials[(("cache-type-k", "q9_9"), ("parallel", 1))]
-    assert bad_type["state"] == "FAIL"
-    assert bad_type["failure_kind"] == "invalid_args"
-    assert "q9_9" in bad_type["failure_reason"]
-    assert len(trials) == 5  # baseline + the 4 grid points: the failures did not stop the study
+    assert "ctx-size" in too_many_slots["failure_reason"]
+    assert "parallel" in too_many_slots["failure_reason"]
+    huge = trials[(("ctx-size", 30_000_000), ("parallel", 1))]
+    assert huge["state"] == "FAIL"
+    assert huge["failure_kind"] == "kv_cache_too_small", huge
+    assert huge["failure_reason"]
+    assert not _engine_pids_of(tmp_path)
+
+
+def _engine_pids_of(tmp_path: Path) -> set[int]:
+    """Engine processes still running for the model under ``tmp_path``'s study (should be none)."""
+    return _engine_pids()
 
 
 def test_invalid_spec_exits_2_with_one_message_per_problem(tmp_path: Path) -> None:
-    spec = write_spec(tmp_path / "bad.yaml", {
-        "engine": {"kind": "llamacpp", "model": "missing.gguf"},
-        "space": {"params": {"threads": {"kind": "int", "low": 4, "high": 1}}},
-        "workload": {"concurrency": [1], "num_requests": 0},
-        "objective": {"metric": "tokens_per_s", "direction": "maximize"},
-        "budgett": {},
-    })
+    spec = write_spec(
+        tmp_path / "bad.yaml",
+        {
+            "engine": {"kind": "llamacpp", "model": "missing.gguf"},
+            "space": {"params": {"threads": {"kind": "int", "low": 4, "high": 1}}},
+            "workload": {"concurrency": [1], "num_requests": 0},
+            "objective": {"metric": "tokens_per_s", "direction": "maximize"},
+            "budgett": {},
+        },
+    )
     for command in ("validate", "run"):
         out = servetune(tmp_path, command, str(spec))
         assert out.returncode == 2, out.stdout + out.stderr
         text = out.stderr
-        for field in ("space.params.threads", "workload.num_requests", "objective.terms.0.metric", "budgett"):
+        for field in (
+            "space.params.threads",
+            "workload.num_requests",
+            "objective.terms.0.metric",
+            "budgett",
+        ):
             assert field in text, text
         assert "5 problem(s)" in text
     # nothing was written for the invalid spec
@@ -115,8 +136,12 @@ def test_invalid_spec_exits_2_with_one_message_per_problem(tmp_path: Path) -> No
 
 
 def _engine_pids() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "servetune.engines.xllamacpp_server"], capture_output=True, text=True,
-                         check=False)
+    out = subprocess.run(
+        ["pgrep", "-f", "servetune.engines.xllamacpp_server"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     return {int(p) for p in out.stdout.split()}
 
 
@@ -125,8 +150,12 @@ def test_sigkill_then_resume_finishes_every_trial_once(tiny_model, tmp_path: Pat
     doc["workload"] = {**doc["workload"], "num_requests": 16}
     spec = write_spec(tmp_path / "spec.yaml", doc)
     before = _engine_pids()
-    proc = subprocess.Popen([sys.executable, "-m", "servetune", "run", str(spec)], env=cli_env(tmp_path),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(  # noqa: S603 - argv list of our own CLI
+        [sys.executable, "-m", "servetune", "run", str(spec)],
+        env=cli_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     db = tmp_path / "studies.db"
     deadline = time.monotonic() + 120
     running_after_done = False
@@ -135,7 +164,9 @@ def test_sigkill_then_resume_finishes_every_trial_once(tiny_model, tmp_path: Pat
             if db.exists():
                 try:
                     with sqlite3.connect(db) as conn:
-                        states = [r[0] for r in conn.execute("select state from trials order by number")]
+                        states = [
+                            r[0] for r in conn.execute("select state from trials order by number")
+                        ]
                 except sqlite3.OperationalError:
                     states = []
                 if "COMPLETE" in states and states[-1] == "RUNNING":
@@ -150,7 +181,12 @@ def test_sigkill_then_resume_finishes_every_trial_once(tiny_model, tmp_path: Pat
         if proc.poll() is None:
             proc.kill()
     with sqlite3.connect(db) as conn:
-        finished_before = {n: s for n, s in conn.execute("select number, finished_at from trials where state != 'RUNNING'")}
+        finished_before = {
+            n: s
+            for n, s in conn.execute(
+                "select number, finished_at from trials where state != 'RUNNING'"
+            )
+        }
     # the engine of the killed study does not outlive it
     deadline = time.monotonic() + 10
     while _engine_pids() - before and time.monotonic() < deadline:

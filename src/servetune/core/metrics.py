@@ -5,6 +5,7 @@ Every formula servetune reports is defined here, once, as a pure function over p
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -40,10 +41,16 @@ class RequestRecord(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     sent_s: float = Field(description="Monotonic time the request was sent, in s.")
-    chunk_times_s: tuple[float, ...] = Field(default=(), description="Arrival of each content chunk, s.")
+    chunk_times_s: tuple[float, ...] = Field(
+        default=(), description="Arrival of each content chunk, s."
+    )
     done_s: float | None = Field(default=None, description="Monotonic time the stream ended, in s.")
-    prompt_tokens: int | None = Field(default=None, description="usage.prompt_tokens from the server.")
-    output_tokens: int | None = Field(default=None, description="usage.completion_tokens, else chunk count.")
+    prompt_tokens: int | None = Field(
+        default=None, description="usage.prompt_tokens from the server."
+    )
+    output_tokens: int | None = Field(
+        default=None, description="usage.completion_tokens, else chunk count."
+    )
     expected_prompt_tokens: int | None = Field(default=None, description="Tokens the client built.")
     error_kind: str | None = Field(default=None, description="None on success, else an error code.")
     error: str | None = Field(default=None, description="Error message, for the log.")
@@ -80,7 +87,7 @@ class RequestRecord(BaseModel):
     def itl_ms(self) -> list[float]:
         """Inter-token latencies: every gap between consecutive content chunks, in ms."""
         t = self.chunk_times_s
-        return [(b - a) * 1000.0 for a, b in zip(t, t[1:], strict=False)]
+        return [(b - a) * 1000.0 for a, b in itertools.pairwise(t)]
 
 
 class Distribution(BaseModel):
@@ -192,20 +199,28 @@ class ServingMetrics(BaseModel):
     level: LoadLevel = Field(description="The load level measured.")
     completed: int = Field(description="Measured requests that succeeded.")
     failed: int = Field(description="Measured requests that failed.")
-    failed_by_kind: dict[str, int] = Field(default_factory=dict, description="Failures by error code.")
+    failed_by_kind: dict[str, int] = Field(
+        default_factory=dict, description="Failures by error code."
+    )
     warmup: int = Field(default=0, description="Warm-up requests sent (never measured).")
     retried: int = Field(default=0, description="Re-sends after a failure before the first byte.")
     duration_s: float = Field(description="First measured send → last measured completion, s.")
     ttft_ms: Distribution | None = Field(default=None, description="Time to first token.")
     tpot_ms: Distribution | None = Field(default=None, description="Time per output token (vLLM).")
-    itl_ms: Distribution | None = Field(default=None, description="Inter-token latency (every gap).")
+    itl_ms: Distribution | None = Field(
+        default=None, description="Inter-token latency (every gap)."
+    )
     e2e_latency_ms: Distribution | None = Field(default=None, description="End-to-end latency.")
-    output_tokens_per_s: float = Field(description="Output tokens of completed requests / duration.")
+    output_tokens_per_s: float = Field(
+        description="Output tokens of completed requests / duration."
+    )
     requests_per_s: float = Field(description="Completed requests / duration.")
     goodput_requests_per_s: float = Field(description="Requests meeting every per-request SLO / s.")
     error_rate: float = Field(description="failed / (completed + failed).")
     mean_prompt_tokens: float | None = Field(default=None, description="From usage.prompt_tokens.")
-    mean_output_tokens: float | None = Field(default=None, description="From usage.completion_tokens.")
+    mean_output_tokens: float | None = Field(
+        default=None, description="From usage.completion_tokens."
+    )
     prompt_token_mismatches: int = Field(
         default=0, description="Requests whose usage.prompt_tokens differs from the built prompt."
     )
@@ -251,8 +266,10 @@ def summarize(
     bad = [r for r in measured if not r.ok]
     kinds = Counter(r.error_kind or "no_output" for r in bad)
     starts = [r.sent_s for r in measured]
-    ends = [r.done_s if r.done_s is not None else (r.chunk_times_s[-1] if r.chunk_times_s else r.sent_s)
-            for r in measured]
+    ends = [
+        r.done_s if r.done_s is not None else (r.chunk_times_s[-1] if r.chunk_times_s else r.sent_s)
+        for r in measured
+    ]
     duration = (max(ends) - min(starts)) if measured else 0.0
     out_tokens = sum(r.output_tokens or 0 for r in ok)
     bounds = bounds or RequestSloBounds()

@@ -26,7 +26,8 @@ class ObjectiveTerm(BaseModel):
     metric: str = Field(description="Metric name, e.g. output_tokens_per_s or ttft_ms.p99.")
     direction: Literal["maximize", "minimize"] = Field(description="maximize or minimize.")
     level: float | None = Field(
-        default=None, description="Load level (concurrency or rate) to read it at; null = the last level."
+        default=None,
+        description="Load level (concurrency or rate) to read it at; null = the last level.",
     )
 
     @field_validator("metric")
@@ -110,18 +111,28 @@ def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[str])
     """True when ``a`` is at least as good as ``b`` in every term and better in one."""
     sa = [_signed(v, d) for v, d in zip(a, directions, strict=True)]
     sb = [_signed(v, d) for v, d in zip(b, directions, strict=True)]
-    return all(x >= y for x, y in zip(sa, sb, strict=True)) and any(x > y for x, y in zip(sa, sb, strict=True))
+    return all(x >= y for x, y in zip(sa, sb, strict=True)) and any(
+        x > y for x, y in zip(sa, sb, strict=True)
+    )
 
 
 def pareto_front(trials: Sequence[Trial], objective: Objective) -> list[Trial]:
     """Feasible COMPLETE trials that no other feasible trial dominates, by trial number."""
-    pool = [t for t in trials if t.state is TrialState.COMPLETE and t.feasible and t.result and t.result.objective_values]
+    pool = [
+        t
+        for t in trials
+        if t.state is TrialState.COMPLETE and t.feasible and t.result and t.result.objective_values
+    ]
     front = []
     for t in pool:
         assert t.result and t.result.objective_values
         if not any(
-            o is not t and o.result and o.result.objective_values
-            and dominates(o.result.objective_values, t.result.objective_values, objective.directions)
+            o is not t
+            and o.result
+            and o.result.objective_values
+            and dominates(
+                o.result.objective_values, t.result.objective_values, objective.directions
+            )
             for o in pool
         ):
             front.append(t)
@@ -145,7 +156,9 @@ class Verdict(BaseModel):
     best_values: list[float] = Field(description="Best trial: original run then repeats.")
     baseline_mean: float = Field(description="Mean of the baseline repeats (original if none).")
     best_mean: float = Field(description="Mean of the best trial's repeats (original if none).")
-    gain_pct: float = Field(description="Improvement of best over baseline in %, positive = better.")
+    gain_pct: float = Field(
+        description="Improvement of best over baseline in %, positive = better."
+    )
     spread_pct: float = Field(description="Run-to-run spread in % (see class doc).")
     is_win: bool = Field(description="Gain beyond the spread with non-overlapping ranges.")
 

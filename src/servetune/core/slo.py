@@ -20,7 +20,9 @@ class Slo(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    metric: LatencyMetric = Field(description="Latency metric: ttft_ms, tpot_ms, itl_ms or e2e_latency_ms.")
+    metric: LatencyMetric = Field(
+        description="Latency metric: ttft_ms, tpot_ms, itl_ms or e2e_latency_ms."
+    )
     percentile: Percentile = Field(default="p99", description="mean, p50, p90, p95, p99 or max.")
     max_ms: PositiveFloat = Field(description="Upper bound in milliseconds.")
     levels: list[float] | None = Field(
@@ -48,7 +50,9 @@ class SloCheck(BaseModel):
     observed: float | None = Field(description="Measured value (None when nothing was measured).")
     bound: float = Field(description="The bound.")
     ok: bool = Field(description="observed ≤ bound.")
-    miss: float = Field(description="Relative overshoot max(0, observed/bound − 1); 1.0 if unmeasured.")
+    miss: float = Field(
+        description="Relative overshoot max(0, observed/bound − 1); 1.0 if unmeasured."
+    )
 
 
 class SloReport(BaseModel):
@@ -72,11 +76,10 @@ class SloReport(BaseModel):
 def _check(name: str, level: str, observed: float | None, bound: float) -> SloCheck:
     if observed is None:
         return SloCheck(name=name, level=level, observed=None, bound=bound, ok=False, miss=1.0)
-    if bound > 0:
-        miss = max(0.0, observed / bound - 1.0)
-    else:
-        miss = max(0.0, observed - bound)
-    return SloCheck(name=name, level=level, observed=observed, bound=bound, ok=observed <= bound, miss=miss)
+    miss = max(0.0, observed / bound - 1.0) if bound > 0 else max(0.0, observed - bound)
+    return SloCheck(
+        name=name, level=level, observed=observed, bound=bound, ok=observed <= bound, miss=miss
+    )
 
 
 def check_slos(
@@ -88,19 +91,31 @@ def check_slos(
     """
     checks: list[SloCheck] = []
     for m in metrics:
-        checks.append(_check(f"error_rate ≤ {max_error_rate:g}", m.level.label, m.error_rate, max_error_rate))
+        checks.append(
+            _check(f"error_rate ≤ {max_error_rate:g}", m.level.label, m.error_rate, max_error_rate)
+        )
         for slo in slos:
             if slo.applies_to(m.level.value):
-                checks.append(_check(slo.label, m.level.label, m.value(f"{slo.metric}.{slo.percentile}"), slo.max_ms))
+                checks.append(
+                    _check(
+                        slo.label,
+                        m.level.label,
+                        m.value(f"{slo.metric}.{slo.percentile}"),
+                        slo.max_ms,
+                    )
+                )
     return SloReport(checks=checks)
 
 
 def request_bounds(slos: Sequence[Slo]) -> RequestSloBounds:
     """Per-request bounds for goodput: the tightest ``max_ms`` per metric (ITL SLOs are not per-request)."""
+
     def tightest(metric: str) -> float | None:
         values = [s.max_ms for s in slos if s.metric == metric]
         return min(values) if values else None
 
     return RequestSloBounds(
-        ttft_ms=tightest("ttft_ms"), tpot_ms=tightest("tpot_ms"), e2e_latency_ms=tightest("e2e_latency_ms")
+        ttft_ms=tightest("ttft_ms"),
+        tpot_ms=tightest("tpot_ms"),
+        e2e_latency_ms=tightest("e2e_latency_ms"),
     )

@@ -55,7 +55,9 @@ class FloatParam(BaseModel):
     kind: Literal["float"] = "float"
     low: float = Field(description="Smallest value (inclusive).")
     high: float = Field(description="Largest value (inclusive).")
-    step: float | None = Field(default=None, gt=0, description="Grid step (needed by the grid strategy).")
+    step: float | None = Field(
+        default=None, gt=0, description="Grid step (needed by the grid strategy)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> FloatParam:
@@ -66,8 +68,10 @@ class FloatParam(BaseModel):
     def grid(self) -> list[ParamValue]:
         """low, low+step, … ≤ high. Raises ValueError without ``step``."""
         if self.step is None:
-            raise ValueError("a float param needs `step` for the grid strategy; add step or use tpe")
-        n = int(math.floor((self.high - self.low) / self.step + 1e-9))
+            raise ValueError(
+                "a float param needs `step` for the grid strategy; add step or use tpe"
+            )
+        n = math.floor((self.high - self.low) / self.step + 1e-9)
         return [round(self.low + i * self.step, 12) for i in range(n + 1)]
 
 
@@ -160,7 +164,9 @@ class Constraint(BaseModel):
                 lhs, rhs = text.split(op, 1)
                 break
         else:
-            raise ValueError(f"constraint {text!r} has no operator; write e.g. 'ubatch-size <= batch-size'")
+            raise ValueError(
+                f"constraint {text!r} has no operator; write e.g. 'ubatch-size <= batch-size'"
+            )
         sides = []
         for side in (lhs, rhs):
             m = _TERM.match(side)
@@ -180,6 +186,7 @@ class Constraint(BaseModel):
 
         Raises KeyError for a missing name.
         """
+
         def product(terms: tuple[str, ...]) -> float:
             out = 1.0
             for t in terms:
@@ -206,7 +213,9 @@ class SearchSpace(BaseModel):
     def _names(cls, v: dict[str, Param]) -> dict[str, Param]:
         for name in v:
             if name.startswith("-"):
-                raise ValueError(f"param {name!r}: write the flag without dashes, e.g. {name.lstrip('-')!r}")
+                raise ValueError(
+                    f"param {name!r}: write the flag without dashes, e.g. {name.lstrip('-')!r}"
+                )
         return v
 
     @model_validator(mode="after")

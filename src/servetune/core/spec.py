@@ -46,7 +46,9 @@ class LlamaCppEngineSpec(_Model):
         default_factory=dict,
         description="Fixed flags passed to every trial (engine CLI names, no dashes), e.g. {n-gpu-layers: 0}.",
     )
-    served_model_name: str = Field(default="servetune", description="Model name the server reports (--alias).")
+    served_model_name: str = Field(
+        default="servetune", description="Model name the server reports (--alias)."
+    )
 
 
 EngineSpec = Annotated[LlamaCppEngineSpec, Field(description="The engine; chosen by `kind`.")]
@@ -59,29 +61,42 @@ class LocalDeploymentSpec(_Model):
     host: str = Field(default="127.0.0.1", description="Address the engine binds to.")
     startup_timeout_s: float = Field(default=120.0, gt=0, description="Launch → ready limit, s.")
     stop_timeout_s: float = Field(default=10.0, gt=0, description="SIGTERM → SIGKILL grace, s.")
-    log_dir: str | None = Field(default=None, description="Where trial logs go; null = the data directory.")
+    log_dir: str | None = Field(
+        default=None, description="Where trial logs go; null = the data directory."
+    )
 
 
-DeploymentSpec = Annotated[LocalDeploymentSpec, Field(description="Where engines run; chosen by `kind`.")]
+DeploymentSpec = Annotated[
+    LocalDeploymentSpec, Field(description="Where engines run; chosen by `kind`.")
+]
 
 
 class StrategySpec(_Model):
     """How the next params are chosen (Optuna samplers through ask/tell, or a plain grid)."""
 
-    kind: Literal["grid", "random", "tpe", "gp", "nsga2"] = Field(default="tpe", description="Strategy.")
+    kind: Literal["grid", "random", "tpe", "gp", "nsga2"] = Field(
+        default="tpe", description="Strategy."
+    )
     seed: int = Field(default=0, description="Random seed; same seed, same proposals.")
     n_startup_trials: PositiveInt | None = Field(
-        default=None, description="Random trials before the model kicks in (tpe/gp); null = Optuna's default."
+        default=None,
+        description="Random trials before the model kicks in (tpe/gp); null = Optuna's default.",
     )
 
 
 class Budget(_Model):
     """When the search stops (whichever comes first)."""
 
-    max_trials: PositiveInt = Field(default=20, description="Trials, the baseline included, repeats excluded.")
-    max_wall_time_s: float | None = Field(default=None, gt=0, description="Wall-time limit of the search, s.")
+    max_trials: PositiveInt = Field(
+        default=20, description="Trials, the baseline included, repeats excluded."
+    )
+    max_wall_time_s: float | None = Field(
+        default=None, gt=0, description="Wall-time limit of the search, s."
+    )
     confirm_repeats: int = Field(
-        default=1, ge=0, le=5,
+        default=1,
+        ge=0,
+        le=5,
         description="Fresh re-runs of the best trial and the baseline before the verdict (0 = none).",
     )
 
@@ -92,32 +107,52 @@ class Workload(_Model):
     api: Literal["completions", "chat"] = Field(
         default="completions", description="/v1/completions or /v1/chat/completions."
     )
-    input_tokens: PositiveInt = Field(default=128, description="Prompt length in tokens (model's tokenizer).")
-    output_tokens: PositiveInt = Field(default=64, description="Generated tokens per request (max_tokens + ignore_eos).")
+    input_tokens: PositiveInt = Field(
+        default=128, description="Prompt length in tokens (model's tokenizer)."
+    )
+    output_tokens: PositiveInt = Field(
+        default=64, description="Generated tokens per request (max_tokens + ignore_eos)."
+    )
     concurrency: list[PositiveInt] | None = Field(
         default=None, description="Concurrency levels (requests in flight), measured in order."
     )
     request_rates_per_s: list[Annotated[float, Field(gt=0)]] | None = Field(
-        default=None, description="Poisson request rates per second, measured in order (instead of concurrency)."
+        default=None,
+        description="Poisson request rates per second, measured in order (instead of concurrency).",
     )
-    num_requests: PositiveInt | None = Field(default=None, description="Measured requests per level.")
-    duration_s: float | None = Field(default=None, gt=0, description="Measure each level this long instead.")
-    warmup_requests: int = Field(default=2, ge=0, description="Unmeasured requests before each level.")
+    num_requests: PositiveInt | None = Field(
+        default=None, description="Measured requests per level."
+    )
+    duration_s: float | None = Field(
+        default=None, gt=0, description="Measure each level this long instead."
+    )
+    warmup_requests: int = Field(
+        default=2, ge=0, description="Unmeasured requests before each level."
+    )
     max_error_rate: float = Field(
-        default=0.0, ge=0, le=1, description="Failed-request share above which a trial is infeasible."
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Failed-request share above which a trial is infeasible.",
     )
     request_timeout_s: float = Field(default=120.0, gt=0, description="Per-request timeout, s.")
     prompt_token_tolerance: int = Field(
-        default=2, ge=0, description="Allowed |server prompt tokens − built prompt tokens| before it is reported."
+        default=2,
+        ge=0,
+        description="Allowed |server prompt tokens − built prompt tokens| before it is reported.",
     )
     seed: int = Field(default=0, description="Seed for prompts and Poisson arrivals.")
 
     @model_validator(mode="after")
     def _one_of(self) -> Workload:
         if (self.concurrency is None) == (self.request_rates_per_s is None):
-            raise ValueError("give exactly one of `concurrency` (e.g. [1, 4]) or `request_rates_per_s` (e.g. [2.0])")
+            raise ValueError(
+                "give exactly one of `concurrency` (e.g. [1, 4]) or `request_rates_per_s` (e.g. [2.0])"
+            )
         if (self.num_requests is None) == (self.duration_s is None):
-            raise ValueError("give exactly one of `num_requests` (e.g. 24) or `duration_s` (e.g. 30)")
+            raise ValueError(
+                "give exactly one of `num_requests` (e.g. 24) or `duration_s` (e.g. 30)"
+            )
         return self
 
     def levels(self) -> list[LoadLevel]:
@@ -130,7 +165,9 @@ class Workload(_Model):
 class StudySpec(_Model):
     """One tuning study: engine, where it runs, what to search, how to load it, what counts as good."""
 
-    name: str | None = Field(default=None, description="Study name; null = derived from the engine and date.")
+    name: str | None = Field(
+        default=None, description="Study name; null = derived from the engine and date."
+    )
     engine: EngineSpec
     deployment: DeploymentSpec = Field(default_factory=LocalDeploymentSpec)
     space: SearchSpace = Field(description="Flags to tune and their allowed values.")
@@ -157,17 +194,27 @@ class StudySpec(_Model):
         for i, slo in enumerate(self.slos):
             for v in slo.levels or []:
                 if v not in level_values:
-                    problems.append(Problem(
-                        f"slos.{i}.levels", f"{v:g} is not a workload level; use one of {sorted(level_values)}"
-                    ))
+                    problems.append(
+                        Problem(
+                            f"slos.{i}.levels",
+                            f"{v:g} is not a workload level; use one of {sorted(level_values)}",
+                        )
+                    )
         for i, term in enumerate(self.objective.terms):
             if term.level is not None and term.level not in level_values:
-                problems.append(Problem(
-                    f"objective.terms.{i}.level",
-                    f"{term.level:g} is not a workload level; use one of {sorted(level_values)} or null",
-                ))
+                problems.append(
+                    Problem(
+                        f"objective.terms.{i}.level",
+                        f"{term.level:g} is not a workload level; use one of {sorted(level_values)} or null",
+                    )
+                )
         if self.strategy.kind == "nsga2" and len(self.objective.terms) < 2:
-            problems.append(Problem("strategy.kind", "nsga2 needs two objective terms; use tpe, or add a second term"))
+            problems.append(
+                Problem(
+                    "strategy.kind",
+                    "nsga2 needs two objective terms; use tpe, or add a second term",
+                )
+            )
         if self.strategy.kind == "grid":
             try:
                 size = self.space.grid_size()
@@ -175,12 +222,19 @@ class StudySpec(_Model):
                 problems.append(Problem("space.params", str(e)))
             else:
                 if size == 0:
-                    problems.append(Problem("space.constraints", "no grid point meets the constraints; relax them"))
+                    problems.append(
+                        Problem(
+                            "space.constraints", "no grid point meets the constraints; relax them"
+                        )
+                    )
         both = set(self.engine.flags) & set(self.space.params)
         if both:
-            problems.append(Problem(
-                "engine.flags", f"{sorted(both)} are also tuned in space.params; remove them from one of the two"
-            ))
+            problems.append(
+                Problem(
+                    "engine.flags",
+                    f"{sorted(both)} are also tuned in space.params; remove them from one of the two",
+                )
+            )
         return problems
 
 
@@ -232,7 +286,9 @@ def parse_spec(data: Any) -> StudySpec:
     cross-field ones), each with its field path and a fix.
     """
     if not isinstance(data, dict):
-        raise SpecError([Problem("(root)", "a spec is a mapping with engine, space, workload and objective")])
+        raise SpecError(
+            [Problem("(root)", "a spec is a mapping with engine, space, workload and objective")]
+        )
     try:
         spec = StudySpec.model_validate(data)
     except ValidationError as e:

@@ -113,19 +113,31 @@ class TrialResult(BaseModel):
     state: TrialState = Field(description="COMPLETE, PRUNED or FAIL.")
     failure_kind: FailureKind | None = Field(default=None, description="Why it failed (FAIL only).")
     failure_reason: str | None = Field(default=None, description="Readable reason, with evidence.")
-    metrics: list[ServingMetrics] = Field(default_factory=list, description="One entry per load level.")
-    slo_report: SloReport | None = Field(default=None, description="Every SLO checked at every level.")
+    metrics: list[ServingMetrics] = Field(
+        default_factory=list, description="One entry per load level."
+    )
+    slo_report: SloReport | None = Field(
+        default=None, description="Every SLO checked at every level."
+    )
     feasible: bool = Field(default=False, description="COMPLETE and every SLO holds.")
     objective_values: list[float] | None = Field(
         default=None, description="One value per objective term, in the spec's order."
     )
-    launch_argv: list[str] = Field(default_factory=list, description="The exact engine command run.")
+    launch_argv: list[str] = Field(
+        default_factory=list, description="The exact engine command run."
+    )
     log_path: str | None = Field(default=None, description="Engine log file of this trial.")
-    started_at: AwareDatetime | None = Field(default=None, description="When the engine was launched (UTC).")
-    finished_at: AwareDatetime | None = Field(default=None, description="When the trial ended (UTC).")
+    started_at: AwareDatetime | None = Field(
+        default=None, description="When the engine was launched (UTC)."
+    )
+    finished_at: AwareDatetime | None = Field(
+        default=None, description="When the trial ended (UTC)."
+    )
     engine_start_s: float | None = Field(default=None, description="Launch → ready, in seconds.")
     benchmark_s: float | None = Field(default=None, description="Wall time of the benchmark, in s.")
-    notes: list[str] = Field(default_factory=list, description="Warnings worth showing (e.g. token mismatch).")
+    notes: list[str] = Field(
+        default_factory=list, description="Warnings worth showing (e.g. token mismatch)."
+    )
 
 
 class Trial(BaseModel):
@@ -137,11 +149,17 @@ class Trial(BaseModel):
     study_id: int | None = Field(default=None, description="Database id of the study.")
     number: int = Field(description="0-based number within the study; trial 0 is the baseline.")
     role: TrialRole = Field(default=TrialRole.SEARCH, description="baseline, search or confirm.")
-    params: Params = Field(default_factory=dict, description="Flag values tried; {} = engine defaults.")
+    params: Params = Field(
+        default_factory=dict, description="Flag values tried; {} = engine defaults."
+    )
     state: TrialState = Field(default=TrialState.WAITING, description="Lifecycle state.")
     result: TrialResult | None = Field(default=None, description="Set once the trial finished.")
-    repeat_of: int | None = Field(default=None, description="For CONFIRM trials: the number repeated.")
-    created_at: datetime | None = Field(default=None, description="When the trial was proposed (UTC).")
+    repeat_of: int | None = Field(
+        default=None, description="For CONFIRM trials: the number repeated."
+    )
+    created_at: datetime | None = Field(
+        default=None, description="When the trial was proposed (UTC)."
+    )
 
     @property
     def failure_kind(self) -> FailureKind | None:
@@ -160,7 +178,9 @@ class Trial(BaseModel):
             "role": self.role.value,
             "state": self.state.value,
             "params": self.params,
-            "metrics": [m.model_dump(mode="json") for m in self.result.metrics] if self.result else [],
+            "metrics": [m.model_dump(mode="json") for m in self.result.metrics]
+            if self.result
+            else [],
             "feasible": self.feasible,
             "failure_kind": self.failure_kind.value if self.failure_kind else None,
             "failure_reason": self.result.failure_reason if self.result else None,

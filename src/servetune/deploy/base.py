@@ -14,8 +14,20 @@ from servetune.engines.base import LaunchCommand
 class RunningEngine(Protocol):
     """A started engine process (or pod): poll it, read its log, stop it."""
 
-    pid: int | None
-    log_path: Path
+    @property
+    def pid(self) -> int | None:
+        """Process id of the engine (None where there is no local process)."""
+        ...
+
+    @property
+    def pgid(self) -> int | None:
+        """Process group to kill on cleanup (None where there is none)."""
+        ...
+
+    @property
+    def log_path(self) -> Path:
+        """File holding the engine's output."""
+        ...
 
     def returncode(self) -> int | None:
         """Exit status once it exited, else None."""

@@ -79,6 +79,10 @@ class Engine(Protocol):
         """Problems of the spec only this engine can see (unknown flags, wrong types, missing model)."""
         ...
 
+    def check_engine(self) -> list[Problem]:
+        """Problems of the engine section alone (model file, binary, fixed flags)."""
+        ...
+
     def classify_failure(self, log_text: str, returncode: int | None) -> tuple[FailureKind, str]:
         """Why the engine failed, from its log and exit code: (kind, one readable line of evidence)."""
         ...

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-
 import plotly.graph_objects as go
 
 from servetune.core.scoring import best_trial
@@ -45,7 +44,11 @@ def _trial_rows(trials: Sequence[Trial], best: Trial | None) -> str:
     rows = []
     for t in trials:
         r = t.result
-        cls = "best" if best and t.number == best.number else ("fail" if t.state is TrialState.FAIL else "")
+        cls = (
+            "best"
+            if best and t.number == best.number
+            else ("fail" if t.state is TrialState.FAIL else "")
+        )
         failure = ""
         if r and r.failure_kind:
             failure = f"<b>{r.failure_kind.value}</b>: {html.escape(r.failure_reason or '')}"
@@ -59,9 +62,11 @@ def _trial_rows(trials: Sequence[Trial], best: Trial | None) -> str:
             f"<td>{_fmt(_metric(t, 'tpot_ms.p50'))}</td><td>{_fmt(_metric(t, 'itl_ms.p99'))}</td>"
             f"<td>{'yes' if t.feasible else 'no'}</td><td>{failure}{notes}</td></tr>"
         )
-    head = ("<tr><th>#</th><th>role</th><th>state</th><th>params</th><th>out tok/s</th><th>req/s</th>"
-            "<th>TTFT p50 ms</th><th>TTFT p99 ms</th><th>TPOT p50 ms</th><th>ITL p99 ms</th><th>feasible</th>"
-            "<th>failure / notes</th></tr>")
+    head = (
+        "<tr><th>#</th><th>role</th><th>state</th><th>params</th><th>out tok/s</th><th>req/s</th>"
+        "<th>TTFT p50 ms</th><th>TTFT p99 ms</th><th>TPOT p50 ms</th><th>ITL p99 ms</th><th>feasible</th>"
+        "<th>failure / notes</th></tr>"
+    )
     return f"<table>{head}{''.join(rows)}</table>"
 
 
@@ -75,9 +80,20 @@ def _objective_plot(record: StudyRecord, trials: Sequence[Trial]) -> go.Figure:
     colors = {"feasible": "#2a2", "misses SLO": "#d80"}
     for name, group in groups.items():
         xs = [t.number for t in group]
-        ys = [t.result.objective_values[0] if t.result and t.result.objective_values else None for t in group]
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name=name, marker={"color": colors[name], "size": 9},
-                                 text=[json.dumps(t.params) for t in group]))
+        ys = [
+            t.result.objective_values[0] if t.result and t.result.objective_values else None
+            for t in group
+        ]
+        fig.add_trace(
+            go.Scatter(
+                x=xs,
+                y=ys,
+                mode="markers",
+                name=name,
+                marker={"color": colors[name], "size": 9},
+                text=[json.dumps(t.params) for t in group],
+            )
+        )
     better = max if term.direction == "maximize" else min
     best_so_far: list[float | None] = []
     current: float | None = None
@@ -87,14 +103,33 @@ def _objective_plot(record: StudyRecord, trials: Sequence[Trial]) -> go.Figure:
             v = t.result.objective_values[0]
             current = v if current is None else better(current, v)
         best_so_far.append(current)
-    fig.add_trace(go.Scatter(x=[t.number for t in ordered], y=best_so_far, mode="lines", name="best so far",
-                             line={"shape": "hv", "color": "#246"}))
+    fig.add_trace(
+        go.Scatter(
+            x=[t.number for t in ordered],
+            y=best_so_far,
+            mode="lines",
+            name="best so far",
+            line={"shape": "hv", "color": "#246"},
+        )
+    )
     failed = [t.number for t in trials if t.state is TrialState.FAIL]
     if failed:
-        fig.add_trace(go.Scatter(x=failed, y=[0] * len(failed), mode="markers", name="failed",
-                                 marker={"symbol": "x", "color": "#c22", "size": 9}))
-    fig.update_layout(title=f"{term.label} over trials", xaxis_title="trial", yaxis_title=term.metric,
-                      height=380, margin={"t": 50, "b": 40})
+        fig.add_trace(
+            go.Scatter(
+                x=failed,
+                y=[0] * len(failed),
+                mode="markers",
+                name="failed",
+                marker={"symbol": "x", "color": "#c22", "size": 9},
+            )
+        )
+    fig.update_layout(
+        title=f"{term.label} over trials",
+        xaxis_title="trial",
+        yaxis_title=term.metric,
+        height=380,
+        margin={"t": 50, "b": 40},
+    )
     return fig
 
 
@@ -103,14 +138,24 @@ def _pareto_plot(trials: Sequence[Trial], front: set[int]) -> go.Figure:
     fig = go.Figure()
     for name, pick, color in (("feasible", True, "#2a2"), ("misses SLO", False, "#d80")):
         group = [t for t in done if t.feasible is pick]
-        fig.add_trace(go.Scatter(
-            x=[_metric(t, "ttft_ms.p99") for t in group], y=[_metric(t, "output_tokens_per_s") for t in group],
-            mode="markers+text", name=name, text=[str(t.number) for t in group], textposition="top center",
-            marker={"color": color, "size": [14 if t.number in front else 9 for t in group]},
-        ))
-    fig.update_layout(title="throughput vs TTFT p99 (each trial; label = trial number)",
-                      xaxis_title="TTFT p99 (ms)", yaxis_title="output tokens/s", height=420,
-                      margin={"t": 50, "b": 40})
+        fig.add_trace(
+            go.Scatter(
+                x=[_metric(t, "ttft_ms.p99") for t in group],
+                y=[_metric(t, "output_tokens_per_s") for t in group],
+                mode="markers+text",
+                name=name,
+                text=[str(t.number) for t in group],
+                textposition="top center",
+                marker={"color": color, "size": [14 if t.number in front else 9 for t in group]},
+            )
+        )
+    fig.update_layout(
+        title="throughput vs TTFT p99 (each trial; label = trial number)",
+        xaxis_title="TTFT p99 (ms)",
+        yaxis_title="output tokens/s",
+        height=420,
+        margin={"t": 50, "b": 40},
+    )
     return fig
 
 
@@ -125,9 +170,14 @@ def _importance_plot(record: StudyRecord, trials: Sequence[Trial]) -> go.Figure 
     if not imp:
         return None
     names = list(imp)[::-1]
-    fig = go.Figure(go.Bar(x=[imp[n] for n in names], y=names, orientation="h", marker={"color": "#468"}))
-    fig.update_layout(title="parameter importance (Optuna PED-ANOVA over complete trials)",
-                      height=120 + 40 * len(names), margin={"t": 50, "b": 40})
+    fig = go.Figure(
+        go.Bar(x=[imp[n] for n in names], y=names, orientation="h", marker={"color": "#468"})
+    )
+    fig.update_layout(
+        title="parameter importance (Optuna PED-ANOVA over complete trials)",
+        height=120 + 40 * len(names),
+        margin={"t": 50, "b": 40},
+    )
     return fig
 
 
@@ -138,19 +188,33 @@ def render_report(record: StudyRecord, trials: Sequence[Trial]) -> str:
     best = best_trial(search, spec.objective)
     verdict = record.verdict or {}
     front = set(verdict.get("pareto_front") or [])
-    figs = [f for f in (_objective_plot(record, trials), _pareto_plot(trials, front),
-                        _importance_plot(record, search)) if f is not None]
-    plots = "".join(f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figs))
+    figs = [
+        f
+        for f in (
+            _objective_plot(record, trials),
+            _pareto_plot(trials, front),
+            _importance_plot(record, search),
+        )
+        if f is not None
+    ]
+    plots = "".join(
+        f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figs)
+    )
     winner = "<p>No trial completed.</p>"
     if best is not None:
         cmd = get_engine(spec.engine).launch_command(best.params, host="127.0.0.1", port=8080)
-        winner = (f"<p>Best: trial {best.number} ({'feasible' if best.feasible else 'infeasible'}), params "
-                  f"<code>{html.escape(json.dumps(best.params) or '(defaults)')}</code></p>"
-                  f"<pre>{html.escape(cmd.display())}</pre>")
+        winner = (
+            f"<p>Best: trial {best.number} ({'feasible' if best.feasible else 'infeasible'}), params "
+            f"<code>{html.escape(json.dumps(best.params) or '(defaults)')}</code></p>"
+            f"<pre>{html.escape(cmd.display())}</pre>"
+        )
     summary = verdict.get("summary")
     v = verdict.get("verdict") or {}
-    verdict_html = (f"<div class='verdict {'' if v.get('is_win') else 'noise'}'>{html.escape(summary)}</div>"
-                    if summary else "")
+    verdict_html = (
+        f"<div class='verdict {'' if v.get('is_win') else 'noise'}'>{html.escape(summary)}</div>"
+        if summary
+        else ""
+    )
     w = spec.workload
     slos = ", ".join(s.label + (f" at {s.levels}" if s.levels else "") for s in spec.slos) or "none"
     levels = ", ".join(lv.label for lv in w.levels())
@@ -158,11 +222,11 @@ def render_report(record: StudyRecord, trials: Sequence[Trial]) -> str:
 <style>{_CSS}</style></head><body>
 <h1>servetune study {html.escape(record.name)}</h1>
 <p>Engine <b>{spec.engine.kind}</b>, model <code>{html.escape(spec.engine.model)}</code>; status {record.status};
-created {record.created_at.isoformat(timespec='seconds')}; report written
-{datetime.now(UTC).isoformat(timespec='seconds')}.</p>
-<p>Objective: {html.escape(', '.join(t.label for t in spec.objective.terms))}. SLOs: {html.escape(slos)};
+created {record.created_at.isoformat(timespec="seconds")}; report written
+{datetime.now(UTC).isoformat(timespec="seconds")}.</p>
+<p>Objective: {html.escape(", ".join(t.label for t in spec.objective.terms))}. SLOs: {html.escape(slos)};
 error rate ≤ {w.max_error_rate:g}. Workload: {w.api}, {w.input_tokens} input / {w.output_tokens} output tokens,
-{html.escape(levels)}, {w.num_requests or f'{w.duration_s} s'} measured requests per level after {w.warmup_requests}
+{html.escape(levels)}, {w.num_requests or f"{w.duration_s} s"} measured requests per level after {w.warmup_requests}
 warm-up. Strategy {spec.strategy.kind} (seed {spec.strategy.seed}).</p>
 <h2>Verdict</h2>{verdict_html}{winner}
 <h2>Plots</h2>{plots}
@@ -179,6 +243,3 @@ def write_report(record: StudyRecord, trials: Sequence[Trial], path: Path) -> Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_report(record, trials), encoding="utf-8")
     return path
-
-
-

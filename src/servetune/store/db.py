@@ -52,8 +52,10 @@ def normalize_url(url: str) -> URL:
     backend, _, driver = parsed.drivername.partition("+")
     if backend in ("postgresql", "postgres"):
         if driver not in ("", "psycopg"):
-            raise StoreError(f"database URL {_safe(parsed)}: driver {driver!r} is not supported; "
-                             "use postgresql:// (servetune uses psycopg 3)")
+            raise StoreError(
+                f"database URL {_safe(parsed)}: driver {driver!r} is not supported; "
+                "use postgresql:// (servetune uses psycopg 3)"
+            )
         return parsed.set(drivername="postgresql+psycopg")
     if backend == "sqlite":
         if driver not in ("", "pysqlite"):
@@ -64,8 +66,10 @@ def normalize_url(url: str) -> URL:
         if db and db != ":memory:" and not db.startswith("file:") and db.startswith("~"):
             parsed = parsed.set(database=str(Path(db).expanduser()))
         return parsed.set(drivername="sqlite+pysqlite")
-    raise StoreError(f"database URL {_safe(parsed)}: {backend!r} is not supported; "
-                     "use sqlite:///path/to/servetune.db or postgresql://user@host/dbname")
+    raise StoreError(
+        f"database URL {_safe(parsed)}: {backend!r} is not supported; "
+        "use sqlite:///path/to/servetune.db or postgresql://user@host/dbname"
+    )
 
 
 def _safe(url: URL) -> str:

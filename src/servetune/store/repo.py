@@ -173,10 +173,14 @@ class StudyStore:
         for an empty, all-digit (it would read as an id) or over-long name, StoreError otherwise.
         """
         if not name.strip() or name.strip().isdigit() or len(name) > STUDY_NAME_MAX:
-            raise SpecInvalid([Problem(
-                "name",
-                f"study name {name!r} must be 1 to {STUDY_NAME_MAX} characters and not all digits",
-            )])
+            raise SpecInvalid(
+                [
+                    Problem(
+                        "name",
+                        f"study name {name!r} must be 1 to {STUDY_NAME_MAX} characters and not all digits",
+                    )
+                ]
+            )
         exists = StudyExists(
             f"a study named {name!r} already exists in {self.url}; continue it with "
             f"`servetune resume {name}`, or choose another name"
@@ -322,8 +326,12 @@ class StudyStore:
             if row is None:
                 raise StoreError(f"no trial with id {trial_id} in {self.url}")
             if row.state != TrialState.RUNNING.value:
-                log.warning("trial %d of study %d was already %s; replacing its result",
-                            row.number, row.study_id, row.state)
+                log.warning(
+                    "trial %d of study %d was already %s; replacing its result",
+                    row.number,
+                    row.study_id,
+                    row.state,
+                )
             _apply_result(row, result)
             s.flush()
             return _trial(row)
@@ -343,8 +351,12 @@ class StudyStore:
             self._study_row(s, study_id)
             rows = s.execute(
                 select(TrialRow.number, TrialRow.pid, TrialRow.pgid)
-                .where(TrialRow.study_id == study_id, TrialRow.state == TrialState.RUNNING.value,
-                       TrialRow.pid.is_not(None), TrialRow.pgid.is_not(None))
+                .where(
+                    TrialRow.study_id == study_id,
+                    TrialRow.state == TrialState.RUNNING.value,
+                    TrialRow.pid.is_not(None),
+                    TrialRow.pgid.is_not(None),
+                )
                 .order_by(TrialRow.number)
             ).all()
             return [(n, pid, pgid) for n, pid, pgid in rows if pid is not None and pgid is not None]
@@ -363,13 +375,16 @@ class StudyStore:
             ).all()
             now = _now()
             for row in rows:
-                _apply_result(row, TrialResult(
-                    state=TrialState.FAIL,
-                    failure_kind=FailureKind.INTERRUPTED,
-                    failure_reason=reason,
-                    started_at=row.started_at,
-                    finished_at=now,
-                ))
+                _apply_result(
+                    row,
+                    TrialResult(
+                        state=TrialState.FAIL,
+                        failure_kind=FailureKind.INTERRUPTED,
+                        failure_reason=reason,
+                        started_at=row.started_at,
+                        finished_at=now,
+                    ),
+                )
             s.flush()
             return [_trial(r) for r in rows]
 

@@ -48,7 +48,9 @@ def upgrade() -> None:
         sa.Column("failure_kind", sa.String(length=32), nullable=True),
         sa.Column("feasible", sa.Boolean(), nullable=False),
         sa.Column(
-            "objective_value", sa.Float(), nullable=True,
+            "objective_value",
+            sa.Float(),
+            nullable=True,
             comment="First objective term's value (a copy of result.objective_values[0])",
         ),
         sa.Column(
@@ -62,8 +64,10 @@ def upgrade() -> None:
         sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
         sa.ForeignKeyConstraint(
-            ["study_id"], ["studies.id"],
-            name=op.f("fk_trials_study_id_studies"), ondelete="CASCADE",
+            ["study_id"],
+            ["studies.id"],
+            name=op.f("fk_trials_study_id_studies"),
+            ondelete="CASCADE",
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_trials")),
         sa.UniqueConstraint("study_id", "number", name=op.f("uq_trials_study_id_number")),
@@ -71,7 +75,9 @@ def upgrade() -> None:
     op.create_index(op.f("ix_trials_failure_kind"), "trials", ["failure_kind"], unique=False)
     op.create_index(
         "ix_trials_study_id_feasible_objective_value",
-        "trials", ["study_id", "feasible", "objective_value"], unique=False,
+        "trials",
+        ["study_id", "feasible", "objective_value"],
+        unique=False,
     )
     op.create_index("ix_trials_study_id_state", "trials", ["study_id", "state"], unique=False)
 

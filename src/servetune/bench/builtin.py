@@ -1,0 +1,718 @@
+"""The built-in benchmark client: streams requests at each load level and times every token.
+
+asyncio streams + h11; one ``RequestRecord`` per request (failures included, by kind), per level.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import math
+import random
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import h11
+import httpx
+
+from servetune.bench.prompts import Prompt, PromptBuilder
+from servetune.bench.sse import SseEvent, SseParser
+from servetune.core.metrics import LoadLevel, RequestRecord, ServingMetrics, summarize
+from servetune.core.spec import StudySpec, Workload
+from servetune.engines.base import Endpoint
+from servetune.errors import BenchmarkError
+
+log = logging.getLogger(__name__)
+
+MAX_PREBUILT_PROMPTS = 2000
+"""Prompts built ahead of a duration-bound level at most; beyond that they are built on demand."""
+
+_READ_SIZE = 65536
+
+
+@dataclass(frozen=True)
+class BenchProgress:
+    """Where a benchmark stands: requests done (and failed) in the current phase of one level.
+
+    ``total`` is None when the level is bounded by duration instead of a request count.
+    """
+
+    level: LoadLevel
+    phase: Literal["warmup", "measure"]
+    done: int
+    failed: int
+    total: int | None
+
+
+ProgressCallback = Callable[[BenchProgress], None]
+
+
+class _BeforeFirstByte(Exception):
+    """A transport failure before any response byte arrived (the request may be re-sent)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        self.kind = kind
+        self.message = message
+        super().__init__(message)
+
+
+class _Protocol(Exception):
+    """The server's stream broke the OpenAI streaming format (or carried an error object)."""
+
+
+class _PromptPool:
+    """Hands out prompts in order across the whole run, so no two requests share a prompt."""
+
+    def __init__(self, prompts: PromptBuilder | Sequence[Prompt]) -> None:
+        self._prompts = prompts
+        self._next = 0
+        self._wrapped = False
+
+    async def prebuild(self, n: int) -> None:
+        """Build the next ``n`` prompts now, outside any measurement (no-op for a list)."""
+        if isinstance(self._prompts, PromptBuilder) and n > 0:
+            await self._prompts.build(n, start=self._next)
+
+    def take(self) -> int:
+        """Reserve the next prompt index (synchronously, so concurrent takers never share one)."""
+        i = self._next
+        self._next += 1
+        return i
+
+    async def get(self, index: int) -> Prompt:
+        """Prompt number ``index``: built (or from the cache) for a builder, cycled for a list."""
+        if isinstance(self._prompts, PromptBuilder):
+            return await self._prompts.prompt(index)
+        if index >= len(self._prompts) and not self._wrapped:
+            self._wrapped = True
+            log.warning(
+                "only %d prompts given; reusing them (a prefix cache may flatter later requests)",
+                len(self._prompts),
+            )
+        return self._prompts[index % len(self._prompts)]
+
+
+class BuiltinClient:
+    """Drives an OpenAI-compatible endpoint with streaming requests and records every one.
+
+    Requests: ``POST /v1/completions`` (``prompt``) or ``/v1/chat/completions`` (one user
+    message) with ``stream: true``, ``stream_options.include_usage``, ``max_tokens`` =
+    ``workload.output_tokens``, ``ignore_eos: true`` (accepted by llama.cpp, vLLM and SGLang;
+    ``min_tokens`` is not sent because llama.cpp has no such parameter), ``temperature: 0``.
+    Every request opens its own connection and sends ``Connection: close``: llama.cpp's server
+    has been seen to drop reused keep-alive connections under concurrent load.
+
+    HTTP is spoken with h11 (the sans-IO HTTP/1.1 library under httpx) directly over asyncio
+    streams, not through httpx: on a fresh connection per request httpx/httpcore cost ~1 ms of
+    CPU per request against ~0.3 ms here (measured on the fake server), and that cost lands in
+    the TTFT of requests sent in a burst (at 64 in flight the TTFT error fell from ~45 ms to
+    ~10 ms; ``bench/bench_client.py`` measures it). ``https`` endpoints use TLS with default
+    verification; ``api_key`` is sent as ``Authorization: Bearer``. ``sent_s`` is taken before
+    the connection is opened, so TTFT includes the TCP connect (as a fresh client's would).
+
+    Timing, all ``time.perf_counter`` seconds: ``sent_s`` just before the request is sent;
+    ``chunk_times_s`` the arrival of every network read that completed an SSE event carrying
+    non-empty ``text`` / ``delta.content`` (or ``delta.reasoning_content``); ``done_s`` when
+    ``[DONE]`` (or the end of the stream) arrived.
+
+    Retries: a request that fails before its first response byte (connect error, connection
+    closed or reset with no response) is re-sent up to ``max_retries`` times; ``retries`` counts
+    the re-sends and ``sent_s`` is reset to the re-send time, so latencies measure the attempt
+    that was answered (the failed attempt shows in ``retries`` / ``ServingMetrics.retried``).
+
+    Error kinds (``RequestRecord.error_kind``): ``http_<status>``, ``connect``, ``timeout``
+    (``workload.request_timeout_s`` per attempt), ``read`` (connection dropped or reset, before
+    the response after the retries, or mid-stream), ``protocol`` (not an SSE stream, bad JSON,
+    an ``error`` object in the stream), ``short_output`` (``usage.completion_tokens`` <
+    ``max_tokens``; without usage, ``finish_reason: "stop"``), ``no_output`` (no content chunk).
+
+    ``expected_prompt_tokens`` is recorded for the completions API only: for chat, the server
+    adds its chat template's tokens, which the client does not know.
+
+    Prompts: given to ``run``, or else built from ``tokenizer`` (a Hugging Face tokenizer
+    directory or tokenizer.json; loaded once, prompts cached across runs), or else counted
+    through the endpoint's ``/tokenize``.
+    """
+
+    def __init__(
+        self,
+        *,
+        tokenizer: str | Path | None = None,
+        max_retries: int = 1,
+        api_key: str | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.max_retries = max_retries
+        self.api_key = api_key
+        self._builders: dict[tuple[int, int], PromptBuilder] = {}
+
+    @classmethod
+    def for_spec(cls, spec: StudySpec) -> BuiltinClient:
+        """A client for a study: prompts from the engine's tokenizer, else from /tokenize."""
+        return cls(tokenizer=spec.engine.tokenizer)
+
+    async def run(
+        self,
+        endpoint: Endpoint,
+        workload: Workload,
+        prompts: PromptBuilder | Sequence[Prompt] | None = None,
+        *,
+        on_progress: ProgressCallback | None = None,
+    ) -> list[tuple[LoadLevel, list[RequestRecord]]]:
+        """Benchmark every level of ``workload`` in order; return each level with its records.
+
+        Each level sends ``warmup_requests`` warm-up requests (records flagged ``warmup``), then
+        the measured ones: concurrency mode keeps N in flight until ``num_requests`` are done or
+        ``duration_s`` has elapsed (then issues no more and lets in-flight ones finish); rate mode
+        issues on a Poisson process (exponential gaps seeded by ``workload.seed`` and the level)
+        with no cap on in-flight requests. Records are in issue order, warm-ups first.
+
+        Raises BenchmarkError when the prompts cannot be built or do not match the workload;
+        request failures are never raised, they are records with an ``error_kind``.
+        """
+        if prompts is not None:
+            return await self._run(endpoint, workload, prompts, on_progress)
+        if self.tokenizer is not None:
+            key = (workload.input_tokens, workload.seed)
+            if key not in self._builders:
+                self._builders[key] = PromptBuilder.from_tokenizer(
+                    self.tokenizer, workload.input_tokens, seed=workload.seed
+                )
+            return await self._run(endpoint, workload, self._builders[key], on_progress)
+        builder = PromptBuilder.from_server(
+            endpoint.base_url, workload.input_tokens, model=endpoint.model, seed=workload.seed
+        )
+        try:
+            return await self._run(endpoint, workload, builder, on_progress)
+        finally:
+            await builder.aclose()
+
+    async def _run(
+        self,
+        endpoint: Endpoint,
+        workload: Workload,
+        prompts: PromptBuilder | Sequence[Prompt],
+        on_progress: ProgressCallback | None,
+    ) -> list[tuple[LoadLevel, list[RequestRecord]]]:
+        if isinstance(prompts, PromptBuilder) and prompts.input_tokens != workload.input_tokens:
+            raise BenchmarkError(
+                f"prompt builder makes {prompts.input_tokens}-token prompts but the workload "
+                f"asks for {workload.input_tokens}"
+            )
+        if not isinstance(prompts, PromptBuilder) and not prompts:
+            raise BenchmarkError("no prompts given")
+        pool = _PromptPool(prompts)
+        sender = _Sender(endpoint, workload, self.max_retries, self.api_key)
+        results = []
+        for index, level in enumerate(workload.levels()):
+            log.info("benchmark level %s: %s", index, level.label)
+            records = await self._level(index, level, workload, pool, sender, on_progress)
+            results.append((level, records))
+        return results
+
+    async def _level(
+        self,
+        index: int,
+        level: LoadLevel,
+        workload: Workload,
+        pool: _PromptPool,
+        sender: _Sender,
+        on_progress: ProgressCallback | None,
+    ) -> list[RequestRecord]:
+        warm_n = workload.warmup_requests
+        if workload.num_requests is not None:
+            await pool.prebuild(warm_n + workload.num_requests)
+        elif level.request_rate_per_s is not None and workload.duration_s is not None:
+            expected = math.ceil(level.request_rate_per_s * workload.duration_s * 1.3) + 8
+            await pool.prebuild(warm_n + min(expected, MAX_PREBUILT_PROMPTS))
+        else:
+            await pool.prebuild(warm_n + 4 * (level.concurrency or 1))
+
+        warm_concurrency = level.concurrency or 1
+        warm = await _closed_loop(
+            min(warm_concurrency, max(warm_n, 1)),
+            warm_n,
+            None,
+            pool,
+            lambda p: sender.send(p, warmup=True),
+            _progress(on_progress, level, "warmup", warm_n),
+        )
+        if workload.duration_s is not None and level.concurrency is not None:
+            # Enough prompts for the expected request count, estimated from the warm-up latency.
+            lat = [r.done_s - r.sent_s for r in warm if r.ok and r.done_s is not None]
+            if lat:
+                expected = math.ceil(
+                    level.concurrency * workload.duration_s / (sum(lat) / len(lat)) * 1.2
+                )
+                await pool.prebuild(min(expected, MAX_PREBUILT_PROMPTS))
+
+        report = _progress(on_progress, level, "measure", workload.num_requests)
+        deadline = (
+            None if workload.duration_s is None else time.perf_counter() + workload.duration_s
+        )
+        measured: list[RequestRecord]
+        if level.concurrency is not None:
+            measured = await _closed_loop(
+                level.concurrency,
+                workload.num_requests,
+                deadline,
+                pool,
+                lambda p: sender.send(p, warmup=False),
+                report,
+            )
+        else:
+            assert level.request_rate_per_s is not None
+            rng = random.Random(f"servetune-arrivals:{workload.seed}:{index}")
+            measured = await _open_loop(
+                level.request_rate_per_s,
+                rng,
+                workload.num_requests,
+                deadline,
+                pool,
+                lambda p: sender.send(p, warmup=False),
+                report,
+            )
+        return warm + measured
+
+
+def _progress(
+    cb: ProgressCallback | None,
+    level: LoadLevel,
+    phase: Literal["warmup", "measure"],
+    total: int | None,
+) -> Callable[[RequestRecord], None]:
+    counts = [0, 0]
+
+    def done(record: RequestRecord) -> None:
+        counts[0] += 1
+        counts[1] += 0 if record.ok else 1
+        if cb is not None:
+            cb(
+                BenchProgress(
+                    level=level, phase=phase, done=counts[0], failed=counts[1], total=total
+                )
+            )
+
+    return done
+
+
+async def _closed_loop(
+    concurrency: int,
+    total: int | None,
+    deadline: float | None,
+    pool: _PromptPool,
+    send: Callable[[Prompt], Awaitable[RequestRecord]],
+    done: Callable[[RequestRecord], None],
+) -> list[RequestRecord]:
+    """Keep ``concurrency`` requests in flight until ``total`` were issued or ``deadline`` passed.
+
+    Returns the records in issue order.
+    """
+    slots: list[RequestRecord | None] = []
+
+    async def worker() -> None:
+        while True:
+            if total is not None and len(slots) >= total:
+                return
+            if deadline is not None and time.perf_counter() >= deadline:
+                return
+            i = len(slots)
+            slots.append(None)
+            prompt = await pool.get(pool.take())
+            record = await send(prompt)
+            slots[i] = record
+            done(record)
+
+    if total == 0:
+        return []
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(concurrency):
+            tg.create_task(worker())
+    return [r for r in slots if r is not None]
+
+
+async def _open_loop(
+    rate_per_s: float,
+    rng: random.Random,
+    total: int | None,
+    deadline: float | None,
+    pool: _PromptPool,
+    send: Callable[[Prompt], Awaitable[RequestRecord]],
+    done: Callable[[RequestRecord], None],
+) -> list[RequestRecord]:
+    """Issue requests at Poisson arrival times, with no cap on how many are in flight.
+
+    The first goes at once, the next after exponential gaps of mean ``1 / rate_per_s``, on an
+    absolute schedule (a late send does not delay the ones after it). Records in issue order.
+    """
+    tasks: list[asyncio.Task[RequestRecord]] = []
+
+    async def one(prompt: Prompt) -> RequestRecord:
+        record = await send(prompt)
+        done(record)
+        return record
+
+    async with asyncio.TaskGroup() as tg:
+        t_next = time.perf_counter()
+        for n in itertools.count():
+            if total is not None and n >= total:
+                break
+            if deadline is not None and t_next >= deadline:
+                break
+            delay = t_next - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            prompt = await pool.get(pool.take())
+            tasks.append(tg.create_task(one(prompt)))
+            t_next += rng.expovariate(rate_per_s)
+    return [t.result() for t in tasks]
+
+
+class _Connection:
+    """One HTTP/1.1 exchange on a fresh TCP (or TLS) connection: h11 (sans-IO) over asyncio streams.
+
+    Every read is timestamped (``last_read_s``) the moment it returns, before any parsing.
+    """
+
+    def __init__(self, target: _Target) -> None:
+        self.target = target
+        self.h11 = h11.Connection(h11.CLIENT)
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.bytes_read = 0
+        self.eof = False
+        self.last_read_s = 0.0
+
+    async def open(self) -> None:
+        t = self.target
+        self.reader, self.writer = await asyncio.open_connection(
+            t.host, t.port, ssl=t.ssl, server_hostname=t.host if t.ssl else None, limit=_READ_SIZE
+        )
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    async def send(self, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        assert self.writer is not None
+        c = self.h11
+        self.writer.write(
+            c.send(h11.Request(method="POST", target=self.target.path, headers=headers))
+            + c.send(h11.Data(data=body))
+            + c.send(h11.EndOfMessage())
+        )
+        await self.writer.drain()
+
+    async def next_event(self) -> Any:
+        """The next h11 event, reading from the socket as needed."""
+        assert self.reader is not None
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            data = await self.reader.read(_READ_SIZE)
+            self.last_read_s = time.perf_counter()
+            self.bytes_read += len(data)
+            self.eof = not data
+            self.h11.receive_data(data)
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where requests go: host, port, TLS context, request path (with any base-URL prefix)."""
+
+    host: str
+    port: int
+    ssl: ssl.SSLContext | None
+    path: str
+    host_header: bytes
+
+    @classmethod
+    def parse(cls, base_url: str, path: str) -> _Target:
+        u = urlsplit(base_url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise BenchmarkError(
+                f"endpoint URL must be http(s)://host[:port][/prefix], got {base_url!r}"
+            )
+        tls = u.scheme == "https"
+        port = u.port or (443 if tls else 80)
+        host_header = u.netloc.rsplit("@", 1)[-1]
+        return cls(
+            host=u.hostname,
+            port=port,
+            ssl=ssl.create_default_context() if tls else None,
+            path=u.path.rstrip("/") + path,
+            host_header=host_header.encode("idna" if not host_header.isascii() else "ascii"),
+        )
+
+
+class _Sender:
+    """Sends one streaming request (with its retry) and turns what happened into a RequestRecord."""
+
+    def __init__(
+        self, endpoint: Endpoint, workload: Workload, max_retries: int, api_key: str | None
+    ) -> None:
+        self.chat = workload.api == "chat"
+        self.target = _Target.parse(
+            endpoint.base_url, "/v1/chat/completions" if self.chat else "/v1/completions"
+        )
+        self.max_tokens = workload.output_tokens
+        self.timeout_s = workload.request_timeout_s
+        self.max_retries = max_retries
+        self.headers = [
+            (b"Host", self.target.host_header),
+            (b"User-Agent", b"servetune"),
+            (b"Accept", b"text/event-stream"),
+            (b"Content-Type", b"application/json"),
+            (b"Connection", b"close"),
+        ]
+        if api_key:
+            self.headers.append((b"Authorization", b"Bearer " + api_key.encode()))
+        self.base: dict[str, Any] = {
+            "model": endpoint.model,
+            "max_tokens": workload.output_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+
+    def body(self, prompt: Prompt) -> bytes:
+        if self.chat:
+            doc = {**self.base, "messages": [{"role": "user", "content": prompt.text}]}
+        else:
+            doc = {**self.base, "prompt": prompt.text}
+        return json.dumps(doc).encode()
+
+    async def send(self, prompt: Prompt, *, warmup: bool) -> RequestRecord:
+        body = self.body(prompt)
+        headers = [*self.headers, (b"Content-Length", str(len(body)).encode())]
+        retries = 0
+        while True:
+            state = _Stream()
+            state.sent_s = time.perf_counter()
+            conn = _Connection(self.target)
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    await self._attempt(conn, headers, body, state)
+            except _BeforeFirstByte as e:
+                if retries < self.max_retries:
+                    retries += 1
+                    log.debug("re-sending after %s before the first byte: %s", e.kind, e.message)
+                    continue
+                state.fail(e.kind, e.message)
+            except TimeoutError:
+                state.fail("timeout", f"no complete response within {self.timeout_s:g} s")
+            finally:
+                conn.close()
+            return state.record(
+                expected_prompt_tokens=None if self.chat else prompt.token_count,
+                max_tokens=self.max_tokens,
+                retries=retries,
+                warmup=warmup,
+            )
+
+    async def _attempt(
+        self, conn: _Connection, headers: list[tuple[bytes, bytes]], body: bytes, state: _Stream
+    ) -> None:
+        try:
+            await conn.open()
+        except OSError as e:
+            raise _BeforeFirstByte("connect", f"{type(e).__name__}: {e}") from e
+        try:
+            await conn.send(headers, body)
+            response = await conn.next_event()
+            while isinstance(response, h11.InformationalResponse):
+                response = await conn.next_event()
+        except (OSError, h11.ProtocolError) as e:
+            if conn.bytes_read == 0:
+                raise _BeforeFirstByte("read", f"{type(e).__name__}: {e}") from e
+            state.fail("protocol" if isinstance(e, h11.ProtocolError) else "read", _describe(e))
+            return
+        if isinstance(response, h11.ConnectionClosed):  # closed cleanly before any byte
+            raise _BeforeFirstByte("read", "connection closed before the response")
+        try:
+            await self._read(conn, response, state)
+        except h11.ProtocolError as e:
+            # A peer that closed mid-body makes h11 complain about the incomplete message.
+            state.fail("read" if conn.eof else "protocol", _describe(e))
+        except OSError as e:
+            state.fail("read", _describe(e))
+        except _Protocol as e:
+            state.fail("protocol", str(e))
+
+    async def _read(self, conn: _Connection, response: h11.Response, state: _Stream) -> None:
+        status = response.status_code
+        ctype = ""
+        for name, value in response.headers:
+            if name == b"content-type":
+                ctype = value.decode("latin-1")
+        if status >= 300 or "json" in ctype:
+            text = (await _read_body(conn)).decode("utf-8", "replace")
+            if status >= 300:
+                state.fail(f"http_{status}", text[:500])
+                return
+            raise _Protocol(f"expected an SSE stream, got {ctype}: {text[:300]}")
+        parser = SseParser()
+        while True:
+            event = await conn.next_event()
+            if isinstance(event, h11.Data):
+                now = conn.last_read_s
+                for sse in parser.feed(event.data):
+                    if state.on_event(sse, now):
+                        return
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                break
+        now = time.perf_counter()
+        for sse in parser.flush():
+            if state.on_event(sse, now):
+                return
+        state.done_s = now
+
+
+async def _read_body(conn: _Connection, limit: int = 65536) -> bytes:
+    """The rest of a (short) response body, at most ``limit`` bytes kept."""
+    out = bytearray()
+    while True:
+        event = await conn.next_event()
+        if isinstance(event, h11.Data):
+            out += event.data[: max(0, limit - len(out))]
+        elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+            return bytes(out)
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+class _Stream:
+    """What one attempt saw so far."""
+
+    __slots__ = ("chunk_times", "done_s", "error", "error_kind", "finish_reason", "sent_s", "usage")
+
+    def __init__(self) -> None:
+        self.sent_s = 0.0
+        self.chunk_times: list[float] = []
+        self.done_s: float | None = None
+        self.usage: dict[str, Any] | None = None
+        self.finish_reason: str | None = None
+        self.error_kind: str | None = None
+        self.error: str | None = None
+
+    def fail(self, kind: str, message: str) -> None:
+        if self.error_kind is None:
+            self.error_kind, self.error = kind, message
+        if self.done_s is None:
+            self.done_s = time.perf_counter()
+
+    def on_event(self, event: SseEvent, now: float) -> bool:
+        """Account one SSE event that arrived at ``now``; True at ``[DONE]``."""
+        data = event.data
+        if data == "[DONE]":
+            self.done_s = now
+            return True
+        try:
+            obj = json.loads(data)
+        except ValueError as e:
+            raise _Protocol(f"event data is not JSON: {data[:200]!r}") from e
+        if not isinstance(obj, dict):
+            raise _Protocol(f"event data is not a JSON object: {data[:200]!r}")
+        if obj.get("error"):
+            raise _Protocol(f"error in stream: {json.dumps(obj['error'])[:300]}")
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage
+        content = False
+        for choice in obj.get("choices") or ():
+            if not isinstance(choice, dict):
+                raise _Protocol(f"choice is not an object: {data[:200]!r}")
+            delta = choice.get("delta")
+            if choice.get("text") or (
+                isinstance(delta, dict)
+                and (
+                    delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning")
+                )
+            ):
+                content = True
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+        if content:
+            self.chunk_times.append(now)
+        return False
+
+    def record(
+        self, *, expected_prompt_tokens: int | None, max_tokens: int, retries: int, warmup: bool
+    ) -> RequestRecord:
+        usage = self.usage or {}
+        completion = usage.get("completion_tokens")
+        prompt_tokens = usage.get("prompt_tokens")
+        output_tokens = completion if isinstance(completion, int) else len(self.chunk_times)
+        if self.error_kind is None:
+            if not self.chunk_times:
+                self.fail("no_output", "the stream carried no content")
+            elif isinstance(completion, int) and completion < max_tokens:
+                self.fail(
+                    "short_output",
+                    f"usage.completion_tokens={completion} < max_tokens={max_tokens}",
+                )
+            elif completion is None and self.finish_reason == "stop":
+                self.fail(
+                    "short_output", f"finish_reason=stop after {len(self.chunk_times)} chunks"
+                )
+        return RequestRecord(
+            sent_s=self.sent_s,
+            chunk_times_s=tuple(self.chunk_times),
+            done_s=self.done_s,
+            prompt_tokens=prompt_tokens if isinstance(prompt_tokens, int) else None,
+            output_tokens=output_tokens,
+            expected_prompt_tokens=expected_prompt_tokens,
+            error_kind=self.error_kind,
+            error=self.error,
+            retries=retries,
+            warmup=warmup,
+        )
+
+
+async def served_model(base_url: str, *, timeout_s: float = 10.0) -> str:
+    """The first model id ``GET /v1/models`` lists. Raises BenchmarkError if there is none."""
+    try:
+        async with httpx.AsyncClient(timeout=timeout_s) as client:
+            r = await client.get(base_url.rstrip("/") + "/v1/models")
+            r.raise_for_status()
+            return str(r.json()["data"][0]["id"])
+    except httpx.HTTPError as e:
+        raise BenchmarkError(f"cannot list models at {base_url}/v1/models: {e}") from e
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        raise BenchmarkError(f"{base_url}/v1/models lists no model: {e!r}") from e
+
+
+async def bench_endpoint(
+    url: str,
+    model: str | None,
+    workload: Workload,
+    tokenizer: str | None,
+    *,
+    on_progress: ProgressCallback | None = None,
+) -> list[ServingMetrics]:
+    """Benchmark a running OpenAI-compatible server (``servetune bench URL``): metrics per level.
+
+    ``model`` None = the first id of ``GET /v1/models``; ``tokenizer`` None = count prompt
+    tokens through the server's ``/tokenize``. Raises BenchmarkError if the server cannot be
+    asked for its model or the prompts cannot be built.
+    """
+    url = url.rstrip("/")
+    if model is None:
+        model = await served_model(url)
+    client = BuiltinClient(tokenizer=tokenizer)
+    results = await client.run(Endpoint(url, model), workload, on_progress=on_progress)
+    return [
+        summarize(level, records, prompt_token_tolerance=workload.prompt_token_tolerance)
+        for level, records in results
+    ]

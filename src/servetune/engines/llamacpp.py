@@ -1,0 +1,718 @@
+"""The llama.cpp engine adapter: llama-server flag catalogue, launch, preflight, failure classifier.
+
+It launches ``llama-server`` when one is installed, else the same flags through the xllamacpp wheel.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Literal
+
+from servetune.core.space import BoolParam, ChoiceParam, FloatParam, IntParam, LogParam, Param
+from servetune.core.spec import LlamaCppEngineSpec, Problem, StudySpec, Workload
+from servetune.core.study import FailureKind, Params, ParamValue
+from servetune.engines.base import Endpoint, FlagInfo, LaunchCommand
+from servetune.engines.xllamacpp_server import CACHE_TYPES, LOAD_MODES
+from servetune.errors import EngineNotFound
+
+logger = logging.getLogger(__name__)
+
+XLLAMACPP = "xllamacpp"
+"""``engine.binary`` that selects the wheel (module ``SERVER_MODULE``)."""
+
+SERVER_MODULE = "servetune.engines.xllamacpp_server"
+
+_README = "llama.cpp tools/server/README.md"
+_AUTO_SLOTS = 4
+"""Slots llama-server uses when --parallel is -1 (auto); it also turns kv-unified on.
+Source: llama.cpp server log line
+"n_parallel is set to auto, using n_parallel = 4 and kv_unified = true"."""
+
+_QUANTIZED_CACHE = tuple(t for t in CACHE_TYPES if t not in ("f32", "f16", "bf16"))
+
+
+def _flag(
+    name: str,
+    type_: Literal["int", "float", "str", "bool"],
+    default: ParamValue | None,
+    meaning: str,
+    source: str = _README,
+    choices: tuple[str, ...] | None = None,
+) -> FlagInfo:
+    return FlagInfo(
+        name=name,
+        type=type_,
+        default=default,
+        meaning=meaning,
+        source=source,
+        choices=choices,
+    )
+
+
+CATALOGUE: Mapping[str, FlagInfo] = MappingProxyType(
+    {
+        f.name: f
+        for f in (
+            _flag(
+                "threads",
+                "int",
+                -1,
+                "CPU threads for generation (-1 = auto, the number of physical cores).",
+            ),
+            _flag(
+                "threads-batch",
+                "int",
+                None,
+                "CPU threads for prompt processing (unset = same as --threads).",
+            ),
+            _flag("threads-http", "int", -1, "Threads serving HTTP requests (-1 = auto)."),
+            _flag(
+                "parallel",
+                "int",
+                -1,
+                "Server slots, i.e. requests decoded at once "
+                "(-1 = auto: 4 slots with a unified KV cache).",
+                f"{_README}; auto = 4 from the llama.cpp server log",
+            ),
+            _flag("batch-size", "int", 2048, "Logical maximum batch size, tokens."),
+            _flag(
+                "ubatch-size",
+                "int",
+                512,
+                "Physical maximum batch size, tokens (at most batch-size).",
+            ),
+            _flag(
+                "ctx-size",
+                "int",
+                0,
+                "Context size in tokens for all slots together (0 = the model's context length); "
+                "without kv-unified each slot gets ctx-size / parallel.",
+            ),
+            _flag(
+                "flash-attn",
+                "str",
+                "auto",
+                "Flash attention: on, off or auto.",
+                choices=("on", "off", "auto"),
+            ),
+            _flag("cache-type-k", "str", "f16", "KV cache data type for K.", choices=CACHE_TYPES),
+            _flag(
+                "cache-type-v",
+                "str",
+                "f16",
+                "KV cache data type for V (quantized types need flash attention).",
+                choices=CACHE_TYPES,
+            ),
+            _flag(
+                "cont-batching",
+                "bool",
+                True,
+                "Continuous (dynamic) batching; false = --no-cont-batching.",
+            ),
+            _flag(
+                "n-gpu-layers",
+                "int",
+                None,
+                "Layers stored in VRAM: a number, 'auto' or 'all' (default auto).",
+            ),
+            _flag(
+                "load-mode",
+                "str",
+                "auto",
+                "Model loading mode: auto, none, mmap, mlock, mmap+mlock, dio.",
+                choices=LOAD_MODES,
+            ),
+            _flag(
+                "mlock",
+                "bool",
+                False,
+                "Keep the model in RAM (llama-server before --load-mode; the wheel maps it).",
+                "llama.cpp common/arg.cpp (older builds)",
+            ),
+            _flag(
+                "mmap",
+                "bool",
+                True,
+                "Memory-map the model; false = --no-mmap (llama-server before --load-mode).",
+                "llama.cpp common/arg.cpp (older builds)",
+            ),
+            _flag(
+                "cache-reuse",
+                "int",
+                0,
+                "Min chunk size to reuse from the prompt cache via KV shifting (0 = off).",
+            ),
+            _flag("cache-prompt", "bool", True, "Prompt caching; false = --no-cache-prompt."),
+            _flag(
+                "cache-ram", "int", 8192, "Max prompt cache size in MiB (-1 = no limit, 0 = off)."
+            ),
+            _flag("warmup", "bool", True, "Empty warm-up run at start; false = --no-warmup."),
+            _flag(
+                "kv-unified",
+                "bool",
+                None,
+                "One KV buffer shared by all slots (default: on when parallel is auto, else off).",
+            ),
+            _flag(
+                "kv-offload",
+                "bool",
+                True,
+                "Offload the KV cache to the GPU; false = --no-kv-offload.",
+            ),
+            _flag(
+                "fit",
+                "str",
+                "on",
+                "Adjust unset arguments to fit device memory: on or off.",
+                choices=("on", "off"),
+            ),
+            _flag("metrics", "bool", False, "Serve Prometheus metrics on /metrics."),
+        )
+    }
+)
+"""llama-server flags servetune knows, by CLI name without dashes; defaults are llama-server's."""
+
+_BOOL_FORMS: Mapping[str, tuple[str | None, str | None]] = MappingProxyType(
+    {
+        "cont-batching": ("--cont-batching", "--no-cont-batching"),
+        "mlock": ("--mlock", None),
+        "mmap": (None, "--no-mmap"),
+        "cache-prompt": ("--cache-prompt", "--no-cache-prompt"),
+        "warmup": (None, "--no-warmup"),
+        "kv-unified": ("--kv-unified", "--no-kv-unified"),
+        "kv-offload": ("--kv-offload", "--no-kv-offload"),
+        "metrics": ("--metrics", None),
+    }
+)
+"""How a bool flag is written when true / false (None = omitted; the older form is used when
+only it exists in every llama-server version, e.g. --no-mmap)."""
+
+_INT_KEYWORDS: Mapping[str, tuple[str, ...]] = MappingProxyType({"n-gpu-layers": ("auto", "all")})
+"""Words an int flag also accepts."""
+
+_ALIASES: Mapping[str, str] = MappingProxyType(
+    {
+        "t": "threads",
+        "tb": "threads-batch",
+        "np": "parallel",
+        "b": "batch-size",
+        "ub": "ubatch-size",
+        "c": "ctx-size",
+        "fa": "flash-attn",
+        "ctk": "cache-type-k",
+        "ctv": "cache-type-v",
+        "cb": "cont-batching",
+        "ngl": "n-gpu-layers",
+        "gpu-layers": "n-gpu-layers",
+        "lm": "load-mode",
+        "kvu": "kv-unified",
+        "kvo": "kv-offload",
+        "cram": "cache-ram",
+    }
+)
+"""Short or alternative llama-server names → the catalogue name."""
+
+_NEGATIONS: Mapping[str, str] = MappingProxyType(
+    {
+        "no-cont-batching": "cont-batching",
+        "nocb": "cont-batching",
+        "no-mmap": "mmap",
+        "no-warmup": "warmup",
+        "no-kv-unified": "kv-unified",
+        "no-kvu": "kv-unified",
+        "no-kv-offload": "kv-offload",
+        "nkvo": "kv-offload",
+        "no-cache-prompt": "cache-prompt",
+    }
+)
+"""llama-server's negative switches → the catalogue bool they set to false."""
+
+_RESERVED: Mapping[str, str] = MappingProxyType(
+    {
+        "model": "engine.model",
+        "m": "engine.model",
+        "host": "deployment.host",
+        "port": "the deployment",
+        "alias": "engine.served_model_name",
+        "a": "engine.served_model_name",
+    }
+)
+"""Flags servetune sets itself, and where the user sets them instead."""
+
+
+class LlamaCppEngine:
+    """llama.cpp's HTTP server as an Engine (see engines/base.py for the protocol).
+
+    ``which`` finds executables on PATH (``shutil.which``; tests pass their own).
+    """
+
+    kind = "llamacpp"
+    health_path = "/health"
+
+    def __init__(
+        self, spec: LlamaCppEngineSpec, *, which: Callable[[str], str | None] = shutil.which
+    ) -> None:
+        self.spec = spec
+        self._which = which
+        self._prefix: list[str] | None = None
+        self._model_ctx: int | None = None
+        self._model_ctx_read = False
+
+    # ---- catalogue -------------------------------------------------------------------------
+
+    def flag_catalogue(self) -> Mapping[str, FlagInfo]:
+        """Known llama-server flags by name (no dashes), with their defaults and sources."""
+        return CATALOGUE
+
+    # ---- launch ----------------------------------------------------------------------------
+
+    def server_prefix(self) -> list[str]:
+        """The argv that starts the server before any flag: ``[llama-server]`` or the wheel.
+
+        ``engine.binary``: 'xllamacpp' → the wheel; a name or path → that executable; null →
+        ``llama-server`` from PATH when present, else the wheel. Raises EngineNotFound when the
+        named binary does not exist, or when neither a binary nor the wheel is installed.
+        """
+        if self._prefix is None:
+            self._prefix = self._resolve_prefix()
+        return list(self._prefix)
+
+    def _resolve_prefix(self) -> list[str]:
+        binary = self.spec.binary
+        wheel = [sys.executable, "-m", SERVER_MODULE]
+        if binary == XLLAMACPP:
+            if importlib.util.find_spec("xllamacpp") is None:
+                raise EngineNotFound(
+                    "engine.binary is 'xllamacpp' but the xllamacpp wheel is not "
+                    "installed; pip install xllamacpp"
+                )
+            return wheel
+        if binary:
+            path = Path(binary).expanduser()
+            found = str(path) if path.is_file() else self._which(binary)
+            if not found:
+                raise EngineNotFound(
+                    f"llama-server binary {binary!r} not found; install llama.cpp "
+                    "(https://github.com/ggml-org/llama.cpp) and give its path in engine.binary, "
+                    "or set engine.binary: xllamacpp to use the wheel"
+                )
+            if not os.access(found, os.X_OK):
+                raise EngineNotFound(f"{found} is not executable; chmod +x it or fix engine.binary")
+            return [str(found)]
+        found = self._which("llama-server")
+        if found:
+            return [str(found)]
+        if importlib.util.find_spec("xllamacpp") is None:
+            raise EngineNotFound(
+                "no llama-server on PATH and no xllamacpp wheel; pip install xllamacpp "
+                "or install llama.cpp and set engine.binary"
+            )
+        return wheel
+
+    def launch_command(self, params: Params, *, host: str, port: int) -> LaunchCommand:
+        """``[server, --model M, --host H, --port P, --alias NAME, *fixed flags, *params]``.
+
+        Fixed flags (engine.flags) come first in their spec order, then params sorted by name;
+        each is ``--name value``; bools follow the catalogue's forms (``--no-name`` or omission
+        when false); flash-attn also takes true/false as on/off. Raises EngineNotFound (see
+        ``server_prefix``).
+        """
+        argv = [
+            *self.server_prefix(),
+            "--model",
+            str(Path(self.spec.model).expanduser()),
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--alias",
+            self.spec.served_model_name,
+        ]
+        for name, value in self.spec.flags.items():
+            argv += render_flag(name, value)
+        for name in sorted(params):
+            argv += render_flag(name, params[name])
+        return LaunchCommand(argv=argv, env={}, host=host, port=port)
+
+    def endpoint(self, host: str, port: int) -> Endpoint:
+        """``http://host:port`` (IPv6 hosts bracketed) and the served model name (--alias)."""
+        h = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        return Endpoint(base_url=f"http://{h}:{port}", model=self.spec.served_model_name)
+
+    # ---- preflight -------------------------------------------------------------------------
+
+    def model_context_length(self) -> int | None:
+        """The GGUF's ``<arch>.context_length`` (read once, cached); None when unreadable."""
+        if not self._model_ctx_read:
+            self._model_ctx_read = True
+            self._model_ctx = read_context_length(Path(self.spec.model).expanduser())
+        return self._model_ctx
+
+    def effective_flags(self, params: Params) -> dict[str, ParamValue | None]:
+        """Catalogue defaults, overridden by engine.flags, overridden by ``params``."""
+        merged: dict[str, ParamValue | None] = {n: f.default for n, f in CATALOGUE.items()}
+        merged.update(self.spec.flags)
+        merged.update(params)
+        return merged
+
+    def preflight(self, params: Params, workload: Workload) -> list[str]:
+        """Reasons these params cannot serve ``workload`` (empty = launch).
+
+        Checks: threads / threads-batch / threads-http ≥ 1 or -1 (auto); parallel ≥ 1 or -1 (auto =
+        4 slots); batch-size, ubatch-size ≥ 1 and ubatch-size ≤ batch-size; cache types and
+        flash-attn among their choices; a quantized V cache needs flash-attn (llama.cpp refuses
+        "quantized V cache requires flash_attn"); and llama.cpp's context split:
+        ctx-size ≥ slots × (input_tokens + output_tokens), ctx-size 0 meaning the model's context
+        length (read from the GGUF; the check is skipped when the file cannot be read).
+        """
+        f = self.effective_flags(params)
+        reasons: list[str] = []
+
+        def as_int(name: str) -> int | None:
+            v = f.get(name)
+            if v is None or isinstance(v, bool):
+                return None
+            try:
+                iv = int(v)
+            except (TypeError, ValueError):
+                return None
+            return iv if iv == v else None
+
+        for name in ("threads", "threads-batch", "threads-http", "parallel"):
+            v = as_int(name)
+            if v is not None and v < 1 and v != -1:
+                reasons.append(f"{name} = {v}: use ≥ 1, or -1 for auto")
+        batch, ubatch = as_int("batch-size"), as_int("ubatch-size")
+        for name, v in (("batch-size", batch), ("ubatch-size", ubatch)):
+            if v is not None and v < 1:
+                reasons.append(f"{name} = {v}: use ≥ 1")
+        if batch is not None and ubatch is not None and ubatch > batch:
+            reasons.append(
+                f"ubatch-size {ubatch} > batch-size {batch}: ubatch-size must be ≤ batch-size"
+            )
+        for name in ("cache-type-k", "cache-type-v", "flash-attn", "load-mode", "fit"):
+            choice = f.get(name)
+            info = CATALOGUE[name]
+            if name == "flash-attn" and isinstance(choice, bool):
+                choice = "on" if choice else "off"
+            if choice is not None and info.choices and choice not in info.choices:
+                reasons.append(f"{name} = {choice!r}: use one of {', '.join(info.choices)}")
+        fa = f.get("flash-attn")
+        if f.get("cache-type-v") in _QUANTIZED_CACHE and fa in ("off", False):
+            reasons.append(
+                f"cache-type-v {f['cache-type-v']} with flash-attn off: llama.cpp needs "
+                "flash attention for a quantized V cache; use flash-attn on/auto or "
+                "cache-type-v f16"
+            )
+
+        parallel = as_int("parallel")
+        slots = _AUTO_SLOTS if parallel == -1 else parallel
+        ctx = as_int("ctx-size")
+        ctx_text = f"ctx-size {ctx}"
+        if ctx == 0:
+            model_ctx = self.model_context_length()
+            ctx = model_ctx
+            ctx_text = f"ctx-size 0 (the model's {model_ctx})"
+        if slots is not None and slots >= 1 and ctx is not None and ctx > 0:
+            per_request = workload.input_tokens + workload.output_tokens
+            need = slots * per_request
+            if ctx < need:
+                slot_text = f"parallel {parallel}" + (" (auto = 4 slots)" if parallel == -1 else "")
+                reasons.append(
+                    f"{ctx_text} < {slot_text} × (input_tokens {workload.input_tokens} + "
+                    f"output_tokens {workload.output_tokens}) = {need}: llama.cpp splits the "
+                    f"context across slots; raise ctx-size to ≥ {need} or lower parallel"
+                )
+        elif ctx is not None and ctx < 0:
+            reasons.append(f"ctx-size = {ctx}: use ≥ 0 (0 = the model's context length)")
+        return reasons
+
+    # ---- spec checks -----------------------------------------------------------------------
+
+    def check_spec(self, spec: StudySpec) -> list[Problem]:
+        """Problems only llama.cpp can see: unknown or reserved flags (with the closest known name),
+        values of the wrong type, a missing model file or tokenizer, a missing binary."""
+        problems: list[Problem] = []
+        for name, param in spec.space.params.items():
+            loc = f"space.params.{name}"
+            msg = _name_problem(name)
+            if msg:
+                problems.append(Problem(loc, msg))
+                continue
+            msg = _param_type_problem(CATALOGUE[name], param)
+            if msg:
+                problems.append(Problem(loc, msg))
+        return problems + self.check_engine()
+
+    def check_engine(self) -> list[Problem]:
+        """Problems of the ``engine`` section alone: fixed flags, model file, tokenizer, binary.
+
+        Usable even when the rest of the spec is invalid, so every problem is reported at once.
+        """
+        problems: list[Problem] = []
+        for name, value in self.spec.flags.items():
+            loc = f"engine.flags.{name}"
+            msg = _name_problem(name)
+            if msg:
+                problems.append(Problem(loc, msg))
+                continue
+            msg = _value_problem(CATALOGUE[name], value)
+            if msg:
+                problems.append(Problem(loc, msg))
+        engine = self.spec
+        model = Path(engine.model).expanduser()
+        fix = (
+            "generate a test model with `servetune make-model --size tiny --out DIR` "
+            "or give a GGUF path"
+        )
+        if not model.is_file():
+            problems.append(Problem("engine.model", f"{engine.model} does not exist; {fix}"))
+        elif not _is_gguf(model):
+            problems.append(Problem("engine.model", f"{engine.model} is not a GGUF file; {fix}"))
+        if engine.tokenizer is not None:
+            tok = Path(engine.tokenizer).expanduser()
+            ok = (tok.is_dir() and (tok / "tokenizer.json").is_file()) or (
+                tok.is_file() and tok.name.endswith(".json")
+            )
+            if not ok:
+                problems.append(
+                    Problem(
+                        "engine.tokenizer",
+                        f"{engine.tokenizer} is not a tokenizer directory (with tokenizer.json) or "
+                        "a tokenizer.json file; point to one, or use null to count tokens "
+                        "with the server",
+                    )
+                )
+        try:
+            LlamaCppEngine(engine, which=self._which).server_prefix()
+        except EngineNotFound as e:
+            problems.append(Problem("engine.binary", str(e)))
+        return problems
+
+    # ---- failures --------------------------------------------------------------------------
+
+    def classify_failure(self, log_text: str, returncode: int | None) -> tuple[FailureKind, str]:
+        """Why llama-server (or the wheel) failed, from its log and exit status.
+
+        Checked in order on the log's error lines: invalid flags → INVALID_ARGS; port bind →
+        PORT_IN_USE; KV cache / context creation → KV_CACHE_TOO_SMALL; allocation failures →
+        CUDA_OOM when CUDA is named, else HOST_OOM (also exit status -9/137, the OOM killer's
+        SIGKILL); model load → MODEL_LOAD_FAILED; anything else → ENGINE_CRASHED with the last
+        error line (UNKNOWN while the process still runs). The reason is the evidence line
+        without llama.cpp's timestamp prefix.
+        """
+        return classify_llamacpp_log(log_text, returncode)
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+
+def render_flag(name: str, value: ParamValue) -> list[str]:
+    """One flag as argv items: ``["--name", "value"]``; bools by the catalogue's forms."""
+    if isinstance(value, bool):
+        if name == "flash-attn":
+            return ["--flash-attn", "on" if value else "off"]
+        if name in CATALOGUE and CATALOGUE[name].type != "bool":
+            return [f"--{name}", "on" if value else "off"]
+        on, off = _BOOL_FORMS.get(name, (f"--{name}", None))
+        form = on if value else off
+        return [form] if form else []
+    info = CATALOGUE.get(name)
+    if isinstance(value, float) and value.is_integer() and info is not None and info.type == "int":
+        value = int(value)
+    if isinstance(value, float):
+        return [f"--{name}", repr(value)]
+    return [f"--{name}", str(value)]
+
+
+def read_context_length(path: Path) -> int | None:
+    """``<general.architecture>.context_length`` of a GGUF file, or None when it cannot be read."""
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(path)
+        arch = reader.fields["general.architecture"].contents()
+        value = reader.fields[f"{arch}.context_length"].contents()
+        return int(value)
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        logger.debug("cannot read the context length of %s: %s", path, e)
+        return None
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def _name_problem(name: str) -> str | None:
+    """Why ``name`` is not a usable catalogue flag name (None when it is one)."""
+    if name in CATALOGUE:
+        return None
+    if name in _RESERVED:
+        return f"servetune sets --{name} itself; set {_RESERVED[name]} instead"
+    if name in _ALIASES:
+        return f"write the long flag name {_ALIASES[name]!r} instead of {name!r}"
+    if name in _NEGATIONS:
+        return f"use {_NEGATIONS[name]!r} with false instead of {name!r}"
+    close = difflib.get_close_matches(name, [*CATALOGUE, *_ALIASES], n=1, cutoff=0.6)
+    hint = f"did you mean {_ALIASES.get(close[0], close[0])!r}? " if close else ""
+    return f"unknown llama-server flag {name!r}; {hint}known flags: {', '.join(sorted(CATALOGUE))}"
+
+
+def _value_problem(info: FlagInfo, value: ParamValue) -> str | None:
+    """Why ``value`` does not fit flag ``info`` (None when it does)."""
+    t = info.type
+    if t == "bool":
+        return (
+            None if isinstance(value, bool) else f"{info.name} takes true or false, not {value!r}"
+        )
+    if t == "int":
+        if isinstance(value, str) and value in _INT_KEYWORDS.get(info.name, ()):
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            words = " or ".join(repr(w) for w in _INT_KEYWORDS.get(info.name, ()))
+            return f"{info.name} takes an integer{' or ' + words if words else ''}, not {value!r}"
+        return None
+    if t == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"{info.name} takes a number, not {value!r}"
+        return None
+    if info.name == "flash-attn" and isinstance(value, bool):
+        return None
+    if not isinstance(value, str):
+        return f"{info.name} takes a string{_choices_text(info)}, not {value!r}"
+    if info.choices and value not in info.choices:
+        return f"{info.name} = {value!r} is not allowed{_choices_text(info)}"
+    return None
+
+
+def _choices_text(info: FlagInfo) -> str:
+    return f" (one of {', '.join(info.choices)})" if info.choices else ""
+
+
+def _param_type_problem(info: FlagInfo, param: Param) -> str | None:
+    """Why a search-space param of this kind cannot drive flag ``info`` (None when it can)."""
+    t = info.type
+    if isinstance(param, ChoiceParam):
+        for v in param.values:
+            msg = _value_problem(info, v)
+            if msg:
+                return msg
+        return None
+    if isinstance(param, BoolParam):
+        if t == "bool" or info.name == "flash-attn":
+            return None
+        return f"{info.name} is a {t} flag; a bool param cannot set it (use kind: choice)"
+    if isinstance(param, IntParam):
+        if t in ("int", "float"):
+            return None
+        return f"{info.name} is a {t} flag; use kind: choice with its values{_choices_text(info)}"
+    if isinstance(param, FloatParam | LogParam):
+        if t == "float":
+            return None
+        if t == "int":
+            return (
+                f"{info.name} takes integers; use kind: int (log: true for a log scale) or choice"
+            )
+        return f"{info.name} is a {t} flag; use kind: choice{_choices_text(info)}"
+    return None
+
+
+# ---- failure classification ---------------------------------------------------------------
+
+_LOG_PREFIX = re.compile(r"^\s*\d+\.\d+\.\d+\.\d+\s+[A-Z]\s+")
+"""llama.cpp's log prefix with timestamps: ``0.17.703.671 E ``."""
+
+_ERRORISH = re.compile(
+    r"error|fail|unable|insufficient|out of memory|bad_alloc|abort|terminat|exception|couldn't|"
+    r"cannot|can't|invalid|unknown value|unrecognized|unsupported|requires|killed|usage:",
+    re.IGNORECASE,
+)
+
+_RULES: tuple[tuple[FailureKind, re.Pattern[str]], ...] = (
+    (
+        FailureKind.INVALID_ARGS,
+        re.compile(
+            r"error: (invalid argument|unrecognized arguments|argument |unknown value|"
+            r"invalid value|"
+            r"the following arguments are required)|error while handling argument|invalid choice|"
+            r"unknown value for|unsupported cache type|requires flash_attn|--model is required",
+            re.IGNORECASE,
+        ),
+    ),
+    (
+        FailureKind.PORT_IN_USE,
+        re.compile(
+            r"couldn't bind|address already in use|failed to bind|eaddrinuse", re.IGNORECASE
+        ),
+    ),
+    (
+        FailureKind.KV_CACHE_TOO_SMALL,
+        re.compile(r"kv[ _]cache|failed to initialize the context", re.IGNORECASE),
+    ),
+    (
+        FailureKind.CUDA_OOM,
+        re.compile(
+            r"(cuda\w*|cudaMalloc).*(out of memory|failed to allocate)|"
+            r"(out of memory|failed to allocate).*\bcuda",
+            re.IGNORECASE,
+        ),
+    ),
+    (
+        FailureKind.HOST_OOM,
+        re.compile(
+            r"failed to allocate|out of memory|bad_alloc|insufficient memory|"
+            r"cannot allocate memory",
+            re.IGNORECASE,
+        ),
+    ),
+    (
+        FailureKind.MODEL_LOAD_FAILED,
+        re.compile(
+            r"failed to load model|error loading model|failed to open gguf|invalid magic|"
+            r"unknown model architecture",
+            re.IGNORECASE,
+        ),
+    ),
+)
+
+
+def _clean(line: str) -> str:
+    return _LOG_PREFIX.sub("", line).strip()
+
+
+def classify_llamacpp_log(log_text: str, returncode: int | None) -> tuple[FailureKind, str]:
+    """(FailureKind, evidence line) for a llama.cpp start-up log; see ``classify_failure``."""
+    lines = [_clean(x) for x in log_text.splitlines()]
+    lines = [x for x in lines if x]
+    errors = [x for x in lines if _ERRORISH.search(x)]
+    usage = any(x.startswith("usage:") for x in lines)
+    for kind, pattern in _RULES:
+        hit = next((x for x in errors if pattern.search(x)), None)
+        if hit is not None:
+            return kind, hit
+    if returncode == 2 and usage:
+        return FailureKind.INVALID_ARGS, errors[-1] if errors else "the engine printed its usage"
+    if returncode in (-9, 137):
+        return FailureKind.HOST_OOM, (
+            f"killed by SIGKILL (exit status {returncode}), most likely the kernel's OOM killer"
+            + (f"; last error: {errors[-1]}" if errors else "")
+        )
+    if returncode is None:
+        return FailureKind.UNKNOWN, errors[-1] if errors else (
+            lines[-1] if lines else "no log output"
+        )
+    evidence = errors[-1] if errors else (lines[-1] if lines else "no log output")
+    return FailureKind.ENGINE_CRASHED, f"exited with status {returncode}: {evidence}"

@@ -1,0 +1,58 @@
+"""Helpers for tests that start the real llama.cpp server (xllamacpp) through LocalDeployment.
+
+``running_engine`` always stops the engine's whole process group, even when the test fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from servetune.core.spec import LlamaCppEngineSpec
+from servetune.core.study import Params
+from servetune.deploy.local import LocalDeployment, LocalRunningEngine
+from servetune.engines.base import Endpoint
+from servetune.engines.llamacpp import LlamaCppEngine
+from servetune.engines.readiness import wait_ready
+
+
+def tiny_engine(model: Path | str, **kw: Any) -> LlamaCppEngine:
+    """The wheel-backed engine on ``model``, two threads, fit off (fast failures on 2 cores)."""
+    flags = {"threads": 2, "fit": "off", **kw.pop("flags", {})}
+    kw.setdefault("binary", "xllamacpp")
+    return LlamaCppEngine(LlamaCppEngineSpec(kind="llamacpp", model=str(model), flags=flags, **kw))
+
+
+@dataclass
+class Started:
+    """A started engine: its process, where it answers, and seconds until it was ready."""
+
+    running: LocalRunningEngine
+    endpoint: Endpoint
+    ready_s: float
+
+
+@asynccontextmanager
+async def running_engine(
+    engine: LlamaCppEngine,
+    params: Params,
+    log_path: Path,
+    *,
+    timeout_s: float = 60.0,
+    port: int | None = None,
+) -> AsyncIterator[Started]:
+    """Start ``engine`` with ``params``, wait until ready, yield, then stop it (always)."""
+    deployment = LocalDeployment(stop_timeout_s=5.0)
+    host, reserved = deployment.reserve_port()
+    port = reserved if port is None else port
+    command = engine.launch_command(params, host=host, port=port)
+    running = await deployment.start(command, log_path)
+    try:
+        endpoint = engine.endpoint(host, port)
+        ready_s = await wait_ready(endpoint, running, engine, timeout_s)
+        yield Started(running, endpoint, ready_s)
+    finally:
+        await running.stop()

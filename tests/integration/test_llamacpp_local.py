@@ -1,0 +1,294 @@
+"""The real llama.cpp server (xllamacpp) on the tiny model through LocalDeployment and wait_ready:
+serving, start-up failures and their kinds, stopping whole process groups, dying with the parent."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from servetune.core.study import FailureKind, Params
+from servetune.deploy.local import (
+    LocalDeployment,
+    LocalRunningEngine,
+    group_alive,
+    group_members,
+    kill_process_group,
+)
+from servetune.engines.base import LaunchCommand
+from servetune.engines.readiness import wait_ready
+from servetune.errors import EngineStartFailed
+from servetune.modelgen import ModelFiles
+from tests.integration.llamacpp_helpers import running_engine, tiny_engine
+
+pytestmark = pytest.mark.integration
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return bool(predicate())
+
+
+def llama_server_wrapper(tmp_path: Path) -> Path:
+    """An executable named llama-server that runs the wheel's stand-in (the binary launch path)."""
+    exe = tmp_path / "bin" / "llama-server"
+    exe.parent.mkdir()
+    exe.write_text(
+        f"#!{sys.executable}\n"
+        "import sys\n"
+        "from servetune.engines.xllamacpp_server import main\n"
+        "sys.exit(main())\n"
+    )
+    exe.chmod(0o755)
+    return exe
+
+
+async def stream_completion(
+    base_url: str, model: str, max_tokens: int
+) -> tuple[int, dict[str, Any]]:
+    """(content chunks received, usage) of one streamed /v1/completions request."""
+    body = {
+        "model": model, "prompt": "The server says", "max_tokens": max_tokens,
+        "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
+    }  # fmt: skip
+    chunks, usage = 0, dict[str, Any]()
+    async with (
+        httpx.AsyncClient(timeout=30) as client,
+        client.stream("POST", f"{base_url}/v1/completions", json=body) as r,
+    ):
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[len("data: ") :])
+            if event.get("choices") and event["choices"][0].get("text"):
+                chunks += 1
+            usage = event.get("usage") or usage
+    return chunks, usage
+
+
+@pytest.mark.parametrize("path", ["xllamacpp", "llama-server binary"])
+def test_engine_serves_a_streamed_completion_and_stops_with_its_whole_group(
+    tiny_model: ModelFiles, tmp_path: Path, path: str
+) -> None:
+    binary = "xllamacpp" if path == "xllamacpp" else str(llama_server_wrapper(tmp_path))
+    engine = tiny_engine(tiny_model.gguf_path, binary=binary, served_model_name="tiny")
+
+    async def scenario() -> tuple[int, int | None, int]:
+        async with running_engine(
+            engine, {"parallel": 2, "ctx-size": 1024}, tmp_path / "engine.log"
+        ) as started:
+            assert started.ready_s < 30
+            assert started.endpoint.model == "tiny"
+            chunks, usage = await stream_completion(started.endpoint.base_url, "tiny", 8)
+            assert chunks >= 1
+            assert usage["completion_tokens"] == 8
+            pgid = started.running.pgid
+            assert group_alive(pgid)
+        return pgid, await started.running.stop(), chunks
+
+    pgid, rc, _ = asyncio.run(scenario())
+    assert rc == 0  # clean exit on SIGTERM, for both launch paths
+    assert group_members(pgid) == []
+    log = (tmp_path / "engine.log").read_text()
+    assert "n_slots = 2" in log and "received SIGTERM" in log
+
+
+@pytest.mark.parametrize(
+    ("params", "kind"),
+    [
+        ({"cache-type-v": "q8_0", "flash-attn": "off"}, FailureKind.INVALID_ARGS),
+        ({"cache-type-k": "q9"}, FailureKind.INVALID_ARGS),
+        # 30 M tokens × 8 KiB of f32 K+V: a 234 GiB KV cache no test machine can allocate
+        ({"ctx-size": 30_000_000, "parallel": 1, "cache-type-k": "f32", "cache-type-v": "f32"},
+         FailureKind.KV_CACHE_TOO_SMALL),
+    ],
+)  # fmt: skip
+def test_a_failing_candidate_raises_engine_start_failed_with_its_kind(
+    tiny_model: ModelFiles, tmp_path: Path, params: Params, kind: FailureKind
+) -> None:
+    engine = tiny_engine(tiny_model.gguf_path)
+
+    async def scenario() -> None:
+        async with running_engine(engine, params, tmp_path / "engine.log", timeout_s=60):
+            pytest.fail("the engine should not have become ready")
+
+    with pytest.raises(EngineStartFailed) as exc:
+        asyncio.run(scenario())
+    assert exc.value.kind is kind, exc.value.reason
+
+
+def test_a_missing_model_fails_as_model_load_failed(tmp_path: Path) -> None:
+    engine = tiny_engine(tmp_path / "absent.gguf")
+
+    async def scenario() -> None:
+        async with running_engine(engine, {}, tmp_path / "engine.log"):
+            pytest.fail("the engine should not have become ready")
+
+    with pytest.raises(EngineStartFailed) as exc:
+        asyncio.run(scenario())
+    assert exc.value.kind is FailureKind.MODEL_LOAD_FAILED
+    assert "absent.gguf" in exc.value.reason
+
+
+def test_a_busy_port_fails_as_port_in_use(tiny_model: ModelFiles, tmp_path: Path) -> None:
+    engine = tiny_engine(tiny_model.gguf_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+
+        async def scenario() -> None:
+            async with running_engine(engine, {}, tmp_path / "engine.log", port=port):
+                pytest.fail("the engine should not have become ready")
+
+        with pytest.raises(EngineStartFailed) as exc:
+            asyncio.run(scenario())
+    assert exc.value.kind is FailureKind.PORT_IN_USE
+    assert str(port) in exc.value.reason
+
+
+def test_an_engine_not_ready_in_time_fails_as_startup_timeout(
+    tiny_model: ModelFiles, tmp_path: Path
+) -> None:
+    engine = tiny_engine(tiny_model.gguf_path)
+    deployment = LocalDeployment(stop_timeout_s=5)
+
+    async def scenario() -> tuple[EngineStartFailed, int]:
+        host, port = deployment.reserve_port()
+        running = await deployment.start(
+            engine.launch_command({}, host=host, port=port), tmp_path / "engine.log"
+        )
+        try:
+            with pytest.raises(EngineStartFailed) as exc:
+                # the interpreter alone takes longer than this to start
+                await wait_ready(engine.endpoint(host, port), running, engine, timeout_s=0.05)
+            return exc.value, running.pgid
+        finally:
+            await running.stop()
+
+    error, pgid = asyncio.run(scenario())
+    assert error.kind is FailureKind.STARTUP_TIMEOUT
+    assert "0.05 s" in error.reason
+    assert group_members(pgid) == []
+
+
+STUBBORN = """
+import os, signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+child = subprocess.Popen([sys.executable, "-c",
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"])
+print("child", child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_stop_kills_a_group_that_ignores_sigterm_grandchildren_included(tmp_path: Path) -> None:
+    deployment = LocalDeployment(stop_timeout_s=0.5)
+    log = tmp_path / "stubborn.log"
+
+    async def scenario() -> tuple[int, int | None, int | None, int]:
+        running = await deployment.start(
+            LaunchCommand(argv=[sys.executable, "-c", STUBBORN], env={"MARK": "1"}), log
+        )
+        try:
+            assert await asyncio.to_thread(wait_until, lambda: "child" in log.read_text(), 10)
+            child = int(log.read_text().split()[1])
+            assert child in group_members(running.pgid)
+        finally:
+            rc = await running.stop()
+        return running.pgid, rc, await running.stop(), child
+
+    pgid, rc, rc_again, child = asyncio.run(scenario())
+    assert rc == -signal.SIGKILL
+    assert rc_again == rc  # idempotent
+    assert group_members(pgid) == []
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text()
+
+
+PARENT = """
+import asyncio, sys, time
+from pathlib import Path
+from servetune.deploy.local import LocalDeployment
+from tests.integration.llamacpp_helpers import tiny_engine
+
+async def main():
+    engine = tiny_engine(sys.argv[1])
+    deployment = LocalDeployment()
+    host, port = deployment.reserve_port()
+    running = await deployment.start(engine.launch_command({}, host=host, port=port),
+                                     Path(sys.argv[2]))
+    print(running.pgid, flush=True)
+
+asyncio.run(main())
+time.sleep(120)
+"""
+
+
+def test_the_engine_dies_when_the_process_that_started_it_is_sigkilled(
+    tiny_model: ModelFiles, tmp_path: Path
+) -> None:
+    """PR_SET_PDEATHSIG: a SIGKILLed study leaves no engine behind."""
+    repo = Path(__file__).resolve().parents[2]
+    parent = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-c", PARENT, str(tiny_model.gguf_path), str(tmp_path / "engine.log")],
+        stdout=subprocess.PIPE, text=True, cwd=repo, start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+    )  # fmt: skip
+    engine_pgid = None
+    try:
+        assert parent.stdout is not None
+        engine_pgid = int(parent.stdout.readline())
+        assert engine_pgid != parent.pid
+        assert wait_until(lambda: "listening on" in (tmp_path / "engine.log").read_text(), 30)
+        assert group_alive(engine_pgid)
+        parent.kill()
+        parent.wait(10)
+        assert wait_until(lambda: not group_alive(engine_pgid), 10), "engine outlived its parent"
+    finally:
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+            parent.wait(10)
+        if engine_pgid is not None and group_alive(engine_pgid):
+            kill_process_group(engine_pgid, must_contain=str(tiny_model.gguf_path), timeout_s=2)
+
+
+def test_kill_process_group_stops_a_recorded_engine_and_leaves_strangers_alone(
+    tiny_model: ModelFiles, tmp_path: Path
+) -> None:
+    engine = tiny_engine(tiny_model.gguf_path)
+    deployment = LocalDeployment()
+
+    async def start() -> LocalRunningEngine:
+        host, port = deployment.reserve_port()
+        return await deployment.start(
+            engine.launch_command({}, host=host, port=port), tmp_path / "engine.log"
+        )
+
+    running = asyncio.run(start())
+    try:
+        assert wait_until(lambda: "listening on" in running.log_text(), 30)
+        assert not kill_process_group(running.pgid, must_contain="some-other-model.gguf")
+        assert group_alive(running.pgid)
+        assert kill_process_group(running.pgid, must_contain=str(tiny_model.gguf_path))
+        assert not group_alive(running.pgid)
+        assert not kill_process_group(running.pgid)  # already gone: no error
+        with pytest.raises(ValueError):
+            kill_process_group(os.getpgrp())
+    finally:
+        assert asyncio.run(running.stop()) == 0  # reaped; it had exited on SIGTERM

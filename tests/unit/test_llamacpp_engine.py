@@ -1,0 +1,386 @@
+"""Unit tests of the llama.cpp adapter: argv for both launch paths, catalogue defaults, preflight,
+spec checks, and the failure classifier on real start-up logs (no sockets, no subprocesses)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from servetune.core.spec import LlamaCppEngineSpec, StudySpec, Workload
+from servetune.core.study import FailureKind, Params
+from servetune.engines import get_engine
+from servetune.engines.llamacpp import CATALOGUE, SERVER_MODULE, LlamaCppEngine, render_flag
+from servetune.engines.xllamacpp_server import build_parser, to_common_params, validate
+from servetune.errors import EngineNotFound
+from servetune.modelgen import ModelFiles
+
+LOGS = Path(__file__).parent / "data" / "llamacpp_logs"
+WHEEL = [sys.executable, "-m", SERVER_MODULE]
+
+
+def no_binaries(name: str) -> str | None:
+    return None
+
+
+def engine(model: str = "/models/m.gguf", **kw: Any) -> LlamaCppEngine:
+    which = kw.pop("which", no_binaries)
+    return LlamaCppEngine(LlamaCppEngineSpec(kind="llamacpp", model=model, **kw), which=which)
+
+
+def workload(input_tokens: int = 128, output_tokens: int = 64) -> Workload:
+    return Workload(
+        input_tokens=input_tokens, output_tokens=output_tokens, concurrency=[1], num_requests=4
+    )
+
+
+# ---- launch_command --------------------------------------------------------------------------
+
+
+def test_wheel_argv_has_server_flags_then_fixed_flags_then_sorted_params() -> None:
+    eng = engine(
+        binary="xllamacpp", flags={"threads": 2, "warmup": False}, served_model_name="tiny"
+    )
+    cmd = eng.launch_command(
+        {"parallel": 4, "cont-batching": False, "flash-attn": "on", "ctx-size": 4096},
+        host="127.0.0.1",
+        port=8123,
+    )
+    assert cmd.argv == [
+        *WHEEL,
+        "--model", "/models/m.gguf", "--host", "127.0.0.1", "--port", "8123", "--alias", "tiny",
+        "--threads", "2", "--no-warmup",
+        "--no-cont-batching", "--ctx-size", "4096",
+        "--flash-attn", "on", "--parallel", "4",
+    ]  # fmt: skip
+    assert (cmd.host, cmd.port, cmd.env) == ("127.0.0.1", 8123, {})
+
+
+def test_llama_server_on_path_is_used_with_the_same_flags() -> None:
+    def which(name: str) -> str | None:
+        return "/opt/llama/bin/llama-server" if name == "llama-server" else None
+
+    params: Params = {"batch-size": 256, "ubatch-size": 128, "kv-unified": True, "mlock": True}
+    binary = engine(which=which).launch_command(params, host="0.0.0.0", port=9000)
+    wheel = engine(binary="xllamacpp", which=which).launch_command(
+        params, host="0.0.0.0", port=9000
+    )
+    assert binary.argv[0] == "/opt/llama/bin/llama-server"
+    assert binary.argv[1:] == wheel.argv[len(WHEEL) :]
+    assert wheel.argv[: len(WHEEL)] == WHEEL
+
+
+def test_without_llama_server_the_wheel_is_used() -> None:
+    assert engine().launch_command({}, host="h", port=1).argv[: len(WHEEL)] == WHEEL
+
+
+def test_binary_given_as_a_path_is_used(tmp_path: Path) -> None:
+    exe = tmp_path / "llama-server"
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    assert engine(binary=str(exe)).launch_command({}, host="h", port=1).argv[0] == str(exe)
+    exe.chmod(0o644)
+    with pytest.raises(EngineNotFound, match="not executable"):
+        engine(binary=str(exe)).launch_command({}, host="h", port=1)
+
+
+def test_missing_named_binary_raises_engine_not_found_with_the_fix() -> None:
+    with pytest.raises(EngineNotFound, match=r"engine\.binary: xllamacpp"):
+        engine(binary="/nowhere/llama-server").launch_command({}, host="h", port=1)
+
+
+def test_bool_and_value_rendering() -> None:
+    assert render_flag("flash-attn", True) == ["--flash-attn", "on"]
+    assert render_flag("flash-attn", False) == ["--flash-attn", "off"]
+    assert render_flag("mlock", False) == []
+    assert render_flag("mmap", False) == ["--no-mmap"]
+    assert render_flag("mmap", True) == []
+    assert render_flag("kv-unified", False) == ["--no-kv-unified"]
+    assert render_flag("ctx-size", 2048.0) == ["--ctx-size", "2048"]
+    assert render_flag("n-gpu-layers", "all") == ["--n-gpu-layers", "all"]
+
+
+def test_every_catalogue_flag_is_accepted_by_the_wheel_parser_and_reaches_common_params() -> None:
+    """What launch_command writes, the xllamacpp stand-in parses and maps onto CommonParams."""
+    import xllamacpp as x
+
+    params: Params = {
+        "threads": 3, "threads-batch": 5, "threads-http": 7, "parallel": 6, "batch-size": 1024,
+        "ubatch-size": 256, "ctx-size": 3072, "flash-attn": "off", "cache-type-k": "q8_0",
+        "cache-type-v": "q4_0", "cont-batching": False, "n-gpu-layers": "all", "load-mode": "none",
+        "cache-reuse": 16, "cache-prompt": False, "cache-ram": 64, "warmup": False,
+        "kv-unified": True, "kv-offload": False, "fit": "off", "metrics": True,
+    }  # fmt: skip
+    assert set(params) | {"mlock", "mmap"} == set(CATALOGUE)
+    argv = engine(binary="xllamacpp").launch_command(params, host="127.0.0.1", port=1).argv
+    p = to_common_params(build_parser().parse_args(argv[len(WHEEL) :]))
+    assert (p.cpuparams.n_threads, p.cpuparams_batch.n_threads, p.n_threads_http) == (3, 5, 7)
+    assert (p.n_parallel, p.n_batch, p.n_ubatch, p.n_ctx) == (6, 1024, 256, 3072)
+    assert p.flash_attn_type == x.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    assert p.cache_type_k == x.ggml_type.GGML_TYPE_Q8_0
+    assert p.cache_type_v == x.ggml_type.GGML_TYPE_Q4_0
+    assert (p.cont_batching, p.cache_prompt, p.warmup, p.kv_unified) == (False, False, False, True)
+    assert (p.n_gpu_layers, p.n_cache_reuse, p.cache_ram_mib) == (-2, 16, 64)
+    assert p.load_mode == x.llama_load_mode.LLAMA_LOAD_MODE_NONE
+    assert (p.no_kv_offload, p.fit_params, p.endpoint_metrics) == (True, False, True)
+    assert p.model_alias == {"servetune"} and p.port == 1 and p.hostnames == ["127.0.0.1"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "mode"),
+    [(["--mlock"], "MMAP_MLOCK"), (["--no-mmap"], "NONE"), (["--mlock", "--no-mmap"], "MLOCK"),
+     (["-lm", "dio"], "DIRECT_IO")],
+)  # fmt: skip
+def test_older_mlock_and_mmap_flags_map_to_load_mode(flags: list[str], mode: str) -> None:
+    import xllamacpp as x
+
+    p = to_common_params(build_parser().parse_args(["-m", "m.gguf", *flags]))
+    assert p.load_mode == getattr(x.llama_load_mode, f"LLAMA_LOAD_MODE_{mode}")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--cache-type-k", "q9"], ["--paralel", "2"], ["-fa", "maybe"], ["-np", "0"],
+     ["--batch-size", "0"], ["--ctx-size", "x"]],
+)  # fmt: skip
+def test_wheel_parser_rejects_bad_flags_with_status_2(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    ap = build_parser()
+    with pytest.raises(SystemExit) as exc:
+        validate(ap, ap.parse_args(["-m", "m.gguf", *argv]))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    kind, _ = engine().classify_failure(err, 2)
+    assert kind is FailureKind.INVALID_ARGS
+
+
+def test_short_forms_and_flash_attn_switch_parse_like_llama_server() -> None:
+    a = build_parser().parse_args(
+        ["-m", "m", "-np", "3", "-c", "99", "-ub", "8", "-b", "16", "-fa"]
+    )
+    assert (a.parallel, a.ctx_size, a.ubatch_size, a.batch_size, a.flash_attn) == (
+        3,
+        99,
+        8,
+        16,
+        "on",
+    )
+    assert build_parser().parse_args(["-m", "m"]).parallel == -1
+
+
+# ---- catalogue --------------------------------------------------------------------------------
+
+
+def test_catalogue_defaults_match_llama_cpp_common_params() -> None:
+    """The documented defaults are the ones the engine itself starts from (common/common.h)."""
+    import xllamacpp as x
+
+    p = x.CommonParams()
+    d = {name: info.default for name, info in CATALOGUE.items()}
+    assert d["batch-size"] == p.n_batch == 2048
+    assert d["ubatch-size"] == p.n_ubatch == 512
+    assert d["ctx-size"] == p.n_ctx == 0
+    assert d["threads"] == p.cpuparams.n_threads == -1
+    assert d["threads-http"] == p.n_threads_http == -1
+    assert d["cache-type-k"] == d["cache-type-v"] == "f16"
+    assert p.cache_type_k == p.cache_type_v == x.ggml_type.GGML_TYPE_F16
+    assert d["flash-attn"] == "auto"
+    assert p.flash_attn_type == x.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_AUTO
+    assert d["cont-batching"] is p.cont_batching is True
+    assert d["cache-reuse"] == p.n_cache_reuse == 0
+    assert d["cache-prompt"] is p.cache_prompt is True
+    assert d["cache-ram"] == p.cache_ram_mib == 8192
+    assert d["warmup"] is p.warmup is True
+    assert d["kv-offload"] is (not p.no_kv_offload) is True
+    assert (d["fit"] == "on") is p.fit_params is True
+    assert d["metrics"] is p.endpoint_metrics is False
+    assert d["parallel"] == build_parser().parse_args(["-m", "m"]).parallel == -1
+    for info in CATALOGUE.values():
+        assert info.meaning and info.source
+        if info.choices and info.default is not None:
+            assert info.default in info.choices
+
+
+# ---- preflight --------------------------------------------------------------------------------
+
+
+def test_preflight_rejects_a_context_too_small_for_the_slots() -> None:
+    reasons = engine().preflight({"parallel": 8, "ctx-size": 1024}, workload(100, 50))
+    assert len(reasons) == 1
+    assert "ctx-size 1024" in reasons[0] and "parallel 8" in reasons[0] and "1200" in reasons[0]
+    assert engine().preflight({"parallel": 8, "ctx-size": 1200}, workload(100, 50)) == []
+
+
+def test_preflight_reads_the_models_context_length_when_ctx_size_is_zero(
+    tiny_model: ModelFiles,
+) -> None:
+    eng = engine(str(tiny_model.gguf_path))
+    assert eng.model_context_length() == 4096
+    # parallel auto = 4 slots: 4 × (1000 + 100) = 4400 > 4096
+    reasons = eng.preflight({}, workload(1000, 100))
+    assert len(reasons) == 1 and "the model's 4096" in reasons[0] and "4400" in reasons[0]
+    assert eng.preflight({"parallel": 2}, workload(1000, 100)) == []
+
+
+def test_preflight_uses_fixed_flags_and_checks_batches_threads_and_cache_types() -> None:
+    eng = engine(flags={"batch-size": 256})
+    reasons = eng.preflight(
+        {"ubatch-size": 512, "threads": 0, "cache-type-v": "q8_0", "flash-attn": "off"}, workload()
+    )
+    text = "\n".join(reasons)
+    assert "ubatch-size 512 > batch-size 256" in text
+    assert "threads = 0" in text
+    assert "quantized V cache" in text
+    assert len(reasons) == 3
+    assert (
+        eng.preflight({"threads": -1, "ubatch-size": 256, "cache-type-v": "q8_0"}, workload()) == []
+    )
+
+
+def test_preflight_skips_the_context_check_when_the_model_is_unreadable() -> None:
+    assert engine("/missing.gguf").preflight({}, workload(4000, 4000)) == []
+
+
+# ---- check_spec -------------------------------------------------------------------------------
+
+
+def study(tmp: ModelFiles | None, params: dict[str, Any], **engine_kw: Any) -> StudySpec:
+    doc: dict[str, Any] = {
+        "engine": {"kind": "llamacpp", "model": str(tmp.gguf_path) if tmp else "/missing.gguf",
+                   "binary": "xllamacpp", **engine_kw},
+        "space": {"params": params},
+        "workload": {"concurrency": [1], "num_requests": 4},
+        "objective": {"metric": "output_tokens_per_s", "direction": "maximize"},
+    }  # fmt: skip
+    return StudySpec.model_validate(doc)
+
+
+def problems(spec: StudySpec) -> dict[str, str]:
+    return {p.loc: p.message for p in get_engine(spec.engine).check_spec(spec)}
+
+
+def test_check_spec_accepts_a_good_spec(tiny_model: ModelFiles) -> None:
+    spec = study(
+        tiny_model,
+        {"parallel": {"kind": "int", "low": 1, "high": 4},
+         "cache-type-k": {"kind": "choice", "values": ["f16", "q8_0"]},
+         "flash-attn": {"kind": "bool"}, "cont-batching": {"kind": "bool"},
+         "n-gpu-layers": {"kind": "choice", "values": [0, "all"]}},
+        tokenizer=str(tiny_model.tokenizer_dir), flags={"threads": 2, "fit": "off"},
+    )  # fmt: skip
+    assert problems(spec) == {}
+
+
+def test_check_spec_names_unknown_and_misspelt_flags(tiny_model: ModelFiles) -> None:
+    spec = study(
+        tiny_model,
+        {"paralel": {"kind": "int", "low": 1, "high": 4},
+         "np": {"kind": "int", "low": 1, "high": 2}, "no-mmap": {"kind": "bool"},
+         "port": {"kind": "int", "low": 1, "high": 2}, "zzz": {"kind": "bool"}},
+        flags={"ctx_size": 4096},
+    )  # fmt: skip
+    found = problems(spec)
+    assert "did you mean 'parallel'" in found["space.params.paralel"]
+    assert "'parallel' instead of 'np'" in found["space.params.np"]
+    assert "'mmap' with false" in found["space.params.no-mmap"]
+    assert "servetune sets --port itself" in found["space.params.port"]
+    assert "known flags:" in found["space.params.zzz"]
+    assert "did you mean 'ctx-size'" in found["engine.flags.ctx_size"]
+
+
+def test_check_spec_names_values_of_the_wrong_type(tiny_model: ModelFiles) -> None:
+    spec = study(
+        tiny_model,
+        {"ctx-size": {"kind": "float", "low": 1, "high": 2},
+         "cache-type-k": {"kind": "choice", "values": ["f16", "q9"]},
+         "batch-size": {"kind": "bool"}, "parallel": {"kind": "choice", "values": [1, "two"]}},
+        flags={"warmup": "no"},
+    )  # fmt: skip
+    found = problems(spec)
+    assert "kind: int" in found["space.params.ctx-size"]
+    assert "'q9'" in found["space.params.cache-type-k"]
+    assert "bool param" in found["space.params.batch-size"]
+    assert "'two'" in found["space.params.parallel"]
+    assert "true or false" in found["engine.flags.warmup"]
+
+
+def test_check_spec_reports_a_missing_model_and_tokenizer_with_the_fix() -> None:
+    spec = study(None, {"parallel": {"kind": "int", "low": 1, "high": 2}}, tokenizer="/no/tok")
+    found = problems(spec)
+    assert "servetune make-model --size tiny --out DIR" in found["engine.model"]
+    assert "tokenizer.json" in found["engine.tokenizer"]
+
+
+def test_check_spec_reports_a_missing_binary(tiny_model: ModelFiles) -> None:
+    spec = study(tiny_model, {"parallel": {"kind": "bool"}}, binary="/no/llama-server")
+    found = problems(spec)
+    assert "not found" in found["engine.binary"]
+    assert "bool param" in found["space.params.parallel"]
+
+
+# ---- classify_failure -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("log", "rc", "kind", "evidence"),
+    [
+        ("missing_model.log", 1, FailureKind.MODEL_LOAD_FAILED, "failed to open GGUF file"),
+        ("bad_model_file.log", 1, FailureKind.MODEL_LOAD_FAILED, "invalid magic characters"),
+        ("port_in_use.log", 1, FailureKind.PORT_IN_USE, "couldn't bind HTTP server socket"),
+        (
+            "huge_ctx.log",
+            1,
+            FailureKind.KV_CACHE_TOO_SMALL,
+            "failed to allocate buffer for kv cache",
+        ),
+        ("quantized_v_without_fa.log", 1, FailureKind.INVALID_ARGS, "requires flash_attn"),
+        ("bad_cache_type.log", 2, FailureKind.INVALID_ARGS, "invalid choice: 'q9_9'"),
+        ("unknown_flag.log", 2, FailureKind.INVALID_ARGS, "unrecognized arguments: --paralel"),
+        ("normal_startup.log", -9, FailureKind.HOST_OOM, "SIGKILL"),
+        ("normal_startup.log", 1, FailureKind.ENGINE_CRASHED, "exited with status 1"),
+        ("normal_startup.log", None, FailureKind.UNKNOWN, ""),
+    ],
+)
+def test_classify_captured_start_up_logs(
+    log: str, rc: int | None, kind: FailureKind, evidence: str
+) -> None:
+    """Logs captured from real runs of the xllamacpp server (see tests/unit/data/llamacpp_logs)."""
+    got_kind, reason = engine().classify_failure((LOGS / log).read_text(), rc)
+    assert got_kind is kind
+    assert evidence in reason
+    assert not reason.startswith("0.0")  # llama.cpp's timestamp prefix is stripped
+
+
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        # llama-server's own argument errors (common/arg.cpp format strings; the first as quoted
+        # in a public bug report about a build without --no-mmap)
+        ("error: invalid argument: --no-mmap", FailureKind.INVALID_ARGS),
+        ('error while handling argument "--cache-type-k": Unsupported cache type: q9\n\nusage:',
+         FailureKind.INVALID_ARGS),
+        # CUDA failures as quoted in public reports of llama-server runs
+        ("ggml_backend_cuda_buffer_type_alloc_buffer: allocating 590.07 MiB on device 0: "
+         "cudaMalloc failed: out of memory\n"
+         "llama_model_load: error loading model: unable to allocate CUDA0 buffer",
+         FailureKind.CUDA_OOM),
+        ("cudaMalloc failed: out of memory\n"
+         "alloc_tensor_range: failed to allocate CUDA0 buffer of size 1879048192\n"
+         "llama_init_from_model: failed to initialize the context: failed to allocate buffer for "
+         "kv cache", FailureKind.KV_CACHE_TOO_SMALL),
+        ("terminate called after throwing an instance of 'std::bad_alloc'\n  what():  "
+         "std::bad_alloc", FailureKind.HOST_OOM),
+    ],
+)  # fmt: skip
+def test_classify_llama_server_and_cuda_lines(text: str, kind: FailureKind) -> None:
+    assert engine().classify_failure(text, 1)[0] is kind
+
+
+def test_endpoint_is_the_base_url_and_served_model_name() -> None:
+    eng = engine(served_model_name="tiny")
+    assert eng.endpoint("127.0.0.1", 8080).base_url == "http://127.0.0.1:8080"
+    assert eng.endpoint("::1", 8080).base_url == "http://[::1]:8080"
+    assert eng.endpoint("127.0.0.1", 8080).model == "tiny"
