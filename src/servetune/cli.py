@@ -18,10 +18,11 @@ from typing import Annotated, Any, TypeVar
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from servetune.core.spec import StudySpec
-from servetune.core.study import Trial, TrialRole
+from servetune.core.study import Trial, TrialRole, format_params
 from servetune.errors import ServetuneError, SpecInvalid
 from servetune.settings import Settings
 
@@ -331,7 +332,10 @@ def show(
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return
     console.print(f"study [bold]{record.name}[/] (id {record.id}) — {record.status}")
-    table = Table("#", "role", "state", "params", "out tok/s", "TTFT p99 ms", "feasible", "failure")
+    table = Table(box=None, header_style="bold")
+    for col in ("#", "role", "state", "tok/s", "TTFT p99 ms", "ok"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("params / failure", overflow="fold")
     for t in trials:
         m = t.result.metrics[-1] if t.result and t.result.metrics else None
         tps = f"{m.output_tokens_per_s:.1f}" if m else "-"
@@ -342,15 +346,17 @@ def show(
             else ""
         )
         mark = " ★" if best and t.number == best.number else ""
+        detail = format_params(t.params)
+        if failure:
+            detail += f"\n[red]{escape(failure)}[/]"
         table.add_row(
             f"{t.number}{mark}",
-            t.role.value,
+            t.role.value + (f" of {t.repeat_of}" if t.repeat_of is not None else ""),
             t.state.value,
-            json.dumps(t.params) if t.params else "(defaults)",
             tps,
             f"{ttft:.0f}" if ttft is not None else "-",
             "yes" if t.feasible else "no",
-            failure[:120],
+            detail,
         )
     console.print(table)
     if record.verdict and record.verdict.get("summary"):

@@ -38,6 +38,6 @@ def demo_spec(model: Path, tokenizer: Path, trials: int = 12) -> dict[str, Any]:
             "warmup_requests": 2,
             "max_error_rate": 0.0,
         },
-        "slos": [{"metric": "ttft_ms", "percentile": "p99", "max_ms": 3000}],
+        "slos": [{"metric": "ttft_ms", "percentile": "p99", "max_ms": 1500}],
         "objective": {"metric": "output_tokens_per_s", "direction": "maximize"},
     }

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from rich.progress import (
 )
 
 from servetune.bench.builtin import BuiltinClient
-from servetune.core.study import Params, Trial, TrialRole, TrialState
+from servetune.core.study import Params, Trial, TrialRole, TrialState, format_params
 from servetune.deploy.local import LocalDeployment
 from servetune.engines import get_engine
 from servetune.loop import LoopEvents, StudyLoop, StudyOutcome
@@ -35,7 +34,7 @@ log = logging.getLogger(__name__)
 def _describe(t: Trial) -> str:
     r = t.result
     head = f"trial {t.number:>2} {t.role.value:<8}"
-    params = json.dumps(t.params) if t.params else "(engine defaults)"
+    params = format_params(t.params)
     if r is None:
         return f"{head} {params}"
     if t.state is TrialState.COMPLETE and r.metrics:

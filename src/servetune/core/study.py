@@ -21,6 +21,11 @@ Params = dict[str, ParamValue]
 """Flag name (the engine's own CLI name, without dashes) → value."""
 
 
+def format_params(params: Params) -> str:
+    """Params as ``name=value`` pairs for tables and logs; ``(engine defaults)`` when empty."""
+    return " ".join(f"{k}={v}" for k, v in params.items()) if params else "(engine defaults)"
+
+
 class TrialState(StrEnum):
     """Lifecycle of a trial; the members and their meaning follow Optuna's ``TrialState``."""
 
