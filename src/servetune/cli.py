@@ -275,7 +275,8 @@ def _print_outcome(outcome: Any, settings: Settings) -> None:
         )
     console.print(table)
     if outcome.verdict is not None:
-        console.print(f"[bold]confirmed on fresh servers[/]: {outcome.verdict.summary}")
+        head = "confirmed on fresh servers" if outcome.verdict.repeats else "not confirmed"
+        console.print(f"[bold]{head}[/]: {outcome.verdict.summary}")
     if outcome.front:
         console.print("Pareto front: trials " + ", ".join(str(t.number) for t in outcome.front))
     cmd = get_engine(spec.engine).launch_command(best.params, host="127.0.0.1", port=8080)

@@ -231,10 +231,11 @@ def test_preflight_uses_fixed_flags_and_checks_batches_threads_and_cache_types()
         {"ubatch-size": 512, "threads": 0, "cache-type-v": "q8_0", "flash-attn": "off"}, workload()
     )
     text = "\n".join(reasons)
-    assert "ubatch-size 512 > batch-size 256" in text
+    # ubatch-size above batch-size is clamped by llama.cpp, not an impossible candidate
+    assert "ubatch-size" not in text
     assert "threads = 0" in text
     assert "quantized V cache" in text
-    assert len(reasons) == 3
+    assert len(reasons) == 2
     assert (
         eng.preflight({"threads": -1, "ubatch-size": 256, "cache-type-v": "q8_0"}, workload()) == []
     )

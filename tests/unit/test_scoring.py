@@ -157,3 +157,13 @@ def test_confirm_verdict_wins_only_beyond_the_run_to_run_spread() -> None:
     assert faster.is_win and faster.gain_pct == pytest.approx(25.0)
     with pytest.raises(ValueError):
         confirm_verdict("output_tokens_per_s", "maximize", [], [1.0])
+
+
+def test_confirm_verdict_without_repeats_is_never_a_win() -> None:
+    single = confirm_verdict("output_tokens_per_s", "maximize", [100.0], [300.0])
+    assert single.repeats == 0
+    assert single.gain_pct == pytest.approx(200.0)
+    assert not single.is_win
+    assert "not confirmed" in single.summary
+    repeated = confirm_verdict("output_tokens_per_s", "maximize", [100.0, 101.0], [300.0, 298.0])
+    assert repeated.repeats == 1 and repeated.is_win

@@ -1,6 +1,7 @@
 """The built-in benchmark client: streams requests at each load level and times every token.
 
-asyncio streams + h11; one ``RequestRecord`` per request (failures included, by kind), per level.
+httpx (one client per run, a fresh connection per request); one ``RequestRecord`` per request,
+failures included (by kind), per level.
 """
 
 from __future__ import annotations
@@ -11,15 +12,12 @@ import json
 import logging
 import math
 import random
-import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
-import h11
 import httpx
 
 from servetune.bench.prompts import Prompt, PromptBuilder
@@ -33,8 +31,6 @@ log = logging.getLogger(__name__)
 
 MAX_PREBUILT_PROMPTS = 2000
 """Prompts built ahead of a duration-bound level at most; beyond that they are built on demand."""
-
-_READ_SIZE = 65536
 
 
 @dataclass(frozen=True)
@@ -209,12 +205,13 @@ class BuiltinClient:
         if not isinstance(prompts, PromptBuilder) and not prompts:
             raise BenchmarkError("no prompts given")
         pool = _PromptPool(prompts)
-        sender = _Sender(endpoint, workload, self.max_retries, self.api_key)
-        results = []
-        for index, level in enumerate(workload.levels()):
-            log.info("benchmark level %s: %s", index, level.label)
-            records = await self._level(index, level, workload, pool, sender, on_progress)
-            results.append((level, records))
+        async with _client(workload, self.api_key) as client:
+            sender = _Sender(client, endpoint, workload, self.max_retries)
+            results = []
+            for index, level in enumerate(workload.levels()):
+                log.info("benchmark level %s: %s", index, level.label)
+                records = await self._level(index, level, workload, pool, sender, on_progress)
+                results.append((level, records))
         return results
 
     async def _level(
@@ -375,106 +372,78 @@ async def _open_loop(
     return [t.result() for t in tasks]
 
 
-class _Connection:
-    """One HTTP/1.1 exchange on a fresh TCP (or TLS) connection: h11 (sans-IO) over asyncio streams.
+def _client(workload: Workload, api_key: str | None) -> httpx.AsyncClient:
+    """The one HTTP client of a run: HTTP/1.1, no keep-alive, no proxies or ``.netrc``.
 
-    Every read is timestamped (``last_read_s``) the moment it returns, before any parsing.
+    ``max_keepalive_connections=0`` and ``Connection: close``: every request gets a fresh
+    connection (see ``BuiltinClient``). ``max_connections=None``: no pool cap, so rate mode is
+    never queued by the client. ``trust_env=False``: no environment proxies, ``.netrc`` or
+    ``SSL_CERT_*`` (a benchmark must reach the endpoint directly; it also skips a per-request
+    ``.netrc`` lookup). ``Accept-Encoding: identity``: a compressed stream would be buffered.
     """
+    headers = {
+        "User-Agent": "servetune",
+        "Accept": "text/event-stream",
+        "Accept-Encoding": "identity",
+        "Content-Type": "application/json",
+        "Connection": "close",
+    }
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return httpx.AsyncClient(
+        headers=headers,
+        timeout=httpx.Timeout(workload.request_timeout_s),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=0),
+        http1=True,
+        http2=False,
+        trust_env=False,
+    )
 
-    def __init__(self, target: _Target) -> None:
-        self.target = target
-        self.h11 = h11.Connection(h11.CLIENT)
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-        self.bytes_read = 0
-        self.eof = False
-        self.last_read_s = 0.0
 
-    async def open(self) -> None:
-        t = self.target
-        self.reader, self.writer = await asyncio.open_connection(
-            t.host, t.port, ssl=t.ssl, server_hostname=t.host if t.ssl else None, limit=_READ_SIZE
+def _request_url(base_url: str, path: str) -> httpx.URL:
+    """``base_url`` (any path prefix kept, query dropped) joined with ``path``.
+
+    Raises BenchmarkError unless ``base_url`` is ``http(s)://host[:port][/prefix]``.
+    """
+    try:
+        u = httpx.URL(base_url)
+    except httpx.InvalidURL as e:
+        raise BenchmarkError(f"endpoint URL {base_url!r} is not valid: {e}") from e
+    if u.scheme not in ("http", "https") or not u.host:
+        raise BenchmarkError(
+            f"endpoint URL must be http(s)://host[:port][/prefix], got {base_url!r}"
         )
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-    async def send(self, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        assert self.writer is not None
-        c = self.h11
-        self.writer.write(
-            c.send(h11.Request(method="POST", target=self.target.path, headers=headers))
-            + c.send(h11.Data(data=body))
-            + c.send(h11.EndOfMessage())
-        )
-        await self.writer.drain()
-
-    async def next_event(self) -> Any:
-        """The next h11 event, reading from the socket as needed."""
-        assert self.reader is not None
-        while True:
-            event = self.h11.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            data = await self.reader.read(_READ_SIZE)
-            self.last_read_s = time.perf_counter()
-            self.bytes_read += len(data)
-            self.eof = not data
-            self.h11.receive_data(data)
+    return u.copy_with(path=u.path.rstrip("/") + path, query=None, fragment=None)
 
 
-@dataclass(frozen=True)
-class _Target:
-    """Where requests go: host, port, TLS context, request path (with any base-URL prefix)."""
+# What httpx (from httpcore and h11) says when the peer closed the connection early: before
+# the response (httpcore) or inside the body (h11). Other RemoteProtocolErrors are a malformed
+# response. The drop tests in tests/integration/test_bench_client.py pin these messages down.
+_CLOSED_EARLY = ("Server disconnected", "peer closed connection")
 
-    host: str
-    port: int
-    ssl: ssl.SSLContext | None
-    path: str
-    host_header: bytes
 
-    @classmethod
-    def parse(cls, base_url: str, path: str) -> _Target:
-        u = urlsplit(base_url)
-        if u.scheme not in ("http", "https") or not u.hostname:
-            raise BenchmarkError(
-                f"endpoint URL must be http(s)://host[:port][/prefix], got {base_url!r}"
-            )
-        tls = u.scheme == "https"
-        port = u.port or (443 if tls else 80)
-        host_header = u.netloc.rsplit("@", 1)[-1]
-        return cls(
-            host=u.hostname,
-            port=port,
-            ssl=ssl.create_default_context() if tls else None,
-            path=u.path.rstrip("/") + path,
-            host_header=host_header.encode("idna" if not host_header.isascii() else "ascii"),
-        )
+def _closed_early(e: httpx.RemoteProtocolError) -> bool:
+    return str(e).startswith(_CLOSED_EARLY)
 
 
 class _Sender:
     """Sends one streaming request (with its retry) and turns what happened into a RequestRecord."""
 
     def __init__(
-        self, endpoint: Endpoint, workload: Workload, max_retries: int, api_key: str | None
+        self,
+        client: httpx.AsyncClient,
+        endpoint: Endpoint,
+        workload: Workload,
+        max_retries: int,
     ) -> None:
+        self.client = client
         self.chat = workload.api == "chat"
-        self.target = _Target.parse(
+        self.url = _request_url(
             endpoint.base_url, "/v1/chat/completions" if self.chat else "/v1/completions"
         )
         self.max_tokens = workload.output_tokens
         self.timeout_s = workload.request_timeout_s
         self.max_retries = max_retries
-        self.headers = [
-            (b"Host", self.target.host_header),
-            (b"User-Agent", b"servetune"),
-            (b"Accept", b"text/event-stream"),
-            (b"Content-Type", b"application/json"),
-            (b"Connection", b"close"),
-        ]
-        if api_key:
-            self.headers.append((b"Authorization", b"Bearer " + api_key.encode()))
         self.base: dict[str, Any] = {
             "model": endpoint.model,
             "max_tokens": workload.output_tokens,
@@ -493,25 +462,23 @@ class _Sender:
 
     async def send(self, prompt: Prompt, *, warmup: bool) -> RequestRecord:
         body = self.body(prompt)
-        headers = [*self.headers, (b"Content-Length", str(len(body)).encode())]
         retries = 0
         while True:
             state = _Stream()
             state.sent_s = time.perf_counter()
-            conn = _Connection(self.target)
             try:
                 async with asyncio.timeout(self.timeout_s):
-                    await self._attempt(conn, headers, body, state)
+                    await self._attempt(body, state)
             except _BeforeFirstByte as e:
                 if retries < self.max_retries:
                     retries += 1
                     log.debug("re-sending after %s before the first byte: %s", e.kind, e.message)
                     continue
                 state.fail(e.kind, e.message)
-            except TimeoutError:
+            except (TimeoutError, httpx.TimeoutException):
+                # asyncio.timeout bounds the whole attempt; httpx's own timeouts (the same
+                # value, per connect / read / write) can only fire at the same time or later.
                 state.fail("timeout", f"no complete response within {self.timeout_s:g} s")
-            finally:
-                conn.close()
             return state.record(
                 expected_prompt_tokens=None if self.chat else prompt.token_count,
                 max_tokens=self.max_tokens,
@@ -519,57 +486,58 @@ class _Sender:
                 warmup=warmup,
             )
 
-    async def _attempt(
-        self, conn: _Connection, headers: list[tuple[bytes, bytes]], body: bytes, state: _Stream
-    ) -> None:
-        try:
-            await conn.open()
-        except OSError as e:
-            raise _BeforeFirstByte("connect", f"{type(e).__name__}: {e}") from e
-        try:
-            await conn.send(headers, body)
-            response = await conn.next_event()
-            while isinstance(response, h11.InformationalResponse):
-                response = await conn.next_event()
-        except (OSError, h11.ProtocolError) as e:
-            if conn.bytes_read == 0:
-                raise _BeforeFirstByte("read", f"{type(e).__name__}: {e}") from e
-            state.fail("protocol" if isinstance(e, h11.ProtocolError) else "read", _describe(e))
-            return
-        if isinstance(response, h11.ConnectionClosed):  # closed cleanly before any byte
-            raise _BeforeFirstByte("read", "connection closed before the response")
-        try:
-            await self._read(conn, response, state)
-        except h11.ProtocolError as e:
-            # A peer that closed mid-body makes h11 complain about the incomplete message.
-            state.fail("read" if conn.eof else "protocol", _describe(e))
-        except OSError as e:
-            state.fail("read", _describe(e))
-        except _Protocol as e:
-            state.fail("protocol", str(e))
+    async def _attempt(self, body: bytes, state: _Stream) -> None:
+        """One attempt; the adapter from httpx errors to error kinds.
 
-    async def _read(self, conn: _Connection, response: h11.Response, state: _Stream) -> None:
+        Raises ``_BeforeFirstByte`` when the attempt may be re-sent, httpx.TimeoutException on
+        a timeout; every other failure is recorded in ``state``.
+        """
+        try:
+            response = await self.client.send(
+                self.client.build_request("POST", self.url, content=body), stream=True
+            )
+        except httpx.TimeoutException:
+            raise
+        except httpx.ConnectError as e:
+            raise _BeforeFirstByte("connect", _describe(e)) from e
+        except httpx.RemoteProtocolError as e:
+            if not _closed_early(e):  # a malformed response: bytes came, it is not re-sent
+                state.fail("protocol", _describe(e))
+                return
+            raise _BeforeFirstByte("read", _describe(e)) from e
+        except (httpx.ReadError, httpx.WriteError) as e:  # reset before the response
+            raise _BeforeFirstByte("read", _describe(e)) from e
+        except httpx.TransportError as e:
+            state.fail("protocol", _describe(e))
+            return
+        try:
+            await self._read(response, state)
+        except httpx.TimeoutException:
+            raise
+        except httpx.RemoteProtocolError as e:
+            state.fail("read" if _closed_early(e) else "protocol", _describe(e))
+        except httpx.TransportError as e:  # reset mid-stream
+            state.fail("read", _describe(e))
+        except (httpx.DecodingError, _Protocol) as e:
+            state.fail("protocol", str(e))
+        finally:
+            await response.aclose()
+
+    async def _read(self, response: httpx.Response, state: _Stream) -> None:
         status = response.status_code
-        ctype = ""
-        for name, value in response.headers:
-            if name == b"content-type":
-                ctype = value.decode("latin-1")
+        ctype = response.headers.get("content-type", "")
         if status >= 300 or "json" in ctype:
-            text = (await _read_body(conn)).decode("utf-8", "replace")
+            text = (await _read_body(response)).decode("utf-8", "replace")
             if status >= 300:
                 state.fail(f"http_{status}", text[:500])
                 return
             raise _Protocol(f"expected an SSE stream, got {ctype}: {text[:300]}")
         parser = SseParser()
-        while True:
-            event = await conn.next_event()
-            if isinstance(event, h11.Data):
-                now = conn.last_read_s
-                for sse in parser.feed(event.data):
-                    if state.on_event(sse, now):
-                        return
-            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                break
+        async for data in response.aiter_bytes():
+            now = time.perf_counter()  # as soon as the bytes are out of httpx, before parsing
+            for sse in parser.feed(data):
+                if state.on_event(sse, now):
+                    return
         now = time.perf_counter()
         for sse in parser.flush():
             if state.on_event(sse, now):
@@ -577,15 +545,12 @@ class _Sender:
         state.done_s = now
 
 
-async def _read_body(conn: _Connection, limit: int = 65536) -> bytes:
+async def _read_body(response: httpx.Response, limit: int = 65536) -> bytes:
     """The rest of a (short) response body, at most ``limit`` bytes kept."""
     out = bytearray()
-    while True:
-        event = await conn.next_event()
-        if isinstance(event, h11.Data):
-            out += event.data[: max(0, limit - len(out))]
-        elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-            return bytes(out)
+    async for data in response.aiter_bytes():
+        out += data[: max(0, limit - len(out))]
+    return bytes(out)
 
 
 def _describe(e: BaseException) -> str:

@@ -160,11 +160,22 @@ class Verdict(BaseModel):
         description="Improvement of best over baseline in %, positive = better."
     )
     spread_pct: float = Field(description="Run-to-run spread in % (see class doc).")
-    is_win: bool = Field(description="Gain beyond the spread with non-overlapping ranges.")
+    is_win: bool = Field(
+        description="Gain beyond the spread with non-overlapping ranges, from repeats."
+    )
+    repeats: int = Field(
+        default=0, description="Fresh repeats per configuration behind the verdict."
+    )
 
     @property
     def summary(self) -> str:
         """One line for people."""
+        if self.repeats == 0:
+            return (
+                f"{self.metric}: baseline {self.baseline_mean:.4g} → best {self.best_mean:.4g} "
+                f"({self.gain_pct:+.1f} %) from single runs; not confirmed on fresh servers "
+                "(budget.confirm_repeats is 0), so the noise is unknown"
+            )
         what = "a real gain" if self.is_win else "within the measured noise: not a confirmed win"
         return (
             f"{self.metric}: baseline {self.baseline_mean:.4g} → best {self.best_mean:.4g} "
@@ -185,10 +196,12 @@ def confirm_verdict(
 ) -> Verdict:
     """Compare best vs baseline from their measurements (original first, then fresh repeats).
 
-    Raises ValueError when either list is empty.
+    With no repeats (one value each) the gain is reported but never called a win: one run each
+    says nothing about run-to-run noise. Raises ValueError when either list is empty.
     """
     if not baseline_values or not best_values:
         raise ValueError("confirm_verdict needs at least one measurement of each configuration")
+    repeats = min(len(baseline_values), len(best_values)) - 1
     base_rep = list(baseline_values[1:]) or list(baseline_values)
     best_rep = list(best_values[1:]) or list(best_values)
     base_mean = sum(base_rep) / len(base_rep)
@@ -209,5 +222,6 @@ def confirm_verdict(
         best_mean=best_mean,
         gain_pct=gain,
         spread_pct=spread,
-        is_win=gain > spread and apart,
+        is_win=repeats > 0 and gain > spread and apart,
+        repeats=repeats,
     )

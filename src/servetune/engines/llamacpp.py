@@ -368,7 +368,8 @@ class LlamaCppEngine:
         """Reasons these params cannot serve ``workload`` (empty = launch).
 
         Checks: threads / threads-batch / threads-http ≥ 1 or -1 (auto); parallel ≥ 1 or -1 (auto =
-        4 slots); batch-size, ubatch-size ≥ 1 and ubatch-size ≤ batch-size; cache types and
+        4 slots); batch-size, ubatch-size ≥ 1 (a ubatch-size above batch-size is not
+        rejected: llama.cpp clamps it to batch-size in llama_context, and the server starts); cache types and
         flash-attn among their choices; a quantized V cache needs flash-attn (llama.cpp refuses
         "quantized V cache requires flash_attn"); and llama.cpp's context split:
         ctx-size ≥ slots × (input_tokens + output_tokens), ctx-size 0 meaning the model's context
@@ -395,10 +396,6 @@ class LlamaCppEngine:
         for name, v in (("batch-size", batch), ("ubatch-size", ubatch)):
             if v is not None and v < 1:
                 reasons.append(f"{name} = {v}: use ≥ 1")
-        if batch is not None and ubatch is not None and ubatch > batch:
-            reasons.append(
-                f"ubatch-size {ubatch} > batch-size {batch}: ubatch-size must be ≤ batch-size"
-            )
         for name in ("cache-type-k", "cache-type-v", "flash-attn", "load-mode", "fit"):
             choice = f.get(name)
             info = CATALOGUE[name]
