@@ -15,7 +15,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 
 from servetune.core.scoring import best_trial
-from servetune.core.study import Trial, TrialRole, TrialState
+from servetune.core.study import Trial, TrialRole, TrialState, format_params
 from servetune.engines import get_engine
 from servetune.store.repo import StudyRecord
 
@@ -56,7 +56,7 @@ def _trial_rows(trials: Sequence[Trial], best: Trial | None) -> str:
         rows.append(
             f"<tr class='{cls}'><td>{t.number}</td><td>{t.role.value}"
             f"{f' of {t.repeat_of}' if t.repeat_of is not None else ''}</td><td>{t.state.value}</td>"
-            f"<td><code>{html.escape(json.dumps(t.params) if t.params else '(defaults)')}</code></td>"
+            f"<td><code>{html.escape(format_params(t.params))}</code></td>"
             f"<td>{_fmt(_metric(t, 'output_tokens_per_s'))}</td><td>{_fmt(_metric(t, 'requests_per_s'), 2)}</td>"
             f"<td>{_fmt(_metric(t, 'ttft_ms.p50'), 0)}</td><td>{_fmt(_metric(t, 'ttft_ms.p99'), 0)}</td>"
             f"<td>{_fmt(_metric(t, 'tpot_ms.p50'))}</td><td>{_fmt(_metric(t, 'itl_ms.p99'))}</td>"
@@ -73,11 +73,13 @@ def _trial_rows(trials: Sequence[Trial], best: Trial | None) -> str:
 def _objective_plot(record: StudyRecord, trials: Sequence[Trial]) -> go.Figure:
     term = record.spec.objective.terms[0]
     fig = go.Figure()
+    done = [t for t in trials if t.state is TrialState.COMPLETE]
     groups = {
-        "feasible": [t for t in trials if t.state is TrialState.COMPLETE and t.feasible],
-        "misses SLO": [t for t in trials if t.state is TrialState.COMPLETE and not t.feasible],
+        "feasible": [t for t in done if t.feasible and t.role is not TrialRole.CONFIRM],
+        "misses SLO": [t for t in done if not t.feasible and t.role is not TrialRole.CONFIRM],
+        "repeat on a fresh server": [t for t in done if t.role is TrialRole.CONFIRM],
     }
-    colors = {"feasible": "#2a2", "misses SLO": "#d80"}
+    colors = {"feasible": "#2a2", "misses SLO": "#d80", "repeat on a fresh server": "#88a"}
     for name, group in groups.items():
         xs = [t.number for t in group]
         ys = [
@@ -91,13 +93,13 @@ def _objective_plot(record: StudyRecord, trials: Sequence[Trial]) -> go.Figure:
                 mode="markers",
                 name=name,
                 marker={"color": colors[name], "size": 9},
-                text=[json.dumps(t.params) for t in group],
+                text=[format_params(t.params) for t in group],
             )
         )
     better = max if term.direction == "maximize" else min
     best_so_far: list[float | None] = []
     current: float | None = None
-    ordered = sorted(trials, key=lambda t: t.number)
+    ordered = sorted((t for t in trials if t.role is not TrialRole.CONFIRM), key=lambda t: t.number)
     for t in ordered:
         if t.state is TrialState.COMPLETE and t.feasible and t.result and t.result.objective_values:
             v = t.result.objective_values[0]
