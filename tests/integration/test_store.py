@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -17,10 +16,8 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import psycopg
 import pytest
 from alembic import command
-from psycopg import sql
 from sqlalchemy import select, text
 
 from servetune.core.metrics import RequestRecord, summarize
@@ -34,11 +31,6 @@ from servetune.store.tables import TrialRow
 
 pytestmark = pytest.mark.integration
 
-PG_ADMIN_URL = os.environ.get(
-    "SERVETUNE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
-"""A PostgreSQL URL of a role allowed to create databases (trust auth on the test machine)."""
-
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
@@ -48,19 +40,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'nested' / 'dir' / 'servetune.db'}"
         return
-    admin = psycopg.conninfo.conninfo_to_dict(PG_ADMIN_URL)
-    name = f"servetune_test_{secrets.token_hex(6)}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    user = admin.get("user", "postgres")
-    host = admin.get("host", "127.0.0.1")
-    port = admin.get("port", "5432")
-    try:
-        yield f"postgresql://{user}@{host}:{port}/{name}"  # plain scheme: the store picks psycopg
-    finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
-            conn.execute(drop.format(sql.Identifier(name)))
+    yield request.getfixturevalue("fresh_postgres_url")
 
 
 @pytest.fixture

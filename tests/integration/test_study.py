@@ -208,3 +208,22 @@ def test_sigkill_then_resume_finishes_every_trial_once(tiny_model, tmp_path: Pat
     for number, finished_at in finished_before.items():
         assert after[number] == finished_at, f"trial {number} was re-run"
     assert not (_engine_pids() - before)
+
+
+def test_study_on_postgresql_then_resume_is_a_no_op(
+    tiny_model, tmp_path: Path, fresh_postgres_url: str
+) -> None:
+    spec = write_spec(tmp_path / "spec.yaml", small_spec(tiny_model, trials=3, name="on-pg"))
+    run = servetune(tmp_path, "run", str(spec), "--db", fresh_postgres_url)
+    assert run.returncode == 0, run.stdout + run.stderr
+    out = servetune(tmp_path, "show", "on-pg", "--json", "--db", fresh_postgres_url)
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)
+    assert [t["state"] for t in shown["trials"]] == ["COMPLETE"] * 3
+    assert shown["trials"][0]["role"] == "baseline"
+    assert shown["study"]["status"] == "finished"
+    # resuming a finished study runs nothing again
+    again = servetune(tmp_path, "resume", "on-pg", "--db", fresh_postgres_url)
+    assert again.returncode == 0, again.stdout + again.stderr
+    out = servetune(tmp_path, "show", "on-pg", "--json", "--db", fresh_postgres_url)
+    assert len(json.loads(out.stdout)["trials"]) == 3
