@@ -180,6 +180,7 @@ def main() -> None:
         "client_core": client_core,
         "server_core": server_core,
         "python": sys.version.split()[0],
+        "httpx": httpx.__version__,
         "ttft_delay_ms": TTFT_DELAY_MS,
         "itl_delay_ms": ITL_DELAY_MS,
     }
@@ -209,9 +210,8 @@ def main() -> None:
         with open(args.json, "w", encoding="utf-8") as f:
             f.write(text + "\n")
     print(
-        f"built-in client capacity (client on core {client_core}, "
-        f"fake server on core {server_core}, "
-        "zero delays)"
+        f"built-in client capacity (httpx {out['httpx']}, client on core {client_core}, "
+        f"fake server on core {server_core}, zero delays)"
     )
     print(
         f"{'out tok':>7} {'conc':>5} {'reqs':>6} {'failed':>6} {'req/s':>8} {'tok/s':>9} "

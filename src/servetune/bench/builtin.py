@@ -7,16 +7,19 @@ failures included (by kind), per level.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
 import math
 import random
+import ssl
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import httpx
 
@@ -105,29 +108,34 @@ class BuiltinClient:
     Every request opens its own connection and sends ``Connection: close``: llama.cpp's server
     has been seen to drop reused keep-alive connections under concurrent load.
 
-    HTTP is spoken with h11 (the sans-IO HTTP/1.1 library under httpx) directly over asyncio
-    streams, not through httpx: on a fresh connection per request httpx/httpcore cost ~1 ms of
-    CPU per request against ~0.3 ms here (measured on the fake server), and that cost lands in
-    the TTFT of requests sent in a burst (at 64 in flight the TTFT error fell from ~45 ms to
-    ~10 ms; ``bench/bench_client.py`` measures it). ``https`` endpoints use TLS with default
-    verification; ``api_key`` is sent as ``Authorization: Bearer``. ``sent_s`` is taken before
+    HTTP goes through httpx: one ``AsyncClient`` per ``run`` (HTTP/1.1, no keep-alive, no
+    environment proxies, no cookies; see ``_client``), each request streamed with
+    ``send(..., stream=True)``. It costs ~1 ms of client CPU per request on the fake server
+    (the hand-written h11 client it replaced cost ~0.4 ms), and a burst of requests sent at once
+    pays that inside their TTFTs: ``bench/bench_client.py`` measures the client's capacity and
+    its TTFT error per concurrency. ``https`` endpoints use TLS verified against the system's
+    trust store; ``api_key`` is sent as ``Authorization: Bearer``. ``sent_s`` is taken before
     the connection is opened, so TTFT includes the TCP connect (as a fresh client's would).
 
     Timing, all ``time.perf_counter`` seconds: ``sent_s`` just before the request is sent;
-    ``chunk_times_s`` the arrival of every network read that completed an SSE event carrying
-    non-empty ``text`` / ``delta.content`` (or ``delta.reasoning_content``); ``done_s`` when
-    ``[DONE]`` (or the end of the stream) arrived.
+    ``chunk_times_s`` the moment httpx handed over the bytes (one HTTP body chunk, from one
+    socket read) that completed an SSE event carrying non-empty ``text`` / ``delta.content``
+    (or ``delta.reasoning_content``), taken before parsing; ``done_s`` when ``[DONE]`` (or the
+    end of the stream) arrived.
 
-    Retries: a request that fails before its first response byte (connect error, connection
-    closed or reset with no response) is re-sent up to ``max_retries`` times; ``retries`` counts
-    the re-sends and ``sent_s`` is reset to the re-send time, so latencies measure the attempt
-    that was answered (the failed attempt shows in ``retries`` / ``ServingMetrics.retried``).
+    Retries: a request that fails before its first response byte (connect error; connection
+    closed or reset with no response: httpx's ConnectError, ReadError / WriteError, or
+    RemoteProtocolError "Server disconnected ...") is re-sent up to ``max_retries`` times;
+    ``retries`` counts the re-sends and ``sent_s`` is reset to the re-send time, so latencies
+    measure the attempt that was answered (the failed attempt shows in ``retries`` /
+    ``ServingMetrics.retried``).
 
     Error kinds (``RequestRecord.error_kind``): ``http_<status>``, ``connect``, ``timeout``
-    (``workload.request_timeout_s`` per attempt), ``read`` (connection dropped or reset, before
-    the response after the retries, or mid-stream), ``protocol`` (not an SSE stream, bad JSON,
-    an ``error`` object in the stream), ``short_output`` (``usage.completion_tokens`` <
-    ``max_tokens``; without usage, ``finish_reason: "stop"``), ``no_output`` (no content chunk).
+    (``workload.request_timeout_s`` per attempt, in total), ``read`` (connection dropped or
+    reset, before the response after the retries, or mid-stream), ``protocol`` (a malformed
+    HTTP response, not an SSE stream, bad JSON, an ``error`` object in the stream),
+    ``short_output`` (``usage.completion_tokens`` < ``max_tokens``; without usage,
+    ``finish_reason: "stop"``), ``no_output`` (no content chunk).
 
     ``expected_prompt_tokens`` is recorded for the completions API only: for chat, the server
     adds its chat template's tokens, which the client does not know.
@@ -205,8 +213,10 @@ class BuiltinClient:
         if not isinstance(prompts, PromptBuilder) and not prompts:
             raise BenchmarkError("no prompts given")
         pool = _PromptPool(prompts)
-        async with _client(workload, self.api_key) as client:
-            sender = _Sender(client, endpoint, workload, self.max_retries)
+        path = "/v1/chat/completions" if workload.api == "chat" else "/v1/completions"
+        url = _request_url(endpoint.base_url, path)
+        async with _client(url, workload, self.api_key) as client:
+            sender = _Sender(client, url, endpoint.model, workload, self.max_retries)
             results = []
             for index, level in enumerate(workload.levels()):
                 log.info("benchmark level %s: %s", index, level.label)
@@ -372,34 +382,6 @@ async def _open_loop(
     return [t.result() for t in tasks]
 
 
-def _client(workload: Workload, api_key: str | None) -> httpx.AsyncClient:
-    """The one HTTP client of a run: HTTP/1.1, no keep-alive, no proxies or ``.netrc``.
-
-    ``max_keepalive_connections=0`` and ``Connection: close``: every request gets a fresh
-    connection (see ``BuiltinClient``). ``max_connections=None``: no pool cap, so rate mode is
-    never queued by the client. ``trust_env=False``: no environment proxies, ``.netrc`` or
-    ``SSL_CERT_*`` (a benchmark must reach the endpoint directly; it also skips a per-request
-    ``.netrc`` lookup). ``Accept-Encoding: identity``: a compressed stream would be buffered.
-    """
-    headers = {
-        "User-Agent": "servetune",
-        "Accept": "text/event-stream",
-        "Accept-Encoding": "identity",
-        "Content-Type": "application/json",
-        "Connection": "close",
-    }
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    return httpx.AsyncClient(
-        headers=headers,
-        timeout=httpx.Timeout(workload.request_timeout_s),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=0),
-        http1=True,
-        http2=False,
-        trust_env=False,
-    )
-
-
 def _request_url(base_url: str, path: str) -> httpx.URL:
     """``base_url`` (any path prefix kept, query dropped) joined with ``path``.
 
@@ -416,9 +398,47 @@ def _request_url(base_url: str, path: str) -> httpx.URL:
     return u.copy_with(path=u.path.rstrip("/") + path, query=None, fragment=None)
 
 
-# What httpx (from httpcore and h11) says when the peer closed the connection early: before
-# the response (httpcore) or inside the body (h11). Other RemoteProtocolErrors are a malformed
-# response. The drop tests in tests/integration/test_bench_client.py pin these messages down.
+def _client(url: httpx.URL, workload: Workload, api_key: str | None) -> httpx.AsyncClient:
+    """The one HTTP client of a run, for requests to ``url`` only.
+
+    HTTP/1.1. ``max_keepalive_connections=0`` and ``Connection: close``: a fresh connection per
+    request (see ``BuiltinClient``); ``max_connections=None``: no pool cap, so the client never
+    queues a request (rate mode has no cap on requests in flight). ``trust_env=False``: no
+    proxies from the environment (a benchmark must reach the endpoint directly). Cookies are
+    never stored or sent: each request stands for a new user (a load balancer's sticky cookie
+    would otherwise pin them all to one replica). ``Accept-Encoding: identity``: a compressed
+    stream would be buffered. TLS verifies against the system's trust store, as
+    ``ssl.create_default_context()`` does; for ``http`` a bare context is passed instead (it is
+    never used, and loading a trust store costs ~20 ms per run).
+    """
+    headers = {
+        "User-Agent": "servetune",
+        "Accept": "text/event-stream",
+        "Accept-Encoding": "identity",
+        "Content-Type": "application/json",
+        "Connection": "close",
+    }
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return httpx.AsyncClient(
+        headers=headers,
+        cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
+        timeout=httpx.Timeout(workload.request_timeout_s),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=0),
+        http1=True,
+        http2=False,
+        trust_env=False,
+        verify=(
+            ssl.create_default_context()
+            if url.scheme == "https"
+            else ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ),
+    )
+
+
+# What httpx says when the peer closed the connection early: before the response (httpcore's
+# message) or inside the body (h11's). Any other RemoteProtocolError is a malformed response.
+# The drop tests in tests/integration/test_bench_client.py pin these messages down.
 _CLOSED_EARLY = ("Server disconnected", "peer closed connection")
 
 
@@ -432,20 +452,19 @@ class _Sender:
     def __init__(
         self,
         client: httpx.AsyncClient,
-        endpoint: Endpoint,
+        url: httpx.URL,
+        model: str,
         workload: Workload,
         max_retries: int,
     ) -> None:
         self.client = client
+        self.url = url
         self.chat = workload.api == "chat"
-        self.url = _request_url(
-            endpoint.base_url, "/v1/chat/completions" if self.chat else "/v1/completions"
-        )
         self.max_tokens = workload.output_tokens
         self.timeout_s = workload.request_timeout_s
         self.max_retries = max_retries
         self.base: dict[str, Any] = {
-            "model": endpoint.model,
+            "model": model,
             "max_tokens": workload.output_tokens,
             "temperature": 0,
             "ignore_eos": True,
@@ -476,8 +495,8 @@ class _Sender:
                     continue
                 state.fail(e.kind, e.message)
             except (TimeoutError, httpx.TimeoutException):
-                # asyncio.timeout bounds the whole attempt; httpx's own timeouts (the same
-                # value, per connect / read / write) can only fire at the same time or later.
+                # asyncio.timeout bounds the whole attempt; httpx's own timeouts (the same value
+                # for each connect / read / write) are a backstop that cannot fire earlier.
                 state.fail("timeout", f"no complete response within {self.timeout_s:g} s")
             return state.record(
                 expected_prompt_tokens=None if self.chat else prompt.token_count,
@@ -518,7 +537,9 @@ class _Sender:
             state.fail("read" if _closed_early(e) else "protocol", _describe(e))
         except httpx.TransportError as e:  # reset mid-stream
             state.fail("read", _describe(e))
-        except (httpx.DecodingError, _Protocol) as e:
+        except httpx.DecodingError as e:
+            state.fail("protocol", _describe(e))
+        except _Protocol as e:
             state.fail("protocol", str(e))
         finally:
             await response.aclose()
@@ -533,11 +554,15 @@ class _Sender:
                 return
             raise _Protocol(f"expected an SSE stream, got {ctype}: {text[:300]}")
         parser = SseParser()
-        async for data in response.aiter_bytes():
-            now = time.perf_counter()  # as soon as the bytes are out of httpx, before parsing
-            for sse in parser.feed(data):
-                if state.on_event(sse, now):
-                    return
+        # Closed at [DONE] at once, not later by the loop's async-generator hook (a task each).
+        # aiter_bytes is an async generator, typed only as an AsyncIterator.
+        stream = cast(AsyncGenerator[bytes, None], response.aiter_bytes())
+        async with contextlib.aclosing(stream) as chunks:
+            async for data in chunks:
+                now = time.perf_counter()  # as soon as httpx hands the bytes over, before parsing
+                for sse in parser.feed(data):
+                    if state.on_event(sse, now):
+                        return
         now = time.perf_counter()
         for sse in parser.flush():
             if state.on_event(sse, now):
