@@ -211,9 +211,9 @@ def test_ttft_and_tpot_match_the_server_delays() -> None:
         m = summarize(level, records)
         assert m.completed == 8
         assert m.ttft_ms is not None and m.tpot_ms is not None and m.itl_ms is not None
-        assert 100 <= m.ttft_ms.p50 < 125, m.ttft_ms
+        assert 100 <= m.ttft_ms.p50 < 140, m.ttft_ms
         assert 100 <= m.ttft_ms.max < 250, m.ttft_ms
-        assert 9 <= m.tpot_ms.mean < 11.5, m.tpot_ms
+        assert 9 <= m.tpot_ms.mean < 12.5, m.tpot_ms
         assert m.itl_ms.count == 8 * 9
         assert m.e2e_latency_ms is not None and 190 <= m.e2e_latency_ms.p50 < 230
 
@@ -338,7 +338,7 @@ def test_the_issuing_loop_keeps_up_with_a_high_rate() -> None:
     rng = random.Random("servetune-arrivals:0:0")
     expected = sum(rng.expovariate(200.0) for _ in range(299))
     assert all(r.ok for r in records)
-    assert math.isclose(span, expected, rel_tol=0.1), (span, expected)
+    assert math.isclose(span, expected, rel_tol=0.15), (span, expected)
 
 
 def test_a_base_url_path_prefix_is_kept_and_http_errors_are_counted_by_status() -> None:
