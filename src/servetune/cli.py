@@ -8,9 +8,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -20,21 +21,69 @@ import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
+from servetune.core.slo import SloCheck
 from servetune.core.spec import StudySpec
 from servetune.core.study import Trial, TrialRole, format_params
 from servetune.errors import ServetuneError, SpecInvalid
 from servetune.settings import Settings
 
+console = Console()
+err_console = Console(stderr=True)
+log = logging.getLogger("servetune")
+
+
+def _user_error_exit_code(e: BaseException) -> int:
+    """Print a user error (no traceback) and return the exit status for it.
+
+    ``SpecInvalid``: its problems, 2; other ``ServetuneError``: ``error: …``, 1; ``OSError``:
+    the path and the reason, 1; ``KeyboardInterrupt``: ``interrupted``, 130. The traceback goes
+    to the log (the log file and, with ``-v``, stderr) when logging is set up.
+    """
+    log.info("command stopped by %s", type(e).__name__, exc_info=e)
+    if isinstance(e, KeyboardInterrupt):
+        err_console.print("[yellow]interrupted[/]", highlight=False)
+        return 130
+    if isinstance(e, SpecInvalid):
+        _print_problems(e)
+        return 2
+    if isinstance(e, OSError) and e.filename is not None:
+        where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
+        data_dir = os.environ.get("SERVETUNE_DATA_DIR")
+        hint = ""
+        if data_dir and str(e.filename).startswith(data_dir):
+            hint = f" (under the data directory SERVETUNE_DATA_DIR={data_dir})"
+        _fail(f"{where}: {e.strerror or e}{hint}")
+        return 1
+    _fail(str(e) or type(e).__name__)
+    return 1
+
+
+class _Group(TyperGroup):
+    """The command group: user errors and Ctrl-C end a command with a message, not a traceback.
+
+    typer would turn a KeyboardInterrupt into a silent exit 130 before ``main`` sees it, so
+    errors are handled here, around the command; ``main`` catches what happens outside one.
+    """
+
+    def invoke(self, ctx: Any) -> Any:  # a click Context (typer vendors click privately)
+        """Run the chosen command; ServetuneError, OSError and Ctrl-C become exit statuses."""
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            raise  # typer quiets a closed stdout (`servetune show --json | head`)
+        except (ServetuneError, OSError, KeyboardInterrupt) as e:
+            raise typer.Exit(_user_error_exit_code(e)) from None
+
+
 app = typer.Typer(
+    cls=_Group,
     help="Tune the server flags of LLM inference engines against your workload and SLOs.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-err_console = Console(stderr=True)
-log = logging.getLogger("servetune")
 
 T = TypeVar("T")
 
@@ -64,24 +113,75 @@ def _setup_logging(settings: Settings, verbose: bool) -> Path:
     root.addHandler(sh)
     for noisy in ("httpx", "httpcore", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    _quiet_optuna()
     return path
 
 
+def _quiet_optuna() -> None:
+    """Send Optuna's log records through ours, warnings only (no "[I …] A new study created").
+
+    Optuna installs its own stderr handler at INFO on first use; it is removed here and its
+    records propagate to the root logger's handlers instead. Imports optuna (~0.4 s), so only
+    commands that use it call this.
+    """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+
+
+class Interrupted(asyncio.CancelledError):
+    """``_run_async``'s coroutine was cancelled by SIGINT or SIGTERM.
+
+    A subclass of ``asyncio.CancelledError``, so ``except asyncio.CancelledError`` still catches
+    it. ``signum`` is the first signal received; ``exit_code`` = 128 + signum (130 for SIGINT,
+    143 for SIGTERM), the status a shell reports for a process killed by that signal.
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+def signal_exit_code(e: BaseException) -> int:
+    """The exit status for a cancelled run: ``e.exit_code`` for ``Interrupted``, else 130."""
+    return e.exit_code if isinstance(e, Interrupted) else 130
+
+
 def _run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro``; SIGINT and SIGTERM cancel it (engines are stopped, the trial recorded)."""
+    """Run ``coro``; SIGINT and SIGTERM cancel it (engines are stopped, the trial recorded).
+
+    Raises ``Interrupted`` (an ``asyncio.CancelledError`` that names the signal and its exit
+    status) when a signal cancelled ``coro`` and ``coro`` let the cancellation through.
+    """
+    received: list[int] = []
 
     async def main() -> T:
         task = asyncio.ensure_future(coro)
         loop = asyncio.get_running_loop()
+
+        def on_signal(signum: int) -> None:
+            received.append(signum)
+            task.cancel()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
+            loop.add_signal_handler(sig, on_signal, sig)
         return await task
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    except asyncio.CancelledError as e:
+        if received and not isinstance(e, Interrupted):
+            raise Interrupted(received[0]) from e
+        raise
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    """Print ``error: message`` on one line of stderr; return the ``typer.Exit(code)`` to raise."""
+    one_line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    err_console.print(f"[bold red]error:[/] {escape(one_line)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -237,53 +337,69 @@ def demo(
 
 
 def _print_outcome(outcome: Any, settings: Settings) -> None:
+    from servetune.core.scoring import mean_metric, runs_of
     from servetune.engines import get_engine
     from servetune.report.html import write_report
 
     spec: StudySpec = outcome.study.spec
     best: Trial | None = outcome.best
     base: Trial | None = outcome.baseline
+    chosen: Trial | None = outcome.recommended
     console.rule(f"study {outcome.study.name}")
     counts: dict[str, int] = {}
     for t in outcome.trials:
         counts[t.state.value] = counts.get(t.state.value, 0) + 1
     console.print("trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
-    if best is None or best.result is None:
+    report_path = Path(settings.data_dir) / "reports" / f"{outcome.study.name}.html"
+    write_report(outcome.study, outcome.trials, report_path)
+    if best is None or chosen is None:
         console.print("[red]no trial completed[/]: see `servetune show` for each failure's reason")
-        return
+        console.print(f"report: {report_path}")
+        raise typer.Exit(1)
+    feasible = "feasible" if chosen.feasible else "[red]misses the SLOs[/]"
     console.print(
-        f"best: trial {best.number} ({'feasible' if best.feasible else '[red]infeasible[/]'}) "
-        f"params {json.dumps(best.params)}"
+        f"best params (trial {chosen.number}, {feasible}): {format_params(chosen.params)}"
     )
-    table = Table("metric", "baseline (trial 0)", f"best (trial {best.number})", "change")
-    for name in (
-        "output_tokens_per_s",
-        "ttft_ms.p99",
-        "ttft_ms.p50",
-        "tpot_ms.p50",
-        "requests_per_s",
-    ):
-        b = (
-            base.result.metrics[-1].value(name)
-            if base and base.result and base.result.metrics
-            else None
+    if best.number != chosen.number:
+        console.print(
+            f"search winner trial {best.number} ({format_params(best.params)}) was not kept"
         )
-        v = best.result.metrics[-1].value(name) if best.result.metrics else None
-        change = f"{(v / b - 1) * 100:+.1f} %" if b and v is not None else "-"
-        table.add_row(
-            name, f"{b:.1f}" if b is not None else "-", f"{v:.1f}" if v is not None else "-", change
+    if base is not None:
+        base_runs, best_runs = runs_of(base, outcome.trials), runs_of(best, outcome.trials)
+        table = Table(
+            "metric",
+            f"baseline (trial {base.number}, {len(base_runs)} run(s))",
+            f"best (trial {best.number}, {len(best_runs)} run(s))",
+            "change",
+            caption="means over the trial and its repeats on fresh servers, at the last load level",
         )
-    console.print(table)
+        for name in (
+            "output_tokens_per_s",
+            "ttft_ms.p99",
+            "ttft_ms.p50",
+            "tpot_ms.p50",
+            "requests_per_s",
+        ):
+            b, v = mean_metric(base_runs, name), mean_metric(best_runs, name)
+            change = f"{(v / b - 1) * 100:+.1f} %" if b and v is not None else "-"
+            table.add_row(
+                name,
+                f"{b:.1f}" if b is not None else "-",
+                f"{v:.1f}" if v is not None else "-",
+                change,
+            )
+        console.print(table)
     if outcome.verdict is not None:
         head = "confirmed on fresh servers" if outcome.verdict.repeats else "not confirmed"
         console.print(f"[bold]{head}[/]: {outcome.verdict.summary}")
+    if outcome.recommendation:
+        style = "green" if chosen.feasible else "yellow"
+        console.print(f"[bold {style}]verdict[/]: {outcome.recommendation}", highlight=False)
     if outcome.front:
         console.print("Pareto front: trials " + ", ".join(str(t.number) for t in outcome.front))
-    cmd = get_engine(spec.engine).launch_command(best.params, host="127.0.0.1", port=8080)
+    cmd = get_engine(spec.engine).launch_command(chosen.params, host="127.0.0.1", port=8080)
     console.print("[bold]launch command[/]:")
     console.print(cmd.display(), soft_wrap=True, highlight=False)
-    report_path = Path(settings.data_dir) / "reports" / f"{outcome.study.name}.html"
-    write_report(outcome.study, outcome.trials, report_path)
     console.print(f"report: {report_path}")
 
 
@@ -302,9 +418,30 @@ def _load(study: str, db: str | None) -> tuple[Any, list[Trial]]:
 
 
 def _best(record: Any, trials: list[Trial]) -> Trial | None:
+    """The study's winner: the recommended trial of a finished study, else the best ranked one."""
     from servetune.core.scoring import best_trial
 
+    chosen = (record.verdict or {}).get("recommended_trial")
+    for t in trials:
+        if chosen is not None and t.number == chosen:
+            return t
     return best_trial([t for t in trials if t.role is not TrialRole.CONFIRM], record.spec.objective)
+
+
+def _observed(value: float | None) -> str:
+    """A measured value, short: ``812``, ``23.4``, ``0.067``; ``not measured`` for None."""
+    if value is None:
+        return "not measured"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    if abs(value) >= 1:
+        return f"{value:.1f}"
+    return f"{value:.2g}"
+
+
+def _missed_checks(checks: Sequence[SloCheck]) -> list[str]:
+    """The failed checks, readable: ``ttft_ms p99 ≤ 500 ms at concurrency=8: 812``."""
+    return [f"{c.name} at {c.level}: {_observed(c.observed)}" for c in checks if not c.ok]
 
 
 @app.command()
@@ -350,6 +487,10 @@ def show(
         detail = format_params(t.params)
         if failure:
             detail += f"\n[red]{escape(failure)}[/]"
+        elif t.result and t.result.slo_report and not t.feasible:
+            missed = _missed_checks(t.result.slo_report.checks)
+            if missed:
+                detail += f"\n[yellow]missed: {escape('; '.join(missed))}[/]"
         table.add_row(
             f"{t.number}{mark}",
             t.role.value + (f" of {t.repeat_of}" if t.repeat_of is not None else ""),
@@ -369,9 +510,12 @@ def list_studies(db: DbOption = None) -> None:
     """List recent studies."""
     from servetune.store.repo import StudyStore
 
-    store = StudyStore(_settings(db).db_url)
+    try:
+        studies = StudyStore(_settings(db).db_url).list_studies()
+    except ServetuneError as e:
+        raise _fail(str(e)) from None
     table = Table("id", "name", "engine", "status", "created")
-    for s in store.list_studies():
+    for s in studies:
         table.add_row(
             str(s.id),
             s.name,
@@ -410,12 +554,20 @@ def export(
         "feasible": best.feasible,
         "argv": cmd.argv,
     }
+    if not best.feasible:
+        met = [t.number for t in trials if t.feasible]
+        others = f"trial(s) {', '.join(map(str, met))} met them" if met else "no trial met them"
+        err_console.print(
+            f"[yellow]warning:[/] trial {best.number} missed its SLOs; {others}",
+            highlight=False,
+            soft_wrap=True,
+        )
     if fmt == "command":
         sys.stdout.write(cmd.display() + "\n")
     elif fmt == "json":
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
-    else:
-        sys.stdout.write(yaml.safe_dump(data, sort_keys=False))
+    else:  # the JSON document as YAML: the same keys and values, whatever their Python types
+        sys.stdout.write(yaml.safe_dump(json.loads(json.dumps(data)), sort_keys=False))
 
 
 @app.command()
@@ -427,8 +579,17 @@ def report(
     """Write a self-contained HTML report: trials, objective over trials, Pareto scatter, importances."""
     from servetune.report.html import write_report
 
+    if out.is_dir():
+        raise _fail(f"--out {out} is a directory; give a file, e.g. {out / 'report.html'}")
+    existing = next((p for p in out.parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise _fail(f"cannot write the report to {out}: {existing} is not a directory")
     record, trials = _load(study, db)
-    write_report(record, trials, out)
+    _quiet_optuna()
+    try:
+        write_report(record, trials, out)
+    except OSError as e:
+        raise _fail(f"cannot write the report to {out}: {e.strerror or e}") from None
     console.print(f"report: {out}")
 
 
@@ -540,5 +701,14 @@ def bench(
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point: no traceback for user errors.
+
+    Exit statuses: 0 ok, 1 error (``error: …`` on stderr), 2 bad options or spec, 130
+    interrupted (Ctrl-C), 143 terminated (SIGTERM during a run or a benchmark).
+    """
+    try:
+        app()
+    except BrokenPipeError:
+        raise
+    except (ServetuneError, OSError, KeyboardInterrupt) as e:
+        sys.exit(_user_error_exit_code(e))

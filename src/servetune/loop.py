@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from servetune.core.scoring import Verdict, best_trial, confirm_verdict, pareto_front
+from servetune.core.scoring import Verdict, best_trial, confirm_verdict, pareto_front, recommend
 from servetune.core.spec import StudySpec
 from servetune.core.strategies.base import Strategy, make_strategy
 from servetune.core.study import FailureKind, Params, Trial, TrialResult, TrialRole, TrialState
@@ -45,6 +45,33 @@ class StudyOutcome:
     baseline: Trial | None
     front: list[Trial]
     verdict: Verdict | None
+    recommended: Trial | None = None
+    recommendation: str = ""
+
+
+_NOT_MEASURED = frozenset({FailureKind.INTERRUPTED, FailureKind.CANCELLED})
+
+
+def _counts(trial: Trial | None) -> bool:
+    """True for a finished trial that says something about its params (not interrupted/cancelled).
+
+    Interrupted and cancelled trials do not use up the budget, are not told to the strategy, and
+    are run again (a grid point is re-proposed; a baseline or a repeat is re-run).
+    """
+    return (
+        trial is not None and trial.state.is_finished() and trial.failure_kind not in _NOT_MEASURED
+    )
+
+
+def _baseline(trials: list[Trial]) -> Trial | None:
+    """The study's baseline: the first COMPLETE baseline trial, else the first that counts, else
+    the first baseline trial at all (None when there is none)."""
+    baselines = [t for t in trials if t.role is TrialRole.BASELINE]
+    for pick in (lambda t: t.state is TrialState.COMPLETE, _counts, lambda t: True):
+        found = [t for t in baselines if pick(t)]
+        if found:
+            return found[0]
+    return None
 
 
 class StudyLoop:
@@ -93,7 +120,7 @@ class StudyLoop:
 
     def _replay(self, trials: list[Trial]) -> None:
         for t in trials:
-            if t.role is not TrialRole.SEARCH or not t.state.is_finished() or t.result is None:
+            if t.role is not TrialRole.SEARCH or t.result is None or not _counts(t):
                 continue
             self._tell(t, replay=True)
 
@@ -178,9 +205,10 @@ class StudyLoop:
         spec = self.spec
         trials = self._trials()
         self._replay(trials)
-        if not any(t.number == 0 for t in trials):
-            self._say("trial 0: the engine's defaults (baseline)")
-            await self._run(0, TrialRole.BASELINE, {})
+        if _baseline(trials) is None or not _counts(_baseline(trials)):
+            number = self.store.next_trial_number(self.study.id)
+            self._say(f"trial {number}: the engine's defaults (baseline)")
+            await self._run(number, TrialRole.BASELINE, {})
         deadline = (
             (time.monotonic() + spec.budget.max_wall_time_s)
             if spec.budget.max_wall_time_s
@@ -189,7 +217,9 @@ class StudyLoop:
 
         while True:
             trials = self._trials()
-            searched = [t for t in trials if t.role in (TrialRole.BASELINE, TrialRole.SEARCH)]
+            searched = [
+                t for t in trials if t.role in (TrialRole.BASELINE, TrialRole.SEARCH) and _counts(t)
+            ]
             if len(searched) >= spec.budget.max_trials:
                 break
             if deadline is not None and time.monotonic() >= deadline:
@@ -201,16 +231,23 @@ class StudyLoop:
                 break
             number = self.store.next_trial_number(self.study.id)
             saved = await self._run(number, TrialRole.SEARCH, suggestion.params)
-            self._tell(saved, token=suggestion.token)
+            if _counts(saved):
+                self._tell(saved, token=suggestion.token)
 
         verdict = await self._confirm()
         trials = self._trials()
         search_trials = [t for t in trials if t.role is not TrialRole.CONFIRM]
         best = best_trial(search_trials, spec.objective)
-        baseline = next((t for t in trials if t.number == 0), None)
+        baseline = _baseline(trials)
+        recommended, note = recommend(best, baseline, verdict, trials)
+        if note:
+            self._say(note)
         front = pareto_front(search_trials, spec.objective) if len(spec.objective.terms) > 1 else []
         verdict_data: dict[str, Any] = {
             "best_trial": best.number if best else None,
+            "baseline_trial": baseline.number if baseline else None,
+            "recommended_trial": recommended.number if recommended else None,
+            "recommendation": note,
             "pareto_front": [t.number for t in front],
             "verdict": verdict.model_dump(mode="json") if verdict else None,
             "summary": verdict.summary if verdict else None,
@@ -218,7 +255,14 @@ class StudyLoop:
         self.store.set_study_status(self.study.id, "finished", verdict_data)
         study = self.store.get_study(self.study.id)
         return StudyOutcome(
-            study=study, trials=trials, best=best, baseline=baseline, front=front, verdict=verdict
+            study=study,
+            trials=trials,
+            best=best,
+            baseline=baseline,
+            front=front,
+            verdict=verdict,
+            recommended=recommended,
+            recommendation=note,
         )
 
     async def _confirm(self) -> Verdict | None:
@@ -228,24 +272,24 @@ class StudyLoop:
         trials = self._trials()
         search = [t for t in trials if t.role is not TrialRole.CONFIRM]
         best = best_trial(search, spec.objective)
-        baseline = next((t for t in trials if t.number == 0), None)
+        baseline = _baseline(trials)
         if best is None or baseline is None or baseline.state is not TrialState.COMPLETE:
             self._say("no completed best trial and baseline to confirm")
             return None
         term = spec.objective.terms[0]
-        if repeats == 0 or best.number == 0:
-            if best.number == 0:
-                self._say("the baseline (engine defaults) is the best trial")
+        if repeats == 0 or best.number == baseline.number:
             values_best = self._values_of(best, trials)
             values_base = self._values_of(baseline, trials)
             return (
                 confirm_verdict(term.metric, term.direction, values_base, values_best)
-                if (values_best and values_base)
+                if (values_best and values_base and best.number != baseline.number)
                 else None
             )
         for target in (best, baseline):
             done = [
-                t for t in trials if t.role is TrialRole.CONFIRM and t.repeat_of == target.number
+                t
+                for t in trials
+                if t.role is TrialRole.CONFIRM and t.repeat_of == target.number and _counts(t)
             ]
             for _ in range(repeats - len(done)):
                 number = self.store.next_trial_number(self.study.id)

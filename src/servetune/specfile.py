@@ -12,6 +12,7 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from servetune.core.spec import EngineSpec, Problem, SpecError, StudySpec, parse_spec
+from servetune.core.strategies.base import make_strategy
 from servetune.engines import get_engine
 from servetune.errors import SpecInvalid
 
@@ -59,6 +60,10 @@ def validate_document(data: dict[str, Any]) -> StudySpec:
     except SpecError as e:
         raise SpecInvalid(e.problems + _engine_problems(data, e.problems)) from e
     problems = get_engine(spec.engine).check_spec(spec)
+    try:
+        make_strategy(spec)
+    except ValueError as e:
+        problems.append(Problem("strategy.kind", str(e)))
     if problems:
         raise SpecInvalid(problems)
     return spec

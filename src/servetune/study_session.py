@@ -6,7 +6,10 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import hashlib
 import logging
+import os
 from pathlib import Path
 
 from rich.console import Console
@@ -23,10 +26,11 @@ from servetune.bench.builtin import BuiltinClient
 from servetune.core.study import Params, Trial, TrialRole, TrialState, format_params
 from servetune.deploy.local import LocalDeployment
 from servetune.engines import get_engine
+from servetune.errors import ServetuneError
 from servetune.loop import LoopEvents, StudyLoop, StudyOutcome
 from servetune.runner import TrialContext
 from servetune.settings import Settings
-from servetune.store.repo import StudyStore
+from servetune.store.repo import StudyRecord, StudyStore
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,17 @@ async def run_study(settings: Settings, study_ref: str | int, console: Console) 
     """Run or resume study ``study_ref`` to its end with a rich progress display."""
     store = StudyStore(settings.db_url)
     study = store.get_study(study_ref)
+    lock = StudyLock(settings, store.url, study.id)
+    lock.acquire()
+    try:
+        return await _run_locked(settings, store, study, console)
+    finally:
+        lock.release()
+
+
+async def _run_locked(
+    settings: Settings, store: StudyStore, study: StudyRecord, console: Console
+) -> StudyOutcome:
     spec = study.spec
     engine = get_engine(spec.engine)
     log_dir = Path(spec.deployment.log_dir or Path(settings.data_dir) / "logs" / study.name)
@@ -94,3 +109,59 @@ async def run_study(settings: Settings, study_ref: str | int, console: Console) 
 
         loop = StudyLoop(store, study, ctx, events=LoopEvents(started, phase, finished, message))
         return await loop.run()
+
+
+class StudyBusy(ServetuneError):
+    """Another process on this machine is running the study right now."""
+
+
+class StudyLock:
+    """An exclusive, process-lifetime lock on one study (``fcntl.flock`` on a file in the data dir).
+
+    Held while a process runs the study, so a second ``run``/``resume`` cannot take it over; the
+    OS releases it when the process dies (even by SIGKILL), so a crashed study is never locked.
+    Covers processes on this machine only (a manager with remote workers needs a DB lease).
+    """
+
+    def __init__(self, settings: Settings, store_url: str, study_id: int) -> None:
+        key = hashlib.sha256(f"{store_url}#{study_id}".encode()).hexdigest()[:16]
+        self.path = Path(settings.data_dir) / "locks" / f"study-{key}.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise StudyBusy naming the holder's pid."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StudyBusy(
+                f"the study is being run by another process (pid {holder}); wait for it, or stop it "
+                "and then `servetune resume` it"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        """Release the lock (idempotent)."""
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def is_held_elsewhere(self) -> bool:
+        """True when another process holds the lock now (a study marked running that is not
+        held is one whose process died)."""
+        if not self.path.exists():
+            return False
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False

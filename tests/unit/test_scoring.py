@@ -14,9 +14,11 @@ from servetune.core.scoring import (
     dominates,
     pareto_front,
     rank,
+    recommend,
+    runs_of,
 )
 from servetune.core.slo import SloCheck, SloReport
-from servetune.core.study import FailureKind, Trial, TrialResult, TrialState
+from servetune.core.study import FailureKind, Trial, TrialResult, TrialRole, TrialState
 
 THROUGHPUT = Objective.model_validate(
     {"terms": [{"metric": "output_tokens_per_s", "direction": "maximize"}]}
@@ -167,3 +169,67 @@ def test_confirm_verdict_without_repeats_is_never_a_win() -> None:
     assert "not confirmed" in single.summary
     repeated = confirm_verdict("output_tokens_per_s", "maximize", [100.0, 101.0], [300.0, 298.0])
     assert repeated.repeats == 1 and repeated.is_win
+
+
+def _role(trial: Trial, role: TrialRole, repeat_of: int | None = None) -> Trial:
+    return trial.model_copy(update={"role": role, "repeat_of": repeat_of})
+
+
+def _study(
+    base_runs: list[tuple[float, float]], best_runs: list[tuple[float, float]]
+) -> list[Trial]:
+    """Baseline = trial 0, best = trial 1, then repeats: (value, miss) for each run."""
+    (b0, bm), *b_rep = base_runs
+    (w0, wm), *w_rep = best_runs
+    trials = [
+        _role(_done(0, [b0], bm), TrialRole.BASELINE),
+        _role(_done(1, [w0], wm), TrialRole.SEARCH),
+    ]
+    n = 2
+    for target, runs in ((1, w_rep), (0, b_rep)):
+        for value, miss in runs:
+            trials.append(_role(_done(n, [value], miss), TrialRole.CONFIRM, repeat_of=target))
+            n += 1
+    return trials
+
+
+def _recommended(trials: list[Trial]) -> tuple[int | None, str]:
+    base, best = trials[0], trials[1]
+    verdict = confirm_verdict(
+        "output_tokens_per_s",
+        "maximize",
+        [t.result.objective_values[0] for t in runs_of(base, trials)],  # type: ignore[index,union-attr]
+        [t.result.objective_values[0] for t in runs_of(best, trials)],  # type: ignore[index,union-attr]
+    )
+    chosen, note = recommend(best, base, verdict, trials)
+    return (chosen.number if chosen else None), note
+
+
+def test_recommendation_follows_the_repeats_not_the_single_search_run() -> None:
+    # a confirmed gain: the best trial is recommended
+    number, note = _recommended(
+        _study([(100, 0), (101, 0), (99, 0)], [(150, 0), (148, 0), (151, 0)])
+    )
+    assert number == 1 and "confirmed gain" in note
+    # the baseline's search run was an outlier; on fresh servers the defaults are better: keep them
+    number, note = _recommended(
+        _study([(40, 0), (200, 0), (205, 0)], [(150, 0), (148, 0), (151, 0)])
+    )
+    assert number == 0 and "keep the engine defaults" in note
+    # the best misses the SLOs on its repeats while the defaults meet them: keep the defaults
+    number, note = _recommended(_study([(100, 0), (101, 0)], [(150, 0), (149, 0.3)]))
+    assert number == 0 and "missed the SLOs" in note
+    # a gain inside the noise is still recommended, but said to be within the noise
+    number, note = _recommended(
+        _study([(100, 0), (90, 0), (110, 0)], [(104, 0), (95, 0), (115, 0)])
+    )
+    assert number == 1 and "within the measured noise" in note
+
+
+def test_recommendation_without_repeats_or_completed_trials() -> None:
+    trials = _study([(100, 0)], [(150, 0)])
+    chosen, note = recommend(trials[1], trials[0], None, trials)
+    assert chosen is trials[1] and "not confirmed" in note
+    assert recommend(None, None, None, [])[0] is None
+    chosen, note = recommend(trials[0], trials[0], None, trials)
+    assert chosen is trials[0] and "engine defaults were the best" in note

@@ -202,6 +202,11 @@ class ServingMetrics(BaseModel):
     failed_by_kind: dict[str, int] = Field(
         default_factory=dict, description="Failures by error code."
     )
+    error_examples: dict[str, str] = Field(
+        default_factory=dict,
+        description="The first error message seen per error code (codes whose failures carried "
+        "no message are absent).",
+    )
     warmup: int = Field(default=0, description="Warm-up requests sent (never measured).")
     retried: int = Field(default=0, description="Re-sends after a failure before the first byte.")
     duration_s: float = Field(description="First measured send → last measured completion, s.")
@@ -254,7 +259,9 @@ def summarize(
 ) -> ServingMetrics:
     """Fold the records of one load level into ``ServingMetrics``.
 
-    Warm-up records are counted in ``warmup`` and otherwise ignored. TTFT, E2E and TPOT come
+    Warm-up records are counted in ``warmup`` and otherwise ignored (their errors too: only
+    measured failures fill ``failed_by_kind`` and ``error_examples``, the latter with the first
+    message, in issue order, of each error code). TTFT, E2E and TPOT come
     from successful requests, ITL from every gap of every successful request. Goodput counts
     requests meeting ``bounds`` (DistServe, OSDI'24; vLLM's ``--goodput``). A prompt whose
     server-side token count differs from the built one by more than ``prompt_token_tolerance``
@@ -265,6 +272,10 @@ def summarize(
     ok = [r for r in measured if r.ok]
     bad = [r for r in measured if not r.ok]
     kinds = Counter(r.error_kind or "no_output" for r in bad)
+    examples: dict[str, str] = {}
+    for r in bad:
+        if r.error:
+            examples.setdefault(r.error_kind or "no_output", r.error)
     starts = [r.sent_s for r in measured]
     ends = [
         r.done_s if r.done_s is not None else (r.chunk_times_s[-1] if r.chunk_times_s else r.sent_s)
@@ -292,6 +303,7 @@ def summarize(
         completed=len(ok),
         failed=len(bad),
         failed_by_kind=dict(sorted(kinds.items())),
+        error_examples=dict(sorted(examples.items())),
         warmup=warm,
         retried=sum(r.retries for r in measured),
         duration_s=duration,

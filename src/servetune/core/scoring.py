@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from servetune.core.metrics import ServingMetrics, metric_names
-from servetune.core.study import Trial, TrialState
+from servetune.core.study import Trial, TrialRole, TrialState
 
 
 class ObjectiveTerm(BaseModel):
@@ -225,3 +225,86 @@ def confirm_verdict(
         is_win=repeats > 0 and gain > spread and apart,
         repeats=repeats,
     )
+
+
+def runs_of(target: Trial, trials: Sequence[Trial]) -> list[Trial]:
+    """``target`` and every COMPLETE repeat of it (CONFIRM trials with ``repeat_of`` = its number)."""
+    return [target] + [
+        t
+        for t in trials
+        if t.repeat_of == target.number
+        and t.number != target.number
+        and t.state is TrialState.COMPLETE
+    ]
+
+
+def mean_metric(runs: Sequence[Trial], name: str, level: float | None = None) -> float | None:
+    """Mean of metric ``name`` over the COMPLETE ``runs`` at ``level`` (None = the last level).
+
+    None when no run measured it. ``name`` as in ``ServingMetrics.value``.
+    """
+    term = ObjectiveTerm(metric=name, direction="maximize", level=level)
+    values = [
+        v
+        for t in runs
+        if t.state is TrialState.COMPLETE
+        and t.result is not None
+        and (v := term.read(t.result.metrics)) is not None
+    ]
+    return sum(values) / len(values) if values else None
+
+
+def recommend(
+    best: Trial | None,
+    baseline: Trial | None,
+    verdict: Verdict | None,
+    trials: Sequence[Trial],
+) -> tuple[Trial | None, str]:
+    """The configuration to recommend, given the search and the repeats, and why.
+
+    The repeats on fresh servers overrule the single search measurement: when the best
+    trial is not better than the defaults on them, or misses the SLOs on them while the
+    defaults meet them, the engine defaults are recommended.
+    """
+    if best is None:
+        return None, "no trial completed: nothing to recommend (see each trial's failure)"
+    if baseline is None or baseline.number == best.number:
+        if best.role is TrialRole.BASELINE:
+            return best, "the engine defaults were the best configuration found: keep them"
+        return best, ""
+    feasible_word = "" if best.feasible else " (it misses the SLOs: no trial met them)"
+    if verdict is None or verdict.repeats == 0:
+        return (
+            best,
+            f"recommending trial {best.number}{feasible_word}; not confirmed on fresh servers",
+        )
+    best_ok = repeats_feasible(best, trials)
+    base_ok = repeats_feasible(baseline, trials)
+    if base_ok and not best_ok:
+        return baseline, (
+            f"trial {best.number} missed the SLOs on fresh servers while the engine defaults met "
+            "them: keep the engine defaults"
+        )
+    if verdict.gain_pct <= 0 and (base_ok or not best_ok):
+        return baseline, (
+            f"on fresh servers trial {best.number} was not better than the engine defaults "
+            f"({verdict.gain_pct:+.1f} %): keep the engine defaults"
+        )
+    if not verdict.is_win:
+        return best, (
+            f"recommending trial {best.number}{feasible_word}, but its gain is within the "
+            "measured noise"
+        )
+    return best, f"recommending trial {best.number}{feasible_word}: a confirmed gain"
+
+
+def repeats_feasible(target: Trial, trials: Sequence[Trial]) -> bool:
+    """True when every COMPLETE repeat of ``target`` met the SLOs."""
+    repeats = [
+        t
+        for t in trials
+        if t.role is TrialRole.CONFIRM
+        and t.repeat_of == target.number
+        and t.state is TrialState.COMPLETE
+    ]
+    return bool(repeats) and all(t.feasible for t in repeats)

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ParamValue = int | float | str | bool
 
@@ -196,6 +196,15 @@ class Constraint(BaseModel):
         return _OPS[self.op](product(self.left), product(self.right))
 
 
+def _check_constraint_syntax(text: str) -> str:
+    Constraint.parse(text)
+    return text
+
+
+ConstraintText = Annotated[str, AfterValidator(_check_constraint_syntax)]
+"""A constraint as written; its syntax is checked item by item, so every bad one is reported."""
+
+
 class SearchSpace(BaseModel):
     """The params to tune and the constraints between them."""
 
@@ -204,7 +213,7 @@ class SearchSpace(BaseModel):
     params: dict[str, Param] = Field(
         min_length=1, description="Flag name (engine CLI name, no dashes) → allowed values."
     )
-    constraints: list[str] = Field(
+    constraints: list[ConstraintText] = Field(
         default_factory=list, description="Relations such as 'ubatch-size <= batch-size'."
     )
 
@@ -220,14 +229,16 @@ class SearchSpace(BaseModel):
 
     @model_validator(mode="after")
     def _constraints(self) -> SearchSpace:
+        problems = []
         for text in self.constraints:
-            c = Constraint.parse(text)
-            unknown = c.names() - set(self.params)
+            unknown = Constraint.parse(text).names() - set(self.params)
             if unknown:
-                raise ValueError(
-                    f"constraint {text!r} names {sorted(unknown)}, which are not params of the space; "
-                    f"use one of {sorted(self.params)}"
+                problems.append(
+                    f"constraint {text!r} names {sorted(unknown)}, which are not params of the "
+                    f"space; use one of {sorted(self.params)}"
                 )
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     def parsed_constraints(self) -> list[Constraint]:

@@ -5,13 +5,16 @@ Every field has a description, so ``servetune schema`` emits a documented JSON S
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PositiveInt,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -21,6 +24,18 @@ from servetune.core.metrics import LoadLevel
 from servetune.core.scoring import Objective, ObjectiveTerm
 from servetune.core.slo import Slo
 from servetune.core.space import ParamValue, SearchSpace
+
+
+def _objective_forms(v: Any) -> Any:
+    """Accept one term, a list of terms, or {terms: [...]} for ``StudySpec.objective``."""
+    if isinstance(v, list):
+        return {"terms": v}
+    if isinstance(v, dict) and "terms" not in v:
+        return {"terms": [v]}
+    return v
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
 
 class _Model(BaseModel):
@@ -175,23 +190,61 @@ class StudySpec(_Model):
     budget: Budget = Field(default_factory=Budget)
     workload: Workload
     slos: list[Slo] = Field(default_factory=list, description="Bounds every feasible trial meets.")
-    objective: Objective = Field(description="What to maximise/minimise among feasible trials.")
+    objective: Annotated[
+        Objective,
+        BeforeValidator(
+            _objective_forms, json_schema_input_type=ObjectiveTerm | list[ObjectiveTerm] | Objective
+        ),
+        Field(
+            description="What to maximise/minimise among feasible trials: one term, a list of one "
+            "or two terms (two = a Pareto study), or {terms: [...]}."
+        ),
+    ]
 
-    @field_validator("objective", mode="before")
+    @field_validator("name")
     @classmethod
-    def _objective_forms(cls, v: Any) -> Any:
-        """Accept one term, a list of terms, or {terms: [...]}."""
-        if isinstance(v, list):
-            return {"terms": v}
-        if isinstance(v, dict) and "terms" not in v:
-            return {"terms": [v]}
+    def _name(cls, v: str | None) -> str | None:
+        """Names become file names (logs, reports) and CLI arguments: keep them plain."""
+        if v is None:
+            return v
+        if not _NAME.fullmatch(v):
+            raise ValueError(
+                "use 1-200 letters, digits, '.', '_' or '-', starting with a letter or digit "
+                "(it names files), e.g. 'llama-8b-h100'"
+            )
+        if v.isdigit():
+            raise ValueError(
+                "a name of digits only reads as a study id; add a letter, e.g. 'run-24'"
+            )
         return v
 
     def problems(self) -> list[Problem]:
         """Cross-field problems pydantic cannot see field by field (empty when consistent)."""
-        problems: list[Problem] = []
-        level_values = {lv.value for lv in self.workload.levels()}
-        for i, slo in enumerate(self.slos):
+        return cross_problems(
+            engine=self.engine,
+            space=self.space,
+            strategy=self.strategy,
+            workload=self.workload,
+            slos=self.slos,
+            objective=self.objective,
+        )
+
+
+def cross_problems(
+    *,
+    engine: LlamaCppEngineSpec | None,
+    space: SearchSpace | None,
+    strategy: StrategySpec | None,
+    workload: Workload | None,
+    slos: list[Slo] | None,
+    objective: Objective | None,
+) -> list[Problem]:
+    """Problems between sections; each check runs when the sections it needs are valid (None =
+    that section is invalid or missing), so a spec with errors elsewhere still gets them."""
+    problems: list[Problem] = []
+    if workload is not None:
+        level_values = {lv.value for lv in workload.levels()}
+        for i, slo in enumerate(slos or []):
             for v in slo.levels or []:
                 if v not in level_values:
                     problems.append(
@@ -200,7 +253,7 @@ class StudySpec(_Model):
                             f"{v:g} is not a workload level; use one of {sorted(level_values)}",
                         )
                     )
-        for i, term in enumerate(self.objective.terms):
+        for i, term in enumerate(objective.terms if objective else []):
             if term.level is not None and term.level not in level_values:
                 problems.append(
                     Problem(
@@ -208,26 +261,25 @@ class StudySpec(_Model):
                         f"{term.level:g} is not a workload level; use one of {sorted(level_values)} or null",
                     )
                 )
-        if self.strategy.kind == "nsga2" and len(self.objective.terms) < 2:
-            problems.append(
-                Problem(
-                    "strategy.kind",
-                    "nsga2 needs two objective terms; use tpe, or add a second term",
-                )
+    nsga2 = strategy is not None and strategy.kind == "nsga2"
+    if nsga2 and objective is not None and len(objective.terms) < 2:
+        problems.append(
+            Problem(
+                "strategy.kind", "nsga2 needs two objective terms; use tpe, or add a second term"
             )
-        if self.strategy.kind == "grid":
-            try:
-                size = self.space.grid_size()
-            except ValueError as e:
-                problems.append(Problem("space.params", str(e)))
-            else:
-                if size == 0:
-                    problems.append(
-                        Problem(
-                            "space.constraints", "no grid point meets the constraints; relax them"
-                        )
-                    )
-        both = set(self.engine.flags) & set(self.space.params)
+        )
+    if strategy is not None and space is not None and strategy.kind == "grid":
+        try:
+            size = space.grid_size()
+        except ValueError as e:
+            problems.append(Problem("space.params", str(e)))
+        else:
+            if size == 0:
+                problems.append(
+                    Problem("space.constraints", "no grid point meets the constraints; relax them")
+                )
+    if engine is not None and space is not None:
+        both = set(engine.flags) & set(space.params)
         if both:
             problems.append(
                 Problem(
@@ -235,7 +287,7 @@ class StudySpec(_Model):
                     f"{sorted(both)} are also tuned in space.params; remove them from one of the two",
                 )
             )
-        return problems
+    return problems
 
 
 class Problem(BaseModel):
@@ -303,11 +355,40 @@ def parse_spec(data: Any) -> StudySpec:
             elif err["type"] == "literal_error" or err["type"] == "union_tag_invalid":
                 msg = err["msg"]
             problems.append(Problem(loc, msg))
-        raise SpecError(problems) from e
+        raise SpecError(problems + _partial_cross_problems(data)) from e
     problems = spec.problems()
     if problems:
         raise SpecError(problems)
     return spec
+
+
+def _partial_cross_problems(data: dict[str, Any]) -> list[Problem]:
+    """Cross-section problems among the sections of ``data`` that are valid on their own."""
+    parts: dict[str, Any] = {}
+    for name, field in StudySpec.model_fields.items():
+        if name == "name":
+            continue
+        if name not in data:
+            parts[name] = (
+                field.get_default(call_default_factory=True) if not field.is_required() else None
+            )
+            continue
+        value = data[name]
+        if name == "objective":
+            value = _objective_forms(value)
+        try:
+            annotation: Any = field.annotation
+            parts[name] = TypeAdapter[Any](annotation).validate_python(value)
+        except ValidationError:
+            parts[name] = None
+    return cross_problems(
+        engine=parts.get("engine"),
+        space=parts.get("space"),
+        strategy=parts.get("strategy"),
+        workload=parts.get("workload"),
+        slos=parts.get("slos"),
+        objective=parts.get("objective"),
+    )
 
 
 def objective_term(metric: str, direction: Literal["maximize", "minimize"]) -> ObjectiveTerm:
