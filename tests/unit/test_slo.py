@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from servetune.core.metrics import Distribution, LoadLevel, ServingMetrics
-from servetune.core.slo import Slo, check_slos, request_bounds
+from servetune.core.slo import Slo, SloCheck, SloReport, check_slos, request_bounds
 
 
 def _dist(p99: float) -> Distribution:
@@ -112,3 +112,38 @@ def test_slo_label_and_spec_validation() -> None:
         Slo.model_validate({"metric": "ttft_ms", "max_ms": 0})
     with pytest.raises(ValueError):
         Slo.model_validate({"metric": "output_tokens_per_s", "max_ms": 10})
+
+
+def test_missed_lists_each_failed_check_readably() -> None:
+    report = SloReport(
+        checks=[
+            SloCheck(
+                name="ttft_ms p99 ≤ 500 ms",
+                level="concurrency=8",
+                observed=812.0,
+                bound=500,
+                ok=False,
+                miss=0.624,
+            ),
+            SloCheck(
+                name="error_rate ≤ 0",
+                level="concurrency=1",
+                observed=0.0,
+                bound=0,
+                ok=True,
+                miss=0.0,
+            ),
+            SloCheck(
+                name="tpot_ms p50 ≤ 20 ms",
+                level="concurrency=1",
+                observed=None,
+                bound=20,
+                ok=False,
+                miss=1.0,
+            ),
+        ]
+    )
+    assert report.missed() == [
+        "ttft_ms p99 ≤ 500 ms at concurrency=8: 812",
+        "tpot_ms p50 ≤ 20 ms at concurrency=1: not measured",
+    ]

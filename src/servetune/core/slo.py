@@ -67,6 +67,15 @@ class SloReport(BaseModel):
         """True when every check holds."""
         return all(c.ok for c in self.checks)
 
+    def missed(self) -> list[str]:
+        """The failed checks, one readable line each: ``ttft_ms p99 ≤ 500 ms at concurrency=8: 812``."""
+        return [
+            f"{c.name} at {c.level}: "
+            + ("not measured" if c.observed is None else f"{c.observed:.4g}")
+            for c in self.checks
+            if not c.ok
+        ]
+
     @property
     def total_miss(self) -> float:
         """Sum of relative overshoots: how far an infeasible trial is from feasible (0 if feasible)."""

@@ -6,7 +6,6 @@ One self-contained file (plotly.js inlined once), readable offline.
 from __future__ import annotations
 
 import html
-import json
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
-from servetune.core.scoring import best_trial
+from servetune.core.scoring import best_trial, pareto_front
 from servetune.core.study import Trial, TrialRole, TrialState, format_params
 from servetune.engines import get_engine
 from servetune.store.repo import StudyRecord
@@ -52,7 +51,13 @@ def _trial_rows(trials: Sequence[Trial], best: Trial | None) -> str:
         failure = ""
         if r and r.failure_kind:
             failure = f"<b>{r.failure_kind.value}</b>: {html.escape(r.failure_reason or '')}"
-        notes = "<br>".join(html.escape(n) for n in (r.notes if r else []))
+        missed = (
+            r.slo_report.missed() if r and r.slo_report and r.state is TrialState.COMPLETE else []
+        )
+        notes = "<br>".join(
+            [f"<b>misses</b> {html.escape(m)}" for m in missed]
+            + [html.escape(n) for n in (r.notes if r else [])]
+        )
         rows.append(
             f"<tr class='{cls}'><td>{t.number}</td><td>{t.role.value}"
             f"{f' of {t.repeat_of}' if t.repeat_of is not None else ''}</td><td>{t.state.value}</td>"
@@ -161,6 +166,80 @@ def _pareto_plot(trials: Sequence[Trial], front: set[int]) -> go.Figure:
     return fig
 
 
+def _front_plot(record: StudyRecord, trials: Sequence[Trial], front: set[int]) -> go.Figure:
+    """Scatter of the two objective terms, the Pareto front joined by a line."""
+    t0, t1 = record.spec.objective.terms
+    done = [t for t in trials if t.state is TrialState.COMPLETE and t.result]
+
+    def xy(group: Sequence[Trial]) -> tuple[list[float | None], list[float | None]]:
+        return (
+            [t0.read(t.result.metrics) if t.result else None for t in group],
+            [t1.read(t.result.metrics) if t.result else None for t in group],
+        )
+
+    fig = go.Figure()
+    rest = [t for t in done if t.number not in front]
+    x, y = xy(rest)
+    fig.add_trace(
+        go.Scatter(
+            x=x,
+            y=y,
+            mode="markers+text",
+            name="other trials",
+            marker={"color": "#999"},
+            text=[str(t.number) for t in rest],
+            textposition="top center",
+        )
+    )
+    members = sorted(
+        (t for t in done if t.number in front),
+        key=lambda t: (t0.read(t.result.metrics) if t.result else None) or 0.0,
+    )
+    x, y = xy(members)
+    fig.add_trace(
+        go.Scatter(
+            x=x,
+            y=y,
+            mode="lines+markers+text",
+            name="Pareto front",
+            line={"color": "#2a2"},
+            marker={"size": 12},
+            text=[str(t.number) for t in members],
+            textposition="top center",
+        )
+    )
+    fig.update_layout(
+        title=f"Pareto front: {t0.label} vs {t1.label}",
+        xaxis_title=t0.metric,
+        yaxis_title=t1.metric,
+        height=420,
+        margin={"t": 50, "b": 40},
+    )
+    return fig
+
+
+def _front_table(record: StudyRecord, trials: Sequence[Trial], front: list[int]) -> str:
+    """The Pareto front as a table: each member's params and objective values."""
+    terms = record.spec.objective.terms
+    by_number = {t.number: t for t in trials}
+    rows = []
+    for n in front:
+        t = by_number.get(n)
+        if t is None or t.result is None:
+            continue
+        values = "".join(f"<td>{_fmt(term.read(t.result.metrics), 1)}</td>" for term in terms)
+        rows.append(
+            f"<tr><td>{n}</td><td><code>{html.escape(format_params(t.params))}</code></td>{values}</tr>"
+        )
+    head = "".join(f"<th>{html.escape(term.label)}</th>" for term in terms)
+    if not rows:
+        return "<h3>Pareto front</h3><p>No feasible trial: the front is empty.</p>"
+    return (
+        "<h3>Pareto front</h3><p>No trial on the front beats another on both objectives; pick by "
+        f"your own trade-off.</p><table><tr><th>#</th><th>params</th>{head}</tr>{''.join(rows)}</table>"
+    )
+
+
 def _importance_plot(record: StudyRecord, trials: Sequence[Trial]) -> go.Figure | None:
     from servetune.core.strategies.optuna import param_importances
 
@@ -187,14 +266,21 @@ def render_report(record: StudyRecord, trials: Sequence[Trial]) -> str:
     """The report of ``record`` as one HTML document (str)."""
     spec = record.spec
     search = [t for t in trials if t.role is not TrialRole.CONFIRM]
-    best = best_trial(search, spec.objective)
     verdict = record.verdict or {}
-    front = set(verdict.get("pareto_front") or [])
+    chosen = verdict.get("recommended_trial")
+    best = next(
+        (t for t in trials if chosen is not None and t.number == chosen), None
+    ) or best_trial(search, spec.objective)
+    front_numbers = list(verdict.get("pareto_front") or [])
+    if len(spec.objective.terms) > 1 and not front_numbers:
+        front_numbers = [t.number for t in pareto_front(search, spec.objective)]
+    front = set(front_numbers)
     figs = [
         f
         for f in (
             _objective_plot(record, trials),
             _pareto_plot(trials, front),
+            _front_plot(record, search, front) if len(spec.objective.terms) > 1 else None,
             _importance_plot(record, search),
         )
         if f is not None
@@ -205,11 +291,15 @@ def render_report(record: StudyRecord, trials: Sequence[Trial]) -> str:
     winner = "<p>No trial completed.</p>"
     if best is not None:
         cmd = get_engine(spec.engine).launch_command(best.params, host="127.0.0.1", port=8080)
+        why = verdict.get("recommendation")
         winner = (
-            f"<p>Best: trial {best.number} ({'feasible' if best.feasible else 'infeasible'}), params "
-            f"<code>{html.escape(json.dumps(best.params) or '(defaults)')}</code></p>"
-            f"<pre>{html.escape(cmd.display())}</pre>"
+            f"<p>Recommended: trial {best.number} ({'feasible' if best.feasible else 'misses the SLOs'}), "
+            f"params <code>{html.escape(format_params(best.params))}</code></p>"
+            + (f"<p>{html.escape(why)}</p>" if why else "")
+            + f"<pre>{html.escape(cmd.display())}</pre>"
         )
+    if len(spec.objective.terms) > 1:
+        winner += _front_table(record, trials, front_numbers)
     summary = verdict.get("summary")
     v = verdict.get("verdict") or {}
     verdict_html = (
