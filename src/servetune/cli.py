@@ -596,6 +596,68 @@ def report(
 # ---- one-off benchmark ----------------------------------------------------------------------
 
 
+_BENCH_OPTIONS = {
+    "api": "--api",
+    "input_tokens": "--input-tokens",
+    "output_tokens": "--output-tokens",
+    "concurrency": "--concurrency",
+    "request_rates_per_s": "--rate",
+    "num_requests": "--num-requests",
+    "duration_s": "--duration-s",
+    "warmup_requests": "--warmup",
+    "seed": "--seed",
+}
+"""``bench``'s option for each Workload field, so validation errors name what the user typed."""
+
+
+def _short(value: float | None) -> str:
+    """A number in at most ~5 characters: ``2.83``, ``89.5``, ``6052``; ``-`` for None."""
+    if value is None:
+        return "-"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def _bench_table(metrics: Sequence[Any], *, rate_mode: bool) -> Table:
+    """One row per load level of ``bench``, borderless and short enough for 80 columns."""
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for header in (
+        "rate/s" if rate_mode else "conc",
+        "ok",
+        "fail",
+        "tok/s",
+        "req/s",
+        "TTFT p50",
+        "TTFT p99",
+        "TPOT p50",
+        "ITL p99",
+        "E2E p99",
+    ):
+        table.add_column(header, justify="right", no_wrap=True, overflow="fold")
+    for m in metrics:
+        table.add_row(
+            f"{m.level.value:g}",
+            str(m.completed),
+            str(m.failed),
+            _short(m.output_tokens_per_s),
+            _short(m.requests_per_s),
+            *(
+                _short(m.value(name))
+                for name in (
+                    "ttft_ms.p50",
+                    "ttft_ms.p99",
+                    "tpot_ms.p50",
+                    "itl_ms.p99",
+                    "e2e_latency_ms.p99",
+                )
+            ),
+        )
+    return table
+
+
 @app.command()
 def bench(
     url: Annotated[
@@ -622,25 +684,41 @@ def bench(
     tokenizer: Annotated[
         str | None, typer.Option(help="Tokenizer dir (default: the server's /tokenize).")
     ] = None,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the prompts (and arrivals); change it for fresh prompts.")
+    ] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Benchmark an already-running endpoint once with the built-in client and print the metrics."""
+    """Benchmark an already-running endpoint once with the built-in client and print the metrics.
+
+    Exit status 2 for bad options (naming the option), 1 when the benchmark cannot run, 130 on
+    Ctrl-C, 143 on SIGTERM.
+    """
     from pydantic import ValidationError
 
     from servetune.bench.builtin import bench_endpoint
     from servetune.core.spec import Workload
 
-    def floats(text: str | None, field: str) -> list[float] | None:
+    def numbers(text: str | None, option: str, kind: type[float] | type[int]) -> list[Any] | None:
         if text is None:
             return None
+        what = "whole numbers" if kind is int else "numbers"
         try:
-            return [float(x) for x in text.split(",") if x.strip()]
+            values = [kind(x) for x in text.split(",") if x.strip()]
         except ValueError:
-            raise _fail(f"--{field} takes comma-separated numbers, e.g. 1,4") from None
+            values = []
+        if not values:
+            raise _fail(f"{option} takes comma-separated {what}, e.g. 1,4; got {text!r}", 2)
+        return values
 
-    conc = floats(concurrency, "concurrency")
-    if conc is None and rate is None:
-        conc = [1.0]
+    if concurrency is not None and rate is not None:
+        raise _fail("give either --concurrency or --rate, not both", 2)
+    if num_requests is not None and duration_s is not None:
+        raise _fail("give either --num-requests or --duration-s, not both", 2)
+    conc = numbers(concurrency, "--concurrency", int)
+    rates = numbers(rate, "--rate", float)
+    if conc is None and rates is None:
+        conc = [1]
     if num_requests is None and duration_s is None:
         num_requests = 16
     try:
@@ -648,56 +726,45 @@ def bench(
             api=api,
             input_tokens=input_tokens,
             output_tokens=output_tokens,
-            concurrency=[int(c) for c in conc] if conc else None,
-            request_rates_per_s=floats(rate, "rate"),
+            concurrency=conc,
+            request_rates_per_s=rates,
             num_requests=num_requests,
             duration_s=duration_s,
             warmup_requests=warmup,
+            seed=seed,
         )
     except ValidationError as e:
         for err in e.errors(include_url=False):
-            loc = ".".join(str(x) for x in err["loc"])
-            err_console.print(f"  [yellow]{loc or 'options'}[/]: {err['msg']}", highlight=False)
+            field = str(err["loc"][0]) if err["loc"] else ""
+            option = _BENCH_OPTIONS.get(field, field or "options")
+            err_console.print(
+                f"[bold red]error:[/] {option}: {escape(err['msg'])} (got {err['input']!r})",
+                highlight=False,
+                soft_wrap=True,
+            )
         raise typer.Exit(2) from None
     try:
         metrics = _run_async(bench_endpoint(url, model, workload, tokenizer))
     except ServetuneError as e:
         raise _fail(str(e)) from None
+    except asyncio.CancelledError as e:
+        code = signal_exit_code(e)
+        how = "" if code == 130 else f" by {signal.Signals(code - 128).name}"
+        err_console.print(f"[yellow]interrupted{how}[/]: no metrics", highlight=False)
+        raise typer.Exit(code) from None
     if as_json:
         sys.stdout.write(json.dumps([m.model_dump(mode="json") for m in metrics], indent=2) + "\n")
         return
-    table = Table(
-        "level",
-        "ok",
-        "failed",
-        "out tok/s",
-        "req/s",
-        "TTFT p50",
-        "TTFT p99",
-        "TPOT p50",
-        "ITL p99",
-        "E2E p99",
-    )
+    console.print(_bench_table(metrics, rate_mode=rates is not None))
+    console.print("latencies in ms; tok/s = output tokens per second", highlight=False)
     for m in metrics:
-
-        def ms(name: str, mm: Any = m) -> str:
-            v = mm.value(name)
-            return f"{v:.1f}" if v is not None else "-"
-
-        table.add_row(
-            m.level.label,
-            str(m.completed),
-            str(m.failed),
-            f"{m.output_tokens_per_s:.1f}",
-            f"{m.requests_per_s:.2f}",
-            ms("ttft_ms.p50"),
-            ms("ttft_ms.p99"),
-            ms("tpot_ms.p50"),
-            ms("itl_ms.p99"),
-            ms("e2e_latency_ms.p99"),
-        )
-    console.print(table)
-    console.print("latencies in ms")
+        for kind, count in m.failed_by_kind.items():
+            example = m.error_examples.get(kind)
+            line = f"{m.level.label}: {count} failed with {kind}"
+            if example:
+                flat = " ".join(example.split())
+                line += f": {flat[:300]}" + ("…" if len(flat) > 300 else "")
+            console.print(f"[red]{escape(line)}[/]", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

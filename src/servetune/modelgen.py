@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -23,8 +23,10 @@ logger = logging.getLogger(__name__)
 
 ModelSize = Literal["tiny", "small"]
 
-RECIPE_VERSION = 1
-"""Bumped whenever the recipe changes, so old files on disk are regenerated."""
+RECIPE_VERSION = 2
+"""Bumped whenever the recipe changes, so old files on disk are regenerated.
+
+2: untied F16 ``output.weight`` with zero rows for text-less tokens; F16 ``token_embd``."""
 
 EOS_TOKEN = "<|endoftext|>"
 """The one special token (id 0): end of text, also used as BOS (which is never added)."""
@@ -44,8 +46,8 @@ MARKER_NAME = "servetune-model.json"
 class ModelShape:
     """Architecture of a generated model (Llama: RMSNorm, RoPE, SwiGLU, grouped-query attention).
 
-    The output projection is tied to the token embedding (no ``output.weight``; llama.cpp reuses
-    ``token_embd.weight``), as in Llama 3.2 1B.
+    The output projection ``output.weight`` is its own tensor (not tied to ``token_embd.weight``),
+    so the rows of tokens that must never be generated can be zero (see ``textless_token_ids``).
     """
 
     vocab_size: int
@@ -66,7 +68,7 @@ SHAPES: dict[str, ModelShape] = {
     "tiny": ModelShape(vocab_size=4096, dim=256, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=512),
     "small": ModelShape(vocab_size=8192, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=512),
 }
-"""tiny ≈ 15 MB (F32), small ≈ 67 MB (F32)."""
+"""tiny ≈ 15 MB, small ≈ 67 MB (F32 blocks, F16 token embedding and output projection)."""
 
 
 @dataclass(frozen=True)
@@ -83,10 +85,15 @@ def make_model(size: ModelSize, out_dir: Path, seed: int = 0) -> ModelFiles:
 
     The tokenizer is a byte-level BPE (GPT-2 style; ``tokenizer.ggml.pre = gpt-2``) trained on the
     pydoc topics that ship with Python, so the Hugging Face tokenizer and llama.cpp count the same
-    tokens. Weights are F32 normal(0, 0.02) drawn from ``numpy.random.default_rng(seed)``; norms are
-    ones. Same ``size`` and ``seed`` → byte-identical files. When the files already exist and the
-    marker file (``servetune-model.json``) matches the recipe, size, seed and file hashes, nothing
-    is rewritten.
+    tokens. Weights are normal(0, 0.02) drawn from ``numpy.random.default_rng(seed)``: F32 in the
+    blocks, F16 for the token embedding and the (untied) output projection; norms are ones. The
+    output rows of the tokens in ``textless_token_ids`` are zero, so greedy decoding (temperature 0)
+    always picks a token with text of its own: against thousands of random logits of either sign a
+    logit of exactly 0 never wins the argmax in practice. Without this a streaming server holds back
+    a lone UTF-8 continuation byte, and a request can end with no text at all, which a benchmark
+    counts as a failed request. Same ``size`` and ``seed`` → byte-identical files. When the files
+    already exist and the marker file (``servetune-model.json``) matches the recipe, size, seed and
+    file hashes, nothing is rewritten.
 
     Raises ValueError for an unknown size and OSError when ``out_dir`` cannot be written.
     """
@@ -218,8 +225,33 @@ def _write_tokenizer(tokenizer, tok_dir: Path, shape: ModelShape) -> None:  # ty
     _atomic_write_text(tok_dir / "special_tokens_map.json", json.dumps(specials, indent=2) + "\n")
 
 
+def textless_token_ids(tokens: Sequence[str], special: Collection[int] = (0,)) -> list[int]:
+    """Ids of byte-level BPE ``tokens`` that carry no text of their own, in increasing order.
+
+    ``tokens[i]`` is the vocabulary string of id ``i`` in GPT-2's byte-level alphabet; it is mapped
+    back to bytes with GPT-2's byte↔unicode table (``gguf.vocab.bytes_to_unicode``, the table the
+    ``tokenizers`` ByteLevel decoder uses) and is text-less when those bytes are not valid UTF-8 on
+    their own (strict ``bytes.decode('utf-8')``: a lone continuation byte, a cut multi-byte
+    sequence). The ``special`` ids (``<|endoftext|>``) are included too. Raises KeyError for a
+    character outside the byte-level alphabet in a non-special token.
+    """
+    from gguf.vocab import bytes_to_unicode
+
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    out = []
+    for i, token in enumerate(tokens):
+        if i in special:
+            out.append(i)
+            continue
+        try:
+            bytes(byte_of[c] for c in token).decode("utf-8")
+        except UnicodeDecodeError:
+            out.append(i)
+    return out
+
+
 def _write_gguf(tokenizer, shape: ModelShape, name: str, seed: int, path: Path) -> None:  # type: ignore[no-untyped-def]
-    """The GGUF file: llama architecture metadata, the BPE vocabulary and merges, F32 tensors."""
+    """The GGUF file: llama architecture metadata, the BPE vocabulary and merges, the tensors."""
     import gguf
 
     model = json.loads(tokenizer.to_str())["model"]
@@ -244,7 +276,7 @@ def _write_gguf(tokenizer, shape: ModelShape, name: str, seed: int, path: Path) 
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(n_vocab)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    # no general.file_type: the tensors mix F32 and F16 (llama.cpp then guesses it for its log)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")
     w.add_token_list(tokens)
@@ -263,7 +295,7 @@ def _write_gguf(tokenizer, shape: ModelShape, name: str, seed: int, path: Path) 
         return (rng.standard_normal(dims) * 0.02).astype(np.float32)
 
     ones = np.ones(d, np.float32)
-    w.add_tensor("token_embd.weight", normal(n_vocab, d))
+    w.add_tensor("token_embd.weight", normal(n_vocab, d).astype(np.float16))
     w.add_tensor("output_norm.weight", ones)
     for b in range(shape.n_layers):
         p = f"blk.{b}."
@@ -276,6 +308,9 @@ def _write_gguf(tokenizer, shape: ModelShape, name: str, seed: int, path: Path) 
         w.add_tensor(p + "ffn_gate.weight", normal(f, d))
         w.add_tensor(p + "ffn_up.weight", normal(f, d))
         w.add_tensor(p + "ffn_down.weight", normal(d, f))
+    output = normal(n_vocab, d)
+    output[textless_token_ids(tokens)] = 0.0
+    w.add_tensor("output.weight", output.astype(np.float16))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
+from servetune.core.space import Param, SearchSpace
 from servetune.core.spec import EngineSpec, Problem, SpecError, StudySpec, parse_spec
 from servetune.core.strategies.base import make_strategy
 from servetune.engines import get_engine
@@ -70,13 +71,27 @@ def validate_document(data: dict[str, Any]) -> StudySpec:
 
 
 def _engine_problems(data: dict[str, Any], known: list[Problem]) -> list[Problem]:
-    """Engine-level problems of a spec whose other parts are invalid (when its engine section parses)."""
+    """Engine-level problems of a spec whose other parts are invalid (when its engine section
+    parses): the engine section's own, and those of every space param that parses on its own."""
     try:
         engine_spec = TypeAdapter(EngineSpec).validate_python(data.get("engine"))
     except ValidationError:
         return []
+    engine = get_engine(engine_spec)
+    found = engine.check_engine()
+    raw_space = data.get("space")
+    raw_params = raw_space.get("params") if isinstance(raw_space, dict) else None
+    if isinstance(raw_params, dict):
+        params: dict[str, Any] = {}
+        for name, raw in raw_params.items():
+            try:
+                params[str(name)] = TypeAdapter(Param).validate_python(raw)
+            except ValidationError:
+                continue
+        if params:
+            found += engine.check_space(SearchSpace.model_construct(params=params, constraints=[]))
     seen = {(p.loc, p.message) for p in known}
-    return [p for p in get_engine(engine_spec).check_engine() if (p.loc, p.message) not in seen]
+    return [p for p in found if (p.loc, p.message) not in seen]
 
 
 def load_spec(path: Path) -> tuple[StudySpec, dict[str, Any]]:

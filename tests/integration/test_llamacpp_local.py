@@ -131,6 +131,10 @@ def test_a_failing_candidate_raises_engine_start_failed_with_its_kind(
     with pytest.raises(EngineStartFailed) as exc:
         asyncio.run(scenario())
     assert exc.value.kind is kind, exc.value.reason
+    if kind is FailureKind.KV_CACHE_TOO_SMALL:  # what to do, with the log line as evidence
+        reason = exc.value.reason
+        assert "lower ctx-size or parallel, or use a quantized cache-type-k/v" in reason, reason
+        assert "failed to allocate buffer for kv cache" in reason, reason
 
 
 def test_a_missing_model_fails_as_model_load_failed(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
-"""The generated models: byte-identical for a seed, reused when present, and the Hugging Face
-tokenizer counts exactly the tokens the real llama.cpp server counts."""
+"""The generated models: byte-identical for a seed, reused when present, the Hugging Face
+tokenizer counts exactly the tokens the real llama.cpp server counts, and greedy output has text."""
 
 from __future__ import annotations
 
@@ -8,13 +8,17 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
+import numpy as np
 import pytest
-from tokenizers import Tokenizer
+from gguf import GGUFReader
+from tokenizers import Tokenizer, decoders
 
+from servetune.bench.prompts import PromptBuilder
 from servetune.engines.llamacpp import read_context_length
-from servetune.modelgen import SHAPES, ModelFiles, make_model
+from servetune.modelgen import SHAPES, ModelFiles, make_model, textless_token_ids
 from tests.integration.llamacpp_helpers import running_engine, tiny_engine
 
 pytestmark = pytest.mark.integration
@@ -55,6 +59,91 @@ def test_existing_files_are_reused_and_damaged_ones_regenerated(tmp_path: Path) 
         f.write(b"\x7f")
     make_model("tiny", tmp_path, seed=3)
     assert first.gguf_path.read_bytes() == original
+
+
+def test_small_model_size_and_untied_output(tmp_path: Path) -> None:
+    small = make_model("small", tmp_path / "small")
+    assert 64e6 < small.size_bytes < 70e6
+    names = {t.name for t in GGUFReader(small.gguf_path).tensors}
+    assert {"token_embd.weight", "output.weight"} <= names
+
+
+def test_output_rows_of_tokens_without_text_of_their_own_are_zero(tiny_model: ModelFiles) -> None:
+    """Exactly the tokens the tokenizers ByteLevel decoder cannot turn into text on their own
+    (it writes U+FFFD for bytes that are not valid UTF-8), and <|endoftext|>, can never win."""
+    tok = Tokenizer.from_file(str(tiny_model.tokenizer_dir / "tokenizer.json"))
+    byte_level = decoders.ByteLevel()
+    vocab = [tok.id_to_token(i) for i in range(tok.get_vocab_size())]
+    expected = {0} | {i for i, t in enumerate(vocab) if "\ufffd" in byte_level.decode([t])}
+    assert 169 in expected  # a lone UTF-8 continuation byte, seen streaming no text
+    assert textless_token_ids(vocab) == sorted(expected)
+
+    tensors = {t.name: t for t in GGUFReader(tiny_model.gguf_path).tensors}
+    output = np.asarray(tensors["output.weight"].data, dtype=np.float32)
+    embedding = np.asarray(tensors["token_embd.weight"].data, dtype=np.float32)
+    assert output.shape == embedding.shape == (len(vocab), SHAPES["tiny"].dim)
+    zero_rows = {i for i in range(len(vocab)) if not output[i].any()}
+    assert zero_rows == expected
+    assert all(embedding[i].any() for i in expected)  # such tokens still read fine in a prompt
+
+
+async def stream_one(
+    client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int
+) -> tuple[int, dict[str, Any]]:
+    """(content chunks, usage) of one request as the benchmark client sends it."""
+    body = {
+        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+    }  # fmt: skip
+    chunks, usage = 0, dict[str, Any]()
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[len("data: ") :])
+            if event.get("choices") and event["choices"][0].get("text"):
+                chunks += 1
+            usage = event.get("usage") or usage
+    return chunks, usage
+
+
+def test_every_benchmark_prompt_streams_text_under_greedy_decoding(
+    tiny_model: ModelFiles, tmp_path: Path
+) -> None:
+    """48 distinct 32-token prompts built like the benchmark builds them, 8 output tokens at
+    temperature 0: each request streams text (none ends as a `no_output` failure)."""
+    n, input_tokens, output_tokens = 48, 32, 8
+    engine = tiny_engine(tiny_model.gguf_path)
+
+    async def scenario() -> list[tuple[int, dict[str, Any]]]:
+        builder = PromptBuilder.from_tokenizer(tiny_model.tokenizer_dir, input_tokens)
+        try:
+            prompts = await builder.build(n)
+        finally:
+            await builder.aclose()
+        assert len({p.text for p in prompts}) == n
+        assert {p.token_count for p in prompts} == {input_tokens}
+        gate = asyncio.Semaphore(4)
+        # a fresh connection per request, as the benchmark client does
+        limits = httpx.Limits(max_keepalive_connections=0)
+        async with (
+            running_engine(
+                engine, {"parallel": 4, "ctx-size": 1024}, tmp_path / "e.log"
+            ) as started,
+            httpx.AsyncClient(base_url=started.endpoint.base_url, timeout=30, limits=limits) as c,
+        ):
+
+            async def one(text: str) -> tuple[int, dict[str, Any]]:
+                async with gate:
+                    return await stream_one(c, started.endpoint.model, text, output_tokens)
+
+            return list(await asyncio.gather(*(one(p.text) for p in prompts)))
+
+    results = asyncio.run(scenario())
+    assert [i for i, (chunks, _) in enumerate(results) if chunks == 0] == []
+    assert [u.get("completion_tokens") for _, u in results] == [output_tokens] * n
+    assert [u.get("prompt_tokens") for _, u in results] == [input_tokens] * n
 
 
 def test_generated_model_metadata_and_tokenizer_config(tiny_model: ModelFiles) -> None:

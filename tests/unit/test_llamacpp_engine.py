@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from servetune.core.space import SearchSpace
 from servetune.core.spec import LlamaCppEngineSpec, StudySpec, Workload
 from servetune.core.study import FailureKind, Params
 from servetune.engines import get_engine
@@ -322,6 +323,121 @@ def test_check_spec_reports_a_missing_binary(tiny_model: ModelFiles) -> None:
     assert "bool param" in found["space.params.parallel"]
 
 
+def space(params: dict[str, Any]) -> SearchSpace:
+    return SearchSpace.model_validate({"params": params})
+
+
+def space_problems(params: dict[str, Any]) -> dict[str, str]:
+    return {p.loc: p.message for p in engine().check_space(space(params))}
+
+
+def test_check_space_reports_flag_problems_without_the_rest_of_the_spec() -> None:
+    """The space alone is checked: no model, tokenizer or binary problem leaks in."""
+    found = space_problems(
+        {"paralel": {"kind": "int", "low": 1, "high": 4}, "ctx-size": {"kind": "bool"},
+         "parallel": {"kind": "int", "low": 1, "high": 4}}
+    )  # fmt: skip
+    assert set(found) == {"space.params.paralel", "space.params.ctx-size"}
+    assert "did you mean 'parallel'" in found["space.params.paralel"]
+
+
+def test_check_spec_is_check_space_plus_check_engine(tiny_model: ModelFiles) -> None:
+    spec = study(
+        None,
+        {"paralel": {"kind": "int", "low": 1, "high": 4}, "warmup": {"kind": "int", "low": 0,
+         "high": 1}}, tokenizer=str(tiny_model.gguf_path.parent / "absent"),
+    )  # fmt: skip
+    eng = get_engine(spec.engine)
+    assert eng.check_spec(spec) == eng.check_space(spec.space) + eng.check_engine()
+    assert {p.loc for p in eng.check_spec(spec)} == {
+        "space.params.paralel", "space.params.warmup", "engine.model", "engine.tokenizer",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "param",
+    [{"kind": "choice", "values": [1, 2]}, {"kind": "int", "low": 0, "high": 1},
+     {"kind": "float", "low": 0, "high": 1}, {"kind": "choice", "values": [True, "no"]}],
+)  # fmt: skip
+def test_a_bool_flag_driven_by_another_kind_is_told_to_use_kind_bool(param: dict[str, Any]) -> None:
+    message = space_problems({"cont-batching": param})["space.params.cont-batching"]
+    assert "kind: bool" in message
+    assert "kind: choice" not in message
+
+
+def test_a_bool_flag_accepts_kind_bool_and_a_choice_of_bools() -> None:
+    assert space_problems({"cont-batching": {"kind": "bool"}}) == {}
+    assert space_problems({"warmup": {"kind": "choice", "values": [True, False]}}) == {}
+
+
+@pytest.mark.parametrize(
+    ("name", "param", "never"),
+    [("parallel", {"kind": "int", "low": -5, "high": 0}, "(-5, -4)"),
+     ("threads", {"kind": "int", "low": -1, "high": 4}, "(0)"),
+     ("parallel", {"kind": "int", "low": -(10**12), "high": 8}, f"({-(10**12)}, {1 - 10**12})"),
+     ("batch-size", {"kind": "int", "low": 0, "high": 512, "step": 256}, "(0)"),
+     ("ctx-size", {"kind": "int", "low": -4096, "high": 4096, "step": 4096}, "(-4096)"),
+     ("threads-batch", {"kind": "choice", "values": [-1, 0, 2]}, "threads-batch = 0")],
+)  # fmt: skip
+def test_int_ranges_with_values_llama_cpp_never_runs_are_problems(
+    name: str, param: dict[str, Any], never: str
+) -> None:
+    message = space_problems({name: param})[f"space.params.{name}"]
+    assert name in message and never in message
+    assert "use ≥" in message
+
+
+def test_int_ranges_llama_cpp_can_run_are_fine() -> None:
+    assert space_problems({
+        "parallel": {"kind": "int", "low": -1, "high": 7, "step": 2},  # -1 = auto, 1, 3, 5, 7
+        "threads": {"kind": "choice", "values": [-1, 1, 2]},
+        "ctx-size": {"kind": "int", "low": 0, "high": 8192, "step": 4096},
+        "batch-size": {"kind": "int", "low": 64, "high": 4096, "log": True},
+        "cache-reuse": {"kind": "int", "low": 0, "high": 256},
+    }) == {}  # fmt: skip
+
+
+def test_fixed_flags_llama_cpp_never_runs_are_problems(tiny_model: ModelFiles) -> None:
+    spec = study(tiny_model, {"threads": {"kind": "int", "low": 1, "high": 2}},
+                 flags={"parallel": 0, "ubatch-size": -1})  # fmt: skip
+    found = problems(spec)
+    assert "parallel = 0 never runs" in found["engine.flags.parallel"]
+    assert "ubatch-size = -1 never runs: use ≥ 1" in found["engine.flags.ubatch-size"]
+
+
+def test_a_model_path_that_is_a_directory_is_named_as_one(tiny_model: ModelFiles) -> None:
+    spec = study(tiny_model, {"parallel": {"kind": "int", "low": 1, "high": 2}})
+    spec = spec.model_copy(
+        update={
+            "engine": spec.engine.model_copy(update={"model": str(tiny_model.gguf_path.parent)})
+        }
+    )
+    message = problems(spec)["engine.model"]
+    assert "is a directory" in message and "model.gguf" in message
+    assert "does not exist" not in message
+
+
+def test_a_tokenizer_path_that_does_not_load_is_a_problem(
+    tiny_model: ModelFiles, tmp_path: Path
+) -> None:
+    def tokenizer_problem(path: Path) -> str | None:
+        found = problems(study(tiny_model, {"parallel": {"kind": "bool"}}, tokenizer=str(path)))
+        return found.get("engine.tokenizer")
+
+    assert tokenizer_problem(tiny_model.tokenizer_dir) is None
+    assert tokenizer_problem(tiny_model.tokenizer_dir / "tokenizer.json") is None
+    message = tokenizer_problem(tiny_model.tokenizer_dir / "special_tokens_map.json")
+    assert message is not None
+    assert "not a loadable tokenizer" in message and "special_tokens_map.json" in message
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text('{"version": "1.0", "model": 3}')
+    message = tokenizer_problem(broken)
+    assert message is not None and "not a loadable tokenizer" in message
+    message = tokenizer_problem(tmp_path)
+    assert message is not None and "without tokenizer.json" in message
+
+
 # ---- classify_failure -------------------------------------------------------------------------
 
 
@@ -353,6 +469,18 @@ def test_classify_captured_start_up_logs(
     assert got_kind is kind
     assert evidence in reason
     assert not reason.startswith("0.0")  # llama.cpp's timestamp prefix is stripped
+
+
+def test_a_kv_cache_failure_says_what_to_change_and_quotes_the_log() -> None:
+    kind, reason = engine().classify_failure((LOGS / "huge_ctx.log").read_text(), 1)
+    assert kind is FailureKind.KV_CACHE_TOO_SMALL
+    assert reason.startswith("the KV cache these flags ask for could not be allocated (")
+    assert (
+        "llama_init_from_model: failed to initialize the context: failed to allocate buffer for "
+        "kv cache" in reason
+    )
+    assert "attempted to allocate 234376.00 MB" in reason  # how much it asked for
+    assert "lower ctx-size or parallel, or use a quantized cache-type-k/v" in reason
 
 
 @pytest.mark.parametrize(

@@ -104,6 +104,25 @@ def test_summary_counts_failures_by_kind_and_excludes_warmup() -> None:
     assert m.duration_s == pytest.approx(0.9)
 
 
+def test_summary_keeps_the_first_error_message_of_each_kind() -> None:
+    records = [
+        RequestRecord(
+            sent_s=0.0, done_s=0.1, error_kind="http_400", error="context too long", warmup=True
+        ),
+        _ok(0.1, [0.2, 0.3]),
+        RequestRecord(sent_s=0.2, done_s=0.3, error_kind="http_500", error="first 500"),
+        RequestRecord(sent_s=0.3, done_s=0.4, error_kind="http_500", error="second 500"),
+        RequestRecord(sent_s=0.4, done_s=0.5, error_kind="timeout"),  # no message: no example
+        RequestRecord(sent_s=0.5, done_s=0.6, error_kind="timeout", error="read timed out"),
+        RequestRecord(sent_s=0.6, done_s=0.7),  # no content, no message
+    ]
+    m = summarize(LEVEL, records)
+    # warm-up errors are not measured; the first message per kind, in issue order
+    assert m.error_examples == {"http_500": "first 500", "timeout": "read timed out"}
+    assert m.failed_by_kind == {"http_500": 2, "no_output": 1, "timeout": 2}
+    assert summarize(LEVEL, [_ok(0.0, [0.1, 0.2])]).error_examples == {}
+
+
 def test_summary_distributions_use_successful_requests_and_every_itl_gap() -> None:
     m = summarize(LEVEL, _records())
     assert m.ttft_ms is not None and m.ttft_ms.count == 3

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from servetune.core.space import SearchSpace
 from servetune.core.spec import Problem, StudySpec, Workload
 from servetune.core.study import FailureKind, Params, ParamValue
 
@@ -75,8 +76,16 @@ class Engine(Protocol):
         """Reasons ``params`` cannot serve ``workload`` (empty = fine to launch)."""
         ...
 
+    def check_space(self, space: SearchSpace) -> list[Problem]:
+        """Problems of the search space only this engine can see: unknown flag names (with
+        suggestions), wrong kinds/values; usable when the rest of the spec is invalid."""
+        ...
+
     def check_spec(self, spec: StudySpec) -> list[Problem]:
-        """Problems of the spec only this engine can see (unknown flags, wrong types, missing model)."""
+        """Problems of the spec only this engine can see (unknown flags, wrong types, missing model).
+
+        ``check_space(spec.space) + check_engine()`` plus whatever needs the whole spec.
+        """
         ...
 
     def check_engine(self) -> list[Problem]:

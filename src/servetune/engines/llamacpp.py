@@ -17,7 +17,15 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
 
-from servetune.core.space import BoolParam, ChoiceParam, FloatParam, IntParam, LogParam, Param
+from servetune.core.space import (
+    BoolParam,
+    ChoiceParam,
+    FloatParam,
+    IntParam,
+    LogParam,
+    Param,
+    SearchSpace,
+)
 from servetune.core.spec import LlamaCppEngineSpec, Problem, StudySpec, Workload
 from servetune.core.study import FailureKind, Params, ParamValue
 from servetune.engines.base import Endpoint, FlagInfo, LaunchCommand
@@ -198,6 +206,21 @@ only it exists in every llama-server version, e.g. --no-mmap)."""
 
 _INT_KEYWORDS: Mapping[str, tuple[str, ...]] = MappingProxyType({"n-gpu-layers": ("auto", "all")})
 """Words an int flag also accepts."""
+
+_INT_RANGES: Mapping[str, tuple[int, int | None]] = MappingProxyType(
+    {
+        "threads": (1, -1),
+        "threads-batch": (1, -1),
+        "threads-http": (1, -1),
+        "parallel": (1, -1),
+        "batch-size": (1, None),
+        "ubatch-size": (1, None),
+        "ctx-size": (0, None),
+    }
+)
+"""Int flags whose values llama.cpp can run: (smallest value, the one value below it that means
+auto, or None). Sources: the --threads/--parallel help ("-1 = auto"), llama-server refusing
+--parallel 0 and --batch-size 0, ctx-size 0 meaning the model's context length."""
 
 _ALIASES: Mapping[str, str] = MappingProxyType(
     {
@@ -388,14 +411,10 @@ class LlamaCppEngine:
                 return None
             return iv if iv == v else None
 
-        for name in ("threads", "threads-batch", "threads-http", "parallel"):
+        for name in _INT_RANGES:
             v = as_int(name)
-            if v is not None and v < 1 and v != -1:
-                reasons.append(f"{name} = {v}: use ≥ 1, or -1 for auto")
-        batch, ubatch = as_int("batch-size"), as_int("ubatch-size")
-        for name, v in (("batch-size", batch), ("ubatch-size", ubatch)):
-            if v is not None and v < 1:
-                reasons.append(f"{name} = {v}: use ≥ 1")
+            if name != "ctx-size" and v is not None and not _int_allowed(name, v):
+                reasons.append(f"{name} = {v}: {_int_range_text(name)}")
         for name in ("cache-type-k", "cache-type-v", "flash-attn", "load-mode", "fit"):
             choice = f.get(name)
             info = CATALOGUE[name]
@@ -436,19 +455,26 @@ class LlamaCppEngine:
     # ---- spec checks -----------------------------------------------------------------------
 
     def check_spec(self, spec: StudySpec) -> list[Problem]:
-        """Problems only llama.cpp can see: unknown or reserved flags (with the closest known name),
-        values of the wrong type, a missing model file or tokenizer, a missing binary."""
+        """Problems only llama.cpp can see: ``check_space(spec.space) + check_engine()`` (no check
+        needs the whole spec yet)."""
+        return self.check_space(spec.space) + self.check_engine()
+
+    def check_space(self, space: SearchSpace) -> list[Problem]:
+        """Problems of the search space alone, at ``space.params.<name>``: unknown or reserved flag
+        names (with the closest known name), a param kind that cannot drive the flag (with the
+        kind that can), values llama.cpp never runs (e.g. parallel 0).
+
+        Usable when the rest of the spec is invalid, so every problem is reported at once.
+        """
         problems: list[Problem] = []
-        for name, param in spec.space.params.items():
+        for name, param in space.params.items():
             loc = f"space.params.{name}"
             msg = _name_problem(name)
+            if msg is None:
+                msg = _param_type_problem(CATALOGUE[name], param)
             if msg:
                 problems.append(Problem(loc, msg))
-                continue
-            msg = _param_type_problem(CATALOGUE[name], param)
-            if msg:
-                problems.append(Problem(loc, msg))
-        return problems + self.check_engine()
+        return problems
 
     def check_engine(self) -> list[Problem]:
         """Problems of the ``engine`` section alone: fixed flags, model file, tokenizer, binary.
@@ -471,24 +497,24 @@ class LlamaCppEngine:
             "generate a test model with `servetune make-model --size tiny --out DIR` "
             "or give a GGUF path"
         )
-        if not model.is_file():
+        if model.is_dir():
+            inside = sorted(p.name for p in model.glob("*.gguf"))[:3]
+            hint = f" (it holds {', '.join(inside)})" if inside else ""
+            problems.append(
+                Problem(
+                    "engine.model",
+                    f"{engine.model} is a directory{hint}; engine.model takes the GGUF file "
+                    f"itself; {fix}",
+                )
+            )
+        elif not model.is_file():
             problems.append(Problem("engine.model", f"{engine.model} does not exist; {fix}"))
         elif not _is_gguf(model):
             problems.append(Problem("engine.model", f"{engine.model} is not a GGUF file; {fix}"))
         if engine.tokenizer is not None:
-            tok = Path(engine.tokenizer).expanduser()
-            ok = (tok.is_dir() and (tok / "tokenizer.json").is_file()) or (
-                tok.is_file() and tok.name.endswith(".json")
-            )
-            if not ok:
-                problems.append(
-                    Problem(
-                        "engine.tokenizer",
-                        f"{engine.tokenizer} is not a tokenizer directory (with tokenizer.json) or "
-                        "a tokenizer.json file; point to one, or use null to count tokens "
-                        "with the server",
-                    )
-                )
+            msg = _tokenizer_problem(Path(engine.tokenizer).expanduser())
+            if msg:
+                problems.append(Problem("engine.tokenizer", f"{engine.tokenizer} {msg}"))
         try:
             LlamaCppEngine(engine, which=self._which).server_prefix()
         except EngineNotFound as e:
@@ -505,7 +531,8 @@ class LlamaCppEngine:
         CUDA_OOM when CUDA is named, else HOST_OOM (also exit status -9/137, the OOM killer's
         SIGKILL); model load → MODEL_LOAD_FAILED; anything else → ENGINE_CRASHED with the last
         error line (UNKNOWN while the process still runs). The reason is the evidence line
-        without llama.cpp's timestamp prefix.
+        without llama.cpp's timestamp prefix; for KV_CACHE_TOO_SMALL it says what to change
+        (ctx-size, parallel, a quantized cache type) around the evidence (and the size asked for).
         """
         return classify_llamacpp_log(log_text, returncode)
 
@@ -545,6 +572,28 @@ def read_context_length(path: Path) -> int | None:
         return None
 
 
+def _tokenizer_problem(path: Path) -> str | None:
+    """Why ``path`` is not a loadable Hugging Face tokenizer (directory or tokenizer.json), as the
+    end of a sentence starting with the path; None when ``tokenizers`` loads it."""
+    fix = "point to a tokenizer directory or its tokenizer.json, or use null to count tokens with "
+    fix += "the server"
+    if path.is_dir():
+        file = path / "tokenizer.json"
+        if not file.is_file():
+            return f"is a directory without tokenizer.json; {fix}"
+    elif path.is_file():
+        file = path
+    else:
+        return f"does not exist; {fix}"
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises plain Exception for unreadable or foreign JSON
+        return f"is not a loadable tokenizer: tokenizers cannot read {file.name} ({e}); {fix}"
+    return None
+
+
 def _is_gguf(path: Path) -> bool:
     try:
         with path.open("rb") as f:
@@ -568,6 +617,42 @@ def _name_problem(name: str) -> str | None:
     return f"unknown llama-server flag {name!r}; {hint}known flags: {', '.join(sorted(CATALOGUE))}"
 
 
+def _int_allowed(name: str, value: int) -> bool:
+    """Whether llama.cpp can run int flag ``name`` at ``value`` (see ``_INT_RANGES``)."""
+    if name not in _INT_RANGES:
+        return True
+    low, auto = _INT_RANGES[name]
+    return value >= low or value == auto
+
+
+def _int_range_text(name: str) -> str:
+    low, auto = _INT_RANGES[name]
+    text = f"use ≥ {low}"
+    if auto is not None:
+        text += f", or {auto} for auto"
+    if name == "ctx-size":
+        text += " (0 = the model's context length)"
+    return text
+
+
+def _int_values_never_run(name: str, param: IntParam) -> list[int]:
+    """Up to two values of ``param``'s range that llama.cpp never runs for flag ``name``.
+
+    Only values below the flag's minimum can be wrong, so only that part of the range is walked
+    (at most two values plus the auto value: no loop over a huge range).
+    """
+    if name not in _INT_RANGES:
+        return []
+    low, _ = _INT_RANGES[name]
+    bad: list[int] = []
+    v = param.low
+    while v <= param.high and v < low and len(bad) < 2:
+        if not _int_allowed(name, v):
+            bad.append(v)
+        v += param.step
+    return bad
+
+
 def _value_problem(info: FlagInfo, value: ParamValue) -> str | None:
     """Why ``value`` does not fit flag ``info`` (None when it does)."""
     t = info.type
@@ -581,6 +666,8 @@ def _value_problem(info: FlagInfo, value: ParamValue) -> str | None:
         if isinstance(value, bool) or not isinstance(value, int):
             words = " or ".join(repr(w) for w in _INT_KEYWORDS.get(info.name, ()))
             return f"{info.name} takes an integer{' or ' + words if words else ''}, not {value!r}"
+        if not _int_allowed(info.name, value):
+            return f"{info.name} = {value} never runs: {_int_range_text(info.name)}"
         return None
     if t == "float":
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -600,8 +687,17 @@ def _choices_text(info: FlagInfo) -> str:
 
 
 def _param_type_problem(info: FlagInfo, param: Param) -> str | None:
-    """Why a search-space param of this kind cannot drive flag ``info`` (None when it can)."""
+    """Why a search-space param of this kind cannot drive flag ``info`` (None when it can).
+
+    The message names the kind that can: ``kind: bool`` for a bool flag, ``kind: int`` for an int
+    flag given floats, ``kind: choice`` with the allowed values for a string flag; an int range
+    that reaches values llama.cpp never runs (parallel 0) names them and the allowed range.
+    """
     t = info.type
+    if t == "bool" and not isinstance(param, BoolParam):
+        if isinstance(param, ChoiceParam) and all(isinstance(v, bool) for v in param.values):
+            return None
+        return f"{info.name} is a bool flag (true or false); use kind: bool, not {param.kind}"
     if isinstance(param, ChoiceParam):
         for v in param.values:
             msg = _value_problem(info, v)
@@ -613,9 +709,20 @@ def _param_type_problem(info: FlagInfo, param: Param) -> str | None:
             return None
         return f"{info.name} is a {t} flag; a bool param cannot set it (use kind: choice)"
     if isinstance(param, IntParam):
-        if t in ("int", "float"):
-            return None
-        return f"{info.name} is a {t} flag; use kind: choice with its values{_choices_text(info)}"
+        if t not in ("int", "float"):
+            return (
+                f"{info.name} is a {t} flag; use kind: choice with its values{_choices_text(info)}"
+            )
+        bad = _int_values_never_run(info.name, param)
+        if bad:
+            listed = ", ".join(str(v) for v in bad)
+            auto = _INT_RANGES[info.name][1]
+            choice = f" (kind: choice can also list {auto})" if auto is not None else ""
+            return (
+                f"the range {param.low}..{param.high} holds values llama.cpp never runs for "
+                f"{info.name} ({listed}): {_int_range_text(info.name)}; raise low{choice}"
+            )
+        return None
     if isinstance(param, FloatParam | LogParam):
         if t == "float":
             return None
@@ -686,6 +793,29 @@ _RULES: tuple[tuple[FailureKind, re.Pattern[str]], ...] = (
 )
 
 
+_ALLOC_SIZE = re.compile(
+    r"attempted to allocate|buffer of size|allocating .* on device", re.IGNORECASE
+)
+"""An allocation failure line that says how much was asked for."""
+
+
+def _kv_cache_reason(hit: str, errors: list[str]) -> str:
+    """What to do about a KV cache / context that llama.cpp could not create, with the evidence:
+    ``hit`` plus the first error line giving the size it tried to allocate, when there is one."""
+    evidence = hit
+    size = next((x for x in errors if x != hit and _ALLOC_SIZE.search(x)), None)
+    if size is not None:
+        evidence += f"; {size}"
+    if re.search(r"alloc|memory", evidence, re.IGNORECASE):
+        what = "the KV cache these flags ask for could not be allocated"
+    else:
+        what = "llama.cpp could not create the context (KV cache) these flags ask for"
+    return (
+        f"{what} ({evidence}): lower ctx-size or parallel, or use a quantized cache-type-k/v "
+        "(e.g. q8_0; a quantized V cache needs flash-attn)"
+    )
+
+
 def _clean(line: str) -> str:
     return _LOG_PREFIX.sub("", line).strip()
 
@@ -699,6 +829,8 @@ def classify_llamacpp_log(log_text: str, returncode: int | None) -> tuple[Failur
     for kind, pattern in _RULES:
         hit = next((x for x in errors if pattern.search(x)), None)
         if hit is not None:
+            if kind is FailureKind.KV_CACHE_TOO_SMALL:
+                return kind, _kv_cache_reason(hit, errors)
             return kind, hit
     if returncode == 2 and usage:
         return FailureKind.INVALID_ARGS, errors[-1] if errors else "the engine printed its usage"
