@@ -251,12 +251,12 @@ def _execute(settings: Settings, study_ref: str | int, verbose: bool) -> Any:
     log.info("log file: %s", log_path)
     try:
         return _run_async(run_study(settings, study_ref, console))
-    except asyncio.CancelledError:
+    except asyncio.CancelledError as e:
         err_console.print(
             f"[yellow]cancelled[/]: the running trial was recorded as cancelled. "
             f"Continue with: servetune resume {study_ref}"
         )
-        raise typer.Exit(130) from None
+        raise typer.Exit(signal_exit_code(e)) from None
 
 
 @app.command()
@@ -611,14 +611,16 @@ _BENCH_OPTIONS = {
 
 
 def _short(value: float | None) -> str:
-    """A number in at most ~5 characters: ``2.83``, ``89.5``, ``6052``; ``-`` for None."""
+    """A number in few characters: ``0.042``, ``2.83``, ``89.5``, ``6052``; ``-`` for None."""
     if value is None:
         return "-"
     if abs(value) >= 100:
         return f"{value:.0f}"
     if abs(value) >= 10:
         return f"{value:.1f}"
-    return f"{value:.2f}"
+    if abs(value) >= 1:
+        return f"{value:.2f}"
+    return f"{value:.2g}"
 
 
 def _bench_table(metrics: Sequence[Any], *, rate_mode: bool) -> Table:

@@ -46,7 +46,9 @@ def _describe(t: Trial) -> str:
         m = r.metrics[-1]
         ttft = m.value("ttft_ms.p99")
         missed = r.slo_report.missed() if r.slo_report else []
-        ok = "[green]feasible[/]" if r.feasible else f"[yellow]misses {escape('; '.join(missed))}[/]"
+        ok = (
+            "[green]feasible[/]" if r.feasible else f"[yellow]misses {escape('; '.join(missed))}[/]"
+        )
         return f"{head} {m.output_tokens_per_s:7.1f} tok/s  TTFT p99 {ttft or 0:7.0f} ms  {ok}  {params}"
     kind = r.failure_kind.value if r.failure_kind else t.state.value
     return f"{head} [red]{t.state.value}[/] {kind}: {r.failure_reason}  {params}"

@@ -197,7 +197,9 @@ def test_sigkill_then_resume_finishes_every_trial_once(tiny_model, tmp_path: Pat
     assert len(interrupted) == 1
     # the interrupted trial does not use up the budget: 5 measured baseline/search trials
     searched = [
-        t for t in trials if t["role"] in ("baseline", "search") and t["failure_kind"] != "interrupted"
+        t
+        for t in trials
+        if t["role"] in ("baseline", "search") and t["failure_kind"] != "interrupted"
     ]
     assert len(searched) == 5
     assert all(t["state"] == "COMPLETE" for t in searched)
