@@ -23,7 +23,6 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
-from servetune.core.slo import SloCheck
 from servetune.core.spec import StudySpec
 from servetune.core.study import Trial, TrialRole, format_params
 from servetune.errors import ServetuneError, SpecInvalid
@@ -428,20 +427,16 @@ def _best(record: Any, trials: list[Trial]) -> Trial | None:
     return best_trial([t for t in trials if t.role is not TrialRole.CONFIRM], record.spec.objective)
 
 
-def _observed(value: float | None) -> str:
-    """A measured value, short: ``812``, ``23.4``, ``0.067``; ``not measured`` for None."""
-    if value is None:
-        return "not measured"
-    if abs(value) >= 100:
-        return f"{value:.0f}"
-    if abs(value) >= 1:
-        return f"{value:.1f}"
-    return f"{value:.2g}"
+def _status(record: Any, db: str | None) -> str:
+    """The study's status; a study marked running whose process is gone reads ``interrupted``."""
+    from servetune.study_session import StudyLock
 
-
-def _missed_checks(checks: Sequence[SloCheck]) -> list[str]:
-    """The failed checks, readable: ``ttft_ms p99 ≤ 500 ms at concurrency=8: 812``."""
-    return [f"{c.name} at {c.level}: {_observed(c.observed)}" for c in checks if not c.ok]
+    if record.status != "running":
+        return str(record.status)
+    settings = _settings(db)
+    if StudyLock(settings, settings.db_url, record.id).is_held_elsewhere():
+        return "running"
+    return "interrupted (its process is gone; `servetune resume` continues it)"
 
 
 @app.command()
@@ -458,7 +453,7 @@ def show(
             "study": {
                 "id": record.id,
                 "name": record.name,
-                "status": record.status,
+                "status": _status(record, db),
                 "engine": record.spec.engine.kind,
                 "created_at": record.created_at.isoformat(),
                 "objective": [t.label for t in record.spec.objective.terms],
@@ -469,7 +464,7 @@ def show(
         }
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return
-    console.print(f"study [bold]{record.name}[/] (id {record.id}) — {record.status}")
+    console.print(f"study [bold]{record.name}[/] (id {record.id}) — {_status(record, db)}")
     table = Table(box=None, header_style="bold")
     for col in ("#", "role", "state", "tok/s", "TTFT p99 ms", "ok"):
         table.add_column(col, no_wrap=True)
@@ -488,7 +483,7 @@ def show(
         if failure:
             detail += f"\n[red]{escape(failure)}[/]"
         elif t.result and t.result.slo_report and not t.feasible:
-            missed = _missed_checks(t.result.slo_report.checks)
+            missed = t.result.slo_report.missed()
             if missed:
                 detail += f"\n[yellow]missed: {escape('; '.join(missed))}[/]"
         table.add_row(
@@ -520,7 +515,7 @@ def list_studies(db: DbOption = None) -> None:
             str(s.id),
             s.name,
             s.spec.engine.kind,
-            s.status,
+            _status(s, db),
             s.created_at.isoformat(timespec="seconds"),
         )
     console.print(table)
@@ -767,6 +762,8 @@ def bench(
                 flat = " ".join(example.split())
                 line += f": {flat[:300]}" + ("…" if len(flat) > 300 else "")
             console.print(f"[red]{escape(line)}[/]", highlight=False, soft_wrap=True)
+    if all(m.completed == 0 for m in metrics):
+        raise _fail("no request succeeded; see the failures above")
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+from sqlalchemy.engine import make_url
 
 from servetune.bench.builtin import BuiltinClient
 from servetune.core.study import Params, Trial, TrialRole, TrialState, format_params
@@ -128,7 +129,8 @@ class StudyLock:
     """
 
     def __init__(self, settings: Settings, store_url: str, study_id: int) -> None:
-        key = hashlib.sha256(f"{store_url}#{study_id}".encode()).hexdigest()[:16]
+        url = make_url(store_url).render_as_string(hide_password=True)  # as StudyStore.url
+        key = hashlib.sha256(f"{url}#{study_id}".encode()).hexdigest()[:16]
         self.path = Path(settings.data_dir) / "locks" / f"study-{key}.lock"
         self._fd: int | None = None
 

@@ -142,7 +142,7 @@ def _engine_pids() -> set[int]:
 
 
 def test_sigkill_then_resume_finishes_every_trial_once(tiny_model, tmp_path: Path) -> None:
-    doc = small_spec(tiny_model, trials=5, name="killed")
+    doc = small_spec(tiny_model, trials=6, name="killed")
     doc["workload"] = {**doc["workload"], "num_requests": 16}
     spec = write_spec(tmp_path / "spec.yaml", doc)
     before = _engine_pids()
@@ -170,6 +170,11 @@ def test_sigkill_then_resume_finishes_every_trial_once(tiny_model, tmp_path: Pat
                     break
             time.sleep(0.05)
         assert running_after_done, "never saw a finished trial followed by a running one"
+        # a second process cannot take over the live study
+        rival = servetune(tmp_path, "resume", "killed")
+        assert rival.returncode == 1, rival.stdout + rival.stderr
+        assert "being run by another process" in rival.stderr
+        assert _show(tmp_path, "killed")["study"]["status"] == "running"
         time.sleep(0.5)  # let the running trial get its engine up
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
@@ -188,6 +193,7 @@ def test_sigkill_then_resume_finishes_every_trial_once(tiny_model, tmp_path: Pat
     while _engine_pids() - before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not (_engine_pids() - before), "an engine outlived the SIGKILLed study"
+    assert _show(tmp_path, "killed")["study"]["status"].startswith("interrupted")
 
     out = servetune(tmp_path, "resume", "killed")
     assert out.returncode == 0, out.stdout + out.stderr
