@@ -331,3 +331,35 @@ class History:
                 self._failed.add(key)
         else:
             self._done.add(key)
+
+
+class HistoryStrategy:
+    """Shared ``tell``/``replay`` of strategies that keep their outcomes in a ``History``.
+
+    Subclasses set ``self._history`` and implement ``ask``.
+    """
+
+    _history: History
+
+    def tell(
+        self,
+        token: int,
+        state: TrialState,
+        values: list[float] | None,
+        slo_miss: float | None = None,
+        failure_kind: FailureKind | None = None,
+    ) -> None:
+        """Record the outcome of ``token`` (see ``Strategy.tell``); the next ask learns from it."""
+        self._history.tell(token, state, values, slo_miss, failure_kind)
+
+    def replay(
+        self,
+        params: Mapping[str, ParamValue],
+        state: TrialState,
+        values: list[float] | None,
+        slo_miss: float | None = None,
+        failure_kind: FailureKind | None = None,
+    ) -> bool:
+        """Add a stored trial to the history (see ``Strategy.replay``); False when ``params`` are
+        not a point of the space (e.g. the baseline's ``{}``)."""
+        return self._history.replay(params, state, values, slo_miss, failure_kind) is not None

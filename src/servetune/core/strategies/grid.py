@@ -5,14 +5,14 @@ It learns nothing from results; it only never proposes a point twice, replayed o
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 
 from servetune.core.space import SearchSpace
-from servetune.core.strategies.base import History, Suggestion
-from servetune.core.study import FailureKind, Params, ParamValue, TrialState
+from servetune.core.strategies.base import History, HistoryStrategy, Suggestion
+from servetune.core.study import Params
 
 
-class GridStrategy:
+class GridStrategy(HistoryStrategy):
     """Walks ``SearchSpace.grid_points()`` in order; ``ask`` gives None once all were proposed.
 
     Points already in the history (told, replayed, or pending) are skipped, so a resumed grid
@@ -40,25 +40,3 @@ class GridStrategy:
             if not self._history.tried(point):
                 return self._history.issue(point)
         return None
-
-    def tell(
-        self,
-        token: int,
-        state: TrialState,
-        values: list[float] | None,
-        slo_miss: float | None = None,
-        failure_kind: FailureKind | None = None,
-    ) -> None:
-        """Record the outcome of ``token`` (see ``Strategy.tell``); a grid does not learn."""
-        self._history.tell(token, state, values, slo_miss, failure_kind)
-
-    def replay(
-        self,
-        params: Mapping[str, ParamValue],
-        state: TrialState,
-        values: list[float] | None,
-        slo_miss: float | None = None,
-        failure_kind: FailureKind | None = None,
-    ) -> bool:
-        """Mark a stored trial's point as tried (see ``Strategy.replay``); False if not a point."""
-        return self._history.replay(params, state, values, slo_miss, failure_kind) is not None

@@ -10,7 +10,7 @@ import logging
 import math
 import random
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -36,13 +36,14 @@ from servetune.core.space import (
 )
 from servetune.core.strategies.base import (
     History,
+    HistoryStrategy,
     Record,
     Seen,
     Suggestion,
     canonical_params,
     stepped_high,
 )
-from servetune.core.study import FailureKind, Params, ParamValue, Trial, TrialState
+from servetune.core.study import Params, Trial, TrialState
 
 if TYPE_CHECKING:
     from servetune.core.spec import StudySpec
@@ -113,7 +114,7 @@ def nsga2_population(max_trials: int) -> int:
     return max(4, min(50, max_trials // 4))
 
 
-class OptunaStrategy:
+class OptunaStrategy(HistoryStrategy):
     """Proposals from an Optuna sampler, checked against the space's constraints and the history.
 
     ``kind``: ``random`` (RandomSampler), ``tpe`` (multivariate TPESampler), ``gp`` (GPSampler;
@@ -239,28 +240,6 @@ class OptunaStrategy:
             "relax the constraints (a fallback to the grid needs a step on every float param and "
             f"at most {GRID_FALLBACK_MAX} grid points)"
         )
-
-    def tell(
-        self,
-        token: int,
-        state: TrialState,
-        values: list[float] | None,
-        slo_miss: float | None = None,
-        failure_kind: FailureKind | None = None,
-    ) -> None:
-        """Record the outcome of ``token`` (see ``Strategy.tell``); the next ask learns from it."""
-        self._history.tell(token, state, values, slo_miss, failure_kind)
-
-    def replay(
-        self,
-        params: Mapping[str, ParamValue],
-        state: TrialState,
-        values: list[float] | None,
-        slo_miss: float | None = None,
-        failure_kind: FailureKind | None = None,
-    ) -> bool:
-        """Add a stored trial to the history (see ``Strategy.replay``); False outside the space."""
-        return self._history.replay(params, state, values, slo_miss, failure_kind) is not None
 
     # ---- internals -----------------------------------------------------------------------------
 
