@@ -300,9 +300,15 @@ def resume(
 
     settings = _settings(db)
     try:
-        record = StudyStore(settings.db_url).get_study(study)
+        store = StudyStore(settings.db_url)
+        record = store.get_study(study)
+        kept = [t for t in store.trials(record.id) if t.state.is_finished()]
     except ServetuneError as e:
         raise _fail(str(e)) from None
+    console.print(
+        f"resuming study [bold]{record.name}[/] (id {record.id}): {len(kept)} finished trial(s) "
+        "kept, not re-run"
+    )
     outcome = _execute(settings, record.id, verbose)
     _print_outcome(outcome, settings)
 
@@ -363,14 +369,22 @@ def _print_outcome(outcome: Any, settings: Settings) -> None:
         console.print(
             f"search winner trial {best.number} ({format_params(best.params)}) was not kept"
         )
-    if base is not None:
-        base_runs, best_runs = runs_of(base, outcome.trials), runs_of(best, outcome.trials)
+    if base is not None and base.number != best.number:
+        # the repeats when there are any (the search run of the winner is biased upwards)
+        base_runs = runs_of(base, outcome.trials)[1:] or [base]
+        best_runs = runs_of(best, outcome.trials)[1:] or [best]
+        fresh = len(base_runs) > 1 or base_runs[0] is not base
         table = Table(
             "metric",
-            f"baseline (trial {base.number}, {len(base_runs)} run(s))",
-            f"best (trial {best.number}, {len(best_runs)} run(s))",
+            f"engine defaults (trial {base.number})",
+            f"search winner (trial {best.number})",
             "change",
-            caption="means over the trial and its repeats on fresh servers, at the last load level",
+            caption=(
+                f"means of {len(base_runs)} and {len(best_runs)} repeats on fresh servers"
+                if fresh
+                else "single search runs (no repeats)"
+            )
+            + ", at the last load level",
         )
         for name in (
             "output_tokens_per_s",
@@ -509,14 +523,15 @@ def list_studies(db: DbOption = None) -> None:
         studies = StudyStore(_settings(db).db_url).list_studies()
     except ServetuneError as e:
         raise _fail(str(e)) from None
-    table = Table("id", "name", "engine", "status", "created")
+    table = Table("id", "engine", "status", "created", "name")
+    table.columns[4].overflow = "fold"
     for s in studies:
         table.add_row(
             str(s.id),
-            s.name,
             s.spec.engine.kind,
             _status(s, db),
             s.created_at.isoformat(timespec="seconds"),
+            s.name,
         )
     console.print(table)
 
@@ -557,6 +572,9 @@ def export(
             highlight=False,
             soft_wrap=True,
         )
+    note = (record.verdict or {}).get("recommendation")
+    if note and ("noise" in note or "not confirmed" in note):
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     if fmt == "command":
         sys.stdout.write(cmd.display() + "\n")
     elif fmt == "json":
@@ -751,6 +769,8 @@ def bench(
         raise typer.Exit(code) from None
     if as_json:
         sys.stdout.write(json.dumps([m.model_dump(mode="json") for m in metrics], indent=2) + "\n")
+        if all(m.completed == 0 for m in metrics):
+            raise _fail("no request succeeded; see failed_by_kind and error_examples")
         return
     console.print(_bench_table(metrics, rate_mode=rates is not None))
     console.print("latencies in ms; tok/s = output tokens per second", highlight=False)

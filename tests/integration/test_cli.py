@@ -365,11 +365,13 @@ def test_bench_shows_why_requests_failed(
     args = [*_bench_args(server, tiny_model, "--num-requests", "2", "--warmup", "0")]
     args[args.index("--input-tokens") + 1] = "300"
     table = cli(tmp_path, *args)
-    assert table.returncode == 0, table.stderr
+    assert table.returncode == 1, table.stderr  # nothing was measured
+    assert "no request succeeded" in table.stderr
     (line,) = [x for x in table.stdout.splitlines() if "http_400" in x]
     assert line.startswith("concurrency=1: 2 failed with http_400: ") and "context" in line, line
 
     as_json = cli(tmp_path, *args, "--json")
+    assert as_json.returncode == 1, as_json.stderr
     (level,) = json.loads(as_json.stdout)
     assert level["failed_by_kind"] == {"http_400": 2}
     assert "context" in level["error_examples"]["http_400"]

@@ -143,9 +143,9 @@ class Verdict(BaseModel):
     """The confirmed comparison of the best trial against the baseline, from fresh repeats.
 
     ``gain_pct`` compares the means of the repeats (fresh servers), signed so that positive is
-    better for the objective's direction. ``spread_pct`` is the run-to-run noise: the largest
-    relative range (max − min) / mean over the measurements of either configuration, original
-    run included. The gain ``is_win`` only when it exceeds that spread and the ranges do not overlap.
+    better for the objective's direction. ``spread_pct`` is the run-to-run noise: the larger
+    relative range (max − min) / mean of either configuration's repeats (see ``confirm_verdict``).
+    The gain ``is_win`` only when it exceeds that spread and the ranges do not overlap.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -159,7 +159,9 @@ class Verdict(BaseModel):
     gain_pct: float = Field(
         description="Improvement of best over baseline in %, positive = better."
     )
-    spread_pct: float = Field(description="Run-to-run spread in % (see class doc).")
+    spread_pct: float = Field(
+        description="Run-to-run spread (max − min) / mean in % (see class doc)."
+    )
     is_win: bool = Field(
         description="Gain beyond the spread with non-overlapping ranges, from repeats."
     )
@@ -176,10 +178,16 @@ class Verdict(BaseModel):
                 f"({self.gain_pct:+.1f} %) from single runs; not confirmed on fresh servers "
                 "(budget.confirm_repeats is 0), so the noise is unknown"
             )
-        what = "a real gain" if self.is_win else "within the measured noise: not a confirmed win"
+        if self.is_win:
+            what = "a real gain"
+        elif self.gain_pct < -self.spread_pct:
+            what = "worse than the baseline beyond the noise"
+        else:
+            what = "within the measured noise: not a confirmed win"
         return (
-            f"{self.metric}: baseline {self.baseline_mean:.4g} → best {self.best_mean:.4g} "
-            f"({self.gain_pct:+.1f} %, run-to-run spread ±{self.spread_pct / 2:.1f} %): {what}"
+            f"{self.metric} on fresh servers: baseline {self.baseline_mean:.4g} → best "
+            f"{self.best_mean:.4g} ({self.gain_pct:+.1f} %; run-to-run spread, max − min, "
+            f"{self.spread_pct:.1f} %): {what}"
         )
 
 
@@ -196,8 +204,11 @@ def confirm_verdict(
 ) -> Verdict:
     """Compare best vs baseline from their measurements (original first, then fresh repeats).
 
-    With no repeats (one value each) the gain is reported but never called a win: one run each
-    says nothing about run-to-run noise. Raises ValueError when either list is empty.
+    The gain compares the means of the repeats only: the original best run was picked as the
+    maximum of a noisy search, so it is biased upwards. The spread is the relative range of the
+    repeats (originals included only with a single repeat, where a range needs them). With no
+    repeats (one value each) the gain is reported but never called a win: one run each says
+    nothing about run-to-run noise. Raises ValueError when either list is empty.
     """
     if not baseline_values or not best_values:
         raise ValueError("confirm_verdict needs at least one measurement of each configuration")
@@ -208,11 +219,13 @@ def confirm_verdict(
     best_mean = sum(best_rep) / len(best_rep)
     raw = (best_mean - base_mean) / abs(base_mean) * 100.0 if base_mean else 0.0
     gain = raw if direction == "maximize" else -raw
-    spread = max(_rel_range(baseline_values), _rel_range(best_values))
+    base_noise = base_rep if len(base_rep) >= 2 else list(baseline_values)
+    best_noise = best_rep if len(best_rep) >= 2 else list(best_values)
+    spread = max(_rel_range(base_noise), _rel_range(best_noise))
     if direction == "maximize":
-        apart = min(best_values) > max(baseline_values)
+        apart = min(best_noise) > max(base_noise)
     else:
-        apart = max(best_values) < min(baseline_values)
+        apart = max(best_noise) < min(base_noise)
     return Verdict(
         metric=metric,
         direction=direction,

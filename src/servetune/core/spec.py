@@ -183,12 +183,18 @@ class StudySpec(_Model):
     name: str | None = Field(
         default=None, description="Study name; null = derived from the engine and date."
     )
-    engine: EngineSpec
-    deployment: DeploymentSpec = Field(default_factory=LocalDeploymentSpec)
+    engine: EngineSpec = Field(
+        description="The engine, its model and fixed flags; chosen by `kind`."
+    )
+    deployment: DeploymentSpec = Field(
+        default_factory=LocalDeploymentSpec, description="Where each trial's engine runs."
+    )
     space: SearchSpace = Field(description="Flags to tune and their allowed values.")
-    strategy: StrategySpec = Field(default_factory=StrategySpec)
-    budget: Budget = Field(default_factory=Budget)
-    workload: Workload
+    strategy: StrategySpec = Field(
+        default_factory=StrategySpec, description="How the next params are chosen."
+    )
+    budget: Budget = Field(default_factory=Budget, description="When the search stops; repeats.")
+    workload: Workload = Field(description="The request pattern every trial is benchmarked with.")
     slos: list[Slo] = Field(default_factory=list, description="Bounds every feasible trial meets.")
     objective: Annotated[
         Objective,

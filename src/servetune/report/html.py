@@ -235,8 +235,13 @@ def _front_table(record: StudyRecord, trials: Sequence[Trial], front: list[int])
     if not rows:
         return "<h3>Pareto front</h3><p>No feasible trial: the front is empty.</p>"
     return (
-        "<h3>Pareto front</h3><p>No trial on the front beats another on both objectives; pick by "
-        f"your own trade-off.</p><table><tr><th>#</th><th>params</th>{head}</tr>{''.join(rows)}</table>"
+        "<h3>Pareto front</h3><p>"
+        + (
+            "No trial on the front beats another on both objectives; pick by your own trade-off."
+            if len(rows) > 1
+            else "One trial beats or ties every other feasible trial on both objectives."
+        )
+        + f"</p><table><tr><th>#</th><th>params</th>{head}</tr>{''.join(rows)}</table>"
     )
 
 
