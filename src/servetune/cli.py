@@ -403,8 +403,8 @@ def _print_outcome(outcome: Any, settings: Settings) -> None:
             )
         console.print(table)
     if outcome.verdict is not None:
-        head = "confirmed on fresh servers" if outcome.verdict.repeats else "not confirmed"
-        console.print(f"[bold]{head}[/]: {outcome.verdict.summary}")
+        head = "repeats" if outcome.verdict.repeats else "not confirmed"
+        console.print(f"[bold]{head}[/]: {outcome.verdict.summary}", highlight=False)
     if outcome.recommendation:
         style = "green" if chosen.feasible else "yellow"
         console.print(f"[bold {style}]verdict[/]: {outcome.recommendation}", highlight=False)
