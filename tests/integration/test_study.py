@@ -235,3 +235,49 @@ def test_study_on_postgresql_then_resume_is_a_no_op(
     assert again.returncode == 0, again.stdout + again.stderr
     out = servetune(tmp_path, "show", "on-pg", "--json", "--db", fresh_postgres_url)
     assert len(json.loads(out.stdout)["trials"]) == 3
+
+
+def test_sigint_during_the_baseline_then_resume_reruns_the_baseline(
+    tiny_model, tmp_path: Path
+) -> None:
+    doc = small_spec(tiny_model, trials=3, name="ctrl-c")
+    doc["workload"] = {**doc["workload"], "num_requests": 40}
+    spec = write_spec(tmp_path / "spec.yaml", doc)
+    before = _engine_pids()
+    proc = subprocess.Popen(  # noqa: S603 - argv list of our own CLI
+        [sys.executable, "-m", "servetune", "run", str(spec)],
+        env=cli_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    db = tmp_path / "studies.db"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            # wait until trial 0's engine is up (a new engine process exists)
+            if db.exists() and _engine_pids() - before:
+                break
+            time.sleep(0.05)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "servetune resume" in err
+    first = _show(tmp_path, "ctrl-c")
+    assert [(t["number"], t["state"], t["failure_kind"]) for t in first["trials"]] == [
+        (0, "FAIL", "cancelled")
+    ]
+    assert first["study"]["status"] == "cancelled"
+    assert not (_engine_pids() - before)
+
+    out = servetune(tmp_path, "resume", "ctrl-c")
+    assert out.returncode == 0, out.stdout + out.stderr
+    trials = _show(tmp_path, "ctrl-c")["trials"]
+    baselines = [t for t in trials if t["role"] == "baseline"]
+    assert [t["state"] for t in baselines] == ["FAIL", "COMPLETE"]  # the lost baseline was re-run
+    measured = [t for t in trials if t["failure_kind"] != "cancelled"]
+    assert len(measured) == 3 and all(t["state"] == "COMPLETE" for t in measured)
