@@ -170,12 +170,13 @@ def test_sigkill_then_resume_finishes_every_trial_once(tiny_model, tmp_path: Pat
                     break
             time.sleep(0.05)
         assert running_after_done, "never saw a finished trial followed by a running one"
+        time.sleep(0.3)  # let the running trial get its engine up
+        os.kill(proc.pid, signal.SIGSTOP)  # frozen mid-trial: alive, holding its lock
         # a second process cannot take over the live study
         rival = servetune(tmp_path, "resume", "killed")
         assert rival.returncode == 1, rival.stdout + rival.stderr
         assert "being run by another process" in rival.stderr
         assert _show(tmp_path, "killed")["study"]["status"] == "running"
-        time.sleep(0.5)  # let the running trial get its engine up
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
@@ -241,7 +242,7 @@ def test_sigint_during_the_baseline_then_resume_reruns_the_baseline(
     tiny_model, tmp_path: Path
 ) -> None:
     doc = small_spec(tiny_model, trials=3, name="ctrl-c")
-    doc["workload"] = {**doc["workload"], "num_requests": 40}
+    doc["workload"] = {**doc["workload"], "num_requests": 120}  # trial 0 outlasts the signal
     spec = write_spec(tmp_path / "spec.yaml", doc)
     before = _engine_pids()
     proc = subprocess.Popen(  # noqa: S603 - argv list of our own CLI
@@ -259,7 +260,7 @@ def test_sigint_during_the_baseline_then_resume_reruns_the_baseline(
             if db.exists() and _engine_pids() - before:
                 break
             time.sleep(0.05)
-        time.sleep(0.5)
+        time.sleep(0.1)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     finally:
