@@ -242,18 +242,18 @@ def _study_name(spec: StudySpec) -> str:
     return spec.name or f"{spec.engine.kind}-{stamp}"
 
 
-def _execute(settings: Settings, study_ref: str | int, verbose: bool) -> Any:
-    """Run or resume the study ``study_ref`` with a live display; returns the StudyOutcome."""
+def _execute(settings: Settings, store: Any, study: Any, verbose: bool) -> Any:
+    """Run or resume ``study`` from the open ``store`` with a live display; returns the StudyOutcome."""
     from servetune.study_session import run_study
 
     log_path = _setup_logging(settings, verbose)
     log.info("log file: %s", log_path)
     try:
-        return _run_async(run_study(settings, study_ref, console))
+        return _run_async(run_study(settings, store, study, console))
     except asyncio.CancelledError as e:
         err_console.print(
             f"[yellow]cancelled[/]: the running trial was recorded as cancelled. "
-            f"Continue with: servetune resume {study_ref}"
+            f"Continue with: servetune resume {study.name}"
         )
         raise typer.Exit(signal_exit_code(e)) from None
 
@@ -285,7 +285,7 @@ def run(
     except ServetuneError as e:
         raise _fail(str(e)) from None
     console.print(f"study [bold]{study.name}[/] (id {study.id}) in {store.url}")
-    outcome = _execute(settings, study.id, verbose)
+    outcome = _execute(settings, store, study, verbose)
     _print_outcome(outcome, settings)
 
 
@@ -309,7 +309,7 @@ def resume(
         f"resuming study [bold]{record.name}[/] (id {record.id}): {len(kept)} finished trial(s) "
         "kept, not re-run"
     )
-    outcome = _execute(settings, record.id, verbose)
+    outcome = _execute(settings, store, record, verbose)
     _print_outcome(outcome, settings)
 
 
@@ -337,7 +337,7 @@ def demo(
     store = StudyStore(settings.db_url)
     study = store.create_study(_study_name(spec), spec, doc)
     console.print(f"spec written to {spec_path}; study [bold]{study.name}[/] (id {study.id})")
-    outcome = _execute(settings, study.id, verbose)
+    outcome = _execute(settings, store, study, verbose)
     _print_outcome(outcome, settings)
 
 

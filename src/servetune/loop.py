@@ -13,7 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from servetune.core.scoring import Verdict, best_trial, confirm_verdict, pareto_front, recommend
+from servetune.core.scoring import (
+    Verdict,
+    best_trial,
+    confirm_verdict,
+    pareto_front,
+    recommend,
+    runs_of,
+)
 from servetune.core.spec import StudySpec
 from servetune.core.strategies.base import Strategy, make_strategy
 from servetune.core.study import FailureKind, Params, Trial, TrialResult, TrialRole, TrialState
@@ -306,11 +313,8 @@ class StudyLoop:
 
     def _values_of(self, target: Trial, trials: list[Trial]) -> list[float]:
         """The first objective value of ``target`` then of each COMPLETE repeat of it."""
-        out: list[float] = []
-        for t in [
-            target,
-            *[t for t in trials if t.role is TrialRole.CONFIRM and t.repeat_of == target.number],
-        ]:
-            if t.state is TrialState.COMPLETE and t.result and t.result.objective_values:
-                out.append(t.result.objective_values[0])
-        return out
+        return [
+            t.result.objective_values[0]
+            for t in runs_of(target, trials)
+            if t.state is TrialState.COMPLETE and t.result and t.result.objective_values
+        ]

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
@@ -63,7 +63,6 @@ class TrialContext:
     label: str = "study"
     on_started: Callable[[RunningEngine], None] | None = None
     on_phase: Callable[[str], None] | None = None
-    _notes: list[str] = field(default_factory=list)
 
 
 def _now() -> datetime:

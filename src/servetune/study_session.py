@@ -55,10 +55,13 @@ def _describe(t: Trial) -> str:
     return f"{head} [red]{t.state.value}[/] {kind}: {r.failure_reason}  {params}"
 
 
-async def run_study(settings: Settings, study_ref: str | int, console: Console) -> StudyOutcome:
-    """Run or resume study ``study_ref`` to its end with a rich progress display."""
-    store = StudyStore(settings.db_url)
-    study = store.get_study(study_ref)
+async def run_study(
+    settings: Settings, store: StudyStore, study: StudyRecord, console: Console
+) -> StudyOutcome:
+    """Run or resume ``study`` (stored in the open ``store``) to its end with a live display.
+
+    Raises StudyBusy when another process on this machine is running it.
+    """
     lock = StudyLock(settings, store.url, study.id)
     lock.acquire()
     try:

@@ -395,8 +395,3 @@ def _partial_cross_problems(data: dict[str, Any]) -> list[Problem]:
         slos=parts.get("slos"),
         objective=parts.get("objective"),
     )
-
-
-def objective_term(metric: str, direction: Literal["maximize", "minimize"]) -> ObjectiveTerm:
-    """Shortcut to build an ``ObjectiveTerm`` at the last level."""
-    return ObjectiveTerm(metric=metric, direction=direction)
