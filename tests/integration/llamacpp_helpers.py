@@ -5,11 +5,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from servetune.core.spec import LlamaCppEngineSpec
 from servetune.core.study import Params
@@ -56,3 +59,25 @@ async def running_engine(
         yield Started(running, endpoint, ready_s)
     finally:
         await running.stop()
+
+
+async def stream_completion(
+    client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int
+) -> tuple[int, dict[str, Any]]:
+    """(content chunks received, usage) of one greedy streamed /v1/completions request, sent as
+    the benchmark client sends it (``ignore_eos``, usage in the last chunk) on ``client``."""
+    body = {
+        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+    }  # fmt: skip
+    chunks, usage = 0, dict[str, Any]()
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[len("data: ") :])
+            if event.get("choices") and event["choices"][0].get("text"):
+                chunks += 1
+            usage = event.get("usage") or usage
+    return chunks, usage

@@ -4,7 +4,6 @@ serving, start-up failures and their kinds, stopping whole process groups, dying
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import socket
@@ -13,7 +12,6 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -30,7 +28,7 @@ from servetune.engines.base import LaunchCommand
 from servetune.engines.readiness import wait_ready
 from servetune.errors import EngineStartFailed
 from servetune.modelgen import ModelFiles
-from tests.integration.llamacpp_helpers import running_engine, tiny_engine
+from tests.integration.llamacpp_helpers import running_engine, stream_completion, tiny_engine
 
 pytestmark = pytest.mark.integration
 
@@ -58,30 +56,6 @@ def llama_server_wrapper(tmp_path: Path) -> Path:
     return exe
 
 
-async def stream_completion(
-    base_url: str, model: str, max_tokens: int
-) -> tuple[int, dict[str, Any]]:
-    """(content chunks received, usage) of one streamed /v1/completions request."""
-    body = {
-        "model": model, "prompt": "The server says", "max_tokens": max_tokens,
-        "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
-    }  # fmt: skip
-    chunks, usage = 0, dict[str, Any]()
-    async with (
-        httpx.AsyncClient(timeout=30) as client,
-        client.stream("POST", f"{base_url}/v1/completions", json=body) as r,
-    ):
-        assert r.status_code == 200
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[len("data: ") :])
-            if event.get("choices") and event["choices"][0].get("text"):
-                chunks += 1
-            usage = event.get("usage") or usage
-    return chunks, usage
-
-
 @pytest.mark.parametrize("path", ["xllamacpp", "llama-server binary"])
 def test_engine_serves_a_streamed_completion_and_stops_with_its_whole_group(
     tiny_model: ModelFiles, tmp_path: Path, path: str
@@ -95,7 +69,8 @@ def test_engine_serves_a_streamed_completion_and_stops_with_its_whole_group(
         ) as started:
             assert started.ready_s < 30
             assert started.endpoint.model == "tiny"
-            chunks, usage = await stream_completion(started.endpoint.base_url, "tiny", 8)
+            async with httpx.AsyncClient(base_url=started.endpoint.base_url, timeout=30) as client:
+                chunks, usage = await stream_completion(client, "tiny", "The server says", 8)
             assert chunks >= 1
             assert usage["completion_tokens"] == 8
             pgid = started.running.pgid

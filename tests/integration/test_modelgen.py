@@ -19,7 +19,7 @@ from tokenizers import Tokenizer, decoders
 from servetune.bench.prompts import PromptBuilder
 from servetune.engines.llamacpp import read_context_length
 from servetune.modelgen import SHAPES, ModelFiles, make_model, textless_token_ids
-from tests.integration.llamacpp_helpers import running_engine, tiny_engine
+from tests.integration.llamacpp_helpers import running_engine, stream_completion, tiny_engine
 
 pytestmark = pytest.mark.integration
 
@@ -87,27 +87,6 @@ def test_output_rows_of_tokens_without_text_of_their_own_are_zero(tiny_model: Mo
     assert all(embedding[i].any() for i in expected)  # such tokens still read fine in a prompt
 
 
-async def stream_one(
-    client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int
-) -> tuple[int, dict[str, Any]]:
-    """(content chunks, usage) of one request as the benchmark client sends it."""
-    body = {
-        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
-    }  # fmt: skip
-    chunks, usage = 0, dict[str, Any]()
-    async with client.stream("POST", "/v1/completions", json=body) as r:
-        assert r.status_code == 200
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[len("data: ") :])
-            if event.get("choices") and event["choices"][0].get("text"):
-                chunks += 1
-            usage = event.get("usage") or usage
-    return chunks, usage
-
-
 def test_every_benchmark_prompt_streams_text_under_greedy_decoding(
     tiny_model: ModelFiles, tmp_path: Path
 ) -> None:
@@ -136,7 +115,7 @@ def test_every_benchmark_prompt_streams_text_under_greedy_decoding(
 
             async def one(text: str) -> tuple[int, dict[str, Any]]:
                 async with gate:
-                    return await stream_one(c, started.endpoint.model, text, output_tokens)
+                    return await stream_completion(c, started.endpoint.model, text, output_tokens)
 
             return list(await asyncio.gather(*(one(p.text) for p in prompts)))
 
