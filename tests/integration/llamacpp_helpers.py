@@ -6,8 +6,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import os
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,3 +85,38 @@ async def stream_completion(
                 chunks += 1
             usage = event.get("usage") or usage
     return chunks, usage
+
+
+@contextmanager
+def server_process(model: Path | str, log_path: Path, params: Params) -> Iterator[str]:
+    """The wheel-backed llama.cpp server on ``model`` as a plain subprocess (served as ``tiny``),
+    launched with servetune's own command for ``params``; yields its base URL once ``/health``
+    answers, and stops its whole process group afterwards (SIGTERM, then SIGKILL)."""
+    engine = tiny_engine(model, served_model_name="tiny")
+    host, port = LocalDeployment().reserve_port()
+    argv = engine.launch_command(params, host=host, port=port).argv
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(  # noqa: S603 - servetune's own argv
+            argv, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://{host}:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, log_path.read_text(errors="replace")[-2000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "llama.cpp server not ready in 60 s"
+            time.sleep(0.1)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)

@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
-import httpx
 import pytest
 
 from servetune.bench.builtin import BuiltinClient
@@ -18,62 +13,18 @@ from servetune.core.metrics import summarize
 from servetune.core.spec import Workload
 from servetune.engines.base import Endpoint
 from servetune.modelgen import ModelFiles
+from tests.integration.llamacpp_helpers import server_process
 
 pytestmark = pytest.mark.integration
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
 def llama_url(tiny_model: ModelFiles, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A llama.cpp server (xllamacpp) on the tiny model, 2 slots; stopped after the module."""
-    port = _free_port()
     log = tmp_path_factory.mktemp("llama") / "server.log"
-    argv = [
-        sys.executable,
-        "-m",
-        "servetune.engines.xllamacpp_server",
-        "--model",
-        str(tiny_model.gguf_path),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--alias",
-        "tiny",
-        "--parallel",
-        "2",
-        "--ctx-size",
-        "2048",
-        "--threads",
-        "1",
-    ]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)  # noqa: S603 - fixed argv
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, log.read_text(errors="replace")[-2000:]
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "llama.cpp server not ready in 60 s"
-            time.sleep(0.2)
+    params = {"parallel": 2, "ctx-size": 2048, "threads": 1}
+    with server_process(tiny_model.gguf_path, log, params) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_prompts_from_the_tokenizer_and_from_tokenize_agree_with_llamacpp(

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,12 +19,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
 from servetune.cli import Interrupted, _run_async, signal_exit_code
 from servetune.modelgen import ModelFiles
+from tests.integration.llamacpp_helpers import server_process
 from tests.integration.study_helpers import cli_env, servetune, small_spec, write_spec
 
 pytestmark = pytest.mark.integration
@@ -249,63 +248,13 @@ FULL_PROMPT_CACHE_HIT = "n_past was set to"
 """llama.cpp logs this when a request's whole prompt was already in its cache."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_model: ModelFiles) -> Iterator[Server]:
     """llama.cpp on the tiny model: one slot, a 256-token context, one thread."""
     log_path = tmp_path_factory.mktemp("bench_server") / "server.log"
-    port = _free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "servetune.engines.xllamacpp_server",
-        "--model",
-        str(tiny_model.gguf_path),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--alias",
-        "tiny",
-        "--threads",
-        "1",
-        "--parallel",
-        "1",
-        "--ctx-size",
-        "256",
-        "--fit",
-        "off",
-    ]
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(  # noqa: S603 - fixed argv
-            argv, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, log_path.read_text(errors="replace")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log_path.read_text(errors="replace")
-            time.sleep(0.1)
+    params = {"threads": 1, "parallel": 1, "ctx-size": 256}
+    with server_process(tiny_model.gguf_path, log_path, params) as url:
         yield Server(url, log_path)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
 
 
 def _bench_args(server: Server, tiny_model: ModelFiles, *extra: str) -> list[str]:
