@@ -268,6 +268,17 @@ def run(
     verbose: Annotated[
         bool, typer.Option("-v", "--verbose", help="Log every phase to stderr.")
     ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Print the first candidates' commands and pre-flight verdicts; "
+            "start nothing, write nothing.",
+        ),
+    ] = False,
+    count: Annotated[
+        int, typer.Option(min=1, help="Candidates --dry-run prints, the baseline included.")
+    ] = 5,
 ) -> None:
     """Run a tuning study described by SPEC, then print the winner and how it was confirmed."""
     from servetune.specfile import load_spec
@@ -278,6 +289,9 @@ def run(
     except SpecInvalid as e:
         _print_problems(e)
         raise typer.Exit(2) from None
+    if dry_run:
+        _print_dry_run(parsed, count)
+        return
     settings = _settings(db)
     try:
         store = StudyStore(settings.db_url)
@@ -287,6 +301,26 @@ def run(
     console.print(f"study [bold]{study.name}[/] (id {study.id}) in {store.url}")
     outcome = _execute(settings, store, study, verbose)
     _print_outcome(outcome, settings)
+
+
+def _print_dry_run(spec: StudySpec, count: int) -> None:
+    """Print ``dryrun.plan``: per candidate its role, params, command and pre-flight verdict."""
+    from servetune.dryrun import plan
+
+    try:
+        planned = plan(spec, count)
+    except (ServetuneError, ValueError) as e:
+        raise _fail(str(e)) from None
+    console.print(f"dry run: the first {len(planned)} candidate(s); nothing is started or saved")
+    for p in planned:
+        params = ", ".join(f"{k}={v}" for k, v in sorted(p.params.items())) or "engine defaults"
+        console.print(f"\n[bold]trial {p.number}[/] ({p.role.value}): {params}", highlight=False)
+        console.print(p.command, markup=False, highlight=False, soft_wrap=True)
+        if p.rejections:
+            for r in p.rejections:
+                console.print(f"  pre-flight: rejected: {r}", markup=False, highlight=False)
+        else:
+            console.print("  pre-flight: ok", highlight=False)
 
 
 @app.command()

@@ -26,6 +26,7 @@ from servetune.core.strategies.base import Strategy, make_strategy
 from servetune.core.study import FailureKind, Params, Trial, TrialResult, TrialRole, TrialState
 from servetune.deploy.base import RunningEngine
 from servetune.deploy.local import kill_process_group
+from servetune.engines.feasibility_hook import infeasible_for
 from servetune.runner import Runner, TrialContext, run_trial
 from servetune.store.repo import StudyRecord, StudyStore
 
@@ -237,7 +238,19 @@ class StudyLoop:
                 self._say("the search space is exhausted")
                 break
             number = self.store.next_trial_number(self.study.id)
-            saved = await self._run(number, TrialRole.SEARCH, suggestion.params)
+            region = infeasible_for(trials, self.ctx.engine, spec.space, suggestion.params)
+            if region is not None:  # the flag failed both ways here: record, do not launch
+                self._say(f"trial {number}: {region.message}")
+                t = self.store.add_trial(self.study.id, number, TrialRole.SEARCH, suggestion.params)
+                assert t.id is not None
+                rejected = TrialResult(
+                    state=TrialState.FAIL,
+                    failure_kind=FailureKind.PREFLIGHT_REJECTED,
+                    failure_reason=region.message,
+                )
+                saved = self.store.finish_trial(t.id, rejected)
+            else:
+                saved = await self._run(number, TrialRole.SEARCH, suggestion.params)
             if _counts(saved):
                 self._tell(saved, token=suggestion.token)
 

@@ -40,12 +40,16 @@ def read_document(path: Path) -> dict[str, Any]:
 
 
 def resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Make relative ``engine.model``/``engine.tokenizer`` paths relative to ``base`` (the spec's folder)."""
+    """Make relative ``engine.model``/``engine.tokenizer``/``engine.config_json`` paths relative
+    to ``base`` (the spec's folder); a vLLM/SGLang model that is no local path stays a hub id."""
     engine = data.get("engine")
     if isinstance(engine, dict):
         engine = dict(engine)
-        for key in ("model", "tokenizer"):
+        hub = engine.get("kind") in ("vllm", "sglang")  # model may be a Hugging Face id
+        for key in ("model", "tokenizer", "config_json"):
             value = engine.get(key)
+            if hub and key == "model" and isinstance(value, str) and not (base / value).exists():
+                continue
             if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
                 engine[key] = str((base / value).resolve())
             elif isinstance(value, str) and value.startswith("~"):

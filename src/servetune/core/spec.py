@@ -66,7 +66,73 @@ class LlamaCppEngineSpec(_Model):
     )
 
 
-EngineSpec = Annotated[LlamaCppEngineSpec, Field(description="The engine; chosen by `kind`.")]
+class GpuSpec(_Model):
+    """The GPUs each trial gets, for pre-flight checks and dry runs (instead of probing the host)."""
+
+    count: PositiveInt = Field(description="GPUs a trial may use, e.g. 8.")
+    memory_gib: float = Field(gt=0, description="Total memory of each GPU in GiB, e.g. 80.")
+
+
+class _GpuEngineSpec(_Model):
+    """Fields vLLM and SGLang share: a Hugging Face model, its config.json, fixed flags, GPUs."""
+
+    model: str = Field(
+        description="Hugging Face model id or local model folder (passed to the engine as is)."
+    )
+    config_json: str | None = Field(
+        default=None,
+        description="Local path to the model's config.json (or a folder holding it) for "
+        "pre-flight checks; null = MODEL/config.json when model is a local folder.",
+    )
+    tokenizer: str | None = Field(
+        default=None,
+        description="Hugging Face tokenizer directory or tokenizer.json used to build prompts; "
+        "null = ask the server's /tokenize endpoint.",
+    )
+    flags: dict[str, ParamValue] = Field(
+        default_factory=dict,
+        description="Fixed flags passed to every trial (engine CLI names, no dashes).",
+    )
+    served_model_name: str = Field(
+        default="servetune", description="Model name the server reports (--served-model-name)."
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra environment for the engine process, e.g. {CUDA_VISIBLE_DEVICES: '0,1'}.",
+    )
+    gpus: GpuSpec | None = Field(
+        default=None,
+        description="GPUs each trial gets; null = probe this host with nvidia-smi.",
+    )
+
+
+class VllmEngineSpec(_GpuEngineSpec):
+    """vLLM's OpenAI-compatible server, started as ``vllm serve MODEL``."""
+
+    kind: Literal["vllm"] = Field(description="Engine kind.")
+    executable: str = Field(
+        default="vllm", description="The `vllm` entry point: a name on PATH or a path."
+    )
+
+
+class SglangEngineSpec(_GpuEngineSpec):
+    """SGLang's server, started as ``python -m sglang.launch_server --model-path MODEL``."""
+
+    kind: Literal["sglang"] = Field(description="Engine kind.")
+    python: str = Field(
+        default="python3", description="Python interpreter that has sglang installed."
+    )
+    version: str | None = Field(
+        default=None,
+        description="SGLang release (e.g. '0.5.3'); flags renamed between releases are judged "
+        "by it; null = the release servetune's catalogue was read from.",
+    )
+
+
+EngineSpec = Annotated[
+    LlamaCppEngineSpec | VllmEngineSpec | SglangEngineSpec,
+    Field(discriminator="kind", description="The engine; chosen by `kind`."),
+]
 
 
 class LocalDeploymentSpec(_Model):
@@ -238,7 +304,7 @@ class StudySpec(_Model):
 
 def cross_problems(
     *,
-    engine: LlamaCppEngineSpec | None,
+    engine: LlamaCppEngineSpec | VllmEngineSpec | SglangEngineSpec | None,
     space: SearchSpace | None,
     strategy: StrategySpec | None,
     workload: Workload | None,

@@ -21,4 +21,12 @@ def get_engine(spec_engine: EngineSpec) -> Engine:
         from servetune.engines.llamacpp import LlamaCppEngine
 
         return LlamaCppEngine(spec_engine)
+    if spec_engine.kind == "vllm":
+        from servetune.engines.vllm import VllmEngine
+
+        return VllmEngine(spec_engine)
+    if spec_engine.kind == "sglang":
+        from servetune.engines.sglang import SglangEngine
+
+        return SglangEngine(spec_engine)
     raise ValueError(f"no engine adapter for kind {spec_engine.kind!r}")  # pragma: no cover
