@@ -278,3 +278,32 @@ def test_stored_reason_gives_back_its_directions() -> None:
 def test_spec_union_picks_vllm_by_kind() -> None:
     doc = spec_doc("vllm", "org/model", {"max-num-seqs": {"kind": "int", "low": 8, "high": 64}})
     assert isinstance(parse_spec(doc).engine, VllmEngineSpec)
+
+
+def test_dry_run_prints_baseline_first_with_verdicts_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from servetune.cli import app
+
+    folder = write_config(tmp_path, QWEN2_7B)
+    doc = spec_doc(
+        "vllm",
+        str(folder),
+        {"tensor-parallel-size": {"kind": "choice", "values": [4, 8]}},
+        gpus={"count": 8, "memory_gib": 80},
+    )
+    doc["strategy"] = {"kind": "grid"}
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(__import__("json").dumps(doc))
+    monkeypatch.setenv("SERVETUNE_DATA_DIR", str(tmp_path / "data"))
+    result = CliRunner().invoke(app, ["run", str(spec_file), "--dry-run", "--count", "3"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert out.index("trial 0 (baseline)") < out.index("trial 1 (search)") < out.index("trial 2")
+    assert f"vllm serve {folder} --host 127.0.0.1 --port 8000" in out
+    assert "--tensor-parallel-size 8" in out
+    assert "pre-flight: rejected: tensor-parallel-size 8 does not divide" in out
+    assert out.count("pre-flight: ok") == 2
+    assert not (tmp_path / "data").exists()
