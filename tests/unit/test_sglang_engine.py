@@ -206,3 +206,46 @@ def test_a_gap_between_opposite_failures_stays_open_on_a_continuous_flag() -> No
     assert region is not None and not region.closed
     assert "only 0.7 < mem-fraction-static < 0.9 may still work" in region.message
     assert infeasible_for(trials, e, space, {"mem-fraction-static": 0.92}) is not None
+
+
+QWEN3_30B_A3B = {
+    "hidden_size": 2048,
+    "head_dim": 128,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 768,
+    "num_experts": 128,
+    "num_attention_heads": 32,
+    "num_hidden_layers": 48,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 40960,
+    "torch_dtype": "bfloat16",
+    "vocab_size": 151936,
+}
+"""Qwen/Qwen3-30B-A3B's config.json sizes (30.5 B parameters: experts of moe_intermediate_size)."""
+
+
+def test_moe_weights_use_the_expert_size(tmp_path: Path) -> None:
+    folder = write_config(tmp_path, QWEN3_30B_A3B)
+    e = SglangEngine(
+        SglangEngineSpec(kind="sglang", model=str(folder), gpus={"count": 2, "memory_gib": 48})
+    )
+    one = e.preflight({"tp-size": 1, "mem-fraction-static": 0.9}, WORKLOAD)
+    assert any("about 56.8 GiB per GPU" in r for r in one), one
+    assert e.preflight({"tp-size": 2, "mem-fraction-static": 0.9}, WORKLOAD) == []
+
+
+def test_context_length_above_the_model_is_rejected_and_classified(tmp_path: Path) -> None:
+    e = engine(tmp_path, gpus={"count": 1, "memory_gib": 80})
+    r = e.preflight({"context-length": 200000}, WORKLOAD)
+    assert any("SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1" in x for x in r)
+    c = classify_sglang_log(
+        "ValueError: Warning: User-specified context_length (200000) is greater than the derived "
+        "context_length (131072). This may lead to incorrect model outputs or CUDA errors. To "
+        "allow overriding this maximum, set the env var SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1",
+        1,
+    )
+    assert c.kind is FailureKind.INVALID_ARGS
+    assert c.direction is not None and (c.direction.flag, c.direction.change) == (
+        "context-length",
+        "decrease",
+    )

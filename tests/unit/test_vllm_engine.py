@@ -307,3 +307,45 @@ def test_dry_run_prints_baseline_first_with_verdicts_and_writes_nothing(
     assert "pre-flight: rejected: tensor-parallel-size 8 does not divide" in out
     assert out.count("pre-flight: ok") == 2
     assert not (tmp_path / "data").exists()
+
+
+def test_warning_lines_prove_nothing_and_a_bare_prefix_line_is_harmless() -> None:
+    text = (
+        "WARNING 11-29 10:00:00 [worker.py:1] CUDA out of memory while probing; retrying\n"
+        "(EngineCore_DP0 pid=7) ERROR 11-29 10:00:01 [core.py:9] \n"
+        "ERROR 11-29 10:00:02 [core.py:9] RuntimeError: NCCL error: unhandled system error\n"
+    )
+    c = classify_vllm_log(text, 1)
+    assert c.kind is FailureKind.ENGINE_CRASHED
+    assert c.reason == "exited with status 1: RuntimeError: NCCL error: unhandled system error"
+
+
+def test_max_model_len_above_the_models_is_rejected_before_and_classified_after(
+    tmp_path: Path,
+) -> None:
+    short = {**LLAMA_8B, "max_position_embeddings": 4096}
+    e = engine(tmp_path, short, gpus={"count": 1, "memory_gib": 80})
+    r = e.preflight({"max-model-len": 8192}, WORKLOAD)
+    assert any("max-model-len 8192 > the model's max_position_embeddings 4096" in x for x in r)
+    allowed = engine(
+        tmp_path,
+        short,
+        gpus={"count": 1, "memory_gib": 80},
+        env={"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"},
+    )
+    assert allowed.preflight({"max-model-len": 8192}, WORKLOAD) == []
+    c = classify_vllm_log(
+        "ValueError: User-specified max_model_len (8192) is greater than the derived "
+        "max_model_len (max_position_embeddings=4096 or model_max_length=None in model's "
+        "config.json).",
+        1,
+    )
+    assert c.kind is FailureKind.INVALID_ARGS
+    assert [(d.flag, d.change) for d in c.directions] == [("max-model-len", "decrease")]
+
+
+def test_checkpoint_files_give_the_weight_size(tmp_path: Path) -> None:
+    folder = write_config(tmp_path, LLAMA_70B)
+    (folder / "model-00001.safetensors").write_bytes(b"\0" * 1024)
+    e = engine(gpus={"count": 1, "memory_gib": 80}, config_json=str(folder))
+    assert e.preflight({}, WORKLOAD) == []  # 1 KiB of checkpoint, not the 131 GiB estimate

@@ -6,6 +6,8 @@ Pure functions over plain values (GpuFacts, ModelFacts, ints); each returns reas
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from servetune.engines.hardware import GpuFacts, ModelFacts, weight_gib
 
 
@@ -103,6 +105,34 @@ def context_fits(
             f"rejected; raise {flag} to ≥ {need}"
         ]
     return []
+
+
+def context_within_model(
+    max_len: int | None,
+    model: ModelFacts | None,
+    *,
+    flag: str,
+    engine: str,
+    allow_env: str,
+    env: Mapping[str, str],
+) -> list[str]:
+    """A reason when ``flag`` asks for more context than the model's config.json allows.
+
+    Both engines refuse a context above the derived one unless ``allow_env`` is set (vLLM
+    config/model.py "User-specified max_model_len (X) is greater than the derived
+    max_model_len"; SGLang configs/model_config.py, SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN).
+    Skipped when the config has rope_scaling (the derived length then differs from
+    max_position_embeddings) or the variable is set in engine.env.
+    """
+    if model is None or max_len is None or max_len <= 0 or model.has_rope_scaling:
+        return []
+    limit = model.max_position_embeddings
+    if limit is None or max_len <= limit or env.get(allow_env, "") not in ("", "0"):
+        return []
+    return [
+        f"{flag} {max_len} > the model's max_position_embeddings {limit}: {engine} refuses it "
+        f"unless {allow_env}=1 is set in engine.env; lower {flag} to ≤ {limit}"
+    ]
 
 
 def as_int(v: object) -> int | None:

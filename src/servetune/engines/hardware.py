@@ -75,7 +75,11 @@ class ModelFacts:
 
     Head counts, layer sizes, vocabulary, context length, the checkpoint dtype
     (``torch_dtype``/``dtype``), the quantization method (``quantization_config.quant_method``)
-    and the MoE expert count (``num_local_experts``/``num_experts``/``n_routed_experts``).
+    and the MoE expert count (``num_local_experts``/``num_experts``/``n_routed_experts``) and
+    expert size (``moe_intermediate_size``); ``has_rope_scaling`` (the engines derive a longer
+    context from it), ``uses_mla`` (DeepSeek-style latent attention: ``kv_lora_rank``), and
+    ``checkpoint_bytes``: the size of the ``*.safetensors`` files next to config.json (None when
+    there are none).
     """
 
     path: str
@@ -90,6 +94,11 @@ class ModelFacts:
     quant_method: str | None
     num_experts: int | None
     tie_word_embeddings: bool
+    moe_intermediate_size: int | None = None
+    head_dim: int | None = None
+    has_rope_scaling: bool = False
+    uses_mla: bool = False
+    checkpoint_bytes: int | None = None
 
     @property
     def kv_heads(self) -> int | None:
@@ -145,7 +154,21 @@ def read_model_config(path: Path) -> ModelFacts:
         else None,
         num_experts=_int(cfg, "num_local_experts", "num_experts", "n_routed_experts"),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        moe_intermediate_size=_int(cfg, "moe_intermediate_size"),
+        head_dim=_int(cfg, "head_dim"),
+        has_rope_scaling=isinstance(cfg.get("rope_scaling"), dict),
+        uses_mla=cfg.get("kv_lora_rank") is not None,
+        checkpoint_bytes=_checkpoint_bytes(path.parent),
     )
+
+
+def _checkpoint_bytes(folder: Path) -> int | None:
+    """Total size of the ``*.safetensors`` weight files in ``folder`` (None when there are none)."""
+    try:
+        sizes = [f.stat().st_size for f in folder.glob("*.safetensors") if f.is_file()]
+    except OSError:
+        return None
+    return sum(sizes) if sizes else None
 
 
 def _int(cfg: Mapping[str, Any], *keys: str) -> int | None:
@@ -184,7 +207,7 @@ def parameter_count(m: ModelFacts) -> int | None:
     """Weights of a decoder-only transformer from its config (None when a size is missing).
 
     embeddings ``V·h`` (twice unless ``tie_word_embeddings``) + per layer: attention
-    ``h·(h + 2·kv·d) + h·h`` (q, k, v, o with ``d = h / heads``), MLP ``3·h·i`` (gate, up,
+    ``2·h·heads·d + 2·h·kv·d`` (q and o, k and v; ``d`` = ``head_dim`` or h / heads), MLP ``3·h·i`` (gate, up,
     down; × experts for MoE) and two norms ``2·h``. This is the Llama/Mistral/Qwen layout (Hugging
     Face transformers' modeling_llama); other layouts land within a few percent, which is enough to
     tell "does not fit" from "fits".
@@ -196,12 +219,15 @@ def parameter_count(m: ModelFacts) -> int | None:
         m.vocab_size,
     )
     heads = m.num_attention_heads
-    if not (h and n_layers and inter and vocab and heads):
+    if not (h and n_layers and inter and vocab and heads) or m.uses_mla:
         return None
-    head_dim = h // heads
+    head_dim = m.head_dim or h // heads
     kv = m.kv_heads or heads
-    attn = h * (h + 2 * kv * head_dim) + h * h
-    mlp = 3 * h * inter * (m.num_experts or 1)
+    attn = 2 * h * heads * head_dim + 2 * h * kv * head_dim
+    if m.num_experts and m.moe_intermediate_size:
+        mlp = 3 * h * m.moe_intermediate_size * m.num_experts
+    else:
+        mlp = 3 * h * inter * (m.num_experts or 1)
     embed = vocab * h * (1 if m.tie_word_embeddings else 2)
     return embed + n_layers * (attn + mlp + 2 * h) + h
 
@@ -225,8 +251,14 @@ def bytes_per_param(m: ModelFacts, dtype: str | None, quantization: str | None) 
 
 
 def weight_gib(m: ModelFacts, dtype: str | None, quantization: str | None) -> float | None:
-    """Estimated weights in GiB (``parameter_count × bytes_per_param / 2^30``); None when the
-    config lacks a size."""
+    """Weights in GiB: the checkpoint's ``*.safetensors`` size when present and no
+    ``quantization`` flag changes it, else ``parameter_count × bytes_per_param / 2^30``; None
+    when neither is known."""
+    if m.checkpoint_bytes is not None and (quantization is None or quantization == m.quant_method):
+        if m.quant_method is None and m.torch_dtype:  # a float checkpoint served in ``dtype``
+            stored = BYTES_PER_PARAM.get(m.torch_dtype.lower(), 2.0)
+            return m.checkpoint_bytes * bytes_per_param(m, dtype, None) / stored / 2**30
+        return m.checkpoint_bytes / 2**30
     n = parameter_count(m)
     if n is None:
         return None

@@ -66,6 +66,7 @@ def classify(
     ready: re.Pattern[str],
     engine: str,
     prefix: re.Pattern[str] | None = None,
+    skip: re.Pattern[str] | None = None,
 ) -> Classification:
     """Apply ``rules`` in order to ``log_text``; the first rule that matches wins, with its last
     matching line as evidence (the exception line after a traceback's source line).
@@ -75,15 +76,23 @@ def classify(
     runs; exit status -9/137 → HOST_OOM (the kernel's OOM killer); still running → UNKNOWN;
     otherwise ENGINE_CRASHED with the last error-looking line.
     """
-    lines = clean_lines(log_text, prefix)
-    for rule in rules:
-        if rule.context is not None and not any(rule.context.search(x) for x in lines):
+    lines: list[str] = []
+    evidence: list[str] = []
+    for raw in clean_lines(log_text):
+        line = prefix.sub("", raw).strip() if prefix is not None else raw
+        if not line:
             continue
-        hit = next((x for x in reversed(lines) if rule.pattern.search(x)), None)
+        lines.append(line)
+        if skip is None or not skip.search(raw):
+            evidence.append(line)
+    for rule in rules:
+        if rule.context is not None and not any(rule.context.search(x) for x in evidence):
+            continue
+        hit = next((x for x in reversed(evidence) if rule.pattern.search(x)), None)
         if hit is not None:
             reason = f"{hit}{'; ' + rule.advice if rule.advice else ''}"
             return Classification(rule.kind, reason, rule.directions)
-    errors = [x for x in lines if _ERRORISH.search(x)]
+    errors = [x for x in evidence if _ERRORISH.search(x)]
     last = errors[-1] if errors else (lines[-1] if lines else "no log output")
     was_ready = any(ready.search(x) for x in lines)
     if returncode is None:

@@ -43,6 +43,12 @@ def rules(graph_flag: str) -> tuple[Rule, ...]:
         ),
         Rule(
             FailureKind.INVALID_ARGS,
+            re.compile(r"To allow overriding this maximum, set the env var SGLANG_ALLOW_OVERWRITE"),
+            "context-length is above the model's (configs/model_config.py): lower it",
+            (Direction("context-length", "decrease"),),
+        ),
+        Rule(
+            FailureKind.INVALID_ARGS,
             re.compile(r"tp_size \d+ must be divisible by ep_size"),
             "use an ep-size that divides tp-size",
         ),

@@ -43,7 +43,7 @@ class SglangEngine(GpuEngine):
         gpus: GpuFacts,
         model: ModelFacts | None,
     ) -> list[str]:
-        return preflight.check(flags_, workload, gpus, model)
+        return preflight.check(flags_, workload, gpus, model, self.spec.env)
 
     def classify(self, log_text: str, returncode: int | None) -> Classification:
         """See classify.classify_sglang_log (with this release's CUDA graph flag)."""

@@ -12,6 +12,7 @@ from servetune.engines.gpu_preflight import (
     as_float,
     as_int,
     context_fits,
+    context_within_model,
     gpu_count,
     head_divisibility,
     needs_gpus,
@@ -27,6 +28,7 @@ def check(
     workload: Workload,
     gpus: GpuFacts,
     model: ModelFacts | None,
+    env: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Reasons ``flags`` cannot run; empty = launch.
 
@@ -40,7 +42,8 @@ def check(
       quantization method");
     - weights that do not fit in mem-fraction-static of each GPU (skipped when unset: SGLang
       computes it);
-    - context-length shorter than one request of the workload.
+    - context-length shorter than one request of the workload, or longer than the model's
+      max_position_embeddings (unless SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN is in ``env``).
     """
     reasons = needs_gpus(ENGINE, gpus)
     tp = as_int(flags.get("tp-size")) or 1
@@ -83,5 +86,13 @@ def check(
             quantization=quant_s,
         )
     ctx = as_int(flags.get("context-length"))
+    reasons += context_within_model(
+        ctx,
+        model,
+        flag="context-length",
+        engine=ENGINE,
+        allow_env="SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN",
+        env=env or {},
+    )
     reasons += context_fits(ctx, workload.input_tokens, workload.output_tokens, "context-length")
     return reasons

@@ -26,6 +26,9 @@ LOG_PREFIX = re.compile(
 )
 """vLLM's ``(EngineCore_DP0 pid=223840) ERROR 10-25 13:08:43 [core.py:708] `` line prefix."""
 
+NOT_AN_ERROR = re.compile(r"^(\([^)]*pid=\d+\)\s*)?(INFO|WARNING|DEBUG)[\s:]")
+"""vLLM info/warning/debug lines (and uvicorn's ``INFO:``): evidence of nothing, never matched."""
+
 READY = re.compile(r"Application startup complete|Uvicorn running on|Starting vLLM API server")
 """Lines vLLM's API server prints once it listens (uvicorn and vllm/entrypoints/openai)."""
 
@@ -47,6 +50,13 @@ RULES: tuple[Rule, ...] = (
         re.compile(r"max_num_batched_tokens \(\d+\) must be greater than or equal to max_num_seqs"),
         "raise max-num-batched-tokens or lower max-num-seqs (scheduler.py)",
         (Direction("max-num-batched-tokens", "increase"), Direction("max-num-seqs", "decrease")),
+    ),
+    Rule(
+        FailureKind.INVALID_ARGS,
+        re.compile(r"User-specified max_model_len \(\d+\) is greater than the derived"),
+        "max-model-len is above the model's context length (config/model.py): lower it, or set "
+        "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 in engine.env if the model really supports it",
+        (Direction("max-model-len", "decrease"),),
     ),
     Rule(
         FailureKind.INVALID_ARGS,
@@ -110,4 +120,12 @@ def classify_vllm_log(log_text: str, returncode: int | None) -> Classification:
     of memory → CUDA_OOM (lower gpu-memory-utilization); model not found → MODEL_LOAD_FAILED;
     then the generic endings (ready then died, ready but never generating, SIGKILL).
     """
-    return classify(RULES, log_text, returncode, ready=READY, engine="vLLM", prefix=LOG_PREFIX)
+    return classify(
+        RULES,
+        log_text,
+        returncode,
+        ready=READY,
+        engine="vLLM",
+        prefix=LOG_PREFIX,
+        skip=NOT_AN_ERROR,
+    )

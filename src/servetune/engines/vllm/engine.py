@@ -40,7 +40,7 @@ class VllmEngine(GpuEngine):
         gpus: GpuFacts,
         model: ModelFacts | None,
     ) -> list[str]:
-        return preflight.check(flags_, workload, gpus, model)
+        return preflight.check(flags_, workload, gpus, model, self.spec.env)
 
     def classify(self, log_text: str, returncode: int | None) -> Classification:
         """See classify.classify_vllm_log."""

@@ -12,6 +12,7 @@ from servetune.engines.gpu_preflight import (
     as_float,
     as_int,
     context_fits,
+    context_within_model,
     gpu_count,
     head_divisibility,
     needs_gpus,
@@ -27,6 +28,7 @@ def check(
     workload: Workload,
     gpus: GpuFacts,
     model: ModelFacts | None,
+    env: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Reasons ``flags`` (catalogue defaults < engine.flags < params) cannot run; empty = launch.
 
@@ -42,7 +44,8 @@ def check(
     - an explicit kv-cache-dtype float16/bfloat16 that differs from the model dtype
       (CacheConfig: "An explicit float16 or bfloat16 must match the model data type");
     - weights that do not fit in gpu-memory-utilization of each GPU;
-    - max-model-len shorter than one request of the workload.
+    - max-model-len shorter than one request of the workload, or longer than the model's
+      max_position_embeddings (unless VLLM_ALLOW_LONG_MAX_MODEL_LEN is in ``env``).
 
     Without ``model`` (no config.json) only the checks that need no model run.
     """
@@ -117,6 +120,14 @@ def check(
             dtype=dtype_s,
             quantization=quant_s,
         )
+    reasons += context_within_model(
+        max_len,
+        model,
+        flag="max-model-len",
+        engine=ENGINE,
+        allow_env="VLLM_ALLOW_LONG_MAX_MODEL_LEN",
+        env=env or {},
+    )
     reasons += context_fits(
         max_len if max_len and max_len > 0 else None,
         workload.input_tokens,
