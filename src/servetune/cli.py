@@ -292,6 +292,7 @@ def run(
     if dry_run:
         _print_dry_run(parsed, count)
         return
+    _check_host(parsed)
     settings = _settings(db)
     try:
         store = StudyStore(settings.db_url)
@@ -301,6 +302,17 @@ def run(
     console.print(f"study [bold]{study.name}[/] (id {study.id}) in {store.url}")
     outcome = _execute(settings, store, study, verbose)
     _print_outcome(outcome, settings)
+
+
+def _check_host(spec: StudySpec) -> None:
+    """Exit 1 before anything is written when this host cannot run the engine at all (a GPU
+    engine on a host without GPUs), instead of recording every trial as rejected."""
+    from servetune.engines import get_engine
+
+    host_problems = getattr(get_engine(spec.engine), "host_problems", None)
+    problems: list[str] = host_problems() if host_problems is not None else []
+    if problems:
+        raise _fail("; ".join(problems))
 
 
 def _print_dry_run(spec: StudySpec, count: int) -> None:

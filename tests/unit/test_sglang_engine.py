@@ -37,6 +37,7 @@ SAMPLE: dict[str, Any] = {
     "dp-size": 1,
     "ep-size": 2,
     "enable-dp-attention": False,
+    "attn-dp-size": 2,
     "disable-radix-cache": True,
     "kv-cache-dtype": "fp8_e5m2",
     "quantization": "fp8",

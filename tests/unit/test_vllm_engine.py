@@ -349,3 +349,25 @@ def test_checkpoint_files_give_the_weight_size(tmp_path: Path) -> None:
     (folder / "model-00001.safetensors").write_bytes(b"\0" * 1024)
     e = engine(gpus={"count": 1, "memory_gib": 80}, config_json=str(folder))
     assert e.preflight({}, WORKLOAD) == []  # 1 KiB of checkpoint, not the 131 GiB estimate
+
+
+def test_run_on_a_host_without_gpus_fails_clearly_before_writing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from servetune.cli import app
+
+    spec_file = tmp_path / "spec.json"
+    doc = spec_doc("vllm", "org/model", {"max-num-seqs": {"kind": "choice", "values": [8, 16]}})
+    spec_file.write_text(__import__("json").dumps(doc))
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))  # no nvidia-smi
+    monkeypatch.setenv("SERVETUNE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("SERVETUNE_DB_URL", f"sqlite:///{tmp_path / 'studies.db'}")
+    result = CliRunner().invoke(app, ["run", str(spec_file)])
+    assert result.exit_code == 1, result.output
+    assert "vLLM needs NVIDIA GPUs and this host has none" in result.output
+    assert "nvidia-smi not found on PATH" in result.output
+    assert not (tmp_path / "studies.db").exists()

@@ -165,6 +165,12 @@ class GpuEngine:
         c = self.classify(reason, 1)
         return c.directions if c.kind is kind else ()
 
+    def host_problems(self) -> list[str]:
+        """Why this host (or ``engine.gpus``) cannot run the engine at all: no GPU (empty = ok)."""
+        from servetune.engines.gpu_preflight import needs_gpus
+
+        return needs_gpus(self.label.split()[0], self.gpus())
+
     def config_file(self) -> Path | None:
         """Where config.json is looked for (None when the model is a hub id and none is named)."""
         return config_path(self.spec.model, self.spec.config_json)

@@ -90,8 +90,9 @@ _COMMON: tuple[FlagInfo, ...] = (
     _f("dp-size", "int", 1, "Data-parallel replicas.", _PAR),
     _f("ep-size", "int", 1, "Expert-parallel size (must divide tp-size).", _PAR),
     _f("enable-dp-attention", "bool", False,
-       "Data-parallel attention inside the tensor-parallel group (dp-size shares tp's GPUs).",
-       _PAR),
+       "Data-parallel attention inside the tensor-parallel group (dp-size shares tp's GPUs); "
+       "deprecated in 0.5.23 for attn-dp-size, still accepted.",
+       "sglang/srt/server_args.py"),
     _f("disable-radix-cache", "bool", False, "Turn off RadixAttention prefix caching.", _MEM),
     _f("kv-cache-dtype", "str", "auto", "KV cache data type.", _MODEL, KV_CACHE_DTYPES),
     _f("quantization", "str", None, "Weight quantization method.", _MODEL, QUANTIZATION_CHOICES),
@@ -102,6 +103,9 @@ _COMMON: tuple[FlagInfo, ...] = (
 )  # fmt: skip
 
 _NEW_ONLY: tuple[FlagInfo, ...] = (
+    _f("attn-dp-size", "int", 1,
+       "Data-parallel attention groups inside the tensor-parallel group (FFN stays tensor "
+       "parallel; uses no extra GPUs).", _PAR),
     _f("cuda-graph-max-bs-decode", "int", None,
        "Largest batch captured in the decode CUDA graph (unset = by GPU).", _EXEC),
     _f("cuda-graph-max-bs-prefill", "int", None,
@@ -175,6 +179,7 @@ _RANGES = MappingProxyType(
         "pp-size": Range(low=1),
         "dp-size": Range(low=1),
         "ep-size": Range(low=1),
+        "attn-dp-size": Range(low=1),
         "context-length": Range(low=1),
         "cuda-graph-max-bs": Range(low=1),
         "cuda-graph-max-bs-decode": Range(low=1),
