@@ -166,12 +166,16 @@ def test_validate_accepts_a_good_vllm_spec_and_checks_config_json(tmp_path: Path
     assert "does not exist" in e.value.problems[0].message
 
 
-def test_example_spec_validates() -> None:
+@pytest.mark.parametrize(
+    ("name", "kind"), [("vllm-llama-8b", "vllm"), ("sglang-llama-8b", "sglang")]
+)
+def test_example_specs_validate_and_their_baseline_passes_preflight(name: str, kind: str) -> None:
     from servetune.specfile import load_spec
 
-    spec, _ = load_spec(Path(__file__).parents[2] / "examples" / "vllm-llama-8b.yaml")
-    assert spec.engine.kind == "vllm"
-    assert isinstance(get_engine(spec.engine), VllmEngine)
+    spec, _ = load_spec(Path(__file__).parents[2] / "examples" / f"{name}.yaml")
+    assert spec.engine.kind == kind
+    e = get_engine(spec.engine)
+    assert e.preflight({}, spec.workload) == []
 
 
 # ---- pre-flight -------------------------------------------------------------------------------
