@@ -375,3 +375,12 @@ def test_run_on_a_host_without_gpus_fails_clearly_before_writing(
     assert "vLLM needs NVIDIA GPUs and this host has none" in result.output
     assert "nvidia-smi not found on PATH" in result.output
     assert not (tmp_path / "studies.db").exists()
+
+
+def test_displayed_command_hides_the_hf_token() -> None:
+    e = engine(env={"HF_TOKEN": "hf_secret123", "CUDA_VISIBLE_DEVICES": "0,1"})
+    cmd = e.launch_command({}, host="127.0.0.1", port=8000)
+    assert cmd.env["HF_TOKEN"] == "hf_secret123"  # the process still gets it
+    shown = cmd.display()
+    assert "hf_secret123" not in shown
+    assert shown.startswith("CUDA_VISIBLE_DEVICES=0,1 HF_TOKEN='***' vllm serve org/model")

@@ -5,6 +5,7 @@ An Engine is pure: it builds commands and reads logs; it never starts a process 
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,9 +26,18 @@ class LaunchCommand:
     port: int = 0
 
     def display(self) -> str:
-        """The command as a shell line a user can paste (quoted with ``shlex.join``)."""
-        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
+        """The command as a shell line a user can paste (quoted with ``shlex.join``); values of
+        secret-looking variables (``*TOKEN*``, ``*SECRET*``, ``*PASSWORD*``, ``*KEY``) are
+        shown as ``***`` so logs and dry runs never carry them."""
+        env = " ".join(
+            f"{k}={shlex.quote('***' if _SECRET.search(k) else v)}"
+            for k, v in sorted(self.env.items())
+        )
         return f"{env} {shlex.join(self.argv)}".strip()
+
+
+_SECRET = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|_KEY$|^KEY$|API_KEY", re.IGNORECASE)
+"""Environment variable names whose values ``LaunchCommand.display`` hides."""
 
 
 @dataclass(frozen=True)
