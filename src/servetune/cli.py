@@ -23,6 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
+from servetune.core.metrics import format_warning
 from servetune.core.spec import StudySpec
 from servetune.core.study import Trial, TrialRole, format_params
 from servetune.errors import ServetuneError, SpecInvalid
@@ -411,6 +412,8 @@ def _print_outcome(outcome: Any, settings: Settings) -> None:
     console.print(
         f"best params (trial {chosen.number}, {feasible}): {format_params(chosen.params)}"
     )
+    for w in chosen.result.warnings if chosen.result else []:
+        console.print(f"[yellow]warning {escape(format_warning(w))}[/]", highlight=False)
     if best.number != chosen.number:
         console.print(
             f"search winner trial {best.number} ({format_params(best.params)}) was not kept"
@@ -540,6 +543,8 @@ def show(
         )
         mark = " ★" if best and t.number == best.number else ""
         detail = format_params(t.params)
+        for w in t.result.warnings if t.result else []:
+            detail += f"\n[yellow]warning {escape(format_warning(w))}[/]"
         if failure:
             detail += f"\n[red]{escape(failure)}[/]"
         elif t.result and t.result.slo_report and not t.feasible:
@@ -820,6 +825,10 @@ def bench(
         return
     console.print(_bench_table(metrics, rate_mode=rates is not None))
     console.print("latencies in ms; tok/s = output tokens per second", highlight=False)
+    for m in metrics:
+        for w in m.warnings:
+            line = f"warning {format_warning(w)}"
+            console.print(f"[yellow]{escape(line)}[/]", highlight=False, soft_wrap=True)
     for m in metrics:
         for kind, count in m.failed_by_kind.items():
             example = m.error_examples.get(kind)

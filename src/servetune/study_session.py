@@ -25,6 +25,7 @@ from rich.progress import (
 from sqlalchemy.engine import make_url
 
 from servetune.bench.builtin import BuiltinClient
+from servetune.core.metrics import format_warning
 from servetune.core.study import Params, Trial, TrialRole, TrialState, format_params
 from servetune.deploy.local import LocalDeployment
 from servetune.engines import get_engine
@@ -50,7 +51,10 @@ def _describe(t: Trial) -> str:
         ok = (
             "[green]feasible[/]" if r.feasible else f"[yellow]misses {escape('; '.join(missed))}[/]"
         )
-        return f"{head} {m.output_tokens_per_s:7.1f} tok/s  TTFT p99 {ttft or 0:7.0f} ms  {ok}  {params}"
+        line = f"{head} {m.output_tokens_per_s:7.1f} tok/s  TTFT p99 {ttft or 0:7.0f} ms  {ok}  {params}"
+        return line + "".join(
+            f"\n    [yellow]warning[/] {escape(format_warning(w))}" for w in r.warnings
+        )
     kind = r.failure_kind.value if r.failure_kind else t.state.value
     return f"{head} [red]{t.state.value}[/] {kind}: {r.failure_reason}  {params}"
 

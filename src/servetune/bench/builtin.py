@@ -23,7 +23,13 @@ from typing import Any, Literal, cast
 
 import httpx
 
-from servetune.bench.prompts import Prompt, PromptBuilder
+from servetune.bench.prompts import (
+    HfTokenCounter,
+    Prompt,
+    PromptBuilder,
+    ServerTokenCounter,
+    TokenCounter,
+)
 from servetune.bench.sse import SseEvent, SseParser
 from servetune.core.metrics import LoadLevel, RequestRecord, ServingMetrics, summarize
 from servetune.core.spec import StudySpec, Workload
@@ -137,6 +143,12 @@ class BuiltinClient:
     ``short_output`` (``usage.completion_tokens`` < ``max_tokens``; without usage,
     ``finish_reason: "stop"``), ``no_output`` (no content chunk).
 
+    Output tokens: ``usage.completion_tokens`` when the server sends it (always asked for with
+    ``stream_options.include_usage``); else, after each level (never while it is measured), the
+    streamed text is counted with the same token counter the prompts were built with (local
+    tokenizer or ``/tokenize``) and the record is marked ``output_tokens_estimated``; events
+    carrying several tokens get their per-event counts (``count_output_tokens``).
+
     ``expected_prompt_tokens`` is recorded for the completions API only: for chat, the server
     adds its chat template's tokens, which the client does not know.
 
@@ -182,19 +194,28 @@ class BuiltinClient:
         request failures are never raised, they are records with an ``error_kind``.
         """
         if prompts is not None:
-            return await self._run(endpoint, workload, prompts, on_progress)
+            counter: TokenCounter = (
+                HfTokenCounter(self.tokenizer)
+                if self.tokenizer is not None
+                else ServerTokenCounter(endpoint.base_url, endpoint.model)
+            )
+            try:
+                return await self._run(endpoint, workload, prompts, on_progress, counter)
+            finally:
+                await counter.aclose()
         if self.tokenizer is not None:
             key = (workload.input_tokens, workload.seed)
             if key not in self._builders:
                 self._builders[key] = PromptBuilder.from_tokenizer(
                     self.tokenizer, workload.input_tokens, seed=workload.seed
                 )
-            return await self._run(endpoint, workload, self._builders[key], on_progress)
+            builder = self._builders[key]
+            return await self._run(endpoint, workload, builder, on_progress, builder.counter)
         builder = PromptBuilder.from_server(
             endpoint.base_url, workload.input_tokens, model=endpoint.model, seed=workload.seed
         )
         try:
-            return await self._run(endpoint, workload, builder, on_progress)
+            return await self._run(endpoint, workload, builder, on_progress, builder.counter)
         finally:
             await builder.aclose()
 
@@ -204,6 +225,7 @@ class BuiltinClient:
         workload: Workload,
         prompts: PromptBuilder | Sequence[Prompt],
         on_progress: ProgressCallback | None,
+        counter: TokenCounter,
     ) -> list[tuple[LoadLevel, list[RequestRecord]]]:
         if isinstance(prompts, PromptBuilder) and prompts.input_tokens != workload.input_tokens:
             raise BenchmarkError(
@@ -221,7 +243,7 @@ class BuiltinClient:
             for index, level in enumerate(workload.levels()):
                 log.info("benchmark level %s: %s", index, level.label)
                 records = await self._level(index, level, workload, pool, sender, on_progress)
-                results.append((level, records))
+                results.append((level, await count_output_tokens(records, counter)))
         return results
 
     async def _level(
@@ -585,11 +607,21 @@ def _describe(e: BaseException) -> str:
 class _Stream:
     """What one attempt saw so far."""
 
-    __slots__ = ("chunk_times", "done_s", "error", "error_kind", "finish_reason", "sent_s", "usage")
+    __slots__ = (
+        "chunk_times",
+        "done_s",
+        "error",
+        "error_kind",
+        "finish_reason",
+        "sent_s",
+        "texts",
+        "usage",
+    )
 
     def __init__(self) -> None:
         self.sent_s = 0.0
         self.chunk_times: list[float] = []
+        self.texts: list[str] = []
         self.done_s: float | None = None
         self.usage: dict[str, Any] | None = None
         self.finish_reason: str | None = None
@@ -619,22 +651,20 @@ class _Stream:
         usage = obj.get("usage")
         if isinstance(usage, dict):
             self.usage = usage
-        content = False
+        text = ""
         for choice in obj.get("choices") or ():
             if not isinstance(choice, dict):
                 raise _Protocol(f"choice is not an object: {data[:200]!r}")
             delta = choice.get("delta")
-            if choice.get("text") or (
-                isinstance(delta, dict)
-                and (
-                    delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning")
-                )
-            ):
-                content = True
+            parts = [choice.get("text")]
+            if isinstance(delta, dict):
+                parts += [delta.get(k) for k in ("reasoning_content", "reasoning", "content")]
+            text += "".join(p for p in parts if isinstance(p, str))
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
-        if content:
+        if text:
             self.chunk_times.append(now)
+            self.texts.append(text)
         return False
 
     def record(
@@ -643,7 +673,9 @@ class _Stream:
         usage = self.usage or {}
         completion = usage.get("completion_tokens")
         prompt_tokens = usage.get("prompt_tokens")
-        output_tokens = completion if isinstance(completion, int) else len(self.chunk_times)
+        # Without usage: one token per event until _count_outputs counts the text (estimated).
+        estimated = not isinstance(completion, int)
+        output_tokens = len(self.chunk_times) if estimated else completion
         if self.error_kind is None:
             if not self.chunk_times:
                 self.fail("no_output", "the stream carried no content")
@@ -662,12 +694,65 @@ class _Stream:
             done_s=self.done_s,
             prompt_tokens=prompt_tokens if isinstance(prompt_tokens, int) else None,
             output_tokens=output_tokens,
+            output_tokens_estimated=estimated,
+            max_tokens=max_tokens,
+            event_texts=tuple(self.texts),
             expected_prompt_tokens=expected_prompt_tokens,
             error_kind=self.error_kind,
             error=self.error,
             retries=retries,
             warmup=warmup,
         )
+
+
+async def count_output_tokens(
+    records: Sequence[RequestRecord], counter: TokenCounter | None
+) -> list[RequestRecord]:
+    """Count, with the model's tokenizer, the output tokens the server did not report; same order.
+
+    Run after a level, never while it is measured. For a record without ``usage``
+    (``output_tokens_estimated``) ``output_tokens`` becomes the token count of its whole
+    streamed text. For any record with more tokens than events (several tokens per event),
+    ``event_tokens`` becomes the count of each event's text. Counts exclude the special tokens
+    the counter adds (its count of the empty string, e.g. BOS). Every record leaves without
+    ``event_texts``. When ``counter`` is None or cannot count (BenchmarkError, e.g. no
+    ``/tokenize``), estimated records keep one token per event and stay marked estimated.
+    """
+    if counter is None:
+        return [r.model_copy(update={"event_texts": None}) for r in records]
+    try:
+        whole = {
+            "".join(r.event_texts) for r in records if r.event_texts and r.output_tokens_estimated
+        }
+        totals = await _counts(counter, whole)
+        out: list[RequestRecord] = []
+        per_event: set[str] = set()
+        for r in records:
+            if r.event_texts and r.output_tokens_estimated:
+                r = r.model_copy(update={"output_tokens": totals["".join(r.event_texts)]})
+            if r.event_texts and (r.output_tokens or 0) > len(r.event_texts):
+                per_event.update(r.event_texts)
+            out.append(r)
+        events = await _counts(counter, per_event)
+    except BenchmarkError as e:
+        log.warning("cannot count output tokens (kept one per event, estimated): %s", e)
+        return [r.model_copy(update={"event_texts": None}) for r in records]
+    update: dict[str, Any]
+    for i, r in enumerate(out):
+        update = {"event_texts": None}
+        if r.event_texts and (r.output_tokens or 0) > len(r.event_texts):
+            update["event_tokens"] = tuple(events[t] for t in r.event_texts)
+        out[i] = r.model_copy(update=update)
+    return out
+
+
+async def _counts(counter: TokenCounter, texts: set[str]) -> dict[str, int]:
+    """Token count of each text, without the special tokens the counter adds (BOS…)."""
+    if not texts:
+        return {}
+    order = ["", *sorted(texts - {""})]
+    n = await counter.count(order)
+    return {t: max(0, k - n[0]) for t, k in zip(order, n, strict=True)}
 
 
 async def served_model(base_url: str, *, timeout_s: float = 10.0) -> str:

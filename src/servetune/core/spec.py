@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from servetune.core.metrics import LoadLevel
+from servetune.core.metrics import DEFAULT_MAX_OUTSIDE_CPU_FRACTION, LoadLevel
 from servetune.core.scoring import Objective, ObjectiveTerm
 from servetune.core.slo import Slo
 from servetune.core.space import ParamValue, SearchSpace
@@ -144,6 +144,13 @@ class LocalDeploymentSpec(_Model):
     stop_timeout_s: float = Field(default=10.0, gt=0, description="SIGTERM → SIGKILL grace, s.")
     log_dir: str | None = Field(
         default=None, description="Where trial logs go; null = the data directory."
+    )
+    max_outside_cpu_fraction: float = Field(
+        default=DEFAULT_MAX_OUTSIDE_CPU_FRACTION,
+        ge=0,
+        le=1,
+        description="Share of all CPU cores other processes may use while a trial is measured; "
+        "above it the trial is flagged (outside_load) and re-run once (1 = never).",
     )
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from servetune.core.metrics import ServingMetrics
+from servetune.core.metrics import MeasurementWarning, ServingMetrics
 from servetune.core.slo import SloReport
 
 ParamValue = int | float | str | bool
@@ -141,7 +141,15 @@ class TrialResult(BaseModel):
     engine_start_s: float | None = Field(default=None, description="Launch → ready, in seconds.")
     benchmark_s: float | None = Field(default=None, description="Wall time of the benchmark, in s.")
     notes: list[str] = Field(
-        default_factory=list, description="Warnings worth showing (e.g. token mismatch)."
+        default_factory=list, description="What happened worth telling (e.g. a retry)."
+    )
+    outside_cpu_fraction: float | None = Field(
+        default=None,
+        description="Share of all CPU cores other processes used while it was measured (0-1).",
+    )
+    warnings: list[MeasurementWarning] = Field(
+        default_factory=list,
+        description="Why its numbers may mislead: every level's warnings, then outside_load.",
     )
 
 
@@ -190,4 +198,9 @@ class Trial(BaseModel):
             "failure_kind": self.failure_kind.value if self.failure_kind else None,
             "failure_reason": self.result.failure_reason if self.result else None,
             "objective_values": self.result.objective_values if self.result else None,
+            "outside_cpu_fraction": self.result.outside_cpu_fraction if self.result else None,
+            "warnings": [w.model_dump(mode="json") for w in self.result.warnings]
+            if self.result
+            else [],
+            "notes": self.result.notes if self.result else [],
         }

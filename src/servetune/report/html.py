@@ -13,6 +13,7 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
+from servetune.core.metrics import format_warning
 from servetune.core.scoring import best_trial, pareto_front
 from servetune.core.study import Trial, TrialRole, TrialState, format_params
 from servetune.engines import get_engine
@@ -25,7 +26,7 @@ body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1200px;color:#2
 table{border-collapse:collapse;font-size:.85rem;width:100%}th,td{border:1px solid #ddd;padding:.3rem .5rem;
 text-align:left;vertical-align:top}th{background:#f4f4f4}tr.best{background:#e8f7e8}tr.fail{color:#a33}
 code,pre{background:#f6f6f6;padding:.2rem .4rem;border-radius:4px}pre{white-space:pre-wrap;padding:.6rem}
-.verdict{padding:.6rem 1rem;border-left:4px solid #4a4;background:#f3fbf3}.noise{border-color:#c90;background:#fdf8ec}
+.warn{color:#8a5a00}.verdict{padding:.6rem 1rem;border-left:4px solid #4a4;background:#f3fbf3}.noise{border-color:#c90;background:#fdf8ec}
 """
 
 
@@ -56,6 +57,10 @@ def _trial_rows(trials: Sequence[Trial], best: Trial | None) -> str:
         )
         notes = "<br>".join(
             [f"<b>misses</b> {html.escape(m)}" for m in missed]
+            + [
+                f"<span class='warn'>warning {html.escape(format_warning(w))}</span>"
+                for w in (r.warnings if r else [])
+            ]
             + [html.escape(n) for n in (r.notes if r else [])]
         )
         rows.append(
@@ -329,7 +334,9 @@ warm-up. Strategy {spec.strategy.kind} (seed {spec.strategy.seed}).</p>
 <h2>Plots</h2>{plots}
 <h2>Trials</h2>{_trial_rows(trials, best)}
 <h2>Definitions</h2><p>Metrics are read at the last load level. TTFT: request sent → first content chunk.
-TPOT: (E2E − TTFT)/(output tokens − 1) (vLLM). ITL: every gap between content chunks. Goodput: requests per second
+TPOT: (E2E − TTFT)/(output tokens − 1) (vLLM). ITL: every gap between content chunks (per event); ITL per token:
+each gap ÷ the tokens of the event ending it. Output tok/s credits each request with at most the output tokens it
+asked for; tokens counted by the client when the server sent no usage are flagged as estimated. Goodput: requests per second
 meeting every per-request SLO. Confirm trials re-run the best trial and the baseline on fresh servers; the verdict's
 gain comes from those repeats and is called a win only when it exceeds the run-to-run spread.</p>
 </body></html>"""

@@ -48,6 +48,11 @@ class FakeServerOptions:
     ``finish_reason: "stop"``. ``split_events`` writes each SSE event as several HTTP chunks cut
     at awkward points (after the first byte, inside a multi-byte character, between CR and LF).
     ``send_usage=False`` never sends a usage chunk (as servers without ``include_usage`` do).
+    ``tokens_per_event`` tokens go in each SSE event (speculative decoding, delta batching; the
+    last event may carry fewer), written when its last token is due. A buggy length: each
+    request generates ``round(max_tokens * output_tokens_scale) + output_tokens_offset`` tokens
+    (at least 1), ``finish_reason: "length"`` unless fewer than ``max_tokens``, and ``usage``
+    tells the truth about the count.
     ``record_timings`` keeps a ``RequestTiming`` per streamed request (served by ``GET /stats``).
     """
 
@@ -62,6 +67,9 @@ class FakeServerOptions:
     short_requests: frozenset[int] = frozenset()
     send_usage: bool = True
     record_timings: bool = False
+    tokens_per_event: int = 1
+    output_tokens_scale: float = 1.0
+    output_tokens_offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -274,7 +282,9 @@ class FakeServer:
             prompt_tokens = 1 + count_tokens(prompt)
         self.stats.prompt_starts[prompt[:64]] += 1
         max_tokens = int(req.get("max_tokens") or req.get("max_completion_tokens") or 16)
-        n_out = max(1, max_tokens // 2) if ordinal in opts.short_requests else max_tokens
+        n_out = max(1, round(max_tokens * opts.output_tokens_scale) + opts.output_tokens_offset)
+        if ordinal in opts.short_requests:
+            n_out = max(1, max_tokens // 2)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{ordinal}"
         created = int(time.time())
         model = json.dumps(str(req.get("model") or opts.model))
@@ -318,16 +328,19 @@ class FakeServer:
                 ).encode(),
             )
         delayed = opts.first_token_delay_ms > 0 or opts.inter_token_delay_ms > 0
-        for i in range(n_out):
+        per = max(1, opts.tokens_per_event)
+        for first in range(0, n_out, per):
+            last = min(first + per, n_out) - 1
             if delayed:
                 await self._sleep_until(
-                    t0 + (opts.first_token_delay_ms + i * opts.inter_token_delay_ms) / 1e3
+                    t0 + (opts.first_token_delay_ms + last * opts.inter_token_delay_ms) / 1e3
                 )
-            if i == 0 and opts.record_timings:
+            if first == 0 and opts.record_timings:
                 timing = RequestTiming(prompt[:64], received_s, time.perf_counter())
                 self.stats.timings.append(timing)
-            await self._write(writer, event(TOKENS[i % len(TOKENS)]))
-            if i == 0 and ordinal in opts.drop_mid_requests:
+            text = "".join(TOKENS[i % len(TOKENS)] for i in range(first, last + 1))
+            await self._write(writer, event(text))
+            if first == 0 and ordinal in opts.drop_mid_requests:
                 await writer.drain()
                 return False
         await self._write(writer, event(None, "stop" if n_out < max_tokens else "length"))
@@ -422,6 +435,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--record-timings", action="store_true", help="keep per-request timings for GET /stats"
     )
+    p.add_argument("--tokens-per-event", type=int, default=1, help="tokens in each SSE event")
+    p.add_argument(
+        "--output-tokens-scale", type=float, default=1.0, help="generate max_tokens × this"
+    )
+    p.add_argument(
+        "--output-tokens-offset", type=int, default=0, help="… plus this many tokens (may be < 0)"
+    )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     options = FakeServerOptions(
@@ -436,6 +456,9 @@ def main(argv: list[str] | None = None) -> None:
         short_requests=a.short,
         send_usage=not a.no_usage,
         record_timings=a.record_timings,
+        tokens_per_event=a.tokens_per_event,
+        output_tokens_scale=a.output_tokens_scale,
+        output_tokens_offset=a.output_tokens_offset,
     )
 
     async def serve() -> None:
