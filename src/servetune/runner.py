@@ -136,6 +136,9 @@ async def _run_once(ctx: TrialContext, params: Params, number: int, attempt: int
         if ctx.on_started:
             ctx.on_started(running)
         endpoint = ctx.engine.endpoint(host, port)
+        base_url = getattr(running, "base_url", None)  # a deployment that resolves its own (OME)
+        if base_url:
+            endpoint = Endpoint(base_url=base_url, model=endpoint.model)
         try:
             await wait_ready(endpoint, running, ctx.engine, spec.deployment.startup_timeout_s)
         except EngineStartFailed as e:

@@ -1,4 +1,4 @@
-"""Wiring for one study run in this process: engine, deployment (local or docker), benchmark client, live display.
+"""Wiring for one study run in this process: engine, deployment, benchmark client, live display.
 
 ``run_study`` is what ``servetune run``, ``resume`` and ``demo`` call.
 """
@@ -29,11 +29,12 @@ from servetune.core.spec import DockerDeploymentSpec, KubernetesDeploymentSpec, 
 from servetune.core.study import Params, Trial, TrialRole, TrialState, format_params
 from servetune.deploy.base import Deployment
 from servetune.deploy.docker import DockerDeployment
+from servetune.deploy.kubernetes import KubernetesDeployment
 from servetune.deploy.local import LocalDeployment
 from servetune.engines import get_engine
 from servetune.engines.base import Engine
 from servetune.engines.llamacpp import LlamaCppEngine
-from servetune.errors import DeploymentError, ServetuneError
+from servetune.errors import ServetuneError
 from servetune.loop import LoopEvents, StudyLoop, StudyOutcome
 from servetune.runner import TrialContext
 from servetune.settings import Settings
@@ -125,8 +126,9 @@ async def _run_locked(
 def deployment_for(spec: StudySpec, engine: Engine, study: str) -> Deployment:
     """The Deployment ``spec.deployment`` names, for study ``study``.
 
-    A docker deployment first removes the containers a dead run of this study left behind.
-    Raises DeploymentError when the Docker daemon cannot be reached.
+    Docker and kubernetes deployments first remove the containers / InferenceServices a dead run
+    of this study left behind. Raises DeploymentError when the Docker daemon or the Kubernetes
+    API cannot be reached.
     """
     d = spec.deployment
     if isinstance(d, DockerDeploymentSpec):
@@ -138,10 +140,15 @@ def deployment_for(spec: StudySpec, engine: Engine, study: str) -> Deployment:
             log.warning("removed container %s left by an earlier run of study %s", name, study)
         return docker
     if isinstance(d, KubernetesDeploymentSpec):
-        raise DeploymentError(
-            "deployment.kind kubernetes is not runnable from `servetune run` yet; generate the "
-            "OME manifests with servetune.deploy.kubernetes, or use local or docker"
+        prefix = engine.server_prefix() if isinstance(engine, LlamaCppEngine) else []
+        k8s = KubernetesDeployment(
+            d, study=study, model_path=spec.engine.model, server_prefix=prefix
         )
+        for name in k8s.remove_leftovers():
+            log.warning(
+                "deleted InferenceService %s left by an earlier run of study %s", name, study
+            )
+        return k8s
     return LocalDeployment(host=d.host, stop_timeout_s=d.stop_timeout_s)
 
 

@@ -134,17 +134,21 @@ class DockerDeploymentSpec(_Model):
     )
 
 
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_DNS_SUBDOMAIN = r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?"
+"""Kubernetes names (RFC 1123 label: namespaces; subdomain: cluster-scoped objects), as the API
+server checks them."""
+
+
 class KubernetesDeploymentSpec(_Model):
     """Run each trial as an OME InferenceService on Kubernetes (ome.io/v1beta1)."""
 
     kind: Literal["kubernetes"] = Field(description="Deployment kind.")
-    namespace: str = Field(default="default", description="Namespace of the InferenceServices.")
-    runtime: str = Field(
-        min_length=1, description="ClusterServingRuntime name the InferenceServices use."
+    namespace: str = Field(
+        default="default", description="Namespace of the InferenceServices (a Kubernetes name)."
     )
-    base_model: str = Field(
-        min_length=1, description="ClusterBaseModel name the InferenceServices serve."
-    )
+    runtime: str = Field(description="ClusterServingRuntime name the InferenceServices use.")
+    base_model: str = Field(description="ClusterBaseModel name the InferenceServices serve.")
     image: str | None = Field(
         default=None,
         description="Engine image of the trial's container; null = the runtime's image.",
@@ -189,6 +193,28 @@ class KubernetesDeploymentSpec(_Model):
     log_dir: str | None = Field(
         default=None, description="Where trial logs go; null = the data directory."
     )
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str) -> str:
+        """The API server would refuse anything else, after the study started."""
+        if len(v) > 63 or not re.fullmatch(_DNS_LABEL, v):
+            raise ValueError(
+                f"{v!r} is not a Kubernetes namespace; use at most 63 lowercase letters, digits "
+                "and '-', starting and ending with a letter or digit, e.g. 'llm-tuning'"
+            )
+        return v
+
+    @field_validator("runtime", "base_model")
+    @classmethod
+    def _object_name(cls, v: str) -> str:
+        """Names of cluster-scoped OME objects (DNS subdomains)."""
+        if len(v) > 253 or not re.fullmatch(_DNS_SUBDOMAIN, v):
+            raise ValueError(
+                f"{v!r} is not a Kubernetes object name; use lowercase letters, digits, '-' and "
+                "'.', starting and ending with a letter or digit, e.g. 'llama-3.2-1b'"
+            )
+        return v
 
     @model_validator(mode="after")
     def _creatable(self) -> KubernetesDeploymentSpec:
