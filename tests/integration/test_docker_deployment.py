@@ -21,6 +21,7 @@ from servetune.engines.llamacpp import LlamaCppEngine
 from servetune.errors import DeploymentError
 from servetune.modelgen import ModelFiles
 from servetune.runner import TrialContext, run_trial
+from servetune.study_session import deployment_for
 from tests.integration.docker_helpers import ENTRYPOINT, llamacpp_image, private_dockerd
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
@@ -191,9 +192,10 @@ def test_leftovers_of_a_dead_run_are_found_and_removed(
         await other.start(LaunchCommand(argv=[]), tmp_path / "trial-0001.log")
 
     asyncio.run(leave_running())  # a run that died: nobody stops these
-    _, resumed = _context(spec, tmp_path)
-    assert resumed.leftovers() == ["servetune-dock-trial-0007"]
-    assert resumed.remove_leftovers() == ["servetune-dock-trial-0007"]
+    assert first.leftovers() == ["servetune-dock-trial-0007"]
+    # resuming the study builds its deployment the way `servetune resume` does: leftovers go
+    resumed = deployment_for(spec, LlamaCppEngine(spec.engine), "dock")
+    assert isinstance(resumed, DockerDeployment) and resumed.leftovers() == []
     assert _all_containers(url) == ["servetune-other-trial-0001"]  # another study's is left alone
     assert other.remove_leftovers() == ["servetune-other-trial-0001"]
 

@@ -42,13 +42,13 @@ def container_name(study: str, trial: str) -> str:
     return _NAME_CHARS.sub("-", f"servetune-{study}-{trial}")[:250]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ContainerPlan:
     """Everything one trial's container is created with (pure; shown to users with the token hidden).
 
     ``argv`` is what runs inside (entrypoint + args); ``env`` includes the HF token when one is
     set; ``mounts`` are (host path, container path) bind mounts, all read-only; ``shm_size_mib``
-    is /dev/shm in MiB.
+    is /dev/shm in MiB; ``secrets`` are hidden in ``display()`` and ``repr()``.
     """
 
     name: str
@@ -59,7 +59,10 @@ class ContainerPlan:
     mounts: list[tuple[str, str]]
     gpu_ids: list[str]
     shm_size_mib: int
-    secrets: list[str] = field(default_factory=list, repr=False)
+    secrets: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        return f"ContainerPlan({self.display()!r})"
 
     def display(self) -> str:
         """The equivalent ``docker run`` line with every secret replaced by ``***``."""
