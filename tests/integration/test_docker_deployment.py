@@ -5,6 +5,7 @@ locally built llama.cpp image: a whole trial, stop/timeout/cancel cleanup, GPU r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -163,6 +164,17 @@ def test_stop_timeout_and_cancel_remove_the_container(
 
     asyncio.run(cancel_one())
     assert _all_containers(url) == []
+
+    # cancel while the container is being created and started: nothing is left either
+    async def cancel_in_start(delay_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            start = deployment.start(LaunchCommand(argv=["server"]), tmp_path / "trial-0006.log")
+            running = await asyncio.wait_for(start, timeout=delay_s)
+            await running.stop()  # start won the race: stop it as run_trial would
+
+    for delay_s in (0.005, 0.05, 0.2):
+        asyncio.run(cancel_in_start(delay_s))
+        assert _all_containers(url) == []
 
 
 def test_gpu_request_without_gpus_fails_clearly_and_leaves_nothing(

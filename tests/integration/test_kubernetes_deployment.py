@@ -120,6 +120,20 @@ def test_leftovers_of_a_dead_run_are_found_and_deleted(tmp_path: Path) -> None:
         assert emu.kinds() == [("InferenceService", "st-s2-trial-0001")]
 
 
+def test_cancel_while_waiting_for_ready_deletes_the_service(tmp_path: Path) -> None:
+    with running_emulator(Emulator(ready_after_s=60)) as emu:
+        deployment = _deployment(emu.url)
+
+        async def cancel_soon() -> None:
+            start = deployment.start(LaunchCommand(argv=ARGV), tmp_path / "trial-0001.log")
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(start, timeout=1.0)
+
+        asyncio.run(cancel_soon())
+        assert emu.created == [("InferenceService", "st-s1-trial-0001")]
+        assert emu.kinds() == []
+
+
 def test_a_service_that_loses_ready_reads_as_exited(tmp_path: Path) -> None:
     with running_emulator() as emu:
         deployment = _deployment(emu.url)

@@ -287,12 +287,20 @@ class DockerDeployment:
 
         A container of the same name left by an earlier run is removed first. Raises
         DeploymentError naming the cause (daemon unreachable, image missing, GPUs requested on a
-        host without the NVIDIA runtime); nothing is left behind then.
+        host without the NVIDIA runtime); nothing is left behind then. Cancelled meanwhile, it
+        waits for the daemon calls under way and removes what they made before re-raising.
         """
         log_path = Path(log_path)
         plan = self.plan(command, log_path.stem)
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        container = await asyncio.to_thread(self._create_and_start, plan)
+        work = asyncio.ensure_future(asyncio.to_thread(self._create_and_start, plan))
+        try:
+            container = await asyncio.shield(work)
+        except asyncio.CancelledError:
+            await asyncio.wait({work})  # a thread cannot be interrupted; let it finish
+            if not work.cancelled() and work.exception() is None:
+                await asyncio.to_thread(self._remove_named, plan.name)
+            raise
         logger.info("started container %s: %s (log %s)", plan.name, plan.display(), log_path)
         return DockerRunningEngine(container, log_path, self.spec.stop_timeout_s, plan.secrets)
 

@@ -420,48 +420,60 @@ class KubernetesDeployment:
 
     async def start(self, command: LaunchCommand, log_path: Path) -> KubernetesRunningEngine:
         """Apply the trial's resources (named after the study and ``log_path``'s stem), wait for
-        Ready and resolve its URL. On a failure or timeout the InferenceService is deleted and
-        DeploymentError says why (its last non-True condition)."""
+        Ready and resolve its URL. On a failure, a timeout or cancellation the InferenceService
+        is deleted (DeploymentError says why: its last non-True condition)."""
         log_path = Path(log_path)
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        return await asyncio.to_thread(self._start_sync, command, log_path)
-
-    def _start_sync(self, command: LaunchCommand, log_path: Path) -> KubernetesRunningEngine:
         objs = self.manifests(command, log_path.stem)
+        service = objs[-1]
+        name = service["metadata"]["name"]
+        work = asyncio.ensure_future(asyncio.to_thread(self._apply, objs, log_path))
+        try:
+            await asyncio.shield(work)
+            obj = await self._wait_ready(name)
+            base_url = self._endpoint(obj, name)
+        except BaseException:
+            if not work.done():
+                await asyncio.wait({work})  # a thread cannot be interrupted; let it finish
+            try:
+                await asyncio.shield(asyncio.to_thread(self.delete_service, name))
+            except DeploymentError as e:  # keep the original error; say what may be left
+                logger.warning("InferenceService %s may be left after a failed start: %s", name, e)
+            raise
+        self.note(log_path, f"InferenceService {name} Ready at {base_url}")
+        logger.info("InferenceService %s ready at %s", name, base_url)
+        return KubernetesRunningEngine(self, name, base_url, log_path)
+
+    def _apply(self, objs: list[dict[str, Any]], log_path: Path) -> None:
+        """Create the shared objects once (existing ones are used), then the InferenceService
+        (replacing one of the same name left by a run that died)."""
         service = objs[-1]
         name = service["metadata"]["name"]
         if not self._shared_created:
             for obj in objs[:-1]:
                 self._create(obj, exist_ok=True)
             self._shared_created = True
-        if self.get_service(name) is not None:  # left by a run that died
+        if self.get_service(name) is not None:
             self.delete_service(name)
         self._create(service, exist_ok=False)
         runner = service["spec"]["engine"]["runner"]
         self.note(log_path, f"created InferenceService {self.spec.namespace}/{name}")
         self.note(log_path, f"engine command: {runner['command']} args: {runner['args']}")
+
+    async def _wait_ready(self, name: str) -> dict[str, Any]:
         deadline = time.monotonic() + self.spec.startup_timeout_s
-        try:
-            while True:
-                current = self.get_service(name)
-                if current is None:
-                    raise DeploymentError(f"InferenceService {name} vanished while starting")
-                obj = current
-                if is_ready(obj):
-                    break
-                if time.monotonic() > deadline:
-                    raise DeploymentError(
-                        f"InferenceService {name} not Ready after {self.spec.startup_timeout_s:.0f} "
-                        f"s ({_not_ready_reason(obj)})"
-                    )
-                time.sleep(POLL_S / 4)
-            base_url = self._endpoint(obj, name)
-        except BaseException:
-            self.delete_service(name)
-            raise
-        self.note(log_path, f"InferenceService {name} Ready at {base_url}")
-        logger.info("InferenceService %s ready at %s", name, base_url)
-        return KubernetesRunningEngine(self, name, base_url, log_path)
+        while True:
+            obj = await asyncio.to_thread(self.get_service, name)
+            if obj is None:
+                raise DeploymentError(f"InferenceService {name} vanished while starting")
+            if is_ready(obj):
+                return obj
+            if time.monotonic() > deadline:
+                raise DeploymentError(
+                    f"InferenceService {name} not Ready after {self.spec.startup_timeout_s:.0f} s "
+                    f"({_not_ready_reason(obj)})"
+                )
+            await asyncio.sleep(POLL_S / 4)
 
     def _endpoint(self, obj: dict[str, Any], name: str) -> str:
         if self.spec.endpoint_url:
