@@ -125,6 +125,8 @@ async def _run_once(ctx: TrialContext, params: Params, number: int, attempt: int
     t0 = time.perf_counter()
     try:
         running = await ctx.deployment.start(command, log_path)
+    except EngineStartFailed as e:  # a deployment that waits for readiness itself (OME)
+        return _fail(e.kind, e.reason, finished_at=_now(), **common)
     except ServetuneError as e:
         return _fail(
             FailureKind.ENGINE_CRASHED,

@@ -13,11 +13,11 @@ import pytest
 
 from servetune.bench.builtin import BuiltinClient
 from servetune.core.spec import KubernetesDeploymentSpec, parse_spec
-from servetune.core.study import TrialState
+from servetune.core.study import FailureKind, TrialState
 from servetune.deploy.kubernetes import KubernetesDeployment
 from servetune.engines.base import LaunchCommand
 from servetune.engines.llamacpp import LlamaCppEngine
-from servetune.errors import DeploymentError
+from servetune.errors import DeploymentError, EngineStartFailed
 from servetune.modelgen import ModelFiles
 from servetune.runner import TrialContext, run_trial
 from tests.integration.k8s_emulator import Emulator, running_emulator
@@ -99,11 +99,17 @@ def test_the_emulator_rejects_what_the_crd_rejects(tmp_path: Path) -> None:
 def test_never_ready_fails_with_the_condition_and_deletes_the_service(tmp_path: Path) -> None:
     with running_emulator(Emulator(never_ready={"st-s1-trial-0001"})) as emu:
         deployment = _deployment(emu.url, startup_timeout_s=1)
-        with pytest.raises(DeploymentError) as e:
+        with pytest.raises(EngineStartFailed) as e:
             asyncio.run(deployment.start(LaunchCommand(argv=ARGV), tmp_path / "trial-0001.log"))
-        assert "not Ready after 1 s" in str(e.value)
-        assert "EngineFailed engine pod CrashLoopBackOff" in str(e.value)
+        assert e.value.kind is FailureKind.STARTUP_TIMEOUT
+        assert "not Ready after 1 s" in e.value.reason
+        assert "EngineFailed engine pod CrashLoopBackOff" in e.value.reason
         assert emu.kinds() == []
+        # an API error is a DeploymentError naming the resource and the server's reason
+        with pytest.raises(DeploymentError, match="cannot create InferenceService st-s1-x: 422"):
+            bad = _deployment(emu.url, namespace="other")
+            bad.spec = bad.spec.model_copy(update={"namespace": "Bad_NS"})  # past validation
+            asyncio.run(bad.start(LaunchCommand(argv=ARGV), tmp_path / "x.log"))
 
 
 def test_leftovers_of_a_dead_run_are_found_and_deleted(tmp_path: Path) -> None:
@@ -146,10 +152,8 @@ def test_a_service_that_loses_ready_reads_as_exited(tmp_path: Path) -> None:
         asyncio.run(running.stop())  # already gone: no error
 
 
-def test_a_trial_runs_through_the_kubernetes_deployment(
-    tiny_model: ModelFiles, tmp_path: Path
-) -> None:
-    spec = parse_spec(
+def _trial_spec(tiny_model: ModelFiles) -> Any:
+    return parse_spec(
         {
             "name": "k8s",
             "engine": {"kind": "llamacpp", "model": str(tiny_model.gguf_path), "binary": "xllamacpp",
@@ -163,7 +167,24 @@ def test_a_trial_runs_through_the_kubernetes_deployment(
             "objective": {"metric": "output_tokens_per_s", "direction": "maximize"},
         }
     )  # fmt: skip
+
+
+def _trial_context(spec: Any, emu_url: str, log_dir: Path) -> TrialContext:
     engine = LlamaCppEngine(spec.engine)
+    deployment = KubernetesDeployment(
+        spec.deployment, study="k8s", model_path=spec.engine.model,
+        server_prefix=engine.server_prefix(), api_client=_client(emu_url),
+    )  # fmt: skip
+    return TrialContext(
+        spec=spec, engine=engine, deployment=deployment,
+        client=BuiltinClient.for_spec(spec), log_dir=log_dir, label="k8s",
+    )  # fmt: skip
+
+
+def test_a_trial_runs_through_the_kubernetes_deployment(
+    tiny_model: ModelFiles, tmp_path: Path
+) -> None:
+    spec = _trial_spec(tiny_model)
     params = {"parallel": 2}
     with (
         server_process(
@@ -171,15 +192,7 @@ def test_a_trial_runs_through_the_kubernetes_deployment(
         ) as url,
         running_emulator(Emulator(url_for=lambda obj: url)) as emu,
     ):
-        assert isinstance(spec.deployment, KubernetesDeploymentSpec)
-        deployment = KubernetesDeployment(
-            spec.deployment, study="k8s", model_path=spec.engine.model,
-            server_prefix=engine.server_prefix(), api_client=_client(emu.url),
-        )  # fmt: skip
-        ctx = TrialContext(
-            spec=spec, engine=engine, deployment=deployment,
-            client=BuiltinClient.for_spec(spec), log_dir=tmp_path / "logs", label="k8s",
-        )  # fmt: skip
+        ctx = _trial_context(spec, emu.url, tmp_path / "logs")
         result = asyncio.run(run_trial(ctx, params, 1))
         assert result.state is TrialState.COMPLETE, result.failure_reason
         assert result.metrics[0].completed == 4
@@ -188,3 +201,19 @@ def test_a_trial_runs_through_the_kubernetes_deployment(
         assert emu.rejected == []
         log_text = Path(result.log_path or "").read_text()
         assert "'--parallel', '2'" in log_text and "'--model', '$(MODEL_PATH)'" in log_text
+
+
+def test_a_trial_whose_service_never_gets_ready_fails_as_startup_timeout_once(
+    tiny_model: ModelFiles, tmp_path: Path
+) -> None:
+    spec = _trial_spec(tiny_model)
+    spec = spec.model_copy(
+        update={"deployment": spec.deployment.model_copy(update={"startup_timeout_s": 1})}
+    )
+    with running_emulator(Emulator(never_ready={"st-k8s-trial-0002"})) as emu:
+        result = asyncio.run(run_trial(_trial_context(spec, emu.url, tmp_path), {"parallel": 1}, 2))
+        assert result.state is TrialState.FAIL
+        assert result.failure_kind is FailureKind.STARTUP_TIMEOUT
+        assert "CrashLoopBackOff" in (result.failure_reason or "")
+        assert emu.created == [("InferenceService", "st-k8s-trial-0002")]  # not retried
+        assert emu.kinds() == []

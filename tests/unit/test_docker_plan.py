@@ -3,6 +3,8 @@ Hugging Face token that reaches the container's environment but never a display.
 
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,23 @@ def test_container_names_are_docker_safe(study: str, trial: str, name: str) -> N
 
 def test_redact_hides_every_secret_and_ignores_empty_ones() -> None:
     assert redact("a hf_x b hf_x", ["hf_x", ""]) == "a *** b ***"
+
+
+def test_a_missing_sdk_names_the_extra_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from servetune.core.spec import KubernetesDeploymentSpec
+    from servetune.deploy.kubernetes import KubernetesDeployment
+    from servetune.errors import DeploymentError
+
+    monkeypatch.setitem(sys.modules, "docker", None)  # as if servetune[docker] were not installed
+    monkeypatch.setitem(sys.modules, "kubernetes", None)
+    deployment, _ = _deployment(tmp_path)
+    with pytest.raises(DeploymentError, match=re.escape("pip install 'servetune[docker]'")):
+        deployment.client()
+    spec = KubernetesDeploymentSpec(kind="kubernetes", runtime="r", base_model="b")
+    k8s = KubernetesDeployment(spec, study="s", model_path="/m")
+    with pytest.raises(DeploymentError, match=re.escape("pip install 'servetune[kubernetes]'")):
+        asyncio.run(k8s.start(LaunchCommand(argv=["x"]), tmp_path / "trial-0000.log"))

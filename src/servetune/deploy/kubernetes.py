@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from servetune.core.spec import KubernetesDeploymentSpec
+from servetune.core.study import FailureKind
 from servetune.engines.base import LaunchCommand
-from servetune.errors import DeploymentError
+from servetune.errors import DeploymentError, EngineStartFailed
 
 logger = logging.getLogger(__name__)
 
@@ -421,7 +422,9 @@ class KubernetesDeployment:
     async def start(self, command: LaunchCommand, log_path: Path) -> KubernetesRunningEngine:
         """Apply the trial's resources (named after the study and ``log_path``'s stem), wait for
         Ready and resolve its URL. On a failure, a timeout or cancellation the InferenceService
-        is deleted (DeploymentError says why: its last non-True condition)."""
+        is deleted. Raises EngineStartFailed(STARTUP_TIMEOUT) when it is not Ready within
+        ``spec.startup_timeout_s`` (with its last non-True condition), DeploymentError for API
+        errors."""
         log_path = Path(log_path)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         objs = self.manifests(command, log_path.stem)
@@ -469,9 +472,11 @@ class KubernetesDeployment:
             if is_ready(obj):
                 return obj
             if time.monotonic() > deadline:
-                raise DeploymentError(
+                raise EngineStartFailed(
+                    FailureKind.STARTUP_TIMEOUT,
                     f"InferenceService {name} not Ready after {self.spec.startup_timeout_s:.0f} s "
-                    f"({_not_ready_reason(obj)})"
+                    f"({_not_ready_reason(obj)}); raise deployment.startup_timeout_s or see "
+                    f"kubectl describe inferenceservice -n {self.spec.namespace} {name}",
                 )
             await asyncio.sleep(POLL_S / 4)
 
