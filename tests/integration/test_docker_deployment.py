@@ -177,6 +177,23 @@ def test_stop_timeout_and_cancel_remove_the_container(
         assert _all_containers(url) == []
 
 
+def test_an_engine_that_dies_at_start_is_classified_from_its_last_log_line(
+    dockerd: tuple[str, str], tiny_model: ModelFiles, tmp_path: Path
+) -> None:
+    url, image = dockerd
+    # a model file that is not a GGUF: llama.cpp's load error is among its last lines
+    bad = tmp_path / "models" / "broken.gguf"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a gguf file\n" * 64)
+    spec = _spec(tiny_model, url, image, tmp_path, startup_timeout_s=30)
+    spec = spec.model_copy(update={"engine": spec.engine.model_copy(update={"model": str(bad)})})
+    ctx, _ = _context(spec, tmp_path)
+    result = asyncio.run(run_trial(ctx, {"parallel": 1}, 4))
+    assert result.state is TrialState.FAIL
+    assert result.failure_kind is FailureKind.MODEL_LOAD_FAILED, result.failure_reason
+    assert _all_containers(url) == []
+
+
 def test_gpu_request_without_gpus_fails_clearly_and_leaves_nothing(
     dockerd: tuple[str, str], tiny_model: ModelFiles, tmp_path: Path
 ) -> None:

@@ -143,7 +143,8 @@ class DockerRunningEngine:
         return redact(line.decode("utf-8", errors="replace"), self._secrets).encode()
 
     def returncode(self) -> int | None:
-        """The container's exit status once it exited, else None (asks the Docker daemon)."""
+        """The container's exit status once it exited, else None (asks the Docker daemon); once
+        it exited, its whole output is in the log file before this returns."""
         if self._code is not None or self._stopped:
             return self._code
         errors = _docker_module().errors
@@ -158,6 +159,9 @@ class DockerRunningEngine:
         state = self._container.attrs.get("State", {})
         if state.get("Status") in ("exited", "dead"):
             self._code = int(state.get("ExitCode", -1))
+            # the log stream ends with the container: let it land, so that whoever classifies
+            # the exit reads the engine's last lines (the error is usually the last one)
+            self._logs.join(timeout=5)
         return self._code
 
     def log_text(self, max_bytes: int = 200_000) -> str:
