@@ -104,3 +104,21 @@ def test_a_missing_sdk_names_the_extra_to_install(
     k8s = KubernetesDeployment(spec, study="s", model_path="/m")
     with pytest.raises(DeploymentError, match=re.escape("pip install 'servetune[kubernetes]'")):
         asyncio.run(k8s.start(LaunchCommand(argv=["x"]), tmp_path / "trial-0000.log"))
+
+
+def test_docker_spec_reads_yaml_gpu_indexes_and_refuses_a_token_in_the_spec() -> None:
+    from servetune.core.spec import SpecError, parse_spec
+
+    doc = {
+        "engine": {"kind": "llamacpp", "model": "/m.gguf"},
+        "space": {"params": {"parallel": {"kind": "choice", "values": [1, 2]}}},
+        "workload": {"concurrency": [1], "num_requests": 4},
+        "objective": {"metric": "output_tokens_per_s", "direction": "maximize"},
+    }
+    spec = parse_spec({**doc, "deployment": {"kind": "docker", "image": "i:1", "gpu_ids": [0, 1]}})
+    assert isinstance(spec.deployment, DockerDeploymentSpec)
+    assert spec.deployment.gpu_ids == ["0", "1"]
+    with pytest.raises(SpecError) as e:
+        parse_spec({**doc, "deployment": {"kind": "docker", "image": "i:1", "hf_token": TOKEN}})
+    assert "never put a token in the spec" in str(e.value) and "hf_token_env" in str(e.value)
+    assert TOKEN not in str(e.value)

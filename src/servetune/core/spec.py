@@ -133,6 +133,25 @@ class DockerDeploymentSpec(_Model):
         default=None, description="Where trial logs go; null = the data directory."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_token_in_spec(cls, data: Any) -> Any:
+        """The spec is stored with the study: a token written in it would be kept and shown."""
+        if isinstance(data, dict) and {"hf_token", "token"} & set(data):
+            raise ValueError(
+                "never put a token in the spec (it is stored with the study); export it, e.g. "
+                "HF_TOKEN=..., and name the variable in hf_token_env"
+            )
+        return data
+
+    @field_validator("gpu_ids", mode="before")
+    @classmethod
+    def _gpu_ids(cls, v: Any) -> Any:
+        """YAML reads ``[0, 1]`` as integers; device ids are strings (indexes or UUIDs)."""
+        if isinstance(v, list):
+            return [str(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in v]
+        return v
+
 
 _DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 _DNS_SUBDOMAIN = r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?"
