@@ -89,8 +89,20 @@ def private_dockerd() -> Iterator[str]:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         log.close()
-        subprocess.run(["umount", "-R", str(root / "data")], capture_output=True, check=False)  # noqa: S603
+        _unmount_under(root)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _unmount_under(root: Path) -> None:
+    """Lazily unmount whatever dockerd left mounted below ``root`` (its netns file, overlays),
+    deepest first, so the directory can be removed."""
+    prefix = str(root.resolve()) + "/"
+    mounts = [
+        line.split()[1].encode().decode("unicode_escape")
+        for line in Path("/proc/self/mounts").read_text().splitlines()
+    ]
+    for point in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)  # noqa: S603
 
 
 def _recipe_key() -> str:
