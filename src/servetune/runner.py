@@ -174,6 +174,8 @@ async def _run_once(ctx: TrialContext, params: Params, number: int, attempt: int
     t0 = time.perf_counter()
     try:
         running = await ctx.deployment.start(command, log_path)
+    except EngineStartFailed as e:  # a deployment that waits for readiness itself (OME)
+        return _fail(e.kind, e.reason, finished_at=_now(), **common)
     except ServetuneError as e:
         return _fail(
             FailureKind.ENGINE_CRASHED,
@@ -185,6 +187,9 @@ async def _run_once(ctx: TrialContext, params: Params, number: int, attempt: int
         if ctx.on_started:
             ctx.on_started(running)
         endpoint = ctx.engine.endpoint(host, port)
+        base_url = getattr(running, "base_url", None)  # a deployment that resolves its own (OME)
+        if base_url:
+            endpoint = Endpoint(base_url=base_url, model=endpoint.model)
         try:
             await wait_ready(endpoint, running, ctx.engine, spec.deployment.startup_timeout_s)
         except EngineStartFailed as e:

@@ -1,4 +1,4 @@
-"""Wiring for one study run in this process: engine, local deployment, benchmark client, live display.
+"""Wiring for one study run in this process: engine, deployment, benchmark client, live display.
 
 ``run_study`` is what ``servetune run``, ``resume`` and ``demo`` call.
 """
@@ -26,9 +26,15 @@ from sqlalchemy.engine import make_url
 
 from servetune.bench.builtin import BuiltinClient
 from servetune.core.metrics import format_warning
+from servetune.core.spec import DockerDeploymentSpec, KubernetesDeploymentSpec, StudySpec
 from servetune.core.study import Params, Trial, TrialRole, TrialState, format_params
+from servetune.deploy.base import Deployment
+from servetune.deploy.docker import DockerDeployment
+from servetune.deploy.kubernetes import KubernetesDeployment
 from servetune.deploy.local import LocalDeployment
 from servetune.engines import get_engine
+from servetune.engines.base import Engine
+from servetune.engines.llamacpp import LlamaCppEngine
 from servetune.errors import ServetuneError
 from servetune.loop import LoopEvents, StudyLoop, StudyOutcome
 from servetune.runner import TrialContext
@@ -81,9 +87,7 @@ async def _run_locked(
     engine = get_engine(spec.engine)
     log_dir = Path(spec.deployment.log_dir or Path(settings.data_dir) / "logs" / study.name)
     await asyncio.to_thread(log_dir.mkdir, parents=True, exist_ok=True)
-    deployment = LocalDeployment(
-        host=spec.deployment.host, stop_timeout_s=spec.deployment.stop_timeout_s
-    )
+    deployment = await asyncio.to_thread(deployment_for, spec, engine, study.name)
     client = BuiltinClient.for_spec(spec)
     ctx = TrialContext(
         spec=spec,
@@ -121,6 +125,35 @@ async def _run_locked(
 
         loop = StudyLoop(store, study, ctx, events=LoopEvents(started, phase, finished, message))
         return await loop.run()
+
+
+def deployment_for(spec: StudySpec, engine: Engine, study: str) -> Deployment:
+    """The Deployment ``spec.deployment`` names, for study ``study``.
+
+    Docker and kubernetes deployments first remove the containers / InferenceServices a dead run
+    of this study left behind. Raises DeploymentError when the Docker daemon or the Kubernetes
+    API cannot be reached.
+    """
+    d = spec.deployment
+    if isinstance(d, DockerDeploymentSpec):
+        prefix = engine.server_prefix() if isinstance(engine, LlamaCppEngine) else []
+        docker = DockerDeployment(
+            d, study=study, model_path=spec.engine.model, server_prefix=prefix
+        )
+        for name in docker.remove_leftovers():
+            log.warning("removed container %s left by an earlier run of study %s", name, study)
+        return docker
+    if isinstance(d, KubernetesDeploymentSpec):
+        prefix = engine.server_prefix() if isinstance(engine, LlamaCppEngine) else []
+        k8s = KubernetesDeployment(
+            d, study=study, model_path=spec.engine.model, server_prefix=prefix
+        )
+        for name in k8s.remove_leftovers():
+            log.warning(
+                "deleted InferenceService %s left by an earlier run of study %s", name, study
+            )
+        return k8s
+    return LocalDeployment(host=d.host, stop_timeout_s=d.stop_timeout_s)
 
 
 class StudyBusy(ServetuneError):

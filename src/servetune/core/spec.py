@@ -154,8 +154,182 @@ class LocalDeploymentSpec(_Model):
     )
 
 
+class DockerDeploymentSpec(_Model):
+    """Run each trial's engine in its own Docker container (host networking, model mounted read-only)."""
+
+    kind: Literal["docker"] = Field(description="Deployment kind.")
+    image: str = Field(
+        min_length=1,
+        description="Engine image; its tag pins the engine version, e.g. vllm/vllm-openai:v0.11.0.",
+    )
+    entrypoint: list[str] | None = Field(
+        default=None,
+        description="Program (and leading arguments) that starts the server inside the image, in "
+        "place of the host-side server program of the launch command, e.g. ['/app/llama-server'] "
+        "for ghcr.io/ggml-org/llama.cpp:server; null = the launch command unchanged.",
+    )
+    pull: Literal["missing", "never"] = Field(
+        default="missing", description="Pull the image when it is not on the Docker host, or never."
+    )
+    gpu_ids: list[str] = Field(
+        default_factory=list,
+        description="GPU device ids (e.g. ['0', '1']) every trial's container gets through a "
+        "device request; empty = no GPU.",
+    )
+    shm_size_gib: float = Field(
+        default=16.0, gt=0, description="Shared memory (/dev/shm) of the container, GiB."
+    )
+    model_dir: str | None = Field(
+        default=None,
+        description="Host directory mounted read-only at the same path in the container; null = "
+        "the directory holding engine.model.",
+    )
+    hf_token_env: str | None = Field(
+        default="HF_TOKEN",
+        description="Name of the environment variable of this process whose value is passed to "
+        "the container as HF_TOKEN (the token itself never goes in the spec or a log); null = none.",
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Extra environment variables of the container."
+    )
+    docker_host: str | None = Field(
+        default=None,
+        description="Docker daemon URL, e.g. unix:///var/run/docker.sock; null = DOCKER_HOST or "
+        "the default socket.",
+    )
+    host: str = Field(
+        default="127.0.0.1", description="Address the engine binds to (host network)."
+    )
+    startup_timeout_s: float = Field(default=600.0, gt=0, description="Launch → ready limit, s.")
+    stop_timeout_s: float = Field(default=30.0, gt=0, description="SIGTERM → SIGKILL grace, s.")
+    log_dir: str | None = Field(
+        default=None, description="Where trial logs go; null = the data directory."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_token_in_spec(cls, data: Any) -> Any:
+        """The spec is stored with the study: a token written in it would be kept and shown."""
+        if isinstance(data, dict) and {"hf_token", "token"} & set(data):
+            raise ValueError(
+                "never put a token in the spec (it is stored with the study); export it, e.g. "
+                "HF_TOKEN=..., and name the variable in hf_token_env"
+            )
+        return data
+
+    @field_validator("gpu_ids", mode="before")
+    @classmethod
+    def _gpu_ids(cls, v: Any) -> Any:
+        """YAML reads ``[0, 1]`` as integers; device ids are strings (indexes or UUIDs)."""
+        if isinstance(v, list):
+            return [str(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in v]
+        return v
+
+
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_DNS_SUBDOMAIN = r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?"
+"""Kubernetes names (RFC 1123 label: namespaces; subdomain: cluster-scoped objects), as the API
+server checks them."""
+
+
+class KubernetesDeploymentSpec(_Model):
+    """Run each trial as an OME InferenceService on Kubernetes (ome.io/v1beta1)."""
+
+    kind: Literal["kubernetes"] = Field(description="Deployment kind.")
+    namespace: str = Field(
+        default="default", description="Namespace of the InferenceServices (a Kubernetes name)."
+    )
+    runtime: str = Field(description="ClusterServingRuntime name the InferenceServices use.")
+    base_model: str = Field(description="ClusterBaseModel name the InferenceServices serve.")
+    image: str | None = Field(
+        default=None,
+        description="Engine image of the trial's container; null = the runtime's image.",
+    )
+    entrypoint: list[str] | None = Field(
+        default=None,
+        description="Container command in place of the host-side server program of the launch "
+        "command (the trial's flags become the container args); null = the launch command's program.",
+    )
+    model_path: str = Field(
+        default="$(MODEL_PATH)",
+        description="What engine.model becomes in the container args (OME mounts the base model "
+        "and sets MODEL_PATH).",
+    )
+    container_port: int = Field(default=8080, gt=0, lt=65536, description="Engine port in the pod.")
+    gpus_per_trial: int = Field(
+        default=1, ge=0, description="nvidia.com/gpu requested (and limited) per trial."
+    )
+    create_runtime: bool = Field(
+        default=False,
+        description="Also create the ClusterServingRuntime (needs image) instead of using an existing one.",
+    )
+    create_base_model: bool = Field(
+        default=False,
+        description="Also create the ClusterBaseModel from model_storage_uri.",
+    )
+    model_storage_uri: str | None = Field(
+        default=None,
+        description="Where OME downloads the base model from, e.g. hf://meta-llama/Llama-3.2-1B-Instruct.",
+    )
+    endpoint_url: str | None = Field(
+        default=None,
+        description="Base URL servetune benchmarks, with {name} and {namespace} placeholders; "
+        "null = the InferenceService's status.url.",
+    )
+    kubeconfig: str | None = Field(
+        default=None, description="Kubeconfig path; null = in-cluster config, else ~/.kube/config."
+    )
+    context: str | None = Field(default=None, description="Kubeconfig context; null = current.")
+    startup_timeout_s: float = Field(default=1800.0, gt=0, description="Apply → ready limit, s.")
+    stop_timeout_s: float = Field(default=120.0, gt=0, description="Delete → gone limit, s.")
+    log_dir: str | None = Field(
+        default=None, description="Where trial logs go; null = the data directory."
+    )
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str) -> str:
+        """The API server would refuse anything else, after the study started."""
+        if len(v) > 63 or not re.fullmatch(_DNS_LABEL, v):
+            raise ValueError(
+                f"{v!r} is not a Kubernetes namespace; use at most 63 lowercase letters, digits "
+                "and '-', starting and ending with a letter or digit, e.g. 'llm-tuning'"
+            )
+        return v
+
+    @field_validator("runtime", "base_model")
+    @classmethod
+    def _object_name(cls, v: str) -> str:
+        """Names of cluster-scoped OME objects (DNS subdomains)."""
+        if len(v) > 253 or not re.fullmatch(_DNS_SUBDOMAIN, v):
+            raise ValueError(
+                f"{v!r} is not a Kubernetes object name; use lowercase letters, digits, '-' and "
+                "'.', starting and ending with a letter or digit, e.g. 'llama-3.2-1b'"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _creatable(self) -> KubernetesDeploymentSpec:
+        if self.create_runtime and not self.image:
+            raise ValueError("create_runtime needs `image` (the engine image of the runtime)")
+        if self.create_base_model and not self.model_storage_uri:
+            raise ValueError(
+                "create_base_model needs `model_storage_uri`, e.g. hf://meta-llama/Llama-3.2-1B"
+            )
+        return self
+
+
+def _local_by_default(v: Any) -> Any:
+    """A deployment mapping without `kind` is a local one (as before docker and kubernetes)."""
+    if isinstance(v, dict) and "kind" not in v:
+        return {**v, "kind": "local"}
+    return v
+
+
 DeploymentSpec = Annotated[
-    LocalDeploymentSpec, Field(description="Where engines run; chosen by `kind`.")
+    LocalDeploymentSpec | DockerDeploymentSpec | KubernetesDeploymentSpec,
+    BeforeValidator(_local_by_default),
+    Field(discriminator="kind", description="Where engines run; chosen by `kind` (default local)."),
 ]
 
 
