@@ -135,16 +135,9 @@ EngineSpec = Annotated[
 ]
 
 
-class LocalDeploymentSpec(_Model):
-    """Run each trial's engine as a local process group on a free port."""
+class _DeploymentBase(_Model):
+    """What every deployment shares: the benchmark client always runs on this host."""
 
-    kind: Literal["local"] = Field(default="local", description="Deployment kind.")
-    host: str = Field(default="127.0.0.1", description="Address the engine binds to.")
-    startup_timeout_s: float = Field(default=120.0, gt=0, description="Launch → ready limit, s.")
-    stop_timeout_s: float = Field(default=10.0, gt=0, description="SIGTERM → SIGKILL grace, s.")
-    log_dir: str | None = Field(
-        default=None, description="Where trial logs go; null = the data directory."
-    )
     max_outside_cpu_fraction: float = Field(
         default=DEFAULT_MAX_OUTSIDE_CPU_FRACTION,
         ge=0,
@@ -154,7 +147,19 @@ class LocalDeploymentSpec(_Model):
     )
 
 
-class DockerDeploymentSpec(_Model):
+class LocalDeploymentSpec(_DeploymentBase):
+    """Run each trial's engine as a local process group on a free port."""
+
+    kind: Literal["local"] = Field(default="local", description="Deployment kind.")
+    host: str = Field(default="127.0.0.1", description="Address the engine binds to.")
+    startup_timeout_s: float = Field(default=120.0, gt=0, description="Launch → ready limit, s.")
+    stop_timeout_s: float = Field(default=10.0, gt=0, description="SIGTERM → SIGKILL grace, s.")
+    log_dir: str | None = Field(
+        default=None, description="Where trial logs go; null = the data directory."
+    )
+
+
+class DockerDeploymentSpec(_DeploymentBase):
     """Run each trial's engine in its own Docker container (host networking, model mounted read-only)."""
 
     kind: Literal["docker"] = Field(description="Deployment kind.")
@@ -232,7 +237,7 @@ _DNS_SUBDOMAIN = r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?"
 server checks them."""
 
 
-class KubernetesDeploymentSpec(_Model):
+class KubernetesDeploymentSpec(_DeploymentBase):
     """Run each trial as an OME InferenceService on Kubernetes (ome.io/v1beta1)."""
 
     kind: Literal["kubernetes"] = Field(description="Deployment kind.")
