@@ -68,7 +68,8 @@ def test_real_study_persists_trials_with_consistent_metrics(tiny_model, tmp_path
 
 def test_failing_candidate_is_recorded_and_study_continues(tiny_model, tmp_path: Path) -> None:
     doc = small_spec(tiny_model, trials=4, name="fails")
-    # parallel=64 cannot hold 64 × (32 + 12) tokens in a 2048-token context: rejected before launch.
+    # parallel=64 splits a 2048-token context into 64 slots of 256 (llama.cpp pads each share up
+    # to 256), too small for one 300 + 12 token request: rejected before launch.
     # ctx-size=30M with an f32 KV cache (~234 GiB) cannot be allocated: the engine fails to start.
     doc["space"] = {
         "params": {
@@ -77,6 +78,7 @@ def test_failing_candidate_is_recorded_and_study_continues(tiny_model, tmp_path:
         }
     }
     doc["engine"]["flags"] = {"cache-type-k": "f32", "cache-type-v": "f32"}
+    doc["workload"]["input_tokens"] = 300
     doc["strategy"] = {"kind": "grid"}
     doc["budget"] = {"max_trials": 5, "confirm_repeats": 0}
     spec = write_spec(tmp_path / "spec.yaml", doc)

@@ -13,7 +13,14 @@ from servetune.core.space import SearchSpace
 from servetune.core.spec import LlamaCppEngineSpec, StudySpec, Workload
 from servetune.core.study import FailureKind, Params
 from servetune.engines import get_engine
-from servetune.engines.llamacpp import CATALOGUE, SERVER_MODULE, LlamaCppEngine, render_flag
+from servetune.engines.llamacpp import (
+    CATALOGUE,
+    SERVER_MODULE,
+    LlamaCppEngine,
+    SlotLayout,
+    render_flag,
+    slot_layout,
+)
 from servetune.engines.xllamacpp_server import build_parser, to_common_params, validate
 from servetune.errors import EngineNotFound
 from servetune.modelgen import ModelFiles
@@ -208,22 +215,125 @@ def test_catalogue_defaults_match_llama_cpp_common_params() -> None:
 # ---- preflight --------------------------------------------------------------------------------
 
 
-def test_preflight_rejects_a_context_too_small_for_the_slots() -> None:
-    reasons = engine().preflight({"parallel": 8, "ctx-size": 1024}, workload(100, 50))
-    assert len(reasons) == 1
-    assert "ctx-size 1024" in reasons[0] and "parallel 8" in reasons[0] and "1200" in reasons[0]
-    assert engine().preflight({"parallel": 8, "ctx-size": 1200}, workload(100, 50)) == []
+def workload_at(input_tokens: int, output_tokens: int, *concurrency: int) -> Workload:
+    return Workload(
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        concurrency=list(concurrency),
+        num_requests=4,
+    )
 
 
-def test_preflight_reads_the_models_context_length_when_ctx_size_is_zero(
+@pytest.mark.parametrize(
+    ("ctx", "parallel", "unified", "layout"),
+    [
+        # (ctx-size, parallel, kv-unified) → (slots, unified, n_ctx, n_ctx_slot); each as logged by
+        # the real server in tests/integration/test_llamacpp_local.py (model n_ctx_train 4096)
+        (0, -1, None, (4, True, 4096, 4096)),  # the defaults: auto = 4 slots, one shared buffer
+        (0, -1, False, (4, True, 4096, 4096)),  # auto forces unified on
+        (0, 3, None, (3, False, 12288, 4096)),  # ctx 0, fit on, not unified: n_ctx_train per slot
+        (0, 2, True, (2, True, 4096, 4096)),
+        (1000, 3, None, (3, False, 1536, 512)),  # pad(1000) = 1024; 1024 / 3 → pad → 512
+        (100, 1, None, (1, False, 256, 256)),  # padded up to 256
+        (1000, 2, True, (2, True, 1024, 1024)),
+        (1024, -1, None, (4, True, 1024, 1024)),
+        (8192, 1, None, (1, False, 8192, 4096)),  # a slot is capped at n_ctx_train
+        (2048, 64, None, (64, False, 16384, 256)),  # 32 per slot rounds up to 256
+    ],
+)
+def test_slot_layout_follows_llama_cpp(
+    ctx: int, parallel: int, unified: bool | None, layout: tuple[int, bool, int, int]
+) -> None:
+    got = slot_layout(ctx, parallel, unified, 4096)
+    assert got is not None
+    assert (got.slots, got.kv_unified, got.n_ctx, got.n_ctx_slot) == layout
+
+
+def test_with_fit_off_an_unset_context_is_split_across_slots() -> None:
+    assert slot_layout(0, 3, None, 4096, fit=False) == SlotLayout(3, False, 4608, 1536)
+    assert slot_layout(0, -1, None, 4096, fit=False) == SlotLayout(4, True, 4096, 4096)
+    assert slot_layout(1000, 3, None, 4096, fit=False) == slot_layout(1000, 3, None, 4096)
+
+
+def test_slot_layout_is_unknown_without_the_models_length_or_for_values_never_run() -> None:
+    assert slot_layout(0, -1, None, None) is None
+    assert slot_layout(1024, 0, None, 4096) is None
+    assert slot_layout(-5, 1, None, 4096) is None
+    assert slot_layout(1024, 2, None, None) == SlotLayout(2, False, 1024, 512)
+
+
+def test_the_baseline_serves_1000_plus_100_tokens_at_concurrency_1_to_3(
+    tiny_model: ModelFiles,
+) -> None:
+    """Issue 5 item 5: the defaults (4 slots over one unified 4096-token buffer) were rejected
+    for 1000 + 100 tokens at concurrency 1 although llama-server serves concurrency 1–3."""
+    eng = engine(str(tiny_model.gguf_path))
+    assert eng.model_context_length() == 4096
+    for level in (1, 2, 3):
+        assert eng.preflight({}, workload_at(1000, 100, level)) == [], level
+    (reason,) = eng.preflight({}, workload_at(1000, 100, 1, 4))
+    assert "concurrency 4" in reason and "4 requests × 1100" in reason and "4400" in reason
+    assert "serves concurrency ≤ 3" in reason and "ctx-size to ≥ 4608" in reason
+    assert "ctx-size 0 (the model's 4096)" in reason and "unified" in reason
+    # more levels than slots: at most 4 are in flight, so 1000 + 100 at concurrency 64 with
+    # ctx-size 4400 → pad → 4608 fits
+    assert eng.preflight({"ctx-size": 4400}, workload_at(1000, 100, 64)) == []
+
+
+def test_without_a_unified_cache_concurrency_only_queues_but_one_request_must_fit_a_slot(
     tiny_model: ModelFiles,
 ) -> None:
     eng = engine(str(tiny_model.gguf_path))
-    assert eng.model_context_length() == 4096
-    # parallel auto = 4 slots: 4 × (1000 + 100) = 4400 > 4096
-    reasons = eng.preflight({}, workload(1000, 100))
-    assert len(reasons) == 1 and "the model's 4096" in reasons[0] and "4400" in reasons[0]
-    assert eng.preflight({"parallel": 2}, workload(1000, 100)) == []
+    # 2 slots of pad(512 / 2) = 256 tokens each: 200 + 40 fits at any concurrency
+    assert eng.preflight({"parallel": 2, "ctx-size": 512}, workload_at(200, 40, 1, 16)) == []
+    (reason,) = eng.preflight({"parallel": 2, "ctx-size": 512}, workload_at(250, 40, 1))
+    assert "does not fit a slot" in reason and "n_ctx_slot 256" in reason
+    assert "ctx-size to ≥ 1024 or lower parallel" in reason
+    # ctx-size 0 without a unified cache gives each slot the model's full length
+    assert eng.preflight({"parallel": 3}, workload_at(3000, 1000, 3)) == []
+    assert eng.preflight({"parallel": 8, "ctx-size": 1024}, workload_at(100, 50, 8)) == []
+
+
+def test_a_request_longer_than_the_model_asks_for_a_shorter_workload(
+    tiny_model: ModelFiles,
+) -> None:
+    eng = engine(str(tiny_model.gguf_path))
+    (reason,) = eng.preflight({"ctx-size": 16384}, workload_at(4000, 200, 1))
+    assert "longer than the model's context length 4096" in reason
+    assert "workload.input_tokens" in reason and "raise ctx-size" not in reason
+
+
+def test_params_the_engine_runs_identically_have_one_effective_form(
+    tiny_model: ModelFiles,
+) -> None:
+    eng = engine(str(tiny_model.gguf_path))
+    w = workload_at(100, 20, 1)
+    same = [
+        {},
+        {"parallel": -1},
+        {"parallel": 4, "kv-unified": True},
+        {"parallel": 4, "kv-unified": True, "ctx-size": 4096},
+        {"ctx-size": 4000},  # pads to 4096
+        {"parallel": -1, "kv-unified": False},  # auto forces unified
+    ]
+    forms = [eng.effective_params(p, w) for p in same]
+    assert all(f == forms[0] for f in forms), forms
+    assert forms[0]["parallel"] == 4 and forms[0]["kv-unified"] is True
+    assert forms[0]["ctx-size"] == 4096
+    # rounded to the same split: 1000 and 1536 over 3 slots are both 3 × 512
+    assert eng.effective_params({"parallel": 3, "ctx-size": 1000}, w) == eng.effective_params(
+        {"parallel": 3, "ctx-size": 1536}, w
+    )
+    # a ubatch above the batch is clamped to it; flash-attn true is "on"
+    assert eng.effective_params({"batch-size": 256, "ubatch-size": 512}, w) == eng.effective_params(
+        {"batch-size": 256, "ubatch-size": 256}, w
+    )
+    assert eng.effective_params({"flash-attn": True}, w) == eng.effective_params(
+        {"flash-attn": "on"}, w
+    )
+    # different configurations stay different
+    assert eng.effective_params({"parallel": 4}, w) != forms[0]  # 4 slots without unified KV
+    assert eng.effective_params({"ctx-size": 4097}, w) != forms[0]  # pads to 4352
 
 
 def test_preflight_uses_fixed_flags_and_checks_batches_threads_and_cache_types() -> None:

@@ -76,6 +76,12 @@ class Engine(Protocol):
         """Reasons ``params`` cannot serve ``workload`` (empty = fine to launch)."""
         ...
 
+    def effective_params(self, params: Params, workload: Workload) -> Params:
+        """The canonical form of ``params``: every flag the engine will run with, equivalent
+        spellings made equal (e.g. llama.cpp's parallel -1 and 4 with a unified KV cache), so
+        two params the engine runs identically compare equal and are measured once."""
+        ...
+
     def check_space(self, space: SearchSpace) -> list[Problem]:
         """Problems of the search space only this engine can see: unknown flag names (with
         suggestions), wrong kinds/values; usable when the rest of the spec is invalid."""

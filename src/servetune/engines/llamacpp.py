@@ -13,6 +13,7 @@ import re
 import shutil
 import sys
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
@@ -41,9 +42,16 @@ SERVER_MODULE = "servetune.engines.xllamacpp_server"
 
 _README = "llama.cpp tools/server/README.md"
 _AUTO_SLOTS = 4
-"""Slots llama-server uses when --parallel is -1 (auto); it also turns kv-unified on.
-Source: llama.cpp server log line
-"n_parallel is set to auto, using n_parallel = 4 and kv_unified = true"."""
+"""Slots llama-server uses when --parallel is -1 (auto); auto also forces kv-unified on, even
+with --no-kv-unified. Sources: llama.cpp PR #16736 ("server : support unified cache across
+slots": by default 4 slots over a unified KV cache), tools/server/server.cpp
+"n_parallel is set to auto, using n_parallel = 4 and kv_unified = true"; measured with the
+xllamacpp wheel 2026.10.11549 (``--parallel -1 --no-kv-unified`` logs ``kv_unified = 'true'``)."""
+
+CTX_PAD = 256
+"""llama.cpp pads the context and each non-unified slot's share up to a multiple of 256 cells.
+Source: src/llama-context.cpp, ``cparams.n_ctx = GGML_PAD(cparams.n_ctx, 256)`` and
+``n_ctx_seq = GGML_PAD(n_ctx / n_seq_max, 256)`` (ref. llama.cpp PR #17046)."""
 
 _QUANTIZED_CACHE = tuple(t for t in CACHE_TYPES if t not in ("f32", "f16", "bf16"))
 
@@ -394,9 +402,14 @@ class LlamaCppEngine:
         4 slots); batch-size, ubatch-size ≥ 1 (a ubatch-size above batch-size is not
         rejected: llama.cpp clamps it to batch-size in llama_context, and the server starts); cache types and
         flash-attn among their choices; a quantized V cache needs flash-attn (llama.cpp refuses
-        "quantized V cache requires flash_attn"); and llama.cpp's context split:
-        ctx-size ≥ slots × (input_tokens + output_tokens), ctx-size 0 meaning the model's context
-        length (read from the GGUF; the check is skipped when the file cannot be read).
+        "quantized V cache requires flash_attn"); and llama.cpp's slot rules (``slot_layout``):
+        one request (input_tokens + output_tokens) must fit a slot's n_ctx_slot, and with a
+        unified KV cache the requests in flight at the workload's highest concurrency level
+        (at most one per slot) must fit n_ctx together. Without a unified cache more requests
+        than slots just wait, so concurrency does not matter. ctx-size 0 is the model's context
+        length (read from the GGUF; the context checks are skipped when the file cannot be read).
+        For request-rate workloads only the one-request check applies (how many are in flight
+        is not known before the run).
         """
         f = self.effective_flags(params)
         reasons: list[str] = []
@@ -430,27 +443,103 @@ class LlamaCppEngine:
                 "cache-type-v f16"
             )
 
-        parallel = as_int("parallel")
-        slots = _AUTO_SLOTS if parallel == -1 else parallel
         ctx = as_int("ctx-size")
-        ctx_text = f"ctx-size {ctx}"
-        if ctx == 0:
-            model_ctx = self.model_context_length()
-            ctx = model_ctx
-            ctx_text = f"ctx-size 0 (the model's {model_ctx})"
-        if slots is not None and slots >= 1 and ctx is not None and ctx > 0:
-            per_request = workload.input_tokens + workload.output_tokens
-            need = slots * per_request
-            if ctx < need:
-                slot_text = f"parallel {parallel}" + (" (auto = 4 slots)" if parallel == -1 else "")
-                reasons.append(
-                    f"{ctx_text} < {slot_text} × (input_tokens {workload.input_tokens} + "
-                    f"output_tokens {workload.output_tokens}) = {need}: llama.cpp splits the "
-                    f"context across slots; raise ctx-size to ≥ {need} or lower parallel"
-                )
-        elif ctx is not None and ctx < 0:
+        if ctx is not None and ctx < 0:
             reasons.append(f"ctx-size = {ctx}: use ≥ 0 (0 = the model's context length)")
+        reasons += self._context_reasons(params, workload)
         return reasons
+
+    def slot_layout(self, params: Params) -> SlotLayout | None:
+        """llama-server's slot/KV layout for ``params`` over engine.flags and the defaults (see
+        the module function ``slot_layout``); None when it cannot be known before launch."""
+        f = self.effective_flags(params)
+        ctx, parallel = _as_int(f.get("ctx-size")), _as_int(f.get("parallel"))
+        unified = f.get("kv-unified")
+        if ctx is None or parallel is None:
+            return None
+        return slot_layout(
+            ctx,
+            parallel,
+            unified if isinstance(unified, bool) else None,
+            self.model_context_length(),
+            fit=f.get("fit") != "off",
+        )
+
+    def _context_reasons(self, params: Params, workload: Workload) -> list[str]:
+        layout = self.slot_layout(params)
+        if layout is None:
+            return []
+        f = self.effective_flags(params)
+        per_request = workload.input_tokens + workload.output_tokens
+        request_text = (
+            f"input_tokens {workload.input_tokens} + output_tokens {workload.output_tokens} = "
+            f"{per_request}"
+        )
+        setting = _layout_text(f, layout, self.model_context_length())
+        n_ctx_train = self.model_context_length()
+        if per_request > layout.n_ctx_slot:
+            if n_ctx_train is not None and per_request > n_ctx_train:
+                return [
+                    f"one request ({request_text} tokens) is longer than the model's context "
+                    f"length {n_ctx_train}: llama-server caps every slot at it; lower "
+                    "workload.input_tokens or workload.output_tokens"
+                ]
+            need = ctx_size_for(layout, per_request, 1)
+            return [
+                f"one request ({request_text} tokens) does not fit a slot: {setting}; "
+                f"raise ctx-size to ≥ {need}" + ("" if layout.kv_unified else " or lower parallel")
+            ]
+        if not layout.kv_unified or workload.concurrency is None:
+            return []
+        level = max(workload.concurrency)
+        in_flight = min(level, layout.slots)
+        if in_flight * per_request <= layout.n_ctx:
+            return []
+        serves = layout.max_in_flight(per_request)
+        need = ctx_size_for(layout, per_request, in_flight)
+        return [
+            f"concurrency {level} puts {in_flight} requests × {per_request} tokens "
+            f"({request_text}) = {in_flight * per_request} tokens in flight, more than the "
+            f"unified KV cache holds: {setting}; llama-server would fail them all with "
+            f'"Context size has been exceeded." (it serves concurrency ≤ {serves}); raise '
+            f"ctx-size to ≥ {need}, or lower parallel to {max(1, serves)}, or lower "
+            "workload.concurrency"
+        ]
+
+    def effective_params(self, params: Params, workload: Workload) -> Params:
+        """The canonical form of ``params``: every flag llama-server will run with (defaults,
+        engine.flags, params), with equivalent spellings made equal, so two params that the
+        engine runs identically compare equal.
+
+        Canonicalised: parallel -1 → 4 with kv-unified true; ctx-size → the n_ctx llama.cpp
+        really allocates (``slot_layout``: 0 → the model's length, padding to 256, the split
+        across non-unified slots); kv-unified unset → its value; ubatch-size → at most
+        batch-size (llama.cpp clamps it); flash-attn true/false → on/off; integral floats →
+        ints. Flags whose default depends on the machine stay as given. ``workload`` is not used
+        by llama.cpp's rules (kept for engines whose effective flags depend on it).
+        """
+        f = self.effective_flags(params)
+        out: dict[str, ParamValue] = {}
+        for name, value in f.items():
+            if value is None:
+                continue
+            info = CATALOGUE.get(name)
+            if isinstance(value, float) and value.is_integer() and info and info.type == "int":
+                value = int(value)
+            if name == "flash-attn" and isinstance(value, bool):
+                value = "on" if value else "off"
+            out[name] = value
+        layout = self.slot_layout(params)
+        if layout is not None:
+            out["parallel"] = layout.slots
+            out["kv-unified"] = layout.kv_unified
+            out["ctx-size"] = layout.n_ctx
+        elif _as_int(out.get("parallel")) not in (None, -1):
+            out.setdefault("kv-unified", False)
+        batch, ubatch = _as_int(out.get("batch-size")), _as_int(out.get("ubatch-size"))
+        if batch is not None and ubatch is not None and batch >= 1 and ubatch > batch:
+            out["ubatch-size"] = batch
+        return out
 
     # ---- spec checks -----------------------------------------------------------------------
 
@@ -538,6 +627,117 @@ class LlamaCppEngine:
 
 
 # ---- helpers -------------------------------------------------------------------------------
+
+
+def _pad(n: int) -> int:
+    return -(-n // CTX_PAD) * CTX_PAD
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    """How llama-server lays out its KV cache for one set of flags.
+
+    ``slots``: requests decoded at once; ``kv_unified``: one KV buffer shared by every slot;
+    ``n_ctx``: KV cells in total (tokens held by all slots together); ``n_ctx_slot``: the most
+    tokens (prompt + output) one request may hold, as the server logs it
+    (``load_model: initializing, n_slots = …, n_ctx_slot = …, kv_unified = …``).
+    """
+
+    slots: int
+    kv_unified: bool
+    n_ctx: int
+    n_ctx_slot: int
+
+    def max_in_flight(self, tokens_per_request: int) -> int:
+        """How many requests of ``tokens_per_request`` tokens can be in flight at once without
+        llama-server failing them (0 when one does not fit a slot)."""
+        if tokens_per_request > self.n_ctx_slot:
+            return 0
+        if not self.kv_unified:
+            return self.slots  # each slot owns its share; more requests wait in the queue
+        return min(self.slots, self.n_ctx // tokens_per_request)
+
+
+def slot_layout(
+    ctx_size: int,
+    parallel: int,
+    kv_unified: bool | None,
+    n_ctx_train: int | None,
+    *,
+    fit: bool = True,
+) -> SlotLayout | None:
+    """llama-server's slot and context layout for ``--ctx-size``, ``--parallel``,
+    ``--kv-unified`` (None = unset) and the model's ``n_ctx_train``; None when it depends on an
+    unknown ``n_ctx_train`` (ctx-size 0) or a value llama.cpp never runs.
+
+    Rules (src/llama-context.cpp, tools/server/server-context.cpp; each checked against the real
+    server in tests/integration/test_llamacpp_local.py):
+
+    - parallel -1 (auto) = 4 slots and a unified KV cache, whatever --kv-unified says; an explicit
+      parallel leaves kv-unified off unless it is set.
+    - ctx-size 0 = the model's n_ctx_train for a unified buffer. Without one it depends on
+      ``--fit`` (``fit``; on by default): with fit on, each slot gets n_ctx_train; with fit off,
+      n_ctx_train is split across the slots (measured with xllamacpp 2026.10.11549 on a
+      4096-token model: ``--parallel 3`` logs n_ctx_slot = 4096, with ``--fit off`` 1536). Fit
+      may lower an unset ctx-size further when device memory is short; that is not modelled.
+    - n_ctx is padded up to a multiple of 256. Unified: every slot may use all n_ctx cells, the
+      slots together at most n_ctx (beyond it the server answers "Context size has been
+      exceeded." to every active request). Not unified: each slot gets
+      pad256(n_ctx / slots) cells of its own and n_ctx becomes slots × that.
+    - The server caps a slot at n_ctx_train ("the slot context … exceeds the training context of
+      the model … - capping").
+    """
+    if parallel == -1:
+        slots, unified = _AUTO_SLOTS, True
+    elif parallel >= 1:
+        slots, unified = parallel, bool(kv_unified)
+    else:
+        return None
+    if ctx_size < 0:
+        return None
+    if ctx_size == 0:
+        if not n_ctx_train:
+            return None
+        ctx_size = n_ctx_train * slots if fit and not unified else n_ctx_train
+    n_ctx = _pad(ctx_size)
+    if unified:
+        seq = n_ctx
+    else:
+        seq = _pad(n_ctx // slots)
+        n_ctx = seq * slots
+    if n_ctx_train:
+        seq = min(seq, n_ctx_train)
+    return SlotLayout(slots=slots, kv_unified=unified, n_ctx=n_ctx, n_ctx_slot=seq)
+
+
+def _as_int(v: object) -> int | None:
+    """``v`` as an int when it is an integral number (not a bool), else None."""
+    if v is None or isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    return int(v) if int(v) == v else None
+
+
+def _layout_text(
+    flags: Mapping[str, ParamValue | None], layout: SlotLayout, n_ctx_train: int | None
+) -> str:
+    """The flags and what llama-server makes of them, for a reason line."""
+    ctx = _as_int(flags.get("ctx-size"))
+    parallel = _as_int(flags.get("parallel"))
+    ctx_text = f"ctx-size {ctx}" + (f" (the model's {n_ctx_train})" if ctx == 0 else "")
+    par_text = f"parallel {parallel}" + (" (auto = 4 slots)" if parallel == -1 else "")
+    kv = "a unified KV cache" if layout.kv_unified else "a KV share per slot"
+    return (
+        f"{ctx_text}, {par_text} and {kv} give n_ctx {layout.n_ctx}, n_ctx_slot "
+        f"{layout.n_ctx_slot} per request"
+    )
+
+
+def ctx_size_for(layout: SlotLayout, tokens_per_request: int, in_flight: int) -> int:
+    """The smallest ctx-size that lets ``in_flight`` requests of ``tokens_per_request`` tokens run
+    with ``layout``'s slots and KV mode (a multiple of 256)."""
+    if layout.kv_unified:
+        return _pad(max(1, in_flight) * tokens_per_request)
+    return layout.slots * _pad(tokens_per_request)
 
 
 def render_flag(name: str, value: ParamValue) -> list[str]:
