@@ -137,7 +137,9 @@ async def _run_once(ctx: TrialContext, params: Params, number: int, attempt: int
             ctx.on_started(running)
         endpoint = ctx.engine.endpoint(host, port)
         try:
-            await wait_ready(endpoint, running, ctx.engine, spec.deployment.startup_timeout_s)
+            await wait_ready(
+                endpoint, running, ctx.engine, spec.deployment.startup_timeout_s, params=params
+            )
         except EngineStartFailed as e:
             log.info("%s trial %d failed to start: %s", ctx.label, number, e)
             return _fail(
@@ -164,7 +166,7 @@ async def _run_once(ctx: TrialContext, params: Params, number: int, attempt: int
         bench_s = time.perf_counter() - t1
         code = running.returncode()
         if code is not None:
-            kind, reason = ctx.engine.classify_failure(running.log_text(), code)
+            kind, reason = ctx.engine.classify_failure(running.log_text(), code, params)
             if kind is FailureKind.UNKNOWN:
                 kind = FailureKind.ENGINE_CRASHED
             return _fail(

@@ -4,8 +4,10 @@ serving, start-up failures and their kinds, stopping whole process groups, dying
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,9 +29,11 @@ from servetune.deploy.local import (
     kill_process_group,
 )
 from servetune.engines.base import LaunchCommand
+from servetune.engines.llamacpp import LlamaCppEngine
 from servetune.engines.readiness import wait_ready
 from servetune.errors import EngineStartFailed
 from servetune.modelgen import ModelFiles
+from servetune.runner import RETRYABLE
 from tests.integration.llamacpp_helpers import (
     running_engine,
     server_process,
@@ -115,7 +119,10 @@ def test_a_failing_candidate_raises_engine_start_failed_with_its_kind(
     assert exc.value.kind is kind, exc.value.reason
     if kind is FailureKind.KV_CACHE_TOO_SMALL:  # what to do, with the log line as evidence
         reason = exc.value.reason
-        assert "lower ctx-size or parallel, or use a quantized cache-type-k/v" in reason, reason
+        # parallel is 1 already: the advice never says "lower parallel"
+        assert reason.endswith(
+            ": lower ctx-size, or use a quantized cache-type-k/cache-type-v (e.g. q8_0)"
+        ), reason
         assert "failed to allocate buffer for kv cache" in reason, reason
 
 
@@ -377,3 +384,135 @@ def test_what_preflight_accepts_runs_and_what_it_rejects_fails(
             got = asyncio.run(_completions(url, n_in, n_out, concurrency))
             served = all(g == n_out for g in got)
             assert served == accepted, (params, n_in, n_out, concurrency, got)
+
+
+# ---- failure evidence: signals, the kernel's OOM record, warnings ------------------------------
+
+
+def _start_and_fail(
+    engine: LlamaCppEngine, command: LaunchCommand, log_path: Path
+) -> EngineStartFailed:
+    async def scenario() -> EngineStartFailed:
+        running = await LocalDeployment(stop_timeout_s=5.0).start(command, log_path)
+        try:
+            await wait_ready(engine.endpoint(command.host, command.port), running, engine, 90)
+        except EngineStartFailed as e:
+            return e
+        finally:
+            await running.stop()
+        pytest.fail("the engine should not have become ready")
+
+    return asyncio.run(scenario())
+
+
+def test_a_bare_sigkill_of_a_real_engine_is_a_crash_not_host_oom(
+    tiny_model: ModelFiles, tmp_path: Path
+) -> None:
+    """Issue 6 item 3: SIGKILL alone is no evidence of OOM; engine_crashed is retried once."""
+    engine = tiny_engine(tiny_model.gguf_path)
+
+    async def scenario() -> tuple[int | None, str]:
+        async with running_engine(engine, {}, tmp_path / "engine.log") as started:
+            os.killpg(started.running.pgid, signal.SIGKILL)
+            assert wait_until(lambda: started.running.returncode() is not None, 10)
+            return started.running.returncode(), started.running.log_text()
+
+    rc, log = asyncio.run(scenario())
+    assert rc == -signal.SIGKILL
+    kind, reason = engine.classify_failure(log, rc)
+    assert kind is FailureKind.ENGINE_CRASHED, reason
+    assert "killed by SIGKILL" in reason and "no evidence of running out of memory" in reason
+    assert kind in RETRYABLE
+
+
+def _memory_cgroup(tmp_name: str, limit_bytes: int) -> Path | None:
+    """A new memory cgroup under this process's own (v1 or v2) limited to ``limit_bytes``; None
+    where this process may not create one."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        hierarchy, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            base, limit_file = (
+                Path("/sys/fs/cgroup/memory") / path.lstrip("/"),
+                "memory.limit_in_bytes",
+            )
+        elif hierarchy == "0" and Path("/sys/fs/cgroup/cgroup.controllers").is_file():
+            base, limit_file = Path("/sys/fs/cgroup") / path.lstrip("/"), "memory.max"
+        else:
+            continue
+        group = base / tmp_name
+        try:
+            group.mkdir(exist_ok=True)
+            (group / limit_file).write_text(str(limit_bytes))
+        except OSError:
+            return None
+        return group
+    return None
+
+
+def test_a_real_kernel_oom_kill_is_host_oom_with_the_kernels_record(
+    tiny_model: ModelFiles, tmp_path: Path
+) -> None:
+    """The engine runs in a memory cgroup of 300 MiB and asks for a ~3 GiB f32 KV cache, which
+    llama.cpp clears (touches) at start: the kernel's OOM killer SIGKILLs it."""
+    group = _memory_cgroup(f"servetune-test-{os.getpid()}", 300 * 1024 * 1024)
+    if group is None:
+        pytest.skip("this process may not create a memory cgroup (needs root and cgroupfs)")
+    engine = tiny_engine(tiny_model.gguf_path)
+    host, port = LocalDeployment().reserve_port()
+    params: Params = {
+        "ctx-size": 200_000,
+        "parallel": 1,
+        "cache-type-k": "f32",
+        "cache-type-v": "f32",
+    }
+    argv = engine.launch_command(params, host=host, port=port).argv
+    # the engine moves itself into the cgroup, then becomes the engine (same pid)
+    command = LaunchCommand(
+        argv=["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(group / "cgroup.procs"), *argv],
+        host=host,
+        port=port,
+    )
+    try:
+        failed = _start_and_fail(engine, command, tmp_path / "engine.log")
+    finally:
+        with contextlib.suppress(OSError):
+            group.rmdir()
+    assert failed.kind is FailureKind.HOST_OOM, failed.reason
+    assert "out-of-memory evidence" in failed.reason, failed.reason
+    # the kernel log's record for this pid, or (where it is unreadable) a grown oom_kill counter
+    assert "Killed process" in failed.reason or "oom_kill" in failed.reason, failed.reason
+    assert "servetune: out-of-memory evidence:" in (tmp_path / "engine.log").read_text()
+
+
+def test_an_mlock_warning_does_not_turn_a_real_crash_into_host_oom(
+    tiny_model: ModelFiles, tmp_path: Path
+) -> None:
+    """Issue 5 item 6: --mlock without the right limit logs "failed to mlock … Cannot allocate
+    memory" (a warning; the server goes on); a later SIGSEGV is a crash (retried), as without it."""
+    if shutil.which("capsh") is None:
+        pytest.skip("capsh is needed to drop CAP_IPC_LOCK (root may always lock memory)")
+    engine = tiny_engine(tiny_model.gguf_path)
+    host, port = LocalDeployment().reserve_port()
+    argv = engine.launch_command({"mlock": True}, host=host, port=port).argv
+    limited = [
+        "capsh", "--drop=cap_ipc_lock", "--", "-c", 'ulimit -l 64 && exec "$0" "$@"', *argv
+    ]  # fmt: skip
+
+    async def scenario() -> tuple[int | None, str]:
+        deployment = LocalDeployment(stop_timeout_s=5.0)
+        command = LaunchCommand(argv=limited, host=host, port=port)
+        running = await deployment.start(command, tmp_path / "engine.log")
+        try:
+            await wait_ready(engine.endpoint(host, port), running, engine, 60)
+            os.kill(running.pgid, signal.SIGSEGV)
+            assert wait_until(lambda: running.returncode() is not None, 10)
+            return running.returncode(), running.log_text()
+        finally:
+            await running.stop()
+
+    rc, log = asyncio.run(scenario())
+    assert "failed to mlock" in log and "Cannot allocate memory" in log, log[-2000:]
+    assert rc == -signal.SIGSEGV
+    kind, reason = engine.classify_failure(log, rc, {"mlock": True})
+    assert kind is FailureKind.ENGINE_CRASHED, reason
+    assert "killed by SIGSEGV" in reason

@@ -12,12 +12,14 @@ import pytest
 from servetune.core.space import SearchSpace
 from servetune.core.spec import LlamaCppEngineSpec, StudySpec, Workload
 from servetune.core.study import FailureKind, Params
+from servetune.deploy.local import OOM_EVIDENCE_PREFIX
 from servetune.engines import get_engine
 from servetune.engines.llamacpp import (
     CATALOGUE,
     SERVER_MODULE,
     LlamaCppEngine,
     SlotLayout,
+    error_lines,
     render_flag,
     slot_layout,
 )
@@ -566,7 +568,9 @@ def test_a_tokenizer_path_that_does_not_load_is_a_problem(
         ("quantized_v_without_fa.log", 1, FailureKind.INVALID_ARGS, "requires flash_attn"),
         ("bad_cache_type.log", 2, FailureKind.INVALID_ARGS, "invalid choice: 'q9_9'"),
         ("unknown_flag.log", 2, FailureKind.INVALID_ARGS, "unrecognized arguments: --paralel"),
-        ("normal_startup.log", -9, FailureKind.HOST_OOM, "SIGKILL"),
+        # a bare SIGKILL is no evidence of OOM (issue 6 item 3): crashed, retried once
+        ("normal_startup.log", -9, FailureKind.ENGINE_CRASHED, "killed by SIGKILL"),
+        ("normal_startup.log", 137, FailureKind.ENGINE_CRASHED, "killed by SIGKILL"),
         ("normal_startup.log", 1, FailureKind.ENGINE_CRASHED, "exited with status 1"),
         ("normal_startup.log", None, FailureKind.UNKNOWN, ""),
     ],
@@ -582,7 +586,9 @@ def test_classify_captured_start_up_logs(
 
 
 def test_a_kv_cache_failure_says_what_to_change_and_quotes_the_log() -> None:
-    kind, reason = engine().classify_failure((LOGS / "huge_ctx.log").read_text(), 1)
+    params: Params = {"ctx-size": 30_000_000, "parallel": 1}
+    eng = engine(flags={"cache-type-k": "f32", "cache-type-v": "f32"})
+    kind, reason = eng.classify_failure((LOGS / "huge_ctx.log").read_text(), 1, params)
     assert kind is FailureKind.KV_CACHE_TOO_SMALL
     assert reason.startswith("the KV cache these flags ask for could not be allocated (")
     assert (
@@ -590,7 +596,110 @@ def test_a_kv_cache_failure_says_what_to_change_and_quotes_the_log() -> None:
         "kv cache" in reason
     )
     assert "attempted to allocate 234376.00 MB" in reason  # how much it asked for
-    assert "lower ctx-size or parallel, or use a quantized cache-type-k/v" in reason
+    assert reason.endswith(
+        ": lower ctx-size, or use a quantized cache-type-k/cache-type-v (e.g. q8_0)"
+    ), reason
+
+
+@pytest.mark.parametrize(
+    ("params", "never"),
+    [
+        # one slot already: never "lower parallel"
+        ({"ctx-size": 30_000_000, "parallel": 1}, ["parallel"]),
+        # both caches quantized already: never "use a quantized cache"
+        (
+            {"ctx-size": 30_000_000, "cache-type-k": "q8_0", "cache-type-v": "q4_0"},
+            ["quantized", "q8_0"],
+        ),
+        # K quantized: only V is suggested
+        ({"ctx-size": 30_000_000, "cache-type-k": "q8_0"}, ["cache-type-k"]),
+        # flash attention off: a quantized V cache needs it, so the advice says so
+        ({"ctx-size": 30_000_000, "flash-attn": "off"}, []),
+    ],
+)
+def test_kv_cache_advice_never_recommends_what_the_failing_trial_already_did(
+    params: Params, never: list[str]
+) -> None:
+    kind, reason = engine().classify_failure((LOGS / "huge_ctx.log").read_text(), 1, params)
+    assert kind is FailureKind.KV_CACHE_TOO_SMALL
+    advice = reason.rsplit("): ", 1)[1]
+    assert advice.startswith("lower ctx-size")
+    for word in never:
+        assert word not in advice, advice
+    if params.get("flash-attn") == "off":
+        assert "needs flash-attn" in advice
+
+
+WORDINGS = LOGS / "wordings"
+
+
+def _fixture(name: str) -> str:
+    """A log fixture without its ``#`` header (the header names the llama.cpp release/source)."""
+    text = (WORDINGS / name).read_text()
+    assert text.startswith("# source: "), f"{name} must name its source"
+    return "\n".join(x for x in text.splitlines() if not x.startswith("#"))
+
+
+@pytest.mark.parametrize(
+    ("name", "rc", "kind", "evidence"),
+    [
+        # issue 5 item 6: the mlock warning is not evidence; the crash is what happened
+        ("mlock_warning_then_sigsegv_wheel.log", -11, FailureKind.ENGINE_CRASHED,
+         "killed by SIGSEGV (exit status -11)"),
+        ("mlock_warning_then_sigsegv_2023.log", 139, FailureKind.ENGINE_CRASHED,
+         "killed by SIGSEGV (exit status 139)"),
+        ("pinned_memory_warning_then_sigabrt_2024.log", -6, FailureKind.ENGINE_CRASHED,
+         "killed by SIGABRT (exit status -6): ggml.c:12345: GGML_ASSERT("),
+        ("port_in_use_b3923.log", 1, FailureKind.PORT_IN_USE,
+         "main: couldn't bind HTTP server socket, hostname: 127.0.0.1, port: 8080"),
+        ("port_in_use_2023.log", 1, FailureKind.PORT_IN_USE,
+         "couldn't bind to server socket: hostname=127.0.0.1 port=8080"),
+        ("kv_cache_2024.log", 1, FailureKind.KV_CACHE_TOO_SMALL,
+         "llama_kv_cache_init: failed to allocate buffer for kv cache"),
+        ("model_load_server_2024.log", 1, FailureKind.MODEL_LOAD_FAILED,
+         "llama_model_load: error loading model: failed to open model.gguf"),
+        ("prompt_cache_errors_then_sigkill_wheel.log", -9, FailureKind.ENGINE_CRASHED,
+         "no evidence of running out of memory"),
+    ],
+)  # fmt: skip
+def test_each_releases_wording_means_the_same_failure(
+    name: str, rc: int, kind: FailureKind, evidence: str
+) -> None:
+    got, reason = engine().classify_failure(_fixture(name), rc)
+    assert got is kind, reason
+    assert evidence in reason, reason
+
+
+def test_the_same_crash_is_classified_alike_with_or_without_a_warning() -> None:
+    """Issue 5 item 6's example: the mlock warning turned a SIGSEGV into host_oom (not retried)."""
+    with_warning = _fixture("mlock_warning_then_sigsegv_wheel.log")
+    without = "\n".join(x for x in with_warning.splitlines() if "mlock" not in x)
+    assert "failed to mlock" in with_warning and "mlock" not in without
+    for rc in (-11, 139, -9):
+        assert engine().classify_failure(with_warning, rc)[0] is FailureKind.ENGINE_CRASHED
+        assert engine().classify_failure(without, rc)[0] is FailureKind.ENGINE_CRASHED
+    # the same lines logged as errors would be evidence (the level decides, not the words)
+    as_error = with_warning.replace(" W warning: failed to mlock", " E failed to mlock x")
+    assert error_lines(as_error) == []  # mlock failures are never fatal, whatever the level
+    assert error_lines("0.00.1.1 E ggml_aligned_malloc: insufficient memory") == [
+        "ggml_aligned_malloc: insufficient memory"
+    ]
+    assert error_lines("0.00.1.1 W ggml_aligned_malloc: insufficient memory") == []
+
+
+def test_sigkill_is_host_oom_only_with_the_kernels_record() -> None:
+    log = (LOGS / "normal_startup.log").read_text()
+    record = (
+        f"{OOM_EVIDENCE_PREFIX} the kernel log says: Memory cgroup out of memory: Killed process "
+        "12744 (python) total-vm:1880196kB, anon-rss:306048kB"
+    )
+    kind, reason = engine().classify_failure(log + "\n" + record + "\n", -9)
+    assert kind is FailureKind.HOST_OOM
+    assert "Killed process 12744" in reason
+    assert engine().classify_failure(log, -9)[0] is FailureKind.ENGINE_CRASHED
+    # the engine's own allocation error is evidence too
+    alloc = log + "\nterminate called after throwing an instance of 'std::bad_alloc'\n"
+    assert engine().classify_failure(alloc, -6)[0] is FailureKind.HOST_OOM
 
 
 @pytest.mark.parametrize(

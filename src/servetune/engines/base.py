@@ -98,8 +98,12 @@ class Engine(Protocol):
         """Problems of the engine section alone (model file, binary, fixed flags)."""
         ...
 
-    def classify_failure(self, log_text: str, returncode: int | None) -> tuple[FailureKind, str]:
-        """Why the engine failed, from its log and exit code: (kind, one readable line of evidence)."""
+    def classify_failure(
+        self, log_text: str, returncode: int | None, params: Params | None = None
+    ) -> tuple[FailureKind, str]:
+        """Why the engine failed, from its log and exit code: (kind, one readable line of
+        evidence). Only error lines and the exit status are evidence, never warnings; advice in
+        the reason never recommends what ``params`` (the failing trial's) already set."""
         ...
 
     def endpoint(self, host: str, port: int) -> Endpoint:
