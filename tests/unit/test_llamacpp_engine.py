@@ -16,6 +16,8 @@ from servetune.deploy.local import OOM_EVIDENCE_PREFIX
 from servetune.engines import get_engine
 from servetune.engines.llamacpp import (
     CATALOGUE,
+    LLAMA_SERVER_FLAGS,
+    LLAMA_SERVER_FLAGS_SOURCE,
     SERVER_MODULE,
     LlamaCppEngine,
     SlotLayout,
@@ -212,6 +214,64 @@ def test_catalogue_defaults_match_llama_cpp_common_params() -> None:
         assert info.meaning and info.source
         if info.choices and info.default is not None:
             assert info.default in info.choices
+
+
+# ---- the command a user runs -----------------------------------------------------------------
+
+
+def test_the_user_command_is_llama_server_with_the_same_flags_as_the_trial() -> None:
+    eng = engine(binary="xllamacpp", flags={"threads": 8}, served_model_name="tiny")
+    params: Params = {"parallel": 2, "ctx-size": 4096, "flash-attn": True}
+    user = eng.user_command(params)
+    trial = eng.launch_command(params, host="127.0.0.1", port=8080)
+    assert user.argv[0] == "llama-server"
+    assert user.argv[1:] == trial.argv[len(WHEEL) :]
+    assert user.display().startswith("llama-server --model /models/m.gguf --host 127.0.0.1 ")
+    # the user's own build when engine.binary names one
+    own = engine(binary="/opt/llama.cpp/build/bin/llama-server").user_command({})
+    assert own.argv[0] == "/opt/llama.cpp/build/bin/llama-server"
+
+
+@pytest.mark.parametrize(
+    ("flags", "load_mode"),
+    [
+        ({"mlock": True}, ["--load-mode", "mmap+mlock"]),
+        ({"mlock": True, "mmap": False}, ["--load-mode", "mlock"]),
+        ({"mmap": False}, ["--load-mode", "none"]),
+        ({"mlock": False, "mmap": True}, []),  # llama-server's default
+        ({"mlock": True, "load-mode": "dio"}, ["--load-mode", "dio"]),  # explicit wins
+    ],
+)
+def test_older_mlock_and_mmap_are_printed_as_current_load_mode(
+    flags: Params, load_mode: list[str]
+) -> None:
+    argv = engine(flags=flags).user_command({}).argv
+    assert "--mlock" not in argv and "--no-mmap" not in argv
+    tail = argv[argv.index("--alias") + 2 :]
+    assert tail == load_mode
+
+
+def _values(name: str) -> list[Any]:
+    info = CATALOGUE[name]
+    if info.type == "bool":
+        return [True, False]
+    if info.choices:
+        return list(info.choices)
+    if info.type == "int":
+        return [1, -1, 4096]
+    return [info.default]
+
+
+def test_every_flag_the_catalogue_can_print_is_in_upstream_llama_servers_list() -> None:
+    assert "llama.cpp" in LLAMA_SERVER_FLAGS_SOURCE and "00dc8057" in LLAMA_SERVER_FLAGS_SOURCE
+    printed: set[str] = set()
+    for name in CATALOGUE:
+        for value in _values(name):
+            argv = engine(flags={name: value}).user_command({name: value}).argv
+            printed |= {a[2:] for a in argv if a.startswith("--")}
+    missing = printed - LLAMA_SERVER_FLAGS
+    assert not missing, f"servetune would print flags llama-server does not have: {missing}"
+    assert {"model", "host", "port", "alias", "load-mode", "no-kv-offload"} <= printed
 
 
 # ---- preflight --------------------------------------------------------------------------------

@@ -106,6 +106,14 @@ class Engine(Protocol):
         the reason never recommends what ``params`` (the failing trial's) already set."""
         ...
 
+    def user_command(
+        self, params: Params, *, host: str = "127.0.0.1", port: int = 8080
+    ) -> LaunchCommand:
+        """The command a user runs to serve the model with ``params`` (plus the spec's fixed
+        flags) on their own install of the engine (e.g. ``llama-server …``), never a test
+        stand-in; every flag in it exists in the engine's own current argument list."""
+        ...
+
     def endpoint(self, host: str, port: int) -> Endpoint:
         """Where the launched server answers."""
         ...

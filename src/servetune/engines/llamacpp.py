@@ -279,6 +279,57 @@ _RESERVED: Mapping[str, str] = MappingProxyType(
 )
 """Flags servetune sets itself, and where the user sets them instead."""
 
+LLAMA_SERVER_FLAGS_SOURCE = (
+    "tools/server/README.md of ggml-org/llama.cpp at commit 00dc8057ab28 (2026), tables "
+    "'Common params' and 'Server-specific params' up to --chat-template-file (generated from "
+    "common/arg.cpp by llama-gen-docs)"
+)
+"""Where ``LLAMA_SERVER_FLAGS`` comes from."""
+
+LLAMA_SERVER_FLAGS: frozenset[str] = frozenset(
+    """
+    help usage version cache-list completion-bash threads threads-batch cpu-mask cpu-range
+    cpu-strict prio poll cpu-mask-batch cpu-range-batch cpu-strict-batch prio-batch poll-batch
+    ctx-size predict n-predict batch-size ubatch-size keep swa-full flash-attn perf no-perf
+    escape no-escape rope-scaling rope-scale rope-freq-base rope-freq-scale yarn-orig-ctx
+    yarn-ext-factor yarn-attn-factor yarn-beta-slow yarn-beta-fast kv-offload no-kv-offload
+    repack no-repack no-host cache-type-k cache-type-v defrag-thold rpc load-mode lazy-mode numa
+    device list-devices override-tensor cpu-moe n-cpu-moe moe-cache-mib n-cpu-ffn gpu-layers
+    n-gpu-layers split-mode tensor-split main-gpu fit fit-target fit-ctx check-tensors
+    override-kv op-offload no-op-offload lora lora-scaled control-vector control-vector-scaled
+    control-vector-layer-range model model-url docker-repo hf-repo hf-file hf-token log-disable
+    log-file log-jsonl no-log-jsonl log-colors verbose log-verbose offline verbosity
+    log-verbosity log-prefix no-log-prefix log-timestamps no-log-timestamps spec-draft-type-k
+    cache-type-k-draft spec-draft-type-v cache-type-v-draft
+    lookup-cache-static lookup-cache-dynamic kv-unified-per-slot ctx-checkpoints
+    swa-checkpoints checkpoint-min-step cache-ram kv-unified no-kv-unified cache-idle-slots
+    no-cache-idle-slots context-shift no-context-shift reverse-prompt special warmup no-warmup
+    spm-infill pooling parallel cont-batching no-cont-batching mmproj mmproj-url mmproj-auto
+    no-mmproj no-mmproj-auto mmproj-offload no-mmproj-offload mmproj-device image-min-tokens
+    image-max-tokens mtmd-batch-max-tokens video-fps video-timestamp-interval video-ffmpeg-dir
+    alias tags embd-normalize host port reuse-port path cors-origins cors-methods cors-headers
+    cors-credentials no-cors-credentials api-prefix ui-config webui-config ui-config-file
+    webui-config-file ui-mcp-proxy webui-mcp-proxy no-ui-mcp-proxy no-webui-mcp-proxy tools
+    tools-runtime mcp-servers-config mcp-servers-json agent no-agent ui webui no-ui no-webui
+    embedding embeddings rerank reranking api-key api-key-file ssl-key-file ssl-cert-file
+    chat-template-kwargs timeout sse-ping-interval threads-http cache-prompt no-cache-prompt
+    cache-reuse metrics props slots no-slots slot-save-path media-path models-dir models-preset
+    models-max models-autoload no-models-autoload jinja no-jinja reasoning-format reasoning
+    reasoning-effort reasoning-budget reasoning-budget-message reasoning-preserve
+    no-reasoning-preserve chat-template chat-template-file
+    """.split()  # noqa: SIM905 - one readable block, as in the source table
+)
+"""Long flag names (without dashes) of upstream llama-server's current argument list (an excerpt:
+see ``LLAMA_SERVER_FLAGS_SOURCE``; sampling flags left out). Every flag ``user_command`` can
+print is in it (a unit test checks); ``--mlock`` and ``--no-mmap`` are not: current llama-server
+replaced them by ``--load-mode``."""
+
+STAND_IN = f"python -m {SERVER_MODULE}"
+"""The test stand-in: llama-server's flags served by the xllamacpp wheel."""
+
+STAND_IN_NOTE = f"(to try it on this machine without llama.cpp, `{STAND_IN}` takes the same flags)"
+"""The one line that names the stand-in, only as a way to try the command locally."""
+
 
 class LlamaCppEngine:
     """llama.cpp's HTTP server as an Engine (see engines/base.py for the protocol).
@@ -372,6 +423,32 @@ class LlamaCppEngine:
             argv += render_flag(name, value)
         for name in sorted(params):
             argv += render_flag(name, params[name])
+        return LaunchCommand(argv=argv, env={}, host=host, port=port)
+
+    def user_command(
+        self, params: Params, *, host: str = "127.0.0.1", port: int = 8080
+    ) -> LaunchCommand:
+        """``llama-server --model M --host H --port P --alias NAME …`` for the user's own llama.cpp
+        build: the same flags as ``launch_command`` (fixed flags, then params) in current
+        llama-server's spelling (mlock/mmap become ``--load-mode``, see ``user_flags``).
+
+        The program is engine.binary when it names the user's own build, else ``llama-server``
+        (never the xllamacpp stand-in; see ``STAND_IN_NOTE``). Pure: nothing is resolved on PATH.
+        """
+        binary = self.spec.binary
+        program = binary if binary and binary != XLLAMACPP else "llama-server"
+        argv = [
+            program,
+            "--model",
+            str(Path(self.spec.model).expanduser()),
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--alias",
+            self.spec.served_model_name,
+        ]
+        argv += user_flags({**self.spec.flags, **params}, order=[*self.spec.flags, *sorted(params)])
         return LaunchCommand(argv=argv, env={}, host=host, port=port)
 
     def endpoint(self, host: str, port: int) -> Endpoint:
@@ -763,6 +840,36 @@ def render_flag(name: str, value: ParamValue) -> list[str]:
     if isinstance(value, float):
         return [f"--{name}", repr(value)]
     return [f"--{name}", str(value)]
+
+
+def _load_mode(mlock: ParamValue | None, mmap: ParamValue | None) -> str:
+    """--load-mode for the older --mlock / --no-mmap pair (llama-server's --load-mode help:
+    mmap, mlock, mmap+mlock, none)."""
+    mapped = mmap is not False
+    if mlock is True:
+        return "mmap+mlock" if mapped else "mlock"
+    return "mmap" if mapped else "none"
+
+
+def user_flags(flags: Mapping[str, ParamValue], order: list[str] | None = None) -> list[str]:
+    """``flags`` as argv for current llama-server, in ``order`` (default: as given).
+
+    Like ``render_flag``, except that ``mlock`` and ``mmap`` (gone from current llama-server)
+    become one ``--load-mode`` (an explicit load-mode wins); nothing is printed for them when
+    they keep llama-server's defaults."""
+    names = list(dict.fromkeys(order if order is not None else flags))
+    argv: list[str] = []
+    legacy = {n: flags[n] for n in ("mlock", "mmap") if n in flags}
+    for name in names:
+        if name in ("mlock", "mmap"):
+            if name != next(n for n in names if n in legacy) or "load-mode" in flags:
+                continue
+            mode = _load_mode(legacy.get("mlock"), legacy.get("mmap"))
+            if mode != "mmap":  # mmap is what llama-server's auto mode does on a CPU
+                argv += ["--load-mode", mode]
+            continue
+        argv += render_flag(name, flags[name])
+    return argv
 
 
 def read_context_length(path: Path) -> int | None:
