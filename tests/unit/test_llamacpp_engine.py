@@ -22,6 +22,7 @@ from servetune.engines.llamacpp import (
     LlamaCppEngine,
     SlotLayout,
     error_lines,
+    gguf_size_problem,
     render_flag,
     slot_layout,
 )
@@ -524,6 +525,88 @@ def test_check_spec_is_check_space_plus_check_engine(tiny_model: ModelFiles) -> 
     assert {p.loc for p in eng.check_spec(spec)} == {
         "space.params.paralel", "space.params.warmup", "engine.model", "engine.tokenizer",
     }  # fmt: skip
+
+
+def study_for(
+    files: ModelFiles, workload: dict[str, Any], params: dict[str, Any] | None = None, **kw: Any
+) -> StudySpec:
+    space = params or {"threads": {"kind": "choice", "values": [1, 2]}}
+    doc = study(files, space).model_dump(mode="json", exclude_none=True)
+    doc["engine"].update(kw)
+    doc["workload"] = {"concurrency": [1], "num_requests": 4, **workload}
+    return StudySpec.model_validate(doc)
+
+
+def test_check_spec_refuses_a_fixed_ctx_size_smaller_than_one_request(
+    tiny_model: ModelFiles,
+) -> None:
+    """Issue 6 item 6: a fixed ctx-size smaller than one request passed validate."""
+    spec = study_for(
+        tiny_model, {"input_tokens": 1000, "output_tokens": 100}, flags={"ctx-size": 512}
+    )
+    found = problems(spec)
+    assert set(found) == {"engine.flags.ctx-size"}, found
+    msg = found["engine.flags.ctx-size"]
+    assert "the baseline" in msg and "does not fit a slot" in msg and "1100" in msg
+    assert "raise ctx-size to ≥ 1280" in msg
+    assert problems(study_for(tiny_model, {"input_tokens": 400, "output_tokens": 100},
+                              flags={"ctx-size": 512})) == {}  # fmt: skip
+
+
+def test_check_spec_refuses_requests_longer_than_the_models_context(
+    tiny_model: ModelFiles,
+) -> None:
+    """Issue 6 item 6: input_tokens beyond the model's context length (4096, read from the GGUF)."""
+    found = problems(study_for(tiny_model, {"input_tokens": 5000, "output_tokens": 10}))
+    assert set(found) == {"workload.input_tokens"}, found
+    assert "5010 tokens per request" in found["workload.input_tokens"]
+    assert "the model's context length 4096" in found["workload.input_tokens"]
+    # at the bound it is fine: 4000 + 96 = 4096 on one slot of the unified 4096 buffer
+    assert problems(study_for(tiny_model, {"input_tokens": 4000, "output_tokens": 96})) == {}
+
+
+def test_check_spec_refuses_a_baseline_that_cannot_hold_the_tokens_in_flight(
+    tiny_model: ModelFiles,
+) -> None:
+    found = problems(study_for(tiny_model, {"input_tokens": 1000, "output_tokens": 100,
+                                            "concurrency": [1, 8]}))  # fmt: skip
+    assert set(found) == {"workload.concurrency"}, found
+    assert "serves concurrency ≤ 3" in found["workload.concurrency"]
+
+
+def test_check_spec_refuses_a_ctx_size_space_too_small_for_one_request(
+    tiny_model: ModelFiles,
+) -> None:
+    found = problems(
+        study_for(
+            tiny_model,
+            {"input_tokens": 1000, "output_tokens": 100},
+            {"ctx-size": {"kind": "choice", "values": [256, 512]}},
+        )
+    )
+    assert set(found) == {"space.params.ctx-size"}, found
+    assert "allow ctx-size ≥ 1280" in found["space.params.ctx-size"]
+    ok = {"ctx-size": {"kind": "choice", "values": [512, 2048]}}
+    assert problems(study_for(tiny_model, {"input_tokens": 1000, "output_tokens": 100}, ok)) == {}
+
+
+@pytest.mark.parametrize("cut", [1, 100_000, "half", 5000, 300, 30])
+def test_check_spec_refuses_a_truncated_gguf(
+    tiny_model: ModelFiles, tmp_path: Path, cut: int | str
+) -> None:
+    """Issue 6 item 6: a GGUF cut short (a copy or download interrupted) passed validate."""
+    data = tiny_model.gguf_path.read_bytes()
+    keep = len(data) // 2 if cut == "half" else (len(data) - cut if cut in (1, 100_000) else cut)
+    assert isinstance(keep, int)
+    short = tmp_path / "short.gguf"
+    short.write_bytes(data[:keep])
+    found = problems(study_for(tiny_model, {}, model=str(short)))
+    assert set(found) == {"engine.model"}, found
+    assert "is truncated" in found["engine.model"] and f"{keep:,}" in found["engine.model"]
+    assert "copy or download it again" in found["engine.model"]
+    if keep > 6000:  # past the header: how much is missing
+        assert f"({len(data) - keep:,} missing)" in found["engine.model"]
+    assert gguf_size_problem(tiny_model.gguf_path) is None
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,11 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import logging
+import mmap
 import os
 import re
 import shutil
+import struct
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -621,9 +623,69 @@ class LlamaCppEngine:
     # ---- spec checks -----------------------------------------------------------------------
 
     def check_spec(self, spec: StudySpec) -> list[Problem]:
-        """Problems only llama.cpp can see: ``check_space(spec.space) + check_engine()`` (no check
-        needs the whole spec yet)."""
-        return self.check_space(spec.space) + self.check_engine()
+        """Problems only llama.cpp can see: ``check_space(spec.space) + check_engine()``, plus
+        what needs the workload too (``check_workload``)."""
+        problems = self.check_space(spec.space) + self.check_engine()
+        if not any(p.loc == "engine.model" for p in problems):
+            problems += self.check_workload(spec)
+        return problems
+
+    def check_workload(self, spec: StudySpec) -> list[Problem]:
+        """What the workload asks that this model and these flags can never serve, known before
+        any launch (the model's n_ctx_train is read from the GGUF):
+
+        - ``workload.input_tokens``: one request (input + output tokens) longer than the model's
+          context length (llama-server caps every slot at it; no flag helps);
+        - ``engine.flags.<flag>`` or ``workload.concurrency``: the baseline (llama-server's
+          defaults with engine.flags) cannot serve the workload (``preflight`` of no params), e.g.
+          a fixed ctx-size smaller than one request;
+        - ``space.params.ctx-size``: no ctx-size value of the space holds one request, even on
+          one slot.
+        """
+        w = spec.workload
+        per_request = w.input_tokens + w.output_tokens
+        n_ctx_train = self.model_context_length()
+        if n_ctx_train is not None and per_request > n_ctx_train:
+            return [
+                Problem(
+                    "workload.input_tokens",
+                    f"input_tokens {w.input_tokens} + output_tokens {w.output_tokens} = "
+                    f"{per_request} tokens per request is more than the model's context length "
+                    f"{n_ctx_train} (read from {self.spec.model}); llama-server caps every slot "
+                    "at it, so no flag can serve it: lower workload.input_tokens or "
+                    "workload.output_tokens, or use a model with a longer context",
+                )
+            ]
+        problems: list[Problem] = []
+        baseline = self._context_reasons({}, w)
+        if baseline:
+            fixed = [n for n in ("ctx-size", "parallel", "kv-unified") if n in self.spec.flags]
+            loc = f"engine.flags.{fixed[0]}" if fixed else "workload.concurrency"
+            problems.append(
+                Problem(
+                    loc,
+                    "the baseline (llama-server's defaults with engine.flags) cannot serve this "
+                    f"workload: {baseline[0]}",
+                )
+            )
+        ctx = spec.space.params.get("ctx-size")
+        values = _ctx_values(ctx)
+        if values and "ctx-size" not in self.spec.flags:
+            best = max(
+                (n_ctx_train or 0) if v == 0 else min(_pad(v), n_ctx_train or _pad(v))
+                for v in values
+            )
+            if 0 < best < per_request:
+                problems.append(
+                    Problem(
+                        "space.params.ctx-size",
+                        f"no ctx-size in the space holds one request of {per_request} tokens "
+                        f"(input_tokens {w.input_tokens} + output_tokens {w.output_tokens}); the "
+                        f"largest gives a slot {best} tokens even with parallel 1: allow "
+                        f"ctx-size ≥ {_pad(per_request)} (or 0 for the model's length)",
+                    )
+                )
+        return problems
 
     def check_space(self, space: SearchSpace) -> list[Problem]:
         """Problems of the search space alone, at ``space.params.<name>``: unknown or reserved flag
@@ -677,6 +739,12 @@ class LlamaCppEngine:
             problems.append(Problem("engine.model", f"{engine.model} does not exist; {fix}"))
         elif not _is_gguf(model):
             problems.append(Problem("engine.model", f"{engine.model} is not a GGUF file; {fix}"))
+        else:
+            damaged = gguf_size_problem(model)
+            if damaged:
+                problems.append(
+                    Problem("engine.model", f"{engine.model} {damaged}; copy or download it again")
+                )
         if engine.tokenizer is not None:
             msg = _tokenizer_problem(Path(engine.tokenizer).expanduser())
             if msg:
@@ -884,6 +952,123 @@ def read_context_length(path: Path) -> int | None:
     except (OSError, KeyError, ValueError, TypeError) as e:
         logger.debug("cannot read the context length of %s: %s", path, e)
         return None
+
+
+def _ctx_values(param: Param | None) -> list[int]:
+    """The ctx-size values a search-space param can take that bound its largest (ints only;
+    an int range gives its high end)."""
+    if isinstance(param, ChoiceParam):
+        return [v for v in param.values if isinstance(v, int) and not isinstance(v, bool)]
+    if isinstance(param, IntParam):
+        return [param.high]
+    return []
+
+
+_GGUF_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q"}
+_GGUF_SCALAR |= {11: "<q", 12: "<d"}
+"""struct formats of GGUF's scalar value types (8 = string, 9 = array)."""
+
+
+class _Cursor:
+    """Little-endian reads over a GGUF file's bytes; raises IndexError past the end."""
+
+    def __init__(self, data: bytes | mmap.mmap) -> None:
+        self.data, self.pos = data, 0
+
+    def take(self, fmt: str) -> int | float:
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.data):
+            raise IndexError(self.pos)
+        (value,) = struct.unpack_from(fmt, self.data, self.pos)
+        self.pos += size
+        return value  # type: ignore[no-any-return]
+
+    def string(self) -> str:
+        n = int(self.take("<Q"))
+        if self.pos + n > len(self.data):
+            raise IndexError(self.pos)
+        raw = bytes(self.data[self.pos : self.pos + n])
+        self.pos += n
+        return raw.decode("utf-8", errors="replace")
+
+    def value(self, vtype: int) -> object:
+        if vtype == 8:
+            return self.string()
+        if vtype == 9:
+            etype, count = int(self.take("<I")), int(self.take("<Q"))
+            if etype in _GGUF_SCALAR and etype != 8:
+                size = struct.calcsize(_GGUF_SCALAR[etype]) * count
+                if self.pos + size > len(self.data):
+                    raise IndexError(self.pos)
+                self.pos += size
+                return None
+            for _ in range(count):
+                self.value(etype)
+            return None
+        if vtype not in _GGUF_SCALAR:
+            raise ValueError(f"unknown GGUF value type {vtype}")
+        return self.take(_GGUF_SCALAR[vtype])
+
+
+def gguf_size_problem(path: Path) -> str | None:
+    """Why the GGUF file at ``path`` cannot be loaded whole, as the end of a sentence starting
+    with its path (None when its header parses and its size covers every tensor's data).
+
+    Reads the header, metadata and tensor infos (GGUF v2/v3: ggml docs/gguf.md), computes where
+    the last tensor's data ends (data start aligned to ``general.alignment``, default 32; each
+    tensor's bytes from ``gguf.GGML_QUANT_SIZES``) and compares it with the file size: a copy or
+    download cut short is caught before llama-server fails on it."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return "is empty"
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError) as e:
+        return f"cannot be read: {e}"
+    cur = _Cursor(data)
+    try:
+        if bytes(data[:4]) != b"GGUF":
+            return "is not a GGUF file"
+        cur.pos = 4
+        version = int(cur.take("<I"))
+        if version < 2:
+            return None  # GGUF v1 (2023) uses 32-bit counts; llama.cpp no longer loads it anyway
+        n_tensors, n_kv = int(cur.take("<Q")), int(cur.take("<Q"))
+        alignment = 32
+        for _ in range(n_kv):
+            key = cur.string()
+            value = cur.value(int(cur.take("<I")))
+            if key == "general.alignment" and isinstance(value, int):
+                alignment = value or 32
+        end = 0
+        for _ in range(n_tensors):
+            cur.string()
+            dims = [int(cur.take("<Q")) for _ in range(int(cur.take("<I")))]
+            ggml_type, offset = int(cur.take("<I")), int(cur.take("<Q"))
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+            elements = 1
+            for d in dims:
+                elements *= d
+            end = max(end, offset + elements // block * type_size)
+        start = -(-cur.pos // alignment) * alignment
+    except IndexError:
+        return (
+            f"is truncated: it ends at byte {size:,}, inside its header (metadata and tensor list)"
+        )
+    except (ValueError, KeyError) as e:
+        return f"is damaged: its header cannot be read ({e})"
+    finally:
+        data.close()
+    need = start + end
+    if size < need:
+        return (
+            f"is truncated: its tensor data ends at byte {need:,} but the file has {size:,} "
+            f"bytes ({need - size:,} missing)"
+        )
+    return None
 
 
 def _tokenizer_problem(path: Path) -> str | None:
