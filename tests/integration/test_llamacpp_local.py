@@ -19,8 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from servetune.core.spec import Workload
-from servetune.core.study import FailureKind, Params
+from servetune.bench.builtin import BuiltinClient
+from servetune.core.spec import StudySpec, Workload
+from servetune.core.study import FailureKind, Params, TrialState
+from servetune.deploy.base import RunningEngine
 from servetune.deploy.local import (
     LocalDeployment,
     LocalRunningEngine,
@@ -33,13 +35,14 @@ from servetune.engines.llamacpp import LlamaCppEngine
 from servetune.engines.readiness import wait_ready
 from servetune.errors import EngineStartFailed
 from servetune.modelgen import ModelFiles
-from servetune.runner import RETRYABLE
+from servetune.runner import RETRYABLE, TrialContext, run_trial
 from tests.integration.llamacpp_helpers import (
     running_engine,
     server_process,
     stream_completion,
     tiny_engine,
 )
+from tests.integration.study_helpers import small_spec
 
 pytestmark = pytest.mark.integration
 
@@ -516,3 +519,36 @@ def test_an_mlock_warning_does_not_turn_a_real_crash_into_host_oom(
     kind, reason = engine.classify_failure(log, rc, {"mlock": True})
     assert kind is FailureKind.ENGINE_CRASHED, reason
     assert "killed by SIGSEGV" in reason
+
+
+def test_a_sigkilled_engine_is_retried_once_and_the_trial_completes(
+    tiny_model: ModelFiles, tmp_path: Path
+) -> None:
+    """Issue 6 item 3 end to end: run_trial's first engine is SIGKILLed right after launch (no OOM
+    anywhere); the trial is engine_crashed, retried on a fresh server, and completes."""
+    doc = small_spec(tiny_model, name="killed")
+    doc["engine"]["flags"] = {"threads": 2, "fit": "off"}
+    spec = StudySpec.model_validate(doc)
+    engine = LlamaCppEngine(spec.engine)
+    starts: list[int] = []
+
+    def kill_the_first(running: RunningEngine) -> None:
+        starts.append(running.pgid or 0)
+        if len(starts) == 1:
+            os.killpg(running.pgid or 0, signal.SIGKILL)
+
+    ctx = TrialContext(
+        spec=spec,
+        engine=engine,
+        deployment=LocalDeployment(stop_timeout_s=5.0),
+        client=BuiltinClient.for_spec(spec),
+        log_dir=tmp_path,
+        on_started=kill_the_first,
+    )
+    result = asyncio.run(run_trial(ctx, {"parallel": 2}, 0))
+    assert len(starts) == 2
+    assert result.state is TrialState.COMPLETE, result.failure_reason
+    assert result.notes[0].startswith("retried once after engine_crashed: killed by SIGKILL"), (
+        result.notes
+    )
+    assert "no evidence of running out of memory" in result.notes[0]

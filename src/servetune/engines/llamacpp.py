@@ -112,8 +112,10 @@ CATALOGUE: Mapping[str, FlagInfo] = MappingProxyType(
                 "ctx-size",
                 "int",
                 0,
-                "Context size in tokens for all slots together (0 = the model's context length); "
-                "without kv-unified each slot gets ctx-size / parallel.",
+                "KV cells for all slots together, padded up to a multiple of 256 (0 = the model's "
+                "context length); without kv-unified each slot gets its own "
+                "pad256(ctx-size / parallel), with it every slot shares all of them "
+                "(see slot_layout).",
             ),
             _flag(
                 "flash-attn",
@@ -830,8 +832,10 @@ def slot_layout(
     - ctx-size 0 = the model's n_ctx_train for a unified buffer. Without one it depends on
       ``--fit`` (``fit``; on by default): with fit on, each slot gets n_ctx_train; with fit off,
       n_ctx_train is split across the slots (measured with xllamacpp 2026.10.11549 on a
-      4096-token model: ``--parallel 3`` logs n_ctx_slot = 4096, with ``--fit off`` 1536). Fit
-      may lower an unset ctx-size further when device memory is short; that is not modelled.
+      4096-token model: ``--parallel 3`` logs n_ctx_slot = 4096, with ``--fit off`` 1536; the
+      wheel's llama.cpp logs "context size unset and KV cache not unified -> using %u for %u
+      sequences" when it does so). Fit may lower an unset ctx-size further when device memory is
+      short; that is not modelled.
     - n_ctx is padded up to a multiple of 256. Unified: every slot may use all n_ctx cells, the
       slots together at most n_ctx (beyond it the server answers "Context size has been
       exceeded." to every active request). Not unified: each slot gets
