@@ -459,9 +459,10 @@ def _print_outcome(outcome: Any, settings: Settings) -> None:
         console.print(f"[bold {style}]verdict[/]: {outcome.recommendation}", highlight=False)
     if outcome.front:
         console.print("Pareto front: trials " + ", ".join(str(t.number) for t in outcome.front))
-    cmd = get_engine(spec.engine).launch_command(chosen.params, host="127.0.0.1", port=8080)
-    console.print("[bold]launch command[/]:")
+    cmd = get_engine(spec.engine).user_command(chosen.params)
+    console.print("[bold]launch command[/] (your llama.cpp build):")
     console.print(cmd.display(), soft_wrap=True, highlight=False)
+    console.print(_stand_in_note(spec), soft_wrap=True, highlight=False)
     console.print(f"report: {report_path}")
 
 
@@ -488,6 +489,22 @@ def _best(record: Any, trials: list[Trial]) -> Trial | None:
         if chosen is not None and t.number == chosen:
             return t
     return best_trial([t for t in trials if t.role is not TrialRole.CONFIRM], record.spec.objective)
+
+
+def _user_argv(record: Any, best: Trial | None) -> list[str] | None:
+    """The argv a user runs for ``best`` on their own engine build (None without a best trial)."""
+    from servetune.engines import get_engine
+
+    return get_engine(record.spec.engine).user_command(best.params).argv if best else None
+
+
+def _stand_in_note(spec: Any) -> str:
+    """For llama.cpp: how to try the command here with the wheel's stand-in (else empty)."""
+    if spec.engine.kind != "llamacpp":
+        return ""
+    from servetune.engines.llamacpp import STAND_IN_NOTE
+
+    return STAND_IN_NOTE
 
 
 def _status(record: Any, db: str | None) -> str:
@@ -524,6 +541,7 @@ def show(
             },
             "trials": [t.summary() for t in trials],
             "best_trial": best.summary() if best else None,
+            "launch_argv": _user_argv(record, best),
         }
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return
@@ -563,6 +581,12 @@ def show(
     console.print(table)
     if record.verdict and record.verdict.get("summary"):
         console.print(record.verdict["summary"])
+    if best is not None:
+        from servetune.engines import get_engine
+
+        cmd = get_engine(record.spec.engine).user_command(best.params)
+        console.print(f"[bold]launch command[/] (trial {best.number}):", highlight=False)
+        console.print(cmd.display(), soft_wrap=True, highlight=False)
 
 
 @app.command(name="list")
@@ -605,7 +629,7 @@ def export(
             f"study {record.name} has no completed trial to export; see `servetune show {record.name}`"
         )
     engine = get_engine(record.spec.engine)
-    cmd = engine.launch_command(best.params, host="127.0.0.1", port=8080)
+    cmd = engine.user_command(best.params)
     data = {
         "study": record.name,
         "trial": best.number,
@@ -628,6 +652,7 @@ def export(
         err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     if fmt == "command":
         sys.stdout.write(cmd.display() + "\n")
+        err_console.print(_stand_in_note(record.spec), highlight=False, soft_wrap=True)
     elif fmt == "json":
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
     else:  # the JSON document as YAML: the same keys and values, whatever their Python types

@@ -223,6 +223,7 @@ class StudyLoop:
             else None
         )
 
+        twins = 0
         while True:
             trials = self._trials()
             searched = [
@@ -237,6 +238,18 @@ class StudyLoop:
             if suggestion is None:
                 self._say("the search space is exhausted")
                 break
+            twin = self._measured_twin(suggestion.params, searched)
+            if twin is not None:  # the engine runs these params exactly as an earlier trial
+                self._say(
+                    f"{suggestion.params} runs the same engine configuration as trial "
+                    f"{twin.number}: its result is reused, not measured again"
+                )
+                self._tell(twin, token=suggestion.token)
+                twins += 1
+                if twins >= spec.budget.max_trials:
+                    self._say("the strategy keeps proposing measured configurations; stopping")
+                    break
+                continue
             number = self.store.next_trial_number(self.study.id)
             region = infeasible_for(trials, self.ctx.engine, spec.space, suggestion.params)
             if region is not None:  # the flag failed both ways here: record, do not launch
@@ -283,6 +296,20 @@ class StudyLoop:
             verdict=verdict,
             recommended=recommended,
             recommendation=note,
+        )
+
+    def _measured_twin(self, params: Params, measured: list[Trial]) -> Trial | None:
+        """The first of ``measured`` that the engine runs identically to ``params`` (same
+        ``Engine.effective_params``), else None."""
+        workload = self.spec.workload
+        effective = self.ctx.engine.effective_params(params, workload)
+        return next(
+            (
+                t
+                for t in measured
+                if self.ctx.engine.effective_params(t.params, workload) == effective
+            ),
+            None,
         )
 
     async def _confirm(self) -> Verdict | None:

@@ -191,7 +191,9 @@ async def _run_once(ctx: TrialContext, params: Params, number: int, attempt: int
         if base_url:
             endpoint = Endpoint(base_url=base_url, model=endpoint.model)
         try:
-            await wait_ready(endpoint, running, ctx.engine, spec.deployment.startup_timeout_s)
+            await wait_ready(
+                endpoint, running, ctx.engine, spec.deployment.startup_timeout_s, params=params
+            )
         except EngineStartFailed as e:
             log.info("%s trial %d failed to start: %s", ctx.label, number, e)
             return _fail(
@@ -222,7 +224,7 @@ async def _run_once(ctx: TrialContext, params: Params, number: int, attempt: int
         common["outside_cpu_fraction"] = outside_cpu_fraction(load0, load1)
         code = running.returncode()
         if code is not None:
-            kind, reason = ctx.engine.classify_failure(running.log_text(), code)
+            kind, reason = ctx.engine.classify_failure(running.log_text(), code, params)
             if kind is FailureKind.UNKNOWN:
                 kind = FailureKind.ENGINE_CRASHED
             return _fail(

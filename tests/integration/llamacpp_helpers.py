@@ -59,7 +59,7 @@ async def running_engine(
     running = await deployment.start(command, log_path)
     try:
         endpoint = engine.endpoint(host, port)
-        ready_s = await wait_ready(endpoint, running, engine, timeout_s)
+        ready_s = await wait_ready(endpoint, running, engine, timeout_s, params=params)
         yield Started(running, endpoint, ready_s)
     finally:
         await running.stop()

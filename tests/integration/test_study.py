@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from servetune.modelgen import ModelFiles
 from tests.integration.study_helpers import cli_env, servetune, small_spec, write_spec
 
 pytestmark = pytest.mark.integration
@@ -68,7 +70,8 @@ def test_real_study_persists_trials_with_consistent_metrics(tiny_model, tmp_path
 
 def test_failing_candidate_is_recorded_and_study_continues(tiny_model, tmp_path: Path) -> None:
     doc = small_spec(tiny_model, trials=4, name="fails")
-    # parallel=64 cannot hold 64 × (32 + 12) tokens in a 2048-token context: rejected before launch.
+    # parallel=64 splits a 2048-token context into 64 slots of 256 (llama.cpp pads each share up
+    # to 256), too small for one 300 + 12 token request: rejected before launch.
     # ctx-size=30M with an f32 KV cache (~234 GiB) cannot be allocated: the engine fails to start.
     doc["space"] = {
         "params": {
@@ -77,10 +80,11 @@ def test_failing_candidate_is_recorded_and_study_continues(tiny_model, tmp_path:
         }
     }
     doc["engine"]["flags"] = {"cache-type-k": "f32", "cache-type-v": "f32"}
+    doc["workload"]["input_tokens"] = 300
     doc["strategy"] = {"kind": "grid"}
     doc["budget"] = {"max_trials": 5, "confirm_repeats": 0}
     spec = write_spec(tmp_path / "spec.yaml", doc)
-    before = _engine_pids()
+    before = _engine_pids(tiny_model)
     run = servetune(tmp_path, "run", str(spec))
     assert run.returncode == 0, run.stdout + run.stderr
     shown = _show(tmp_path, "fails")["trials"]
@@ -98,7 +102,7 @@ def test_failing_candidate_is_recorded_and_study_continues(tiny_model, tmp_path:
     assert huge["state"] == "FAIL"
     assert huge["failure_kind"] == "kv_cache_too_small", huge
     assert huge["failure_reason"]
-    assert not (_engine_pids() - before), "an engine outlived its trial"
+    assert not (_engine_pids(tiny_model) - before), "an engine outlived its trial"
 
 
 def test_invalid_spec_exits_2_with_one_message_per_problem(tmp_path: Path) -> None:
@@ -131,9 +135,15 @@ def test_invalid_spec_exits_2_with_one_message_per_problem(tmp_path: Path) -> No
             assert conn.execute("select count(*) from studies").fetchone()[0] == 0
 
 
-def _engine_pids() -> set[int]:
-    out = subprocess.run(
-        ["pgrep", "-f", "servetune.engines.xllamacpp_server"],
+def _engine_pids(model: ModelFiles) -> set[int]:
+    """Engines on this session's tiny model (engines of other test sessions on this shared
+    machine run other model files and are not counted)."""
+    out = subprocess.run(  # noqa: S603 - pgrep with our own pattern, no shell
+        [
+            "pgrep",
+            "-f",
+            f"servetune.engines.xllamacpp_server --model {re.escape(str(model.gguf_path))}",
+        ],
         capture_output=True,
         text=True,
         check=False,
@@ -145,7 +155,7 @@ def test_sigkill_then_resume_finishes_every_trial_once(tiny_model, tmp_path: Pat
     doc = small_spec(tiny_model, trials=6, name="killed")
     doc["workload"] = {**doc["workload"], "num_requests": 16}
     spec = write_spec(tmp_path / "spec.yaml", doc)
-    before = _engine_pids()
+    before = _engine_pids(tiny_model)
     proc = subprocess.Popen(  # noqa: S603 - argv list of our own CLI
         [sys.executable, "-m", "servetune", "run", str(spec)],
         env=cli_env(tmp_path),
@@ -191,9 +201,9 @@ def test_sigkill_then_resume_finishes_every_trial_once(tiny_model, tmp_path: Pat
         }
     # the engine of the killed study does not outlive it
     deadline = time.monotonic() + 10
-    while _engine_pids() - before and time.monotonic() < deadline:
+    while _engine_pids(tiny_model) - before and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not (_engine_pids() - before), "an engine outlived the SIGKILLed study"
+    assert not (_engine_pids(tiny_model) - before), "an engine outlived the SIGKILLed study"
     assert _show(tmp_path, "killed")["study"]["status"].startswith("interrupted")
 
     out = servetune(tmp_path, "resume", "killed")
@@ -216,7 +226,7 @@ def test_sigkill_then_resume_finishes_every_trial_once(tiny_model, tmp_path: Pat
         after = {n: s for n, s in conn.execute("select number, finished_at from trials")}
     for number, finished_at in finished_before.items():
         assert after[number] == finished_at, f"trial {number} was re-run"
-    assert not (_engine_pids() - before)
+    assert not (_engine_pids(tiny_model) - before)
 
 
 def test_study_on_postgresql_then_resume_is_a_no_op(
@@ -244,7 +254,7 @@ def test_sigint_during_the_baseline_then_resume_reruns_the_baseline(
     doc = small_spec(tiny_model, trials=3, name="ctrl-c")
     doc["workload"] = {**doc["workload"], "num_requests": 120}  # trial 0 outlasts the signal
     spec = write_spec(tmp_path / "spec.yaml", doc)
-    before = _engine_pids()
+    before = _engine_pids(tiny_model)
     proc = subprocess.Popen(  # noqa: S603 - argv list of our own CLI
         [sys.executable, "-m", "servetune", "run", str(spec)],
         env=cli_env(tmp_path),
@@ -257,7 +267,7 @@ def test_sigint_during_the_baseline_then_resume_reruns_the_baseline(
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             # wait until trial 0's engine is up (a new engine process exists)
-            if db.exists() and _engine_pids() - before:
+            if db.exists() and _engine_pids(tiny_model) - before:
                 break
             time.sleep(0.05)
         time.sleep(0.1)
@@ -273,7 +283,7 @@ def test_sigint_during_the_baseline_then_resume_reruns_the_baseline(
         (0, "FAIL", "cancelled")
     ]
     assert first["study"]["status"] == "cancelled"
-    assert not (_engine_pids() - before)
+    assert not (_engine_pids(tiny_model) - before)
 
     out = servetune(tmp_path, "resume", "ctrl-c")
     assert out.returncode == 0, out.stdout + out.stderr

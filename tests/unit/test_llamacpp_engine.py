@@ -12,8 +12,20 @@ import pytest
 from servetune.core.space import SearchSpace
 from servetune.core.spec import LlamaCppEngineSpec, StudySpec, Workload
 from servetune.core.study import FailureKind, Params
+from servetune.deploy.local import OOM_EVIDENCE_PREFIX
 from servetune.engines import get_engine
-from servetune.engines.llamacpp import CATALOGUE, SERVER_MODULE, LlamaCppEngine, render_flag
+from servetune.engines.llamacpp import (
+    CATALOGUE,
+    LLAMA_SERVER_FLAGS,
+    LLAMA_SERVER_FLAGS_SOURCE,
+    SERVER_MODULE,
+    LlamaCppEngine,
+    SlotLayout,
+    error_lines,
+    gguf_size_problem,
+    render_flag,
+    slot_layout,
+)
 from servetune.engines.xllamacpp_server import build_parser, to_common_params, validate
 from servetune.errors import EngineNotFound
 from servetune.modelgen import ModelFiles
@@ -205,25 +217,186 @@ def test_catalogue_defaults_match_llama_cpp_common_params() -> None:
             assert info.default in info.choices
 
 
+# ---- the command a user runs -----------------------------------------------------------------
+
+
+def test_the_user_command_is_llama_server_with_the_same_flags_as_the_trial() -> None:
+    eng = engine(binary="xllamacpp", flags={"threads": 8}, served_model_name="tiny")
+    params: Params = {"parallel": 2, "ctx-size": 4096, "flash-attn": True}
+    user = eng.user_command(params)
+    trial = eng.launch_command(params, host="127.0.0.1", port=8080)
+    assert user.argv[0] == "llama-server"
+    assert user.argv[1:] == trial.argv[len(WHEEL) :]
+    assert user.display().startswith("llama-server --model /models/m.gguf --host 127.0.0.1 ")
+    # the user's own build when engine.binary names one
+    own = engine(binary="/opt/llama.cpp/build/bin/llama-server").user_command({})
+    assert own.argv[0] == "/opt/llama.cpp/build/bin/llama-server"
+
+
+@pytest.mark.parametrize(
+    ("flags", "load_mode"),
+    [
+        ({"mlock": True}, ["--load-mode", "mmap+mlock"]),
+        ({"mlock": True, "mmap": False}, ["--load-mode", "mlock"]),
+        ({"mmap": False}, ["--load-mode", "none"]),
+        ({"mlock": False, "mmap": True}, []),  # llama-server's default
+        ({"mlock": True, "load-mode": "dio"}, ["--load-mode", "dio"]),  # explicit wins
+    ],
+)
+def test_older_mlock_and_mmap_are_printed_as_current_load_mode(
+    flags: Params, load_mode: list[str]
+) -> None:
+    argv = engine(flags=flags).user_command({}).argv
+    assert "--mlock" not in argv and "--no-mmap" not in argv
+    tail = argv[argv.index("--alias") + 2 :]
+    assert tail == load_mode
+
+
+def _values(name: str) -> list[Any]:
+    info = CATALOGUE[name]
+    if info.type == "bool":
+        return [True, False]
+    if info.choices:
+        return list(info.choices)
+    if info.type == "int":
+        return [1, -1, 4096]
+    return [info.default]
+
+
+def test_every_flag_the_catalogue_can_print_is_in_upstream_llama_servers_list() -> None:
+    assert "llama.cpp" in LLAMA_SERVER_FLAGS_SOURCE and "00dc8057" in LLAMA_SERVER_FLAGS_SOURCE
+    printed: set[str] = set()
+    for name in CATALOGUE:
+        for value in _values(name):
+            argv = engine(flags={name: value}).user_command({name: value}).argv
+            printed |= {a[2:] for a in argv if a.startswith("--")}
+    missing = printed - LLAMA_SERVER_FLAGS
+    assert not missing, f"servetune would print flags llama-server does not have: {missing}"
+    assert {"model", "host", "port", "alias", "load-mode", "no-kv-offload"} <= printed
+
+
 # ---- preflight --------------------------------------------------------------------------------
 
 
-def test_preflight_rejects_a_context_too_small_for_the_slots() -> None:
-    reasons = engine().preflight({"parallel": 8, "ctx-size": 1024}, workload(100, 50))
-    assert len(reasons) == 1
-    assert "ctx-size 1024" in reasons[0] and "parallel 8" in reasons[0] and "1200" in reasons[0]
-    assert engine().preflight({"parallel": 8, "ctx-size": 1200}, workload(100, 50)) == []
+def workload_at(input_tokens: int, output_tokens: int, *concurrency: int) -> Workload:
+    return Workload(
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        concurrency=list(concurrency),
+        num_requests=4,
+    )
 
 
-def test_preflight_reads_the_models_context_length_when_ctx_size_is_zero(
+@pytest.mark.parametrize(
+    ("ctx", "parallel", "unified", "layout"),
+    [
+        # (ctx-size, parallel, kv-unified) → (slots, unified, n_ctx, n_ctx_slot); each as logged by
+        # the real server in tests/integration/test_llamacpp_local.py (model n_ctx_train 4096)
+        (0, -1, None, (4, True, 4096, 4096)),  # the defaults: auto = 4 slots, one shared buffer
+        (0, -1, False, (4, True, 4096, 4096)),  # auto forces unified on
+        (0, 3, None, (3, False, 12288, 4096)),  # ctx 0, fit on, not unified: n_ctx_train per slot
+        (0, 2, True, (2, True, 4096, 4096)),
+        (1000, 3, None, (3, False, 1536, 512)),  # pad(1000) = 1024; 1024 / 3 → pad → 512
+        (100, 1, None, (1, False, 256, 256)),  # padded up to 256
+        (1000, 2, True, (2, True, 1024, 1024)),
+        (1024, -1, None, (4, True, 1024, 1024)),
+        (8192, 1, None, (1, False, 8192, 4096)),  # a slot is capped at n_ctx_train
+        (2048, 64, None, (64, False, 16384, 256)),  # 32 per slot rounds up to 256
+    ],
+)
+def test_slot_layout_follows_llama_cpp(
+    ctx: int, parallel: int, unified: bool | None, layout: tuple[int, bool, int, int]
+) -> None:
+    got = slot_layout(ctx, parallel, unified, 4096)
+    assert got is not None
+    assert (got.slots, got.kv_unified, got.n_ctx, got.n_ctx_slot) == layout
+
+
+def test_with_fit_off_an_unset_context_is_split_across_slots() -> None:
+    assert slot_layout(0, 3, None, 4096, fit=False) == SlotLayout(3, False, 4608, 1536)
+    assert slot_layout(0, -1, None, 4096, fit=False) == SlotLayout(4, True, 4096, 4096)
+    assert slot_layout(1000, 3, None, 4096, fit=False) == slot_layout(1000, 3, None, 4096)
+
+
+def test_slot_layout_is_unknown_without_the_models_length_or_for_values_never_run() -> None:
+    assert slot_layout(0, -1, None, None) is None
+    assert slot_layout(1024, 0, None, 4096) is None
+    assert slot_layout(-5, 1, None, 4096) is None
+    assert slot_layout(1024, 2, None, None) == SlotLayout(2, False, 1024, 512)
+
+
+def test_the_baseline_serves_1000_plus_100_tokens_at_concurrency_1_to_3(
+    tiny_model: ModelFiles,
+) -> None:
+    """Issue 5 item 5: the defaults (4 slots over one unified 4096-token buffer) were rejected
+    for 1000 + 100 tokens at concurrency 1 although llama-server serves concurrency 1–3."""
+    eng = engine(str(tiny_model.gguf_path))
+    assert eng.model_context_length() == 4096
+    for level in (1, 2, 3):
+        assert eng.preflight({}, workload_at(1000, 100, level)) == [], level
+    (reason,) = eng.preflight({}, workload_at(1000, 100, 1, 4))
+    assert "concurrency 4" in reason and "4 requests × 1100" in reason and "4400" in reason
+    assert "serves concurrency ≤ 3" in reason and "ctx-size to ≥ 4608" in reason
+    assert "ctx-size 0 (the model's 4096)" in reason and "unified" in reason
+    # more levels than slots: at most 4 are in flight, so 1000 + 100 at concurrency 64 with
+    # ctx-size 4400 → pad → 4608 fits
+    assert eng.preflight({"ctx-size": 4400}, workload_at(1000, 100, 64)) == []
+
+
+def test_without_a_unified_cache_concurrency_only_queues_but_one_request_must_fit_a_slot(
     tiny_model: ModelFiles,
 ) -> None:
     eng = engine(str(tiny_model.gguf_path))
-    assert eng.model_context_length() == 4096
-    # parallel auto = 4 slots: 4 × (1000 + 100) = 4400 > 4096
-    reasons = eng.preflight({}, workload(1000, 100))
-    assert len(reasons) == 1 and "the model's 4096" in reasons[0] and "4400" in reasons[0]
-    assert eng.preflight({"parallel": 2}, workload(1000, 100)) == []
+    # 2 slots of pad(512 / 2) = 256 tokens each: 200 + 40 fits at any concurrency
+    assert eng.preflight({"parallel": 2, "ctx-size": 512}, workload_at(200, 40, 1, 16)) == []
+    (reason,) = eng.preflight({"parallel": 2, "ctx-size": 512}, workload_at(250, 40, 1))
+    assert "does not fit a slot" in reason and "n_ctx_slot 256" in reason
+    assert "ctx-size to ≥ 1024 or lower parallel" in reason
+    # ctx-size 0 without a unified cache gives each slot the model's full length
+    assert eng.preflight({"parallel": 3}, workload_at(3000, 1000, 3)) == []
+    assert eng.preflight({"parallel": 8, "ctx-size": 1024}, workload_at(100, 50, 8)) == []
+
+
+def test_a_request_longer_than_the_model_asks_for_a_shorter_workload(
+    tiny_model: ModelFiles,
+) -> None:
+    eng = engine(str(tiny_model.gguf_path))
+    (reason,) = eng.preflight({"ctx-size": 16384}, workload_at(4000, 200, 1))
+    assert "longer than the model's context length 4096" in reason
+    assert "workload.input_tokens" in reason and "raise ctx-size" not in reason
+
+
+def test_params_the_engine_runs_identically_have_one_effective_form(
+    tiny_model: ModelFiles,
+) -> None:
+    eng = engine(str(tiny_model.gguf_path))
+    w = workload_at(100, 20, 1)
+    same = [
+        {},
+        {"parallel": -1},
+        {"parallel": 4, "kv-unified": True},
+        {"parallel": 4, "kv-unified": True, "ctx-size": 4096},
+        {"ctx-size": 4000},  # pads to 4096
+        {"parallel": -1, "kv-unified": False},  # auto forces unified
+    ]
+    forms = [eng.effective_params(p, w) for p in same]
+    assert all(f == forms[0] for f in forms), forms
+    assert forms[0]["parallel"] == 4 and forms[0]["kv-unified"] is True
+    assert forms[0]["ctx-size"] == 4096
+    # rounded to the same split: 1000 and 1536 over 3 slots are both 3 × 512
+    assert eng.effective_params({"parallel": 3, "ctx-size": 1000}, w) == eng.effective_params(
+        {"parallel": 3, "ctx-size": 1536}, w
+    )
+    # a ubatch above the batch is clamped to it; flash-attn true is "on"
+    assert eng.effective_params({"batch-size": 256, "ubatch-size": 512}, w) == eng.effective_params(
+        {"batch-size": 256, "ubatch-size": 256}, w
+    )
+    assert eng.effective_params({"flash-attn": True}, w) == eng.effective_params(
+        {"flash-attn": "on"}, w
+    )
+    # different configurations stay different
+    assert eng.effective_params({"parallel": 4}, w) != forms[0]  # 4 slots without unified KV
+    assert eng.effective_params({"ctx-size": 4097}, w) != forms[0]  # pads to 4352
 
 
 def test_preflight_uses_fixed_flags_and_checks_batches_threads_and_cache_types() -> None:
@@ -354,6 +527,88 @@ def test_check_spec_is_check_space_plus_check_engine(tiny_model: ModelFiles) -> 
     }  # fmt: skip
 
 
+def study_for(
+    files: ModelFiles, workload: dict[str, Any], params: dict[str, Any] | None = None, **kw: Any
+) -> StudySpec:
+    space = params or {"threads": {"kind": "choice", "values": [1, 2]}}
+    doc = study(files, space).model_dump(mode="json", exclude_none=True)
+    doc["engine"].update(kw)
+    doc["workload"] = {"concurrency": [1], "num_requests": 4, **workload}
+    return StudySpec.model_validate(doc)
+
+
+def test_check_spec_refuses_a_fixed_ctx_size_smaller_than_one_request(
+    tiny_model: ModelFiles,
+) -> None:
+    """Issue 6 item 6: a fixed ctx-size smaller than one request passed validate."""
+    spec = study_for(
+        tiny_model, {"input_tokens": 1000, "output_tokens": 100}, flags={"ctx-size": 512}
+    )
+    found = problems(spec)
+    assert set(found) == {"engine.flags.ctx-size"}, found
+    msg = found["engine.flags.ctx-size"]
+    assert "the baseline" in msg and "does not fit a slot" in msg and "1100" in msg
+    assert "raise ctx-size to ≥ 1280" in msg
+    assert problems(study_for(tiny_model, {"input_tokens": 400, "output_tokens": 100},
+                              flags={"ctx-size": 512})) == {}  # fmt: skip
+
+
+def test_check_spec_refuses_requests_longer_than_the_models_context(
+    tiny_model: ModelFiles,
+) -> None:
+    """Issue 6 item 6: input_tokens beyond the model's context length (4096, read from the GGUF)."""
+    found = problems(study_for(tiny_model, {"input_tokens": 5000, "output_tokens": 10}))
+    assert set(found) == {"workload.input_tokens"}, found
+    assert "5010 tokens per request" in found["workload.input_tokens"]
+    assert "the model's context length 4096" in found["workload.input_tokens"]
+    # at the bound it is fine: 4000 + 96 = 4096 on one slot of the unified 4096 buffer
+    assert problems(study_for(tiny_model, {"input_tokens": 4000, "output_tokens": 96})) == {}
+
+
+def test_check_spec_refuses_a_baseline_that_cannot_hold_the_tokens_in_flight(
+    tiny_model: ModelFiles,
+) -> None:
+    found = problems(study_for(tiny_model, {"input_tokens": 1000, "output_tokens": 100,
+                                            "concurrency": [1, 8]}))  # fmt: skip
+    assert set(found) == {"workload.concurrency"}, found
+    assert "serves concurrency ≤ 3" in found["workload.concurrency"]
+
+
+def test_check_spec_refuses_a_ctx_size_space_too_small_for_one_request(
+    tiny_model: ModelFiles,
+) -> None:
+    found = problems(
+        study_for(
+            tiny_model,
+            {"input_tokens": 1000, "output_tokens": 100},
+            {"ctx-size": {"kind": "choice", "values": [256, 512]}},
+        )
+    )
+    assert set(found) == {"space.params.ctx-size"}, found
+    assert "allow ctx-size ≥ 1280" in found["space.params.ctx-size"]
+    ok = {"ctx-size": {"kind": "choice", "values": [512, 2048]}}
+    assert problems(study_for(tiny_model, {"input_tokens": 1000, "output_tokens": 100}, ok)) == {}
+
+
+@pytest.mark.parametrize("cut", [1, 100_000, "half", 5000, 300, 30])
+def test_check_spec_refuses_a_truncated_gguf(
+    tiny_model: ModelFiles, tmp_path: Path, cut: int | str
+) -> None:
+    """Issue 6 item 6: a GGUF cut short (a copy or download interrupted) passed validate."""
+    data = tiny_model.gguf_path.read_bytes()
+    keep = len(data) // 2 if cut == "half" else (len(data) - cut if cut in (1, 100_000) else cut)
+    assert isinstance(keep, int)
+    short = tmp_path / "short.gguf"
+    short.write_bytes(data[:keep])
+    found = problems(study_for(tiny_model, {}, model=str(short)))
+    assert set(found) == {"engine.model"}, found
+    assert "is truncated" in found["engine.model"] and f"{keep:,}" in found["engine.model"]
+    assert "copy or download it again" in found["engine.model"]
+    if keep > 6000:  # past the header: how much is missing
+        assert f"({len(data) - keep:,} missing)" in found["engine.model"]
+    assert gguf_size_problem(tiny_model.gguf_path) is None
+
+
 @pytest.mark.parametrize(
     "param",
     [{"kind": "choice", "values": [1, 2]}, {"kind": "int", "low": 0, "high": 1},
@@ -456,7 +711,9 @@ def test_a_tokenizer_path_that_does_not_load_is_a_problem(
         ("quantized_v_without_fa.log", 1, FailureKind.INVALID_ARGS, "requires flash_attn"),
         ("bad_cache_type.log", 2, FailureKind.INVALID_ARGS, "invalid choice: 'q9_9'"),
         ("unknown_flag.log", 2, FailureKind.INVALID_ARGS, "unrecognized arguments: --paralel"),
-        ("normal_startup.log", -9, FailureKind.HOST_OOM, "SIGKILL"),
+        # a bare SIGKILL is no evidence of OOM (issue 6 item 3): crashed, retried once
+        ("normal_startup.log", -9, FailureKind.ENGINE_CRASHED, "killed by SIGKILL"),
+        ("normal_startup.log", 137, FailureKind.ENGINE_CRASHED, "killed by SIGKILL"),
         ("normal_startup.log", 1, FailureKind.ENGINE_CRASHED, "exited with status 1"),
         ("normal_startup.log", None, FailureKind.UNKNOWN, ""),
     ],
@@ -472,7 +729,9 @@ def test_classify_captured_start_up_logs(
 
 
 def test_a_kv_cache_failure_says_what_to_change_and_quotes_the_log() -> None:
-    kind, reason = engine().classify_failure((LOGS / "huge_ctx.log").read_text(), 1)
+    params: Params = {"ctx-size": 30_000_000, "parallel": 1}
+    eng = engine(flags={"cache-type-k": "f32", "cache-type-v": "f32"})
+    kind, reason = eng.classify_failure((LOGS / "huge_ctx.log").read_text(), 1, params)
     assert kind is FailureKind.KV_CACHE_TOO_SMALL
     assert reason.startswith("the KV cache these flags ask for could not be allocated (")
     assert (
@@ -480,7 +739,110 @@ def test_a_kv_cache_failure_says_what_to_change_and_quotes_the_log() -> None:
         "kv cache" in reason
     )
     assert "attempted to allocate 234376.00 MB" in reason  # how much it asked for
-    assert "lower ctx-size or parallel, or use a quantized cache-type-k/v" in reason
+    assert reason.endswith(
+        ": lower ctx-size, or use a quantized cache-type-k/cache-type-v (e.g. q8_0)"
+    ), reason
+
+
+@pytest.mark.parametrize(
+    ("params", "never"),
+    [
+        # one slot already: never "lower parallel"
+        ({"ctx-size": 30_000_000, "parallel": 1}, ["parallel"]),
+        # both caches quantized already: never "use a quantized cache"
+        (
+            {"ctx-size": 30_000_000, "cache-type-k": "q8_0", "cache-type-v": "q4_0"},
+            ["quantized", "q8_0"],
+        ),
+        # K quantized: only V is suggested
+        ({"ctx-size": 30_000_000, "cache-type-k": "q8_0"}, ["cache-type-k"]),
+        # flash attention off: a quantized V cache needs it, so the advice says so
+        ({"ctx-size": 30_000_000, "flash-attn": "off"}, []),
+    ],
+)
+def test_kv_cache_advice_never_recommends_what_the_failing_trial_already_did(
+    params: Params, never: list[str]
+) -> None:
+    kind, reason = engine().classify_failure((LOGS / "huge_ctx.log").read_text(), 1, params)
+    assert kind is FailureKind.KV_CACHE_TOO_SMALL
+    advice = reason.rsplit("): ", 1)[1]
+    assert advice.startswith("lower ctx-size")
+    for word in never:
+        assert word not in advice, advice
+    if params.get("flash-attn") == "off":
+        assert "needs flash-attn" in advice
+
+
+WORDINGS = LOGS / "wordings"
+
+
+def _fixture(name: str) -> str:
+    """A log fixture without its ``#`` header (the header names the llama.cpp release/source)."""
+    text = (WORDINGS / name).read_text()
+    assert text.startswith("# source: "), f"{name} must name its source"
+    return "\n".join(x for x in text.splitlines() if not x.startswith("#"))
+
+
+@pytest.mark.parametrize(
+    ("name", "rc", "kind", "evidence"),
+    [
+        # issue 5 item 6: the mlock warning is not evidence; the crash is what happened
+        ("mlock_warning_then_sigsegv_wheel.log", -11, FailureKind.ENGINE_CRASHED,
+         "killed by SIGSEGV (exit status -11)"),
+        ("mlock_warning_then_sigsegv_2023.log", 139, FailureKind.ENGINE_CRASHED,
+         "killed by SIGSEGV (exit status 139)"),
+        ("pinned_memory_warning_then_sigabrt_2024.log", -6, FailureKind.ENGINE_CRASHED,
+         "killed by SIGABRT (exit status -6): ggml.c:12345: GGML_ASSERT("),
+        ("port_in_use_b3923.log", 1, FailureKind.PORT_IN_USE,
+         "main: couldn't bind HTTP server socket, hostname: 127.0.0.1, port: 8080"),
+        ("port_in_use_2023.log", 1, FailureKind.PORT_IN_USE,
+         "couldn't bind to server socket: hostname=127.0.0.1 port=8080"),
+        ("kv_cache_2024.log", 1, FailureKind.KV_CACHE_TOO_SMALL,
+         "llama_kv_cache_init: failed to allocate buffer for kv cache"),
+        ("model_load_server_2024.log", 1, FailureKind.MODEL_LOAD_FAILED,
+         "llama_model_load: error loading model: failed to open model.gguf"),
+        ("prompt_cache_errors_then_sigkill_wheel.log", -9, FailureKind.ENGINE_CRASHED,
+         "no evidence of running out of memory"),
+    ],
+)  # fmt: skip
+def test_each_releases_wording_means_the_same_failure(
+    name: str, rc: int, kind: FailureKind, evidence: str
+) -> None:
+    got, reason = engine().classify_failure(_fixture(name), rc)
+    assert got is kind, reason
+    assert evidence in reason, reason
+
+
+def test_the_same_crash_is_classified_alike_with_or_without_a_warning() -> None:
+    """Issue 5 item 6's example: the mlock warning turned a SIGSEGV into host_oom (not retried)."""
+    with_warning = _fixture("mlock_warning_then_sigsegv_wheel.log")
+    without = "\n".join(x for x in with_warning.splitlines() if "mlock" not in x)
+    assert "failed to mlock" in with_warning and "mlock" not in without
+    for rc in (-11, 139, -9):
+        assert engine().classify_failure(with_warning, rc)[0] is FailureKind.ENGINE_CRASHED
+        assert engine().classify_failure(without, rc)[0] is FailureKind.ENGINE_CRASHED
+    # the same lines logged as errors would be evidence (the level decides, not the words)
+    as_error = with_warning.replace(" W warning: failed to mlock", " E failed to mlock x")
+    assert error_lines(as_error) == []  # mlock failures are never fatal, whatever the level
+    assert error_lines("0.00.1.1 E ggml_aligned_malloc: insufficient memory") == [
+        "ggml_aligned_malloc: insufficient memory"
+    ]
+    assert error_lines("0.00.1.1 W ggml_aligned_malloc: insufficient memory") == []
+
+
+def test_sigkill_is_host_oom_only_with_the_kernels_record() -> None:
+    log = (LOGS / "normal_startup.log").read_text()
+    record = (
+        f"{OOM_EVIDENCE_PREFIX} the kernel log says: Memory cgroup out of memory: Killed process "
+        "12744 (python) total-vm:1880196kB, anon-rss:306048kB"
+    )
+    kind, reason = engine().classify_failure(log + "\n" + record + "\n", -9)
+    assert kind is FailureKind.HOST_OOM
+    assert "Killed process 12744" in reason
+    assert engine().classify_failure(log, -9)[0] is FailureKind.ENGINE_CRASHED
+    # the engine's own allocation error is evidence too
+    alloc = log + "\nterminate called after throwing an instance of 'std::bad_alloc'\n"
+    assert engine().classify_failure(alloc, -6)[0] is FailureKind.HOST_OOM
 
 
 @pytest.mark.parametrize(

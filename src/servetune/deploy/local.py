@@ -9,14 +9,16 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from servetune.engines.base import LaunchCommand
@@ -64,17 +66,40 @@ class LocalRunningEngine:
     signals the whole group.
     """
 
-    def __init__(self, proc: subprocess.Popen[bytes], log_path: Path, stop_timeout_s: float):
+    def __init__(
+        self,
+        proc: subprocess.Popen[bytes],
+        log_path: Path,
+        stop_timeout_s: float,
+        oom_before: Mapping[str, int] | None = None,
+    ):
         self._proc = proc
         self.pid: int | None = proc.pid
         self.pgid: int = proc.pid
         self.log_path = log_path
         self.stop_timeout_s = stop_timeout_s
         self._stopped = False
+        self._oom_before = dict(oom_before or {})
+        self._oom_checked = False
 
     def returncode(self) -> int | None:
-        """Exit status once the process exited (negative = killed by that signal), else None."""
-        return self._proc.poll()
+        """Exit status once the process exited (negative = killed by that signal), else None.
+
+        The first time it sees the engine killed by SIGKILL (not by ``stop``), it looks for the
+        kernel's evidence of an OOM kill (``oom_evidence``) and, when there is some, appends it
+        to the engine's log as ``servetune: out-of-memory evidence: …``, where the classifier
+        reads it.
+        """
+        rc = self._proc.poll()
+        if rc is not None and not self._oom_checked:
+            self._oom_checked = True
+            if rc in (-signal.SIGKILL, 128 + signal.SIGKILL) and not self._stopped:
+                evidence = oom_evidence(self._proc.pid, self._oom_before)
+                if evidence:
+                    logger.warning("engine pid %d: %s", self._proc.pid, evidence)
+                    with contextlib.suppress(OSError), self.log_path.open("a") as log:
+                        log.write(f"{OOM_EVIDENCE_PREFIX} {evidence}\n")
+        return rc
 
     def log_text(self, max_bytes: int = 200_000) -> str:
         """The last ``max_bytes`` of the log (stdout and stderr), decoded as UTF-8 (replacing)."""
@@ -94,6 +119,8 @@ class LocalRunningEngine:
         """
         if self._stopped:
             return self._proc.poll()
+        if self._proc.poll() is None:
+            self._oom_checked = True  # a SIGKILL from here on is ours, not the kernel's
         if self._proc.poll() is None or group_alive(self.pgid):
             _signal_group(self.pgid, signal.SIGTERM)
             if not await _wait_gone(self._proc, self.pgid, self.stop_timeout_s):
@@ -143,12 +170,126 @@ class LocalDeployment:
         program cannot be executed or the log cannot be opened.
         """
         log_path = Path(log_path)
+        before = oom_kill_counts()
         try:
             proc = _spawn(command, log_path)
         except OSError as e:
             raise DeploymentError(f"cannot start {command.argv[0]!r}: {e}") from e
         logger.info("started engine pid %d: %s (log %s)", proc.pid, command.display(), log_path)
-        return LocalRunningEngine(proc, log_path, self.stop_timeout_s)
+        return LocalRunningEngine(proc, log_path, self.stop_timeout_s, before)
+
+
+OOM_EVIDENCE_PREFIX = "servetune: out-of-memory evidence:"
+"""Start of the line ``LocalRunningEngine`` appends to an engine's log when the kernel recorded
+an OOM kill of it (engines/llamacpp.py reads it as HOST_OOM evidence)."""
+
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def oom_kill_counts(
+    pid: int | str = "self", *, proc: Path = Path("/proc"), cgroup_root: Path = _CGROUP_ROOT
+) -> dict[str, int]:
+    """The kernel's OOM-kill counters that cover process ``pid``: {source: count}.
+
+    Sources: ``/proc/vmstat`` ``oom_kill`` (the host, Linux ≥ 4.13); for the process's memory
+    cgroup and each ancestor, cgroup v2 ``memory.events`` ``oom_kill`` (under
+    ``/sys/fs/cgroup`` or, on hybrid hosts, ``/sys/fs/cgroup/unified``) and cgroup v1
+    ``memory.oom_control`` ``oom_kill`` (``/sys/fs/cgroup/memory``). Unreadable sources are
+    left out (empty dict where there is none). Sources: Documentation/admin-guide/cgroup-v2.rst
+    (memory.events), cgroup-v1/memory.rst (memory.oom_control).
+    """
+    counts: dict[str, int] = {}
+    vmstat = _counter(proc / "vmstat", "oom_kill")
+    if vmstat is not None:
+        counts[str(proc / "vmstat")] = vmstat
+    try:
+        lines = (proc / str(pid) / "cgroup").read_text().splitlines()
+    except OSError:
+        return counts
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hierarchy, controllers, path = parts
+        if hierarchy == "0" and controllers == "":
+            bases = [(cgroup_root, "memory.events"), (cgroup_root / "unified", "memory.events")]
+        elif "memory" in controllers.split(","):
+            bases = [(cgroup_root / "memory", "memory.oom_control")]
+        else:
+            continue
+        rel = Path(path.lstrip("/"))
+        for base, name in bases:
+            for directory in [rel, *rel.parents]:
+                file = base / directory / name
+                n = _counter(file, "oom_kill")
+                if n is not None:
+                    counts[str(file)] = n
+    return counts
+
+
+def _counter(file: Path, key: str) -> int | None:
+    """The integer after ``key`` in a ``key value`` per line file, or None."""
+    try:
+        text = file.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == key and value.strip().isdigit():
+            return int(value)
+    return None
+
+
+def kernel_oom_record(
+    pid: int, kmsg: Path = Path("/dev/kmsg"), max_records: int = 200_000
+) -> str | None:
+    """The kernel log's line saying the OOM killer killed ``pid`` (``Out of memory: Killed
+    process PID (…)``, ``Memory cgroup out of memory: Killed process PID …`` or
+    ``oom-kill:…,pid=PID,…``), read from ``/dev/kmsg`` when readable (root or
+    kernel.dmesg_restrict=0); None when there is none or the log cannot be read.
+
+    Source: mm/oom_kill.c (``__oom_kill_process``, ``dump_oom_summary``)."""
+    pattern = re.compile(rf"Killed process {pid}\b|oom-kill:.*[,:]pid={pid},")
+    found: str | None = None
+    try:
+        fd = os.open(kmsg, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        for _ in range(max_records):
+            try:
+                record = os.read(fd, 8192)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno == errno.EPIPE:  # records overwritten while reading: go on
+                    continue
+                break
+            if not record:
+                break
+            text = record.decode("utf-8", errors="replace")
+            message = text.split(";", 1)[-1].strip()
+            if pattern.search(message):
+                found = message if "Killed process" in message or found is None else found
+    finally:
+        os.close(fd)
+    return found
+
+
+def oom_evidence(pid: int, before: Mapping[str, int]) -> str | None:
+    """Why we may say the kernel's OOM killer ended ``pid``, or None without evidence: its kernel
+    log record for that pid, else an OOM-kill counter (``oom_kill_counts``, taken ``before`` the
+    start) that grew while it ran."""
+    record = kernel_oom_record(pid)
+    if record:
+        return f"the kernel log says: {record}"
+    after = oom_kill_counts()
+    grown = [(k, before[k], v) for k, v in after.items() if k in before and v > before[k]]
+    if grown:
+        grown.sort(key=lambda g: g[0].endswith("vmstat"))  # the engine's cgroup before the host
+        source, a, b = grown[0]
+        return f"the kernel's OOM killer ran while the engine ran ({source} oom_kill {a} → {b})"
+    return None
 
 
 def _spawn(command: LaunchCommand, log_path: Path) -> subprocess.Popen[bytes]:

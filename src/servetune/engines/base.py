@@ -86,6 +86,12 @@ class Engine(Protocol):
         """Reasons ``params`` cannot serve ``workload`` (empty = fine to launch)."""
         ...
 
+    def effective_params(self, params: Params, workload: Workload) -> Params:
+        """The canonical form of ``params``: every flag the engine will run with, equivalent
+        spellings made equal (e.g. llama.cpp's parallel -1 and 4 with a unified KV cache), so
+        two params the engine runs identically compare equal and are measured once."""
+        ...
+
     def check_space(self, space: SearchSpace) -> list[Problem]:
         """Problems of the search space only this engine can see: unknown flag names (with
         suggestions), wrong kinds/values; usable when the rest of the spec is invalid."""
@@ -102,8 +108,20 @@ class Engine(Protocol):
         """Problems of the engine section alone (model file, binary, fixed flags)."""
         ...
 
-    def classify_failure(self, log_text: str, returncode: int | None) -> tuple[FailureKind, str]:
-        """Why the engine failed, from its log and exit code: (kind, one readable line of evidence)."""
+    def classify_failure(
+        self, log_text: str, returncode: int | None, params: Params | None = None
+    ) -> tuple[FailureKind, str]:
+        """Why the engine failed, from its log and exit code: (kind, one readable line of
+        evidence). Only error lines and the exit status are evidence, never warnings; advice in
+        the reason never recommends what ``params`` (the failing trial's) already set."""
+        ...
+
+    def user_command(
+        self, params: Params, *, host: str = "127.0.0.1", port: int = 8080
+    ) -> LaunchCommand:
+        """The command a user runs to serve the model with ``params`` (plus the spec's fixed
+        flags) on their own install of the engine (e.g. ``llama-server …``), never a test
+        stand-in; every flag in it exists in the engine's own current argument list."""
         ...
 
     def endpoint(self, host: str, port: int) -> Endpoint:

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import httpx
 
-from servetune.core.study import FailureKind
+from servetune.core.study import FailureKind, Params
 from servetune.deploy.base import RunningEngine
 from servetune.engines.base import Endpoint, Engine
 from servetune.errors import EngineStartFailed
@@ -23,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.1
 """Pause between health polls."""
+
+Classifier = Callable[[str, int | None], tuple[FailureKind, str]]
+"""``Engine.classify_failure`` with the trial's params bound."""
 
 PROBE_PROMPT = "Hello"
 """Prompt of the one-token readiness generation."""
@@ -35,6 +39,7 @@ async def wait_ready(
     timeout_s: float,
     *,
     poll_interval_s: float = POLL_INTERVAL_S,
+    params: Params | None = None,
 ) -> float:
     """Seconds from the call until the engine answered its health path (200) and one generation.
 
@@ -43,14 +48,16 @@ async def wait_ready(
     connection errors are retried). Raises EngineStartFailed: with ``engine.classify_failure(log,
     returncode)`` when the process exits first; STARTUP_TIMEOUT when ``timeout_s`` passes; the
     classified kind (UNKNOWN when nothing matches) when the generation gets a non-retryable error.
+    ``params``: the trial's params, for advice that never repeats them.
     """
+    classify = functools.partial(engine.classify_failure, params=params)
     t0 = time.monotonic()
     deadline = t0 + timeout_s
     last = "no answer yet"
     async with httpx.AsyncClient() as client:
         health_url = endpoint.base_url + engine.health_path
         while True:
-            _check_alive(running, engine)
+            _check_alive(running, classify)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise _timeout(timeout_s, last)
@@ -58,7 +65,7 @@ async def wait_ready(
                 r = await _unless_exited(
                     client.get(health_url, timeout=min(5.0, remaining)),
                     running,
-                    engine,
+                    classify,
                     poll_interval_s,
                 )
             except httpx.HTTPError as e:
@@ -78,13 +85,16 @@ async def wait_ready(
         }
         url = endpoint.base_url + "/v1/completions"
         while True:
-            _check_alive(running, engine)
+            _check_alive(running, classify)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise _timeout(timeout_s, last)
             try:
                 r = await _unless_exited(
-                    client.post(url, json=body, timeout=remaining), running, engine, poll_interval_s
+                    client.post(url, json=body, timeout=remaining),
+                    running,
+                    classify,
+                    poll_interval_s,
                 )
             except httpx.HTTPError as e:
                 last = f"POST /v1/completions: {type(e).__name__} {e}".strip()
@@ -93,7 +103,7 @@ async def wait_ready(
                     break
                 last = f"POST /v1/completions answered {r.status_code}: {r.text[:300]}"
                 if r.status_code != 503:
-                    kind, reason = engine.classify_failure(running.log_text(), running.returncode())
+                    kind, reason = classify(running.log_text(), running.returncode())
                     if kind is FailureKind.UNKNOWN:
                         reason = last
                     raise EngineStartFailed(kind, reason)
@@ -106,7 +116,7 @@ async def wait_ready(
 async def _unless_exited(
     request: Coroutine[Any, Any, httpx.Response],
     running: RunningEngine,
-    engine: Engine,
+    classify: Classifier,
     poll_interval_s: float,
 ) -> httpx.Response:
     """Await ``request``, but raise EngineStartFailed as soon as the process exits meanwhile
@@ -117,7 +127,7 @@ async def _unless_exited(
             done, _ = await asyncio.wait({task}, timeout=poll_interval_s)
             if done:
                 return task.result()
-            _check_alive(running, engine)
+            _check_alive(running, classify)
     finally:
         if not task.done():
             task.cancel()
@@ -125,10 +135,10 @@ async def _unless_exited(
                 await task
 
 
-def _check_alive(running: RunningEngine, engine: Engine) -> None:
+def _check_alive(running: RunningEngine, classify: Classifier) -> None:
     rc = running.returncode()
     if rc is not None:
-        kind, reason = engine.classify_failure(running.log_text(), rc)
+        kind, reason = classify(running.log_text(), rc)
         raise EngineStartFailed(kind, reason)
 
 

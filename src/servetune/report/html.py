@@ -17,6 +17,7 @@ from servetune.core.metrics import format_warning
 from servetune.core.scoring import best_trial, pareto_front
 from servetune.core.study import Trial, TrialRole, TrialState, format_params
 from servetune.engines import get_engine
+from servetune.engines.llamacpp import STAND_IN_NOTE
 from servetune.store.repo import StudyRecord
 
 log = logging.getLogger(__name__)
@@ -300,13 +301,14 @@ def render_report(record: StudyRecord, trials: Sequence[Trial]) -> str:
     )
     winner = "<p>No trial completed.</p>"
     if best is not None:
-        cmd = get_engine(spec.engine).launch_command(best.params, host="127.0.0.1", port=8080)
+        cmd = get_engine(spec.engine).user_command(best.params)
         why = verdict.get("recommendation")
         winner = (
             f"<p>Recommended: trial {best.number} ({'feasible' if best.feasible else 'misses the SLOs'}), "
             f"params <code>{html.escape(format_params(best.params))}</code></p>"
             + (f"<p>{html.escape(why)}</p>" if why else "")
             + f"<pre>{html.escape(cmd.display())}</pre>"
+            + (f"<p>{html.escape(STAND_IN_NOTE)}</p>" if spec.engine.kind == "llamacpp" else "")
         )
     if len(spec.objective.terms) > 1:
         winner += _front_table(record, trials, front_numbers)
