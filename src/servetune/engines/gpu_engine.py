@@ -14,7 +14,7 @@ from servetune.core.feasibility import Direction
 from servetune.core.space import SearchSpace
 from servetune.core.spec import Problem, SglangEngineSpec, StudySpec, VllmEngineSpec, Workload
 from servetune.core.study import FailureKind, Params, ParamValue
-from servetune.engines.base import Endpoint, FlagInfo
+from servetune.engines.base import Endpoint, FlagInfo, LaunchCommand
 from servetune.engines.flagcheck import FlagRules, check_flags, check_space
 from servetune.engines.hardware import (
     GpuFacts,
@@ -154,10 +154,29 @@ class GpuEngine:
         """``check_space(spec.space) + check_engine()``."""
         return self.check_space(spec.space) + self.check_engine()
 
-    def classify_failure(self, log_text: str, returncode: int | None) -> tuple[FailureKind, str]:
-        """(kind, reason) from ``classify`` (the Engine protocol's shape)."""
+    def launch_command(self, params: Params, *, host: str, port: int) -> LaunchCommand:
+        """The engine's own argv (each subclass builds it from its launch module)."""
+        raise NotImplementedError
+
+    def classify_failure(
+        self, log_text: str, returncode: int | None, params: Params | None = None
+    ) -> tuple[FailureKind, str]:
+        """(kind, reason) from ``classify`` (the Engine protocol's shape); the directions in the
+        reason come from the log, so ``params`` is not needed to keep them from repeating it."""
         c = self.classify(log_text, returncode)
         return c.kind, c.reason
+
+    def effective_params(self, params: Params, workload: Workload) -> Params:
+        """Every flag the engine runs with (catalogue defaults < engine.flags < params, aliases
+        resolved, unset flags left out), so two spellings of one configuration compare equal."""
+        return {k: v for k, v in self.effective_flags(params).items() if v is not None}
+
+    def user_command(
+        self, params: Params, *, host: str = "127.0.0.1", port: int = 8000
+    ) -> LaunchCommand:
+        """The launch command itself: ``vllm serve …`` / ``python -m sglang.launch_server …`` is
+        what users run (no stand-in is involved for GPU engines)."""
+        return self.launch_command(params, host=host, port=port)
 
     def failure_directions(self, kind: FailureKind, reason: str) -> tuple[Direction, ...]:
         """Which flags a stored failure says to move: the classifier re-read over its own
