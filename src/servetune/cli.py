@@ -207,6 +207,8 @@ def validate(spec: Annotated[Path, typer.Argument(help="Study spec (YAML or JSON
         f"[green]valid[/]: {parsed.engine.kind} study over {', '.join(parsed.space.params)}; "
         f"strategy {parsed.strategy.kind}, up to {parsed.budget.max_trials} trials"
     )
+    for note in parsed.notes():
+        console.print(f"[yellow]note[/]: {escape(str(note))}", highlight=False, soft_wrap=True)
 
 
 @app.command()

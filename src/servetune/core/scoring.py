@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from servetune.core.metrics import ServingMetrics, metric_names
+from servetune.core.slo import FiniteFloat
 from servetune.core.study import Trial, TrialRole, TrialState
 
 
@@ -25,7 +26,7 @@ class ObjectiveTerm(BaseModel):
 
     metric: str = Field(description="Metric name, e.g. output_tokens_per_s or ttft_ms.p99.")
     direction: Literal["maximize", "minimize"] = Field(description="maximize or minimize.")
-    level: float | None = Field(
+    level: FiniteFloat | None = Field(
         default=None,
         description="Load level (concurrency or rate) to read it at; null = the last level.",
     )
