@@ -25,6 +25,7 @@ from rich.progress import (
 from sqlalchemy.engine import make_url
 
 from servetune.bench.builtin import BuiltinClient
+from servetune.core.scoring import infeasible_reason
 from servetune.core.study import Params, Trial, TrialRole, TrialState, format_params
 from servetune.deploy.local import LocalDeployment
 from servetune.engines import get_engine
@@ -47,9 +48,8 @@ def _describe(t: Trial) -> str:
         m = r.metrics[-1]
         ttft = m.value("ttft_ms.p99")
         missed = r.slo_report.missed() if r.slo_report else []
-        ok = (
-            "[green]feasible[/]" if r.feasible else f"[yellow]misses {escape('; '.join(missed))}[/]"
-        )
+        why = f"misses {'; '.join(missed)}" if missed else (infeasible_reason(t) or "")
+        ok = "[green]feasible[/]" if r.feasible else f"[yellow]{escape(why)}[/]"
         return f"{head} {m.output_tokens_per_s:7.1f} tok/s  TTFT p99 {ttft or 0:7.0f} ms  {ok}  {params}"
     kind = r.failure_kind.value if r.failure_kind else t.state.value
     return f"{head} [red]{t.state.value}[/] {kind}: {r.failure_reason}  {params}"
@@ -89,7 +89,7 @@ async def _run_locked(
         log_dir=log_dir,
         label=study.name,
     )
-    total = spec.budget.max_trials + (2 * spec.budget.confirm_repeats)
+    total = spec.budget.planned_trials()
     done = len([t for t in store.trials(study.id) if t.state.is_finished()])
     with Progress(
         SpinnerColumn(),

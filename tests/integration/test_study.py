@@ -78,7 +78,7 @@ def test_failing_candidate_is_recorded_and_study_continues(tiny_model, tmp_path:
     }
     doc["engine"]["flags"] = {"cache-type-k": "f32", "cache-type-v": "f32"}
     doc["strategy"] = {"kind": "grid"}
-    doc["budget"] = {"max_trials": 5, "confirm_repeats": 0}
+    doc["budget"] = {"max_trials": 5, "confirm_repeats": 0, "baseline_repeats": 1}
     spec = write_spec(tmp_path / "spec.yaml", doc)
     before = _engine_pids()
     run = servetune(tmp_path, "run", str(spec))
@@ -282,3 +282,90 @@ def test_sigint_during_the_baseline_then_resume_reruns_the_baseline(
     assert [t["state"] for t in baselines] == ["FAIL", "COMPLETE"]  # the lost baseline was re-run
     measured = [t for t in trials if t["failure_kind"] != "cancelled"]
     assert len(measured) == 3 and all(t["state"] == "COMPLETE" for t in measured)
+
+
+def test_noise_aware_study_repeats_the_baseline_confirms_the_top_k_and_recommends_from_repeats(
+    tiny_model, tmp_path: Path
+) -> None:
+    doc = small_spec(tiny_model, trials=4, name="noise")
+    doc["strategy"] = {"kind": "grid"}
+    doc["budget"] = {
+        "max_trials": 4,
+        "baseline_repeats": 2,
+        "confirm_top_k": 2,
+        "confirm_repeats": 1,
+    }
+    spec = write_spec(tmp_path / "spec.yaml", doc)
+    run = servetune(tmp_path, "run", str(spec))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "run-to-run spread of the engine defaults over 2 runs" in run.stdout, run.stdout
+
+    shown = _show(tmp_path, "noise")
+    trials = shown["trials"]
+    roles = [(t["number"], t["role"]) for t in trials]
+    # the baseline, its early repeat before any search trial, 3 search trials (4 = baseline +
+    # 3: repeats use no budget), then one round: the baseline and the 2 best candidates again
+    assert roles[:5] == [
+        (0, "baseline"),
+        (1, "confirm"),
+        (2, "search"),
+        (3, "search"),
+        (4, "search"),
+    ]
+    assert len(trials) == 8 and all(t["state"] == "COMPLETE" for t in trials), trials
+    verdict = shown["study"]["verdict"]
+    candidates = verdict["candidates"]
+    assert len(candidates) == 2 and len({json.dumps(trials[c]["params"]) for c in candidates}) == 2
+    repeats: dict[int, int] = {}
+    confirm_numbers = [t["number"] for t in trials if t["role"] == "confirm"]
+    for number in confirm_numbers:
+        repeat_of = next(r for r in _repeat_of(tmp_path, "noise") if r[0] == number)[1]
+        repeats[repeat_of] = repeats.get(repeat_of, 0) + 1
+    assert repeats == {0: 2, candidates[0]: 1, candidates[1]: 1}
+    # the verdict compares the chosen candidate's fresh repeat with every run of the defaults
+    v = verdict["verdict"]
+    assert len(v["baseline_values"]) == 3 and v["repeats"] == 1 and v["statistic"] == "median"
+    assert verdict["noise_pct"] is not None and verdict["objective_measured"] is True
+    recommended = verdict["recommended_trial"]
+    if v["is_win"]:
+        assert recommended in candidates and "confirmed gain" in verdict["recommendation"]
+    else:
+        assert recommended == 0 and "keep the engine defaults" in verdict["recommendation"]
+    assert "misses" not in run.stdout and "verdict" in run.stdout
+
+
+def _repeat_of(tmp_path: Path, study: str) -> list[tuple[int, int | None]]:
+    """(number, repeat_of) of every trial of ``study``, read from the database itself."""
+    db = tmp_path / "studies.db"
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute(
+            "SELECT t.number, t.repeat_of FROM trials t JOIN studies s ON s.id = t.study_id "
+            "WHERE s.name = ? ORDER BY t.number",
+            (study,),
+        ).fetchall()
+    return [(int(n), r) for n, r in rows]
+
+
+def test_validate_refuses_unmeasurable_and_unbounded_specs_naming_field_and_bound(
+    tiny_model, tmp_path: Path
+) -> None:
+    doc = small_spec(tiny_model, name="bad")
+    doc["workload"] = {**doc["workload"], "output_tokens": 1}
+    doc["slos"] = [{"metric": "tpot_ms", "percentile": "p99", "max_ms": 50}]
+    out = servetune(tmp_path, "validate", str(write_spec(tmp_path / "a.yaml", doc)))
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "slos.0.metric" in out.stdout + out.stderr and "output_tokens" in out.stdout + out.stderr
+
+    doc = small_spec(tiny_model, name="huge")
+    doc["strategy"] = {"kind": "grid"}
+    doc["space"] = {
+        "params": {
+            "threads": {"kind": "int", "low": 1, "high": 100_000},
+            "batch-size": {"kind": "int", "low": 1, "high": 100_000},
+        }
+    }
+    t0 = time.monotonic()
+    out = servetune(tmp_path, "validate", str(write_spec(tmp_path / "b.yaml", doc)))
+    assert time.monotonic() - t0 < 30
+    text = " ".join((out.stdout + out.stderr).split())
+    assert out.returncode == 2 and "10,000,000,000 points" in text and "100,000" in text, text
