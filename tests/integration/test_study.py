@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -131,9 +132,23 @@ def test_invalid_spec_exits_2_with_one_message_per_problem(tmp_path: Path) -> No
             assert conn.execute("select count(*) from studies").fetchone()[0] == 0
 
 
+_OWN_MODEL: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _own_engines(tiny_model) -> None:
+    """Engines of this test session only: the machine is shared with other sessions' tests, whose
+    engines must not count as survivors of ours. Every study here runs this session's model."""
+    _OWN_MODEL[:] = [str(tiny_model.gguf_path)]
+
+
 def _engine_pids() -> set[int]:
-    out = subprocess.run(
-        ["pgrep", "-f", "servetune.engines.xllamacpp_server"],
+    """Pids of engine processes that serve this session's tiny model."""
+    pattern = "servetune.engines.xllamacpp_server.*" + re.escape(
+        _OWN_MODEL[0] if _OWN_MODEL else ""
+    )
+    out = subprocess.run(  # noqa: S603 - argv list; the pattern is this session's model path
+        ["pgrep", "-f", pattern],
         capture_output=True,
         text=True,
         check=False,
