@@ -34,6 +34,8 @@ MAX_CHOICES = 10_000
 """Most values a choice param may list."""
 MAX_CONSTRAINTS = 100
 """Most constraints a space may have."""
+MAX_PARAMS = 64
+"""Most params a space may tune (llama-server has about 200 flags; few matter for serving)."""
 
 _Bounded = Annotated[
     float, Field(allow_inf_nan=False, ge=-MAX_PARAM_MAGNITUDE, le=MAX_PARAM_MAGNITUDE)
@@ -294,7 +296,9 @@ class SearchSpace(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     params: dict[str, Param] = Field(
-        min_length=1, description="Flag name (engine CLI name, no dashes) → allowed values."
+        min_length=1,
+        max_length=MAX_PARAMS,
+        description="Flag name (engine CLI name, no dashes) → allowed values (at most 64).",
     )
     constraints: list[ConstraintText] = Field(
         default_factory=list,
