@@ -359,3 +359,28 @@ def test_infeasible_reason_names_slos_only_when_an_slo_was_missed() -> None:
     assert infeasible_reason(trial) == "fails more requests than workload.max_error_rate allows"
     assert infeasible_reason(_done(2, [1.0], miss=0.3)) == "misses the SLOs"
     assert infeasible_reason(_done(3, [1.0])) is None and infeasible_reason(_failed(4)) is None
+
+
+def test_a_candidate_that_fails_on_a_fresh_server_is_not_recommended() -> None:
+    trials = _study([(100, 0), (101, 0)], [(150, 0)])
+    crashed = TrialResult(
+        state=TrialState.FAIL, failure_kind=FailureKind.ENGINE_CRASHED, failure_reason="SIGSEGV"
+    )
+    trials.append(
+        Trial(
+            number=3,
+            role=TrialRole.CONFIRM,
+            repeat_of=1,
+            params={"x": 1},
+            state=TrialState.FAIL,
+            result=crashed,
+        )
+    )
+    rec = recommend_from_repeats(trials, THROUGHPUT, [trials[1]], trials[0])
+    assert rec.trial is trials[0] and "failed on a fresh server" in rec.note
+    assert "trial 3, a repeat of trial 1: engine_crashed" in rec.note
+    # an interrupted repeat is no evidence: without another repeat it is simply unconfirmed
+    interrupted = crashed.model_copy(update={"failure_kind": FailureKind.INTERRUPTED})
+    trials[-1] = trials[-1].model_copy(update={"result": interrupted})
+    rec = recommend_from_repeats(trials, THROUGHPUT, [trials[1]], trials[0])
+    assert rec.trial is trials[1] and "not confirmed on fresh servers" in rec.note

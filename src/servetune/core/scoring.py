@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from servetune.core.metrics import ServingMetrics, metric_names
 from servetune.core.slo import FiniteFloat
 from servetune.core.strategies.base import params_key
-from servetune.core.study import Trial, TrialRole, TrialState
+from servetune.core.study import FailureKind, Trial, TrialRole, TrialState
 
 
 class ObjectiveTerm(BaseModel):
@@ -198,7 +198,7 @@ class Verdict(BaseModel):
             return (
                 f"{self.metric}: defaults {what_of}{len(self.baseline_values)} run(s) "
                 f"{base:.4g} → best {best:.4g} ({self.gain_pct:+.1f} %) from search runs; not "
-                f"confirmed on fresh servers (budget.confirm_repeats is 0), {noise}"
+                f"confirmed on fresh servers, {noise}"
             )
         if self.is_win:
             what = "a real gain"
@@ -468,7 +468,9 @@ def recommend_from_repeats(
     defaults' median by more than the study's run-to-run spread (``noise_pct``) and its runs lie
     entirely beyond the defaults' runs; or when it met the SLOs on every fresh run while the
     defaults missed them. Otherwise the engine defaults are kept: a difference inside the
-    spread is a tie, and a tie goes to the defaults. Without repeats (``confirm_repeats: 0``)
+    spread is a tie, and a tie goes to the defaults. A candidate that failed on a fresh server
+    (interrupted and cancelled repeats aside) is not recommended; when every candidate did, the
+    defaults are kept. Without repeats (``confirm_repeats: 0``)
     the best candidate is recommended as not confirmed. When no trial measured the objective,
     nothing is recommended.
     """
@@ -502,7 +504,29 @@ def recommend_from_repeats(
     def fresh(c: Trial) -> list[Trial]:
         return [t for t in groups.get(key(c), []) if t.role is TrialRole.CONFIRM]
 
-    confirmed = [c for c in candidates if fresh(c)]
+    def failed_repeats(c: Trial) -> list[Trial]:
+        return [
+            t
+            for t in trials
+            if t.role is TrialRole.CONFIRM
+            and t.repeat_of == c.number
+            and t.state is TrialState.FAIL
+            and t.failure_kind not in (FailureKind.INTERRUPTED, FailureKind.CANCELLED)
+        ]
+
+    confirmed = [c for c in candidates if fresh(c) and not failed_repeats(c)]
+    failed = [t for c in candidates for t in failed_repeats(c)]
+    if not confirmed and failed:
+        first = failed[0]
+        kind = first.failure_kind.value if first.failure_kind else first.state.value
+        return Recommendation(
+            trial=baseline if base_values else None,
+            note=f"every candidate failed on a fresh server (e.g. trial {first.number}, a "
+            f"repeat of trial {first.repeat_of}: {kind}), so none is confirmed"
+            + (": keep the engine defaults" if base_values else ""),
+            candidates=numbers,
+            noise_pct=noise,
+        )
     if not confirmed:
         best = candidates[0]
         if not base_values or baseline is None:
