@@ -25,7 +25,7 @@ from typer.core import TyperGroup
 
 from servetune.core.metrics import format_warning
 from servetune.core.spec import StudySpec
-from servetune.core.study import Trial, TrialRole, format_params
+from servetune.core.study import Trial, TrialRole, TrialState, format_params
 from servetune.errors import ServetuneError, SpecInvalid
 from servetune.settings import Settings
 
@@ -208,6 +208,8 @@ def validate(spec: Annotated[Path, typer.Argument(help="Study spec (YAML or JSON
         f"[green]valid[/]: {parsed.engine.kind} study over {', '.join(parsed.space.params)}; "
         f"strategy {parsed.strategy.kind}, up to {parsed.budget.max_trials} trials"
     )
+    for note in parsed.notes():
+        console.print(f"[yellow]note[/]: {escape(str(note))}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -389,7 +391,7 @@ def demo(
 
 
 def _print_outcome(outcome: Any, settings: Settings) -> None:
-    from servetune.core.scoring import mean_metric, runs_of
+    from servetune.core.scoring import infeasible_reason, mean_metric, runs_of
     from servetune.engines import get_engine
     from servetune.report.html import write_report
 
@@ -405,33 +407,45 @@ def _print_outcome(outcome: Any, settings: Settings) -> None:
     report_path = Path(settings.data_dir) / "reports" / f"{outcome.study.name}.html"
     write_report(outcome.study, outcome.trials, report_path)
     if best is None or chosen is None:
-        console.print("[red]no trial completed[/]: see `servetune show` for each failure's reason")
+        if outcome.recommendation and any(t.state is TrialState.COMPLETE for t in outcome.trials):
+            console.print(f"[red]nothing to recommend[/]: {escape(outcome.recommendation)}")
+        else:
+            console.print(
+                "[red]no trial completed[/]: see `servetune show` for each failure's reason"
+            )
         console.print(f"report: {report_path}")
         raise typer.Exit(1)
-    feasible = "feasible" if chosen.feasible else "[red]misses the SLOs[/]"
+    why = infeasible_reason(chosen)
+    feasible = "feasible" if why is None else f"[red]{escape(why)}[/]"
+    what = "engine defaults" if chosen.role is TrialRole.BASELINE else "best params"
     console.print(
-        f"best params (trial {chosen.number}, {feasible}): {format_params(chosen.params)}"
+        f"{what} (trial {chosen.number}, {feasible}): {format_params(chosen.params)}",
+        highlight=False,
     )
     for w in chosen.result.warnings if chosen.result else []:
         console.print(f"[yellow]warning {escape(format_warning(w))}[/]", highlight=False)
     if best.number != chosen.number:
         console.print(
-            f"search winner trial {best.number} ({format_params(best.params)}) was not kept"
+            f"best candidate trial {best.number} ({format_params(best.params)}) was not kept",
+            highlight=False,
         )
     if base is not None and base.number != best.number:
-        # the repeats when there are any (the search run of the winner is biased upwards)
-        base_runs = runs_of(base, outcome.trials)[1:] or [base]
+        # every run of the defaults; the candidate's fresh repeats when there are any (its
+        # search run was picked as the best of a noisy search, so it is biased upwards)
+        base_runs = runs_of(base, outcome.trials)
         best_runs = runs_of(best, outcome.trials)[1:] or [best]
-        fresh = len(base_runs) > 1 or base_runs[0] is not base
+        fresh = best_runs[0] is not best
         table = Table(
             "metric",
             f"engine defaults (trial {base.number})",
-            f"search winner (trial {best.number})",
+            f"best candidate (trial {best.number})",
             "change",
             caption=(
-                f"means of {len(base_runs)} and {len(best_runs)} repeats on fresh servers"
+                f"medians of {len(base_runs)} run(s) of the defaults and {len(best_runs)} fresh "
+                f"repeat(s) of trial {best.number}"
                 if fresh
-                else "single search runs (no repeats)"
+                else f"medians of {len(base_runs)} run(s) of the defaults and trial "
+                f"{best.number}'s search run (not repeated)"
             )
             + ", at the last load level",
         )
@@ -442,7 +456,8 @@ def _print_outcome(outcome: Any, settings: Settings) -> None:
             "tpot_ms.p50",
             "requests_per_s",
         ):
-            b, v = mean_metric(base_runs, name), mean_metric(best_runs, name)
+            b = mean_metric(base_runs, name, median=True)
+            v = mean_metric(best_runs, name, median=True)
             change = f"{(v / b - 1) * 100:+.1f} %" if b and v is not None else "-"
             table.add_row(
                 name,
@@ -454,6 +469,11 @@ def _print_outcome(outcome: Any, settings: Settings) -> None:
     if outcome.verdict is not None:
         head = "repeats" if outcome.verdict.repeats else "not confirmed"
         console.print(f"[bold]{head}[/]: {outcome.verdict.summary}", highlight=False)
+    if outcome.noise_pct is not None:
+        console.print(
+            f"run-to-run spread: {outcome.noise_pct:.1f} % (differences inside it are ties)",
+            highlight=False,
+        )
     if outcome.recommendation:
         style = "green" if chosen.feasible else "yellow"
         console.print(f"[bold {style}]verdict[/]: {outcome.recommendation}", highlight=False)
@@ -484,7 +504,10 @@ def _best(record: Any, trials: list[Trial]) -> Trial | None:
     """The study's winner: the recommended trial of a finished study, else the best ranked one."""
     from servetune.core.scoring import best_trial
 
-    chosen = (record.verdict or {}).get("recommended_trial")
+    verdict = record.verdict or {}
+    if verdict.get("objective_measured") is False:
+        return None  # the study measured nothing to choose by; show/export say why
+    chosen = verdict.get("recommended_trial")
     for t in trials:
         if chosen is not None and t.number == chosen:
             return t
@@ -580,7 +603,9 @@ def show(
         )
     console.print(table)
     if record.verdict and record.verdict.get("summary"):
-        console.print(record.verdict["summary"])
+        console.print(record.verdict["summary"], highlight=False)
+    if record.verdict and record.verdict.get("recommendation"):
+        console.print(f"verdict: {escape(record.verdict['recommendation'])}", highlight=False)
     if best is not None:
         from servetune.engines import get_engine
 
@@ -618,6 +643,7 @@ def export(
     db: DbOption = None,
 ) -> None:
     """Print the winning configuration: a launch command ready to paste, or its params as YAML/JSON."""
+    from servetune.core.scoring import infeasible_reason
     from servetune.engines import get_engine
 
     if fmt not in ("command", "yaml", "json"):
@@ -625,6 +651,9 @@ def export(
     record, trials = _load(study, db)
     best = _best(record, trials)
     if best is None:
+        note = (record.verdict or {}).get("recommendation")
+        if (record.verdict or {}).get("objective_measured") is False and note:
+            raise _fail(f"study {record.name}: {note}")
         raise _fail(
             f"study {record.name} has no completed trial to export; see `servetune show {record.name}`"
         )
@@ -639,14 +668,15 @@ def export(
         "feasible": best.feasible,
         "argv": cmd.argv,
     }
-    if not best.feasible:
+    why = infeasible_reason(best)
+    if why is not None:
         met = [t.number for t in trials if t.feasible]
-        others = f"trial(s) {', '.join(map(str, met))} met them" if met else "no trial met them"
-        err_console.print(
-            f"[yellow]warning:[/] trial {best.number} missed its SLOs; {others}",
-            highlight=False,
-            soft_wrap=True,
-        )
+        if why == "misses the SLOs":
+            others = f"trial(s) {', '.join(map(str, met))} met them" if met else "no trial met them"
+            text = f"trial {best.number} missed its SLOs; {others}"
+        else:
+            text = f"trial {best.number} {why}"
+        err_console.print(f"[yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
     note = (record.verdict or {}).get("recommendation")
     if note and ("noise" in note or "not confirmed" in note):
         err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)

@@ -28,7 +28,7 @@ def demo_spec(model: Path, tokenizer: Path, trials: int = 12) -> dict[str, Any]:
             "constraints": ["ubatch-size <= batch-size"],
         },
         "strategy": {"kind": "tpe", "seed": 0, "n_startup_trials": 5},
-        "budget": {"max_trials": trials, "confirm_repeats": 2},
+        "budget": {"max_trials": trials, "confirm_repeats": 1},
         "workload": {
             "api": "completions",
             "input_tokens": 128,

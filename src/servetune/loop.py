@@ -9,20 +9,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
 from servetune.core.scoring import (
+    Recommendation,
     Verdict,
     best_trial,
-    confirm_verdict,
+    noise_pct,
+    objective_value,
     pareto_front,
-    recommend,
-    runs_of,
+    recommend_from_repeats,
+    top_candidates,
 )
 from servetune.core.spec import StudySpec
-from servetune.core.strategies.base import Strategy, make_strategy
+from servetune.core.strategies.base import Strategy, make_strategy, params_key
 from servetune.core.study import FailureKind, Params, Trial, TrialResult, TrialRole, TrialState
 from servetune.deploy.base import RunningEngine
 from servetune.deploy.local import kill_process_group
@@ -45,7 +47,13 @@ class LoopEvents:
 
 @dataclass(frozen=True)
 class StudyOutcome:
-    """What a finished study reports: best trial, the Pareto front, the confirmed verdict."""
+    """What a finished study reports: best trial, the Pareto front, the confirmed verdict.
+
+    ``best`` is the candidate the verdict compares with the defaults (else the search's best
+    trial); ``recommended`` is what to run (the baseline = keep the defaults; None = nothing,
+    e.g. the objective was never measured); ``candidates`` the trials confirmed on fresh
+    servers; ``noise_pct`` the run-to-run spread (None = unknown).
+    """
 
     study: StudyRecord
     trials: list[Trial]
@@ -55,6 +63,9 @@ class StudyOutcome:
     verdict: Verdict | None
     recommended: Trial | None = None
     recommendation: str = ""
+    candidates: tuple[int, ...] = ()
+    noise_pct: float | None = None
+    objective_measured: bool = True
 
 
 _NOT_MEASURED = frozenset({FailureKind.INTERRUPTED, FailureKind.CANCELLED})
@@ -106,6 +117,18 @@ class StudyLoop:
         self.strategy: Strategy = make_strategy(self.spec)
 
     # ---- helpers -------------------------------------------------------------------------
+    def _config_key(self, params: Params) -> Hashable:
+        """Identity of the configuration ``params`` runs: trials with equal keys ran the same
+        server, so their measurements pool (as one candidate, and for the run-to-run spread).
+
+        The engine's canonical form (``Engine.effective_params``), so spellings the engine runs
+        identically (llama.cpp's parallel -1 and 4 over a unified cache) are one configuration.
+        """
+        return params_key(self.ctx.engine.effective_params(params, self.spec.workload))
+
+    def _key(self, trial: Trial) -> Hashable:
+        return self._config_key(trial.params)
+
     def _say(self, text: str) -> None:
         log.info("study %s: %s", self.study.name, text)
         if self.events.message:
@@ -217,6 +240,7 @@ class StudyLoop:
             number = self.store.next_trial_number(self.study.id)
             self._say(f"trial {number}: the engine's defaults (baseline)")
             await self._run(number, TrialRole.BASELINE, {})
+        await self._repeat_baseline_early()
         deadline = (
             (time.monotonic() + spec.budget.max_wall_time_s)
             if spec.budget.max_wall_time_s
@@ -267,20 +291,23 @@ class StudyLoop:
             if _counts(saved):
                 self._tell(saved, token=suggestion.token)
 
-        verdict = await self._confirm()
+        rec = await self._confirm()
         trials = self._trials()
         search_trials = [t for t in trials if t.role is not TrialRole.CONFIRM]
-        best = best_trial(search_trials, spec.objective)
+        best = rec.compared or best_trial(search_trials, spec.objective)
         baseline = _baseline(trials)
-        recommended, note = recommend(best, baseline, verdict, trials)
-        if note:
-            self._say(note)
+        if rec.note:
+            self._say(rec.note)
         front = pareto_front(search_trials, spec.objective) if len(spec.objective.terms) > 1 else []
+        verdict = rec.verdict
         verdict_data: dict[str, Any] = {
             "best_trial": best.number if best else None,
             "baseline_trial": baseline.number if baseline else None,
-            "recommended_trial": recommended.number if recommended else None,
-            "recommendation": note,
+            "recommended_trial": rec.trial.number if rec.trial else None,
+            "recommendation": rec.note,
+            "candidates": rec.candidates,
+            "noise_pct": rec.noise_pct,
+            "objective_measured": rec.objective_measured,
             "pareto_front": [t.number for t in front],
             "verdict": verdict.model_dump(mode="json") if verdict else None,
             "summary": verdict.summary if verdict else None,
@@ -294,67 +321,79 @@ class StudyLoop:
             baseline=baseline,
             front=front,
             verdict=verdict,
-            recommended=recommended,
-            recommendation=note,
+            recommended=rec.trial,
+            recommendation=rec.note,
+            candidates=tuple(rec.candidates),
+            noise_pct=rec.noise_pct,
+            objective_measured=rec.objective_measured,
         )
 
     def _measured_twin(self, params: Params, measured: list[Trial]) -> Trial | None:
         """The first of ``measured`` that the engine runs identically to ``params`` (same
         ``Engine.effective_params``), else None."""
-        workload = self.spec.workload
-        effective = self.ctx.engine.effective_params(params, workload)
-        return next(
-            (
-                t
-                for t in measured
-                if self.ctx.engine.effective_params(t.params, workload) == effective
-            ),
-            None,
-        )
+        key = self._config_key(params)
+        return next((t for t in measured if self._key(t) == key), None)
 
-    async def _confirm(self) -> Verdict | None:
-        """Re-run the best trial and the baseline on fresh servers; compare from the repeats."""
+    async def _repeat(self, target: Trial, total: int) -> None:
+        """Run CONFIRM repeats of ``target`` on fresh servers until it has ``total`` that count
+        (interrupted or cancelled ones are run again; finished ones, whatever their outcome, are
+        kept), so a resumed study runs only the missing ones."""
+        done = [
+            t
+            for t in self._trials()
+            if t.role is TrialRole.CONFIRM and t.repeat_of == target.number and _counts(t)
+        ]
+        for _ in range(total - len(done)):
+            number = self.store.next_trial_number(self.study.id)
+            self._say(f"trial {number}: repeating trial {target.number} on a fresh server")
+            await self._run(number, TrialRole.CONFIRM, target.params, repeat_of=target.number)
+
+    async def _repeat_baseline_early(self) -> None:
+        """Measure the run-to-run spread before the search: ``budget.baseline_repeats`` runs of
+        the engine defaults in all (a baseline that did not complete is not repeated)."""
+        baseline = _baseline(self._trials())
+        early = self.spec.budget.baseline_repeats - 1
+        if baseline is None or baseline.state is not TrialState.COMPLETE or early <= 0:
+            return
+        await self._repeat(baseline, early)
+        trials = self._trials()
+        runs = [t for t in trials if self._key(t) == self._key(baseline)]
+        values = [v for t in runs if (v := objective_value(t)) is not None]
+        spread = noise_pct(runs, self._key)
+        if spread is not None:
+            self._say(
+                f"run-to-run spread of the engine defaults over {len(values)} runs: "
+                f"{spread:.1f} % ({', '.join(f'{v:.4g}' for v in values)}); search results "
+                "closer than that are ties"
+            )
+
+    async def _confirm(self) -> Recommendation:
+        """Re-run the top ``budget.confirm_top_k`` candidates (distinct configurations) and the
+        baseline on fresh servers, ``budget.confirm_repeats`` times each, in rounds (baseline,
+        then each candidate) so that a slow drift of the machine touches all alike; then
+        recommend from the repeats (``recommend_from_repeats``)."""
         spec = self.spec
         repeats = spec.budget.confirm_repeats
         trials = self._trials()
         search = [t for t in trials if t.role is not TrialRole.CONFIRM]
-        best = best_trial(search, spec.objective)
         baseline = _baseline(trials)
-        if best is None or baseline is None or baseline.state is not TrialState.COMPLETE:
-            self._say("no completed best trial and baseline to confirm")
-            return None
-        term = spec.objective.terms[0]
-        if repeats == 0 or best.number == baseline.number:
-            values_best = self._values_of(best, trials)
-            values_base = self._values_of(baseline, trials)
-            return (
-                confirm_verdict(term.metric, term.direction, values_base, values_best)
-                if (values_best and values_base and best.number != baseline.number)
-                else None
+        candidates = top_candidates(search, spec.objective, spec.budget.confirm_top_k, self._key)
+        base_ok = baseline is not None and baseline.state is TrialState.COMPLETE
+        if repeats > 0 and candidates:
+            numbers = ", ".join(str(c.number) for c in candidates)
+            self._say(
+                f"confirming candidate trial(s) {numbers} and the engine defaults on fresh "
+                f"servers, {repeats} repeat(s) each"
             )
-        for target in (best, baseline):
-            done = [
-                t
-                for t in trials
-                if t.role is TrialRole.CONFIRM and t.repeat_of == target.number and _counts(t)
-            ]
-            for _ in range(repeats - len(done)):
-                number = self.store.next_trial_number(self.study.id)
-                self._say(f"trial {number}: repeating trial {target.number} on a fresh server")
-                await self._run(number, TrialRole.CONFIRM, target.params, repeat_of=target.number)
-        trials = self._trials()
-        values_best = self._values_of(best, trials)
-        values_base = self._values_of(baseline, trials)
-        if not values_best or not values_base:
-            return None
-        verdict = confirm_verdict(term.metric, term.direction, values_base, values_best)
-        self._say(verdict.summary)
-        return verdict
-
-    def _values_of(self, target: Trial, trials: list[Trial]) -> list[float]:
-        """The first objective value of ``target`` then of each COMPLETE repeat of it."""
-        return [
-            t.result.objective_values[0]
-            for t in runs_of(target, trials)
-            if t.state is TrialState.COMPLETE and t.result and t.result.objective_values
-        ]
+            early = spec.budget.baseline_repeats - 1
+            for round_ in range(1, repeats + 1):
+                if base_ok and baseline is not None:
+                    await self._repeat(baseline, early + round_)
+                for c in candidates:
+                    await self._repeat(c, round_)
+        rec = recommend_from_repeats(
+            self._trials(), spec.objective, candidates, baseline if base_ok else None, self._key
+        )
+        if rec.verdict is not None:
+            self._say(rec.verdict.summary)
+        return rec

@@ -26,6 +26,7 @@ from sqlalchemy.engine import make_url
 
 from servetune.bench.builtin import BuiltinClient
 from servetune.core.metrics import format_warning
+from servetune.core.scoring import infeasible_reason
 from servetune.core.spec import DockerDeploymentSpec, KubernetesDeploymentSpec, StudySpec
 from servetune.core.study import Params, Trial, TrialRole, TrialState, format_params
 from servetune.deploy.base import Deployment
@@ -54,9 +55,8 @@ def _describe(t: Trial) -> str:
         m = r.metrics[-1]
         ttft = m.value("ttft_ms.p99")
         missed = r.slo_report.missed() if r.slo_report else []
-        ok = (
-            "[green]feasible[/]" if r.feasible else f"[yellow]misses {escape('; '.join(missed))}[/]"
-        )
+        why = f"misses {'; '.join(missed)}" if missed else (infeasible_reason(t) or "")
+        ok = "[green]feasible[/]" if r.feasible else f"[yellow]{escape(why)}[/]"
         line = f"{head} {m.output_tokens_per_s:7.1f} tok/s  TTFT p99 {ttft or 0:7.0f} ms  {ok}  {params}"
         return line + "".join(
             f"\n    [yellow]warning[/] {escape(format_warning(w))}" for w in r.warnings
@@ -97,7 +97,7 @@ async def _run_locked(
         log_dir=log_dir,
         label=study.name,
     )
-    total = spec.budget.max_trials + (2 * spec.budget.confirm_repeats)
+    total = spec.budget.planned_trials()
     done = len([t for t in store.trials(study.id) if t.state.is_finished()])
     with Progress(
         SpinnerColumn(),

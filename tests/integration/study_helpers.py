@@ -32,7 +32,7 @@ def small_spec(
             },
         },
         "strategy": {"kind": "random", "seed": 1},
-        "budget": {"max_trials": trials, "confirm_repeats": 0},
+        "budget": {"max_trials": trials, "confirm_repeats": 0, "baseline_repeats": 1},
         "workload": {
             "input_tokens": 32,
             "output_tokens": 12,

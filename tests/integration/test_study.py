@@ -82,7 +82,7 @@ def test_failing_candidate_is_recorded_and_study_continues(tiny_model, tmp_path:
     doc["engine"]["flags"] = {"cache-type-k": "f32", "cache-type-v": "f32"}
     doc["workload"]["input_tokens"] = 300
     doc["strategy"] = {"kind": "grid"}
-    doc["budget"] = {"max_trials": 5, "confirm_repeats": 0}
+    doc["budget"] = {"max_trials": 5, "confirm_repeats": 0, "baseline_repeats": 1}
     spec = write_spec(tmp_path / "spec.yaml", doc)
     before = _engine_pids(tiny_model)
     run = servetune(tmp_path, "run", str(spec))
@@ -292,3 +292,211 @@ def test_sigint_during_the_baseline_then_resume_reruns_the_baseline(
     assert [t["state"] for t in baselines] == ["FAIL", "COMPLETE"]  # the lost baseline was re-run
     measured = [t for t in trials if t["failure_kind"] != "cancelled"]
     assert len(measured) == 3 and all(t["state"] == "COMPLETE" for t in measured)
+
+
+def test_noise_aware_study_repeats_the_baseline_confirms_the_top_k_and_recommends_from_repeats(
+    tiny_model, tmp_path: Path
+) -> None:
+    doc = small_spec(tiny_model, trials=4, name="noise")
+    doc["strategy"] = {"kind": "grid"}
+    doc["budget"] = {
+        "max_trials": 4,
+        "baseline_repeats": 2,
+        "confirm_top_k": 2,
+        "confirm_repeats": 1,
+    }
+    spec = write_spec(tmp_path / "spec.yaml", doc)
+    run = servetune(tmp_path, "run", str(spec))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "run-to-run spread of the engine defaults over 2 runs" in run.stdout, run.stdout
+
+    shown = _show(tmp_path, "noise")
+    trials = shown["trials"]
+    roles = [(t["number"], t["role"]) for t in trials]
+    # the baseline, its early repeat before any search trial, 3 search trials (4 = baseline +
+    # 3: repeats use no budget), then one round: the baseline and the 2 best candidates again
+    assert roles[:5] == [
+        (0, "baseline"),
+        (1, "confirm"),
+        (2, "search"),
+        (3, "search"),
+        (4, "search"),
+    ]
+    assert len(trials) == 8 and all(t["state"] == "COMPLETE" for t in trials), trials
+    verdict = shown["study"]["verdict"]
+    candidates = verdict["candidates"]
+    assert len(candidates) == 2 and len({json.dumps(trials[c]["params"]) for c in candidates}) == 2
+    repeats: dict[int, int] = {}
+    confirm_numbers = [t["number"] for t in trials if t["role"] == "confirm"]
+    for number in confirm_numbers:
+        repeat_of = next(r for r in _repeat_of(tmp_path, "noise") if r[0] == number)[1]
+        repeats[repeat_of] = repeats.get(repeat_of, 0) + 1
+    assert repeats == {0: 2, candidates[0]: 1, candidates[1]: 1}
+    # the verdict compares the chosen candidate's fresh repeat with every run of the defaults
+    v = verdict["verdict"]
+    assert len(v["baseline_values"]) == 3 and v["repeats"] == 1 and v["statistic"] == "median"
+    assert verdict["noise_pct"] is not None and verdict["objective_measured"] is True
+    recommended = verdict["recommended_trial"]
+    if v["is_win"]:
+        assert recommended in candidates and "confirmed gain" in verdict["recommendation"]
+    else:
+        assert recommended == 0 and "keep the engine defaults" in verdict["recommendation"]
+    assert "misses" not in run.stdout and "verdict" in run.stdout
+
+
+def _repeat_of(tmp_path: Path, study: str) -> list[tuple[int, int | None]]:
+    """(number, repeat_of) of every trial of ``study``, read from the database itself."""
+    db = tmp_path / "studies.db"
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute(
+            "SELECT t.number, t.repeat_of FROM trials t JOIN studies s ON s.id = t.study_id "
+            "WHERE s.name = ? ORDER BY t.number",
+            (study,),
+        ).fetchall()
+    return [(int(n), r) for n, r in rows]
+
+
+def test_validate_refuses_unmeasurable_and_unbounded_specs_naming_field_and_bound(
+    tiny_model, tmp_path: Path
+) -> None:
+    doc = small_spec(tiny_model, name="bad")
+    doc["workload"] = {**doc["workload"], "output_tokens": 1}
+    doc["slos"] = [{"metric": "tpot_ms", "percentile": "p99", "max_ms": 50}]
+    out = servetune(tmp_path, "validate", str(write_spec(tmp_path / "a.yaml", doc)))
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "slos.0.metric" in out.stdout + out.stderr and "output_tokens" in out.stdout + out.stderr
+
+    doc = small_spec(tiny_model, name="huge")
+    doc["strategy"] = {"kind": "grid"}
+    doc["space"] = {
+        "params": {
+            "threads": {"kind": "int", "low": 1, "high": 100_000},
+            "batch-size": {"kind": "int", "low": 1, "high": 100_000},
+        }
+    }
+    t0 = time.monotonic()
+    out = servetune(tmp_path, "validate", str(write_spec(tmp_path / "b.yaml", doc)))
+    assert time.monotonic() - t0 < 30
+    text = " ".join((out.stdout + out.stderr).split())
+    assert out.returncode == 2 and "10,000,000,000 points" in text and "100,000" in text, text
+
+
+# ---- the loop's noise-aware phases with scripted measurements (real SQLite store) ----------
+
+
+def _scripted_loop(tmp_path: Path, values: dict[str, list[float]], cancel_at: int | None = None):
+    """A StudyLoop over a real SQLite store whose runner returns scripted throughputs per
+    configuration (in order of its runs) and is cancelled at trial ``cancel_at``."""
+    import asyncio
+
+    from servetune.core.metrics import LoadLevel, ServingMetrics, distribution
+    from servetune.core.slo import check_slos
+    from servetune.core.spec import parse_spec
+    from servetune.core.study import TrialResult, TrialState
+    from servetune.loop import StudyLoop
+    from servetune.runner import TrialContext
+    from servetune.store.repo import StudyStore
+
+    doc = {
+        "name": "scripted",
+        "engine": {"kind": "llamacpp", "model": str(tmp_path / "m.gguf")},
+        "space": {"params": {"threads": {"kind": "int", "low": 1, "high": 3}}},
+        "strategy": {"kind": "grid"},
+        "budget": {
+            "max_trials": 4,
+            "baseline_repeats": 2,
+            "confirm_top_k": 2,
+            "confirm_repeats": 1,
+        },
+        "workload": {"concurrency": [1], "num_requests": 4},
+        "objective": {"metric": "output_tokens_per_s", "direction": "maximize"},
+    }
+    spec = parse_spec(doc)
+    store = StudyStore(f"sqlite:///{tmp_path / 'loop.db'}")
+    try:
+        study = store.get_study("scripted")
+    except Exception:
+        study = store.create_study("scripted", spec, doc)
+    seen: dict[str, int] = {}
+    for t in store.trials(study.id):
+        if t.state is TrialState.COMPLETE:
+            name = str(t.params.get("threads", "defaults"))
+            seen[name] = seen.get(name, 0) + 1
+
+    async def runner(ctx: TrialContext, params: dict, number: int) -> TrialResult:
+        if number == cancel_at:
+            raise asyncio.CancelledError
+        name = str(params.get("threads", "defaults"))
+        value = values[name][seen.get(name, 0)]
+        seen[name] = seen.get(name, 0) + 1
+        dist = distribution([10.0])
+        metrics = [
+            ServingMetrics(
+                level=LoadLevel(concurrency=1),
+                completed=4,
+                failed=0,
+                duration_s=1.0,
+                ttft_ms=dist,
+                output_tokens_per_s=value,
+                requests_per_s=4.0,
+                goodput_requests_per_s=4.0,
+                error_rate=0.0,
+            )
+        ]
+        report = check_slos([], metrics, 0.0)
+        return TrialResult(
+            state=TrialState.COMPLETE,
+            metrics=metrics,
+            slo_report=report,
+            feasible=True,
+            objective_values=[value],
+        )
+
+    ctx = TrialContext(spec=spec, engine=None, deployment=None, client=None, log_dir=tmp_path)  # type: ignore[arg-type]
+    return StudyLoop(store, study, ctx, runner=runner), store, study
+
+
+def test_loop_confirms_distinct_top_candidates_and_resumes_an_interrupted_confirm(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+
+    # defaults ~30 tok/s; threads=3 is a lucky 116.7 in the search and ~31 on fresh servers;
+    # threads=2 is a real gain (50 → 49)
+    values = {
+        "defaults": [30.1, 29.3, 29.9],
+        "1": [25.0],
+        "2": [50.0, 49.0],
+        "3": [116.7, 31.0],
+    }
+    # trials: 0 baseline, 1 early repeat, 2-4 search (threads 1, 2, 3), then round 1: 5 repeats
+    # the defaults, 6 repeats threads=3 (the search's best), 7 threads=2; cancelled at 6
+    loop, store, study = _scripted_loop(tmp_path, values, cancel_at=6)
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(loop.run())
+    assert store.get_study(study.id).status == "cancelled"
+
+    loop, store, study = _scripted_loop(tmp_path, values)
+    outcome = asyncio.run(loop.run())
+    trials = store.trials(study.id)
+    roles = [(t.number, t.role.value, t.repeat_of) for t in trials]
+    assert roles[:5] == [
+        (0, "baseline", None),
+        (1, "confirm", 0),
+        (2, "search", None),
+        (3, "search", None),
+        (4, "search", None),
+    ]
+    # the cancelled repeat of trial 4 is recorded and run again; nothing else is re-run
+    assert roles[5:] == [(5, "confirm", 0), (6, "confirm", 4), (7, "confirm", 4), (8, "confirm", 3)]
+    assert trials[6].failure_kind is not None and trials[6].failure_kind.value == "cancelled"
+    assert [t.number for t in trials if t.role.value == "search"] == [2, 3, 4]  # budget: 4 in all
+    assert outcome.candidates == (4, 3)
+    # the lucky 116.7 loses on its repeat; threads=2 wins on its repeat beyond the spread
+    assert outcome.recommended is not None and outcome.recommended.number == 3
+    assert outcome.verdict is not None and outcome.verdict.is_win
+    assert outcome.verdict.best_values == [49.0]
+    assert outcome.verdict.baseline_values == [30.1, 29.3, 29.9]
+    verdict = store.get_study(study.id).verdict or {}
+    assert verdict["candidates"] == [4, 3] and verdict["recommended_trial"] == 3
+    assert "confirmed gain" in verdict["recommendation"]

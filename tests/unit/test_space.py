@@ -183,3 +183,110 @@ def test_a_big_grid_is_enumerated_lazily() -> None:
     first = next(space.grid_points())  # 10^10 points: only the first is built
     assert first == {f"p{i}": 0 for i in range(5)}
     assert math.prod(len(p.grid()) for p in space.params.values()) == 10**10
+
+
+def test_grid_size_counts_constraint_groups_without_walking_the_product() -> None:
+    import time
+
+    space = SearchSpace.model_validate(
+        {
+            "params": {
+                "ubatch-size": {"kind": "int", "low": 128, "high": 512, "step": 128},
+                "batch-size": {"kind": "choice", "values": [256, 512, 1024]},
+                "threads": {"kind": "int", "low": 1, "high": 100_000},
+                "ctx-size": {"kind": "int", "low": 1, "high": 100_000},
+            },
+            "constraints": ["ubatch-size <= batch-size"],
+        }
+    )
+    t0 = time.perf_counter()
+    # the constrained pair has 10 feasible points; the free params multiply by 10^10
+    assert space.grid_size() == 10 * 100_000 * 100_000
+    assert space.full_grid_count() == 4 * 3 * 100_000 * 100_000
+    assert time.perf_counter() - t0 < 1.0
+    assert SPACE.grid_size() == len(list(SPACE.grid_points()))
+
+
+def test_feasibility_counts_exactly_or_samples_and_says_which() -> None:
+    finite = SearchSpace.model_validate(
+        {
+            "params": {
+                "a": {"kind": "int", "low": 1, "high": 4},
+                "b": {"kind": "int", "low": 1, "high": 4},
+                "c": {"kind": "bool"},
+            },
+            "constraints": ["a < b", "1 <= 2"],
+        }
+    )
+    f = finite.feasibility(grid=False)
+    assert f.exact_count == 6 * 2 and f.sampled == [] and finite.infeasibility(grid=False) is None
+    continuous = SearchSpace.model_validate(
+        {
+            "params": {
+                "x": {"kind": "float", "low": 0, "high": 1},
+                "y": {"kind": "float", "low": 0, "high": 1},
+            },
+            "constraints": ["x < y"],
+        }
+    )
+    f = continuous.feasibility(grid=False)
+    assert f.exact_count is None and f.uncounted == ["x", "y"]
+    [(names, drawn, ok)] = f.sampled
+    assert names == ["x", "y"] and drawn == 10_000 and 4_500 < ok < 5_500  # half the square
+    assert continuous.feasibility(grid=False, seed=3) == continuous.feasibility(grid=False, seed=3)
+    never = SearchSpace.model_validate(
+        {"params": {"a": {"kind": "int", "low": 1, "high": 4}}, "constraints": ["2 < 1"]}
+    )
+    assert "no point of the space meets" in (never.infeasibility(grid=False) or "")
+
+
+def test_a_constraint_group_too_large_to_enumerate_is_sampled() -> None:
+    space = SearchSpace.model_validate(
+        {
+            "params": {
+                "a": {"kind": "int", "low": 1, "high": 100_000},
+                "b": {"kind": "int", "low": 1, "high": 100_000},
+            },
+            "constraints": ["a * b > 20000000000"],  # a * b ≤ 10^10: nothing passes
+        }
+    )
+    f = space.feasibility(grid=False)
+    assert f.exact_count is None and f.sampled[0][1:] == (10_000, 0)
+    assert "none of 10,000 seeded random points of ['a', 'b']" in (
+        space.infeasibility(grid=False) or ""
+    )
+    with pytest.raises(ValueError, match="more than 200,000 grid points"):
+        space.grid_size()
+
+
+def test_grid_counts_match_the_grids() -> None:
+    for param in (
+        IntParam(low=1, high=10, step=4),
+        IntParam(low=3, high=20, log=True),
+        FloatParam(low=0.5, high=0.95, step=0.05),
+        FloatParam(low=0.0, high=1.0, step=0.3),
+        LogParam(low=1.0, high=16.0, points=5),
+        ChoiceParam(values=["a", 1]),
+        BoolParam(),
+    ):
+        assert param.grid_count() == len(param.grid())
+    assert IntParam(low=0, high=2**53).grid_count() == 2**53 + 1  # no list is built
+    with pytest.raises(ValueError, match="step"):
+        FloatParam(low=0.0, high=1.0).grid_count()
+
+
+@pytest.mark.parametrize(
+    "param",
+    [
+        {"kind": "float", "low": float("-inf"), "high": 1},
+        {"kind": "float", "low": 0, "high": float("nan")},
+        {"kind": "float", "low": 0, "high": 1, "step": float("inf")},
+        {"kind": "log", "low": 1, "high": float("inf")},
+        {"kind": "int", "low": -(2**60), "high": 1},
+        {"kind": "choice", "values": [float("inf")]},
+        {"kind": "log", "low": 1, "high": 2, "points": 10**6},
+    ],
+)
+def test_param_numbers_are_finite_and_bounded(param: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        SearchSpace.model_validate({"params": {"x": param}})

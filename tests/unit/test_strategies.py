@@ -479,3 +479,19 @@ def test_objective_directions_reach_optuna() -> None:
         )
     ]
     assert sum(xs[-10:]) / 10 < 0.25
+
+
+def test_grid_strategy_refuses_a_grid_too_large_to_run_without_building_it() -> None:
+    huge = SearchSpace.model_validate(
+        {
+            "params": {
+                "a": {"kind": "int", "low": 1, "high": 100_000},
+                "b": {"kind": "int", "low": 1, "high": 100_000},
+            }
+        }
+    )
+    with pytest.raises(ValueError, match=r"10,000,000,000 points, more than 100,000"):
+        GridStrategy(huge)
+    # tpe samples the same space and proposes points of it
+    suggestion = OptunaStrategy(huge, ["maximize"], kind="tpe", seed=0).ask()
+    assert suggestion is not None and 1 <= suggestion.params["a"] <= 100_000  # type: ignore[operator]

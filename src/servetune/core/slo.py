@@ -5,11 +5,26 @@ SLOs are never averaged across levels: each named level must meet each bound on 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from servetune.core.metrics import LatencyMetric, Percentile, RequestSloBounds, ServingMetrics
+
+MAX_SLO_MS = 86_400_000.0
+"""Largest SLO bound: one day in milliseconds."""
+
+
+def _finite_number(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ValueError(f"must be a finite number, not {v}")
+    return v
+
+
+FiniteFloat = Annotated[float, BeforeValidator(_finite_number)]
+"""A float that is neither NaN nor ±inf (the message says so)."""
 
 
 class Slo(BaseModel):
@@ -24,8 +39,10 @@ class Slo(BaseModel):
         description="Latency metric: ttft_ms, tpot_ms, itl_ms or e2e_latency_ms."
     )
     percentile: Percentile = Field(default="p99", description="mean, p50, p90, p95, p99 or max.")
-    max_ms: PositiveFloat = Field(description="Upper bound in milliseconds.")
-    levels: list[float] | None = Field(
+    max_ms: FiniteFloat = Field(
+        gt=0, le=MAX_SLO_MS, description="Upper bound in milliseconds (≤ 86,400,000: a day)."
+    )
+    levels: list[FiniteFloat] | None = Field(
         default=None,
         description="Load levels (concurrency or rate values) where the SLO applies; null = every level.",
     )

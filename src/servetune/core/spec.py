@@ -5,6 +5,7 @@ Every field has a description, so ``servetune schema`` emits a documented JSON S
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any, Literal
 
@@ -23,7 +24,56 @@ from pydantic import (
 from servetune.core.metrics import DEFAULT_MAX_OUTSIDE_CPU_FRACTION, LoadLevel
 from servetune.core.scoring import Objective, ObjectiveTerm
 from servetune.core.slo import Slo
-from servetune.core.space import ParamValue, SearchSpace
+from servetune.core.space import (
+    MAX_GRID_POINTS,
+    FiniteParamValue,
+    SearchSpace,
+)
+
+# ---- bounds of every size a spec can ask for (each error names its bound) -----------------
+MAX_CONCURRENCY = 10_000
+"""Requests in flight per level: each holds an open connection and a task in one client process
+(Linux's default open-file limit is 1,024 soft / 524,288 hard; 10,000 streams fit in memory)."""
+MAX_REQUEST_RATE_PER_S = 10_000.0
+"""Poisson arrivals per second: several times what one client process can send (bench/)."""
+MAX_LEVELS = 32
+"""Load levels per workload."""
+MAX_REQUESTS = 1_000_000
+"""Measured requests per level: every request's record is kept in memory (about 1 KB each)."""
+MAX_DURATION_S = 86_400.0
+"""Measurement time per level: one day."""
+MAX_TOKENS = 1_048_576
+"""Prompt or output tokens per request: 2^20, the largest context of current open models."""
+MAX_TIMEOUT_S = 86_400.0
+"""Any timeout (request, start-up, stop): one day."""
+MAX_TRIALS = 10_000
+"""Trials per study (search budget)."""
+MAX_WALL_TIME_S = 30 * 86_400.0
+"""Wall-time budget: thirty days."""
+MAX_SLO_MS = 86_400_000.0
+"""An SLO bound: one day in milliseconds."""
+SEED_BOUND = 2**63
+"""Seeds lie in [−2^63, 2^63): they are stored as 64-bit integers."""
+_Seed = Annotated[int, Field(ge=-SEED_BOUND, lt=SEED_BOUND)]
+
+
+def _finite(bound: float) -> BeforeValidator:
+    """Refuse NaN and ±inf before the range check, naming the bound in the message."""
+
+    def check(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"must be a finite number ≤ {bound:,g}, not {v}")
+        return v
+
+    return BeforeValidator(check)
+
+
+_TimeoutS = Annotated[float, _finite(MAX_TIMEOUT_S), Field(gt=0, le=MAX_TIMEOUT_S)]
+_WallTimeS = Annotated[float, _finite(MAX_WALL_TIME_S), Field(gt=0, le=MAX_WALL_TIME_S)]
+_DurationS = Annotated[float, _finite(MAX_DURATION_S), Field(gt=0, le=MAX_DURATION_S)]
+_RatePerS = Annotated[
+    float, _finite(MAX_REQUEST_RATE_PER_S), Field(gt=0, le=MAX_REQUEST_RATE_PER_S)
+]
 
 
 def _objective_forms(v: Any) -> Any:
@@ -57,7 +107,7 @@ class LlamaCppEngineSpec(_Model):
         description="'xllamacpp' to use the embedded wheel, a path to llama-server, or null = "
         "llama-server from PATH if present, else the wheel.",
     )
-    flags: dict[str, ParamValue] = Field(
+    flags: dict[str, FiniteParamValue] = Field(
         default_factory=dict,
         description="Fixed flags passed to every trial (engine CLI names, no dashes), e.g. {n-gpu-layers: 0}.",
     )
@@ -89,7 +139,7 @@ class _GpuEngineSpec(_Model):
         description="Hugging Face tokenizer directory or tokenizer.json used to build prompts; "
         "null = ask the server's /tokenize endpoint.",
     )
-    flags: dict[str, ParamValue] = Field(
+    flags: dict[str, FiniteParamValue] = Field(
         default_factory=dict,
         description="Fixed flags passed to every trial (engine CLI names, no dashes).",
     )
@@ -152,8 +202,12 @@ class LocalDeploymentSpec(_DeploymentBase):
 
     kind: Literal["local"] = Field(default="local", description="Deployment kind.")
     host: str = Field(default="127.0.0.1", description="Address the engine binds to.")
-    startup_timeout_s: float = Field(default=120.0, gt=0, description="Launch → ready limit, s.")
-    stop_timeout_s: float = Field(default=10.0, gt=0, description="SIGTERM → SIGKILL grace, s.")
+    startup_timeout_s: _TimeoutS = Field(
+        default=120.0, description="Launch → ready limit, s (≤ 86,400)."
+    )
+    stop_timeout_s: _TimeoutS = Field(
+        default=10.0, description="SIGTERM → SIGKILL grace, s (≤ 86,400)."
+    )
     log_dir: str | None = Field(
         default=None, description="Where trial logs go; null = the data directory."
     )
@@ -181,8 +235,8 @@ class DockerDeploymentSpec(_DeploymentBase):
         description="GPU device ids (e.g. ['0', '1']) every trial's container gets through a "
         "device request; empty = no GPU.",
     )
-    shm_size_gib: float = Field(
-        default=16.0, gt=0, description="Shared memory (/dev/shm) of the container, GiB."
+    shm_size_gib: Annotated[float, _finite(1024.0)] = Field(
+        default=16.0, gt=0, le=1024.0, description="Shared memory (/dev/shm) of the container, GiB."
     )
     model_dir: str | None = Field(
         default=None,
@@ -205,8 +259,8 @@ class DockerDeploymentSpec(_DeploymentBase):
     host: str = Field(
         default="127.0.0.1", description="Address the engine binds to (host network)."
     )
-    startup_timeout_s: float = Field(default=600.0, gt=0, description="Launch → ready limit, s.")
-    stop_timeout_s: float = Field(default=30.0, gt=0, description="SIGTERM → SIGKILL grace, s.")
+    startup_timeout_s: _TimeoutS = Field(default=600.0, description="Launch → ready limit, s.")
+    stop_timeout_s: _TimeoutS = Field(default=30.0, description="SIGTERM → SIGKILL grace, s.")
     log_dir: str | None = Field(
         default=None, description="Where trial logs go; null = the data directory."
     )
@@ -262,7 +316,7 @@ class KubernetesDeploymentSpec(_DeploymentBase):
     )
     container_port: int = Field(default=8080, gt=0, lt=65536, description="Engine port in the pod.")
     gpus_per_trial: int = Field(
-        default=1, ge=0, description="nvidia.com/gpu requested (and limited) per trial."
+        default=1, ge=0, le=1024, description="nvidia.com/gpu requested (and limited) per trial."
     )
     create_runtime: bool = Field(
         default=False,
@@ -285,8 +339,8 @@ class KubernetesDeploymentSpec(_DeploymentBase):
         default=None, description="Kubeconfig path; null = in-cluster config, else ~/.kube/config."
     )
     context: str | None = Field(default=None, description="Kubeconfig context; null = current.")
-    startup_timeout_s: float = Field(default=1800.0, gt=0, description="Apply → ready limit, s.")
-    stop_timeout_s: float = Field(default=120.0, gt=0, description="Delete → gone limit, s.")
+    startup_timeout_s: _TimeoutS = Field(default=1800.0, description="Apply → ready limit, s.")
+    stop_timeout_s: _TimeoutS = Field(default=120.0, description="Delete → gone limit, s.")
     log_dir: str | None = Field(
         default=None, description="Where trial logs go; null = the data directory."
     )
@@ -344,8 +398,8 @@ class StrategySpec(_Model):
     kind: Literal["grid", "random", "tpe", "gp", "nsga2"] = Field(
         default="tpe", description="Strategy."
     )
-    seed: int = Field(default=0, description="Random seed; same seed, same proposals.")
-    n_startup_trials: PositiveInt | None = Field(
+    seed: _Seed = Field(default=0, description="Random seed; same seed, same proposals.")
+    n_startup_trials: Annotated[int, Field(ge=1, le=MAX_TRIALS)] | None = Field(
         default=None,
         description="Random trials before the model kicks in (tpe/gp); null = Optuna's default.",
     )
@@ -355,17 +409,44 @@ class Budget(_Model):
     """When the search stops (whichever comes first)."""
 
     max_trials: PositiveInt = Field(
-        default=20, description="Trials, the baseline included, repeats excluded."
+        default=20,
+        le=MAX_TRIALS,
+        description="Trials, the baseline included, repeats excluded (≤ 10,000).",
     )
-    max_wall_time_s: float | None = Field(
-        default=None, gt=0, description="Wall-time limit of the search, s."
+    max_wall_time_s: _WallTimeS | None = Field(
+        default=None, description="Wall-time limit of the search, s (≤ 30 days)."
+    )
+    baseline_repeats: int = Field(
+        default=2,
+        ge=1,
+        le=10,
+        description="Runs of the engine defaults, each on a fresh server, before the search "
+        "starts (the first is the baseline trial, the others its repeats): their spread is the "
+        "run-to-run noise, and search results within it count as ties. 1 = no early repeat.",
+    )
+    confirm_top_k: int = Field(
+        default=3,
+        ge=1,
+        le=10,
+        description="Best candidates (distinct configurations) re-run on fresh servers after "
+        "the search; the recommendation comes from these repeats.",
     )
     confirm_repeats: int = Field(
         default=1,
         ge=0,
         le=5,
-        description="Fresh re-runs of the best trial and the baseline before the verdict (0 = none).",
+        description="Fresh re-runs of each of the top candidates and of the baseline after the "
+        "search, before the verdict (0 = none).",
     )
+
+    def planned_trials(self) -> int:
+        """Trials a study runs at most: ``max_trials`` + the early baseline repeats + the confirm
+        repeats of the baseline and of up to ``confirm_top_k`` candidates."""
+        return (
+            self.max_trials
+            + (self.baseline_repeats - 1)
+            + self.confirm_repeats * (self.confirm_top_k + 1)
+        )
 
 
 class Workload(_Model):
@@ -375,40 +456,57 @@ class Workload(_Model):
         default="completions", description="/v1/completions or /v1/chat/completions."
     )
     input_tokens: PositiveInt = Field(
-        default=128, description="Prompt length in tokens (model's tokenizer)."
+        default=128,
+        le=MAX_TOKENS,
+        description="Prompt length in tokens (model's tokenizer), ≤ 1,048,576.",
     )
     output_tokens: PositiveInt = Field(
-        default=64, description="Generated tokens per request (max_tokens + ignore_eos)."
+        default=64,
+        le=MAX_TOKENS,
+        description="Generated tokens per request (max_tokens + ignore_eos), ≤ 1,048,576. "
+        "TPOT and ITL need at least 2.",
     )
-    concurrency: list[PositiveInt] | None = Field(
-        default=None, description="Concurrency levels (requests in flight), measured in order."
-    )
-    request_rates_per_s: list[Annotated[float, Field(gt=0)]] | None = Field(
+    concurrency: list[Annotated[int, Field(ge=1, le=MAX_CONCURRENCY)]] | None = Field(
         default=None,
-        description="Poisson request rates per second, measured in order (instead of concurrency).",
+        min_length=1,
+        max_length=MAX_LEVELS,
+        description="Concurrency levels (requests in flight, each ≤ 10,000), measured in order.",
     )
-    num_requests: PositiveInt | None = Field(
-        default=None, description="Measured requests per level."
+    request_rates_per_s: list[_RatePerS] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_LEVELS,
+        description="Poisson request rates per second (each ≤ 10,000), measured in order "
+        "(instead of concurrency).",
     )
-    duration_s: float | None = Field(
-        default=None, gt=0, description="Measure each level this long instead."
+    num_requests: Annotated[int, Field(ge=1, le=MAX_REQUESTS)] | None = Field(
+        default=None, description="Measured requests per level (≤ 1,000,000)."
+    )
+    duration_s: _DurationS | None = Field(
+        default=None, description="Measure each level this long instead, s (≤ 86,400)."
     )
     warmup_requests: int = Field(
-        default=2, ge=0, description="Unmeasured requests before each level."
+        default=2,
+        ge=0,
+        le=MAX_REQUESTS,
+        description="Unmeasured requests before each level (≤ 1,000,000).",
     )
-    max_error_rate: float = Field(
+    max_error_rate: Annotated[float, _finite(1.0)] = Field(
         default=0.0,
         ge=0,
         le=1,
         description="Failed-request share above which a trial is infeasible.",
     )
-    request_timeout_s: float = Field(default=120.0, gt=0, description="Per-request timeout, s.")
+    request_timeout_s: _TimeoutS = Field(
+        default=120.0, description="Per-request timeout, s (≤ 86,400)."
+    )
     prompt_token_tolerance: int = Field(
         default=2,
         ge=0,
+        le=MAX_TOKENS,
         description="Allowed |server prompt tokens − built prompt tokens| before it is reported.",
     )
-    seed: int = Field(default=0, description="Seed for prompts and Poisson arrivals.")
+    seed: _Seed = Field(default=0, description="Seed for prompts and Poisson arrivals.")
 
     @model_validator(mode="after")
     def _one_of(self) -> Workload:
@@ -487,6 +585,103 @@ class StudySpec(_Model):
             objective=self.objective,
         )
 
+    def notes(self) -> list[Problem]:
+        """Things worth knowing about a valid spec that do not stop it (``validate`` prints them):
+        a finite space with fewer feasible points than the search budget, or more grid points
+        than the budget runs; a throughput objective in rate mode."""
+        notes: list[Problem] = []
+        search_trials = self.budget.max_trials - 1
+        grid = self.strategy.kind == "grid"
+        count = self.space.feasibility(grid=grid, samples=0).exact_count
+        if count is not None and not (grid and self.space.full_grid_count() > MAX_GRID_POINTS):
+            what = "grid points" if grid else "points of the space"
+            if count < search_trials:
+                notes.append(
+                    Problem(
+                        "budget.max_trials",
+                        f"only {count:,} {what} meet the constraints, fewer than the "
+                        f"{search_trials:,} search trials budget.max_trials allows: the search "
+                        f"ends after {count:,} (plus the baseline)",
+                    )
+                )
+            elif grid and count > search_trials:
+                notes.append(
+                    Problem(
+                        "budget.max_trials",
+                        f"the grid has {count:,} points meeting the constraints but "
+                        f"budget.max_trials allows {search_trials:,} search trials: only the "
+                        "first ones in name order run; raise max_trials, coarsen the grid or "
+                        "use tpe",
+                    )
+                )
+        if self.workload.request_rates_per_s is not None:
+            for i, term in enumerate(self.objective.terms):
+                if term.metric in ("requests_per_s", "output_tokens_per_s"):
+                    notes.append(
+                        Problem(
+                            f"objective.terms.{i}.metric",
+                            f"in rate mode {term.metric} follows the offered rate while the "
+                            "server keeps up, so trials differ only once it falls behind; "
+                            "goodput_requests_per_s with SLOs, or a latency, tells them apart",
+                        )
+                    )
+        return notes
+
+
+PER_REQUEST_SLO_METRICS = ("ttft_ms", "tpot_ms", "e2e_latency_ms")
+"""SLO metrics checked per request, which goodput counts (ITL is per gap, not per request)."""
+_MULTI_TOKEN_METRICS = ("tpot_ms", "itl_ms")
+"""Metrics that need at least two output tokens per request: TPOT divides by output − 1 (vLLM's
+definition) and ITL is the gap between tokens (DESIGN.md §4)."""
+_LOWER_IS_BETTER = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_latency_ms", "error_rate")
+
+
+def unmeasurable(metric: str, workload: Workload) -> str | None:
+    """Why the workload can never produce ``metric`` (a ``ServingMetrics.value`` name or an SLO
+    metric), with the fix; None when it can. TPOT and ITL need ``output_tokens`` ≥ 2."""
+    base = metric.split(".", 1)[0]
+    if base in _MULTI_TOKEN_METRICS and workload.output_tokens < 2:
+        return (
+            f"{base} needs at least 2 output tokens per request, and workload.output_tokens is "
+            f"{workload.output_tokens}, so it is never measured: raise workload.output_tokens "
+            "to 2 or more, or use ttft_ms or e2e_latency_ms"
+        )
+    return None
+
+
+def objective_problem(term: ObjectiveTerm, workload: Workload, slos: list[Slo]) -> str | None:
+    """Why ``term`` cannot rank trials, with the fix; None when it can.
+
+    Refused: a metric the workload never produces (see ``unmeasurable``); ``error_rate`` (a
+    limit, set by ``workload.max_error_rate``, not an objective: every feasible trial would tie
+    at 0 with the default limit); ``goodput_requests_per_s`` without a per-request SLO (ttft,
+    tpot or e2e: goodput would equal ``requests_per_s``); a latency maximised or a throughput
+    minimised (the best trial would be the worst server).
+    """
+    why = unmeasurable(term.metric, workload)
+    if why:
+        return why
+    base = term.metric.split(".", 1)[0]
+    if base == "error_rate":
+        return (
+            "error_rate is a limit, not an objective: bound it with workload.max_error_rate "
+            "and optimise a throughput or a latency"
+        )
+    if term.metric == "goodput_requests_per_s" and not any(
+        s.metric in PER_REQUEST_SLO_METRICS for s in slos
+    ):
+        return (
+            "goodput counts the requests meeting every per-request SLO (ttft_ms, tpot_ms or "
+            "e2e_latency_ms) and slos has none, so it would equal requests_per_s: add such an "
+            "SLO, or use requests_per_s"
+        )
+    lower_better = base in _LOWER_IS_BETTER
+    if lower_better and term.direction == "maximize":
+        return f"{term.metric} is better when lower; use direction: minimize"
+    if not lower_better and term.direction == "minimize":
+        return f"{term.metric} is better when higher; use direction: maximize"
+    return None
+
 
 def cross_problems(
     *,
@@ -498,7 +693,14 @@ def cross_problems(
     objective: Objective | None,
 ) -> list[Problem]:
     """Problems between sections; each check runs when the sections it needs are valid (None =
-    that section is invalid or missing), so a spec with errors elsewhere still gets them."""
+    that section is invalid or missing), so a spec with errors elsewhere still gets them.
+
+    Checked: SLO and objective levels that are not workload levels; SLOs and objective terms the
+    workload cannot measure (see ``unmeasurable``, ``objective_problem``); nsga2 with one term;
+    constraints no point meets, by one rule for every strategy (``SearchSpace.infeasibility``:
+    counted exactly where the space is finite, else sampled); a grid over more than
+    ``MAX_GRID_POINTS`` points; flags both fixed and tuned.
+    """
     problems: list[Problem] = []
     if workload is not None:
         level_values = {lv.value for lv in workload.levels()}
@@ -511,6 +713,9 @@ def cross_problems(
                             f"{v:g} is not a workload level; use one of {sorted(level_values)}",
                         )
                     )
+            why = unmeasurable(slo.metric, workload)
+            if why:
+                problems.append(Problem(f"slos.{i}.metric", why))
         for i, term in enumerate(objective.terms if objective else []):
             if term.level is not None and term.level not in level_values:
                 problems.append(
@@ -519,6 +724,10 @@ def cross_problems(
                         f"{term.level:g} is not a workload level; use one of {sorted(level_values)} or null",
                     )
                 )
+            if slos is not None:
+                why = objective_problem(term, workload, slos)
+                if why:
+                    problems.append(Problem(f"objective.terms.{i}.metric", why))
     nsga2 = strategy is not None and strategy.kind == "nsga2"
     if nsga2 and objective is not None and len(objective.terms) < 2:
         problems.append(
@@ -526,16 +735,8 @@ def cross_problems(
                 "strategy.kind", "nsga2 needs two objective terms; use tpe, or add a second term"
             )
         )
-    if strategy is not None and space is not None and strategy.kind == "grid":
-        try:
-            size = space.grid_size()
-        except ValueError as e:
-            problems.append(Problem("space.params", str(e)))
-        else:
-            if size == 0:
-                problems.append(
-                    Problem("space.constraints", "no grid point meets the constraints; relax them")
-                )
+    if strategy is not None and space is not None:
+        problems.extend(_space_problems(space, strategy))
     if engine is not None and space is not None:
         both = set(engine.flags) & set(space.params)
         if both:
@@ -546,6 +747,32 @@ def cross_problems(
                 )
             )
     return problems
+
+
+def _space_problems(space: SearchSpace, strategy: StrategySpec) -> list[Problem]:
+    """A grid without a grid or too large to run; constraints no point meets (any strategy)."""
+    grid = strategy.kind == "grid"
+    if grid:
+        missing = []
+        for name, param in space.params.items():
+            try:
+                param.grid_count()
+            except ValueError as e:
+                missing.append(Problem("space.params", f"{name}: {e}"))
+        if missing:
+            return missing
+        size = space.full_grid_count()
+        if size > MAX_GRID_POINTS:
+            return [
+                Problem(
+                    "space.params",
+                    f"the grid has {size:,} points (every combination of the params' values), "
+                    f"more than the {MAX_GRID_POINTS:,} a grid study accepts; coarsen the steps, "
+                    "tune fewer params, or use strategy tpe or random",
+                )
+            ]
+    why = space.infeasibility(grid=grid, seed=strategy.seed)
+    return [Problem("space.constraints", why)] if why else []
 
 
 class Problem(BaseModel):
@@ -576,8 +803,16 @@ def _field_path(data: Any, loc: tuple[int | str, ...]) -> str:
     """
     parts: list[str] = []
     node: Any = data
-    for key in loc:
-        if isinstance(node, dict) and key not in node and node.get("kind") == key:
+    for i, key in enumerate(loc):
+        if (
+            isinstance(node, dict)
+            and key not in node
+            and (
+                node.get("kind") == key
+                # no kind: the union's default member (deployment: local), never a missing field
+                or ("kind" not in node and key == "local" and i < len(loc) - 1)
+            )
+        ):
             continue  # the union member chosen by `kind`, not a field of the document
         parts.append(str(key))
         if isinstance(node, dict):

@@ -14,7 +14,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 
 from servetune.core.metrics import format_warning
-from servetune.core.scoring import best_trial, pareto_front
+from servetune.core.scoring import best_trial, infeasible_reason, pareto_front
 from servetune.core.study import Trial, TrialRole, TrialState, format_params
 from servetune.engines import get_engine
 from servetune.engines.llamacpp import STAND_IN_NOTE
@@ -87,10 +87,10 @@ def _objective_plot(record: StudyRecord, trials: Sequence[Trial]) -> go.Figure:
     done = [t for t in trials if t.state is TrialState.COMPLETE]
     groups = {
         "feasible": [t for t in done if t.feasible and t.role is not TrialRole.CONFIRM],
-        "misses SLO": [t for t in done if not t.feasible and t.role is not TrialRole.CONFIRM],
+        "infeasible": [t for t in done if not t.feasible and t.role is not TrialRole.CONFIRM],
         "repeat on a fresh server": [t for t in done if t.role is TrialRole.CONFIRM],
     }
-    colors = {"feasible": "#2a2", "misses SLO": "#d80", "repeat on a fresh server": "#88a"}
+    colors = {"feasible": "#2a2", "infeasible": "#d80", "repeat on a fresh server": "#88a"}
     for name, group in groups.items():
         xs = [t.number for t in group]
         ys = [
@@ -149,7 +149,7 @@ def _objective_plot(record: StudyRecord, trials: Sequence[Trial]) -> go.Figure:
 def _pareto_plot(trials: Sequence[Trial], front: set[int]) -> go.Figure:
     done = [t for t in trials if t.state is TrialState.COMPLETE]
     fig = go.Figure()
-    for name, pick, color in (("feasible", True, "#2a2"), ("misses SLO", False, "#d80")):
+    for name, pick, color in (("feasible", True, "#2a2"), ("infeasible", False, "#d80")):
         group = [t for t in done if t.feasible is pick]
         fig.add_trace(
             go.Scatter(
@@ -300,12 +300,17 @@ def render_report(record: StudyRecord, trials: Sequence[Trial]) -> str:
         f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figs)
     )
     winner = "<p>No trial completed.</p>"
+    if verdict.get("objective_measured") is False:
+        best = None
+        winner = f"<p>Nothing to recommend: {html.escape(verdict.get('recommendation') or '')}</p>"
     if best is not None:
         cmd = get_engine(spec.engine).user_command(best.params)
         why = verdict.get("recommendation")
+        state = infeasible_reason(best) or "feasible"
+        what = "keep the engine defaults" if best.role is TrialRole.BASELINE else "params"
         winner = (
-            f"<p>Recommended: trial {best.number} ({'feasible' if best.feasible else 'misses the SLOs'}), "
-            f"params <code>{html.escape(format_params(best.params))}</code></p>"
+            f"<p>Recommended: trial {best.number} ({html.escape(state)}), "
+            f"{what} <code>{html.escape(format_params(best.params))}</code></p>"
             + (f"<p>{html.escape(why)}</p>" if why else "")
             + f"<pre>{html.escape(cmd.display())}</pre>"
             + (f"<p>{html.escape(STAND_IN_NOTE)}</p>" if spec.engine.kind == "llamacpp" else "")
@@ -339,8 +344,11 @@ warm-up. Strategy {spec.strategy.kind} (seed {spec.strategy.seed}).</p>
 TPOT: (E2E − TTFT)/(output tokens − 1) (vLLM). ITL: every gap between content chunks (per event); ITL per token:
 each gap ÷ the tokens of the event ending it. Output tok/s credits each request with at most the output tokens it
 asked for; tokens counted by the client when the server sent no usage are flagged as estimated. Goodput: requests per second
-meeting every per-request SLO. Confirm trials re-run the best trial and the baseline on fresh servers; the verdict's
-gain comes from those repeats and is called a win only when it exceeds the run-to-run spread.</p>
+meeting every per-request SLO. The engine defaults run {spec.budget.baseline_repeats} time(s) before the search to measure
+the run-to-run spread; confirm trials then re-run the top {spec.budget.confirm_top_k} candidates (distinct configurations)
+and the defaults on fresh servers. The recommendation comes from those repeats: the candidate with the best median is
+recommended only when it beats the defaults' median by more than the run-to-run spread, otherwise the defaults are kept
+(a difference inside the spread is a tie).</p>
 </body></html>"""
 
 

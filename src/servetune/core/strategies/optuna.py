@@ -335,17 +335,10 @@ class _Generations:
 
 def _grid_count(param: Param) -> int | None:
     """Values in ``param.grid()``, counted without building it; None for a float without step."""
-    if isinstance(param, IntParam):
-        return len(param.grid()) if param.log else (param.high - param.low) // param.step + 1
-    if isinstance(param, FloatParam):
-        if param.step is None:
-            return None
-        return math.floor((param.high - param.low) / param.step + 1e-9) + 1
-    if isinstance(param, LogParam):
-        return param.points
-    if isinstance(param, ChoiceParam):
-        return len(param.values)
-    return 2
+    try:
+        return param.grid_count()
+    except ValueError:
+        return None
 
 
 def _small_grid(space: SearchSpace) -> bool:
