@@ -178,7 +178,7 @@ def test_name_clash_suggests_resume(store: StudyStore) -> None:
 
 
 def test_all_digit_name_is_rejected(store: StudyStore) -> None:
-    with pytest.raises(SpecInvalid, match="not all digits"):
+    with pytest.raises(SpecInvalid, match="digits only"):
         store.create_study("2025", make_spec(), {})
 
 
