@@ -5,6 +5,7 @@ Nothing reads settings from a module global: entry points build ``Settings()`` a
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -30,18 +31,26 @@ def sqlite_url(path: Path) -> str:
 
 
 def path_under(base: Path, *parts: str) -> Path:
-    """``base / parts``, checked to stay inside ``base`` once both are resolved; the path.
+    """``base / parts``, checked to stay inside ``base``; the resolved path.
 
     Every path built from a name (a study's log folder, its report) goes through here, so a
-    name such as ``../x``, ``sub/dir`` or ``/srv/x`` can never write outside ``base`` (symlinks
-    are followed by ``resolve`` before the check). Raises PathOutside naming both paths.
+    name such as ``../x``, ``sub/dir`` or ``/srv/x`` can never write outside ``base``: each part
+    must be one plain path component (no separator, not ``.``/``..``/empty), and the resolved
+    path (symlinks followed) must lie under the resolved ``base``. Raises PathOutside naming
+    the name and both paths.
     """
     root = base.expanduser().resolve()
+    for part in parts:
+        if part in ("", ".", "..") or "/" in part or (os.altsep and os.altsep in part):
+            raise PathOutside(
+                f"{part!r} is not a plain name: it would put files outside {root} or in a "
+                "folder under it; use letters, digits, '.', '_' and '-' only"
+            )
     path = root.joinpath(*parts).resolve()
     if path == root or not path.is_relative_to(root):
         raise PathOutside(
-            f"{'/'.join(parts)!r} would put {path} outside {root}; use a plain name "
-            "(letters, digits, '.', '_', '-')"
+            f"{'/'.join(parts)!r} would put {path} outside {root} (a symbolic link?); "
+            "use a plain name (letters, digits, '.', '_', '-')"
         )
     return path
 
