@@ -69,6 +69,8 @@ def _not_text(path: Path, raw: bytes) -> str | None:
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError as e:
+        if len(raw) > MAX_SPEC_BYTES and e.start >= len(raw) - 4:
+            return None  # a character cut by the size limit; the size is the problem
         line = raw[: e.start].count(b"\n") + 1
         return (
             f"not UTF-8 text: byte 0x{raw[e.start]:02x} at offset {e.start} (line {line}) cannot "
@@ -90,6 +92,9 @@ def read_document(path: Path) -> dict[str, Any]:
             raw = f.read(MAX_SPEC_BYTES + 1)
     except OSError as e:
         raise SpecInvalid([Problem(str(path), f"cannot read the spec file: {e.strerror}")]) from e
+    why = _not_text(path, raw)
+    if why is not None:
+        raise SpecInvalid([Problem(str(path), why)])
     if len(raw) > MAX_SPEC_BYTES:
         raise SpecInvalid(
             [
@@ -100,9 +105,6 @@ def read_document(path: Path) -> dict[str, Any]:
                 )
             ]
         )
-    why = _not_text(path, raw)
-    if why is not None:
-        raise SpecInvalid([Problem(str(path), why)])
     try:
         data = yaml.load(raw.decode("utf-8"), Loader=_UniqueKeyLoader)
     except _DuplicateKey as e:

@@ -354,7 +354,7 @@ class StudyStore:
                 try:
                     found.append(_study_record(r))
                 except ValidationError as e:
-                    log.warning("study %s (id %d) is unreadable: %s", r.name, r.id, e)
+                    log.info("study %s (id %d) is unreadable: %s", r.name, r.id, e)
                     found.append(_unreadable(r, e))
             return found
 
