@@ -5,14 +5,19 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from servetune.core.study import FailureKind, TrialState
+from servetune.errors import ServetuneError
+from servetune.store.repo import StudyStore
 from tests.integration.study_helpers import cli_env, servetune, small_spec, write_spec
 
 pytestmark = pytest.mark.integration
@@ -282,3 +287,115 @@ def test_sigint_during_the_baseline_then_resume_reruns_the_baseline(
     assert [t["state"] for t in baselines] == ["FAIL", "COMPLETE"]  # the lost baseline was re-run
     measured = [t for t in trials if t["failure_kind"] != "cancelled"]
     assert len(measured) == 3 and all(t["state"] == "COMPLETE" for t in measured)
+
+
+# ---- one owner per study across data directories and hosts ---------------------------------
+
+
+def _cli(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(  # noqa: S603 - argv list of our own CLI
+        [sys.executable, "-m", "servetune", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_resume_from_another_data_directory_waits_for_the_lease(
+    tiny_model, tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """A study runs; `resume` from a second data directory (posing as another host) on the same
+    database is refused while it runs, still refused right after the owner is SIGKILLed (its
+    lease is live), and takes the study over and finishes it once the lease expired."""
+    url = (
+        f"sqlite:///{tmp_path / 'shared.db'}"
+        if backend == "sqlite"
+        else request.getfixturevalue("fresh_postgres_url")
+    )
+    ttl_s = 12.0
+    common = {"SERVETUNE_DB_URL": url, "SERVETUNE_LEASE_TTL_S": str(ttl_s)}
+    owner_env = cli_env(tmp_path / "a") | common
+    rival_env = cli_env(tmp_path / "b") | common | {"SERVETUNE_HOST_NAME": "other-host"}
+    doc = small_spec(tiny_model, trials=4, name="shared")
+    doc["workload"] = {**doc["workload"], "num_requests": 40}
+    spec = write_spec(tmp_path / "spec.yaml", doc)
+    proc = subprocess.Popen(  # noqa: S603 - argv list of our own CLI
+        [sys.executable, "-m", "servetune", "run", str(spec)],
+        env=owner_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        store = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                store = store or StudyStore(url)
+                study = store.get_study("shared")
+                if any(t.state is TrialState.RUNNING for t in store.trials(study.id)):
+                    break
+            except ServetuneError:
+                pass
+            time.sleep(0.1)
+        assert store is not None and proc.poll() is None, "the study never got a running trial"
+        study_id = store.get_study("shared").id
+        held = store.lease_holder(study_id)
+        assert held is not None and held.pid == proc.pid and held.host == socket.gethostname()
+
+        rival = _cli(rival_env, "resume", "shared")
+        assert rival.returncode == 1, rival.stdout + rival.stderr
+        for needle in ("being run by another process", f"pid {proc.pid}", held.host, "expires"):
+            assert needle in rival.stderr, (needle, rival.stderr)
+        shown = json.loads(_cli(rival_env, "show", "shared", "--json").stdout)
+        assert shown["study"]["status"] == "running"
+
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        lease = store.lease_holder(study_id)
+        assert lease is not None and lease.is_live()
+        still = _cli(rival_env, "resume", "shared")
+        if lease.expires_at > datetime.now(UTC):  # else a slow machine reached the expiry
+            assert still.returncode == 1 and "being run by another process" in still.stderr, (
+                still.stdout + still.stderr
+            )
+        if still.returncode == 1:
+            while (lease := store.lease_holder(study_id)) is not None and lease.is_live():
+                time.sleep(0.2)
+            shown = json.loads(_cli(rival_env, "show", "shared", "--json").stdout)
+            assert shown["study"]["status"].startswith("interrupted")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+    taken = _cli(rival_env, "resume", "shared") if still.returncode == 1 else still
+    assert taken.returncode == 0, taken.stdout + taken.stderr
+    assert "killed the engine" not in taken.stdout  # the owner's engine died with it
+    trials = store.trials(study_id)
+    store.close()
+    assert not [t for t in trials if t.state is TrialState.RUNNING]
+    measured = [t for t in trials if t.failure_kind is not FailureKind.INTERRUPTED]
+    assert len(measured) == 4 and all(t.state is TrialState.COMPLETE for t in measured)
+    assert len(trials) - len(measured) <= 1  # at most the one trial the kill interrupted
+    shown = json.loads(_cli(rival_env, "show", "shared", "--json").stdout)
+    assert shown["study"]["status"] == "finished"
+    with StudyStore(url) as s:
+        assert s.lease_holder(study_id) is None  # released on the clean end
+    deadline = time.monotonic() + 10  # no engine of this test outlives it (others may run)
+    while _engines_of(tiny_model.gguf_path) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _engines_of(tiny_model.gguf_path)
+
+
+def _engines_of(model: Path) -> set[int]:
+    """Pids of engines serving ``model`` (this session's tiny model), whoever started them."""
+    out = subprocess.run(  # noqa: S603 - fixed argv
+        ["pgrep", "-f", f"xllamacpp_server.*{model}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return {int(p) for p in out.stdout.split()}
