@@ -114,6 +114,15 @@ def _user_error_exit_code(e: BaseException) -> int:
     if isinstance(e, SpecInvalid):
         _print_problems(e)
         return 2
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        where = f" writing {e.filename}" if e.filename is not None else ""
+        data_dir = os.environ.get("SERVETUNE_DATA_DIR")
+        hint = f"; the data directory is {data_dir}" if data_dir else ""
+        _fail(
+            f"the disk is full (no space left on device){where}{hint}; free some space, then "
+            "`servetune resume` continues a study where it stopped"
+        )
+        return 1
     if isinstance(e, OSError) and e.filename is not None:
         where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
         data_dir = os.environ.get("SERVETUNE_DATA_DIR")

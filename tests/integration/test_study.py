@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -85,7 +86,7 @@ def test_failing_candidate_is_recorded_and_study_continues(tiny_model, tmp_path:
     doc["strategy"] = {"kind": "grid"}
     doc["budget"] = {"max_trials": 5, "confirm_repeats": 0}
     spec = write_spec(tmp_path / "spec.yaml", doc)
-    before = _engine_pids()
+    before = _engine_pids(tiny_model.gguf_path)
     run = servetune(tmp_path, "run", str(spec))
     assert run.returncode == 0, run.stdout + run.stderr
     shown = _show(tmp_path, "fails")["trials"]
@@ -103,7 +104,7 @@ def test_failing_candidate_is_recorded_and_study_continues(tiny_model, tmp_path:
     assert huge["state"] == "FAIL"
     assert huge["failure_kind"] == "kv_cache_too_small", huge
     assert huge["failure_reason"]
-    assert not (_engine_pids() - before), "an engine outlived its trial"
+    assert not (_engine_pids(tiny_model.gguf_path) - before), "an engine outlived its trial"
 
 
 def test_invalid_spec_exits_2_with_one_message_per_problem(tmp_path: Path) -> None:
@@ -136,9 +137,11 @@ def test_invalid_spec_exits_2_with_one_message_per_problem(tmp_path: Path) -> No
             assert conn.execute("select count(*) from studies").fetchone()[0] == 0
 
 
-def _engine_pids() -> set[int]:
-    out = subprocess.run(
-        ["pgrep", "-f", "servetune.engines.xllamacpp_server"],
+def _engine_pids(model: Path) -> set[int]:
+    """Pids of engines serving ``model`` (this test session's tiny model): other test sessions
+    on a shared machine run engines of their own, which are none of these tests' business."""
+    out = subprocess.run(  # noqa: S603 - fixed argv
+        ["pgrep", "-f", f"servetune.engines.xllamacpp_server.*{model}"],
         capture_output=True,
         text=True,
         check=False,
@@ -150,7 +153,7 @@ def test_sigkill_then_resume_finishes_every_trial_once(tiny_model, tmp_path: Pat
     doc = small_spec(tiny_model, trials=6, name="killed")
     doc["workload"] = {**doc["workload"], "num_requests": 16}
     spec = write_spec(tmp_path / "spec.yaml", doc)
-    before = _engine_pids()
+    before = _engine_pids(tiny_model.gguf_path)
     proc = subprocess.Popen(  # noqa: S603 - argv list of our own CLI
         [sys.executable, "-m", "servetune", "run", str(spec)],
         env=cli_env(tmp_path),
@@ -196,9 +199,11 @@ def test_sigkill_then_resume_finishes_every_trial_once(tiny_model, tmp_path: Pat
         }
     # the engine of the killed study does not outlive it
     deadline = time.monotonic() + 10
-    while _engine_pids() - before and time.monotonic() < deadline:
+    while _engine_pids(tiny_model.gguf_path) - before and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not (_engine_pids() - before), "an engine outlived the SIGKILLed study"
+    assert not (_engine_pids(tiny_model.gguf_path) - before), (
+        "an engine outlived the SIGKILLed study"
+    )
     assert _show(tmp_path, "killed")["study"]["status"].startswith("interrupted")
 
     out = servetune(tmp_path, "resume", "killed")
@@ -221,7 +226,7 @@ def test_sigkill_then_resume_finishes_every_trial_once(tiny_model, tmp_path: Pat
         after = {n: s for n, s in conn.execute("select number, finished_at from trials")}
     for number, finished_at in finished_before.items():
         assert after[number] == finished_at, f"trial {number} was re-run"
-    assert not (_engine_pids() - before)
+    assert not (_engine_pids(tiny_model.gguf_path) - before)
 
 
 def test_study_on_postgresql_then_resume_is_a_no_op(
@@ -249,7 +254,7 @@ def test_sigint_during_the_baseline_then_resume_reruns_the_baseline(
     doc = small_spec(tiny_model, trials=3, name="ctrl-c")
     doc["workload"] = {**doc["workload"], "num_requests": 120}  # trial 0 outlasts the signal
     spec = write_spec(tmp_path / "spec.yaml", doc)
-    before = _engine_pids()
+    before = _engine_pids(tiny_model.gguf_path)
     proc = subprocess.Popen(  # noqa: S603 - argv list of our own CLI
         [sys.executable, "-m", "servetune", "run", str(spec)],
         env=cli_env(tmp_path),
@@ -262,7 +267,7 @@ def test_sigint_during_the_baseline_then_resume_reruns_the_baseline(
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             # wait until trial 0's engine is up (a new engine process exists)
-            if db.exists() and _engine_pids() - before:
+            if db.exists() and _engine_pids(tiny_model.gguf_path) - before:
                 break
             time.sleep(0.05)
         time.sleep(0.1)
@@ -278,7 +283,7 @@ def test_sigint_during_the_baseline_then_resume_reruns_the_baseline(
         (0, "FAIL", "cancelled")
     ]
     assert first["study"]["status"] == "cancelled"
-    assert not (_engine_pids() - before)
+    assert not (_engine_pids(tiny_model.gguf_path) - before)
 
     out = servetune(tmp_path, "resume", "ctrl-c")
     assert out.returncode == 0, out.stdout + out.stderr
@@ -385,17 +390,69 @@ def test_resume_from_another_data_directory_waits_for_the_lease(
     with StudyStore(url) as s:
         assert s.lease_holder(study_id) is None  # released on the clean end
     deadline = time.monotonic() + 10  # no engine of this test outlives it (others may run)
-    while _engines_of(tiny_model.gguf_path) and time.monotonic() < deadline:
+    while _engine_pids(tiny_model.gguf_path) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _engines_of(tiny_model.gguf_path)
+    assert not _engine_pids(tiny_model.gguf_path)
 
 
-def _engines_of(model: Path) -> set[int]:
-    """Pids of engines serving ``model`` (this session's tiny model), whoever started them."""
-    out = subprocess.run(  # noqa: S603 - fixed argv
-        ["pgrep", "-f", f"xllamacpp_server.*{model}"],
-        capture_output=True,
+# ---- output and disk trouble ---------------------------------------------------------------
+
+
+def test_a_closed_stdout_does_not_stop_the_study(tiny_model, tmp_path: Path) -> None:
+    """`servetune run spec.yaml | head -1`: the reader goes away; the study runs to its end."""
+    spec = write_spec(tmp_path / "spec.yaml", small_spec(tiny_model, trials=3, name="piped"))
+    reader, writer = os.pipe()
+    proc = subprocess.Popen(  # noqa: S603 - argv list of our own CLI
+        [sys.executable, "-m", "servetune", "run", str(spec)],
+        env=cli_env(tmp_path),
+        stdout=writer,
+        stderr=subprocess.PIPE,
         text=True,
-        check=False,
     )
-    return {int(p) for p in out.stdout.split()}
+    os.close(writer)
+    with os.fdopen(reader, "rb") as pipe:
+        first = pipe.readline()  # `head -1`, then the pipe closes
+    assert first.startswith(b"study piped"), first
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    shown = _show(tmp_path, "piped")
+    assert shown["study"]["status"] == "finished"
+    assert [t["state"] for t in shown["trials"]] == ["COMPLETE"] * 3
+    assert (tmp_path / "data" / "reports" / "piped.html").is_file()
+    log_text = (tmp_path / "data" / "logs" / "servetune.log").read_text(encoding="utf-8")
+    assert "standard output was closed" in log_text
+    assert "study piped: " in log_text  # it kept logging after the pipe closed
+
+
+def test_a_full_data_directory_is_said_once_and_nothing_is_lost(tiny_model, tmp_path: Path) -> None:
+    """The data directory (logs, reports) on a 2 MiB tmpfs that is full; the database elsewhere."""
+    data = tmp_path / "data"
+    data.mkdir()
+    subprocess.run(  # noqa: S603 - fixed argv
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(data)],
+        check=True,
+    )
+    try:
+        with (data / "filler").open("wb") as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        spec = write_spec(tmp_path / "spec.yaml", small_spec(tiny_model, trials=2, name="full"))
+        out = servetune(tmp_path, "run", str(spec))
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "Traceback" not in out.stderr and "Logging error" not in out.stderr, out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) <= 3, out.stderr  # not a traceback per log record
+        assert any("disk is full" in line and str(data) in line for line in lines), out.stderr
+        assert sum("cannot write the log" in line for line in lines) <= 1
+        # every measurement was recorded (the database is on another disk)
+        shown = _show(tmp_path, "full")
+        assert [t["state"] for t in shown["trials"]] == ["COMPLETE", "COMPLETE"]
+        assert shown["study"]["status"] == "finished"
+        # with space again, the report can be written
+        (data / "filler").unlink()
+        report = servetune(tmp_path, "report", "full", "-o", str(tmp_path / "full.html"))
+        assert report.returncode == 0, report.stderr
+    finally:
+        subprocess.run(["umount", str(data)], check=True)  # noqa: S603 - fixed argv
