@@ -362,6 +362,7 @@ def shared_plotly_js(folder: Path) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(get_plotlyjs())
+        os.chmod(tmp, 0o644)  # readable like the reports that load it
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
