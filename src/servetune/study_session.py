@@ -69,19 +69,21 @@ async def run_study(
     clean_stale_locks(settings)
     owner = LeaseOwner(owner_id=uuid.uuid4().hex, host=settings.host_name, pid=os.getpid())
     await asyncio.to_thread(take_study, store, study.id, owner, settings)
+    store.fence(study.id, owner.owner_id)
     main = asyncio.current_task()
     lost: list[StudyBusy] = []
     renewer = asyncio.create_task(_keep_lease(store, study.id, owner, settings, main, lost))
     try:
         return await _run_locked(settings, store, study, console)
-    except asyncio.CancelledError:
-        if lost:
+    except (asyncio.CancelledError, StudyBusy):
+        if lost:  # the loop's own cancellation writes were fenced off: report the takeover
             raise lost[0] from None
         raise
     finally:
         renewer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await renewer
+        store.fence(study.id, None)
         if not lost:
             try:
                 await asyncio.to_thread(store.release_lease, study.id, owner.owner_id)

@@ -659,3 +659,33 @@ def test_a_read_only_database_on_an_old_schema_says_it_cannot_be_upgraded(
         assert current_revision(engine) == head_revision()
     finally:
         engine.dispose()
+
+
+def test_a_run_that_lost_its_lease_writes_nothing_more(store_url: str) -> None:
+    with StudyStore(store_url) as first, StudyStore(store_url) as second:
+        study = first.create_study("fenced", make_spec(), {})
+        first.acquire_lease(study.id, owner(1), ttl_s=0.3)
+        first.fence(study.id, "run-1")
+        trial = first.add_trial(study.id, 0, TrialRole.BASELINE, {})
+        assert trial.id is not None
+        time.sleep(0.5)  # run-1 froze past its lease; run-2 takes the study over
+        second.acquire_lease(study.id, owner(2, host="gpu-2"), ttl_s=60)
+        second.fence(study.id, "run-2")
+        done = TrialResult(state=TrialState.FAIL, failure_kind=FailureKind.CANCELLED)
+        for write in (
+            lambda: first.add_trial(study.id, 1, TrialRole.SEARCH, {}),
+            lambda: first.finish_trial(trial.id, done),  # type: ignore[arg-type]
+            lambda: first.set_trial_process(trial.id, 1, 1),  # type: ignore[arg-type]
+            lambda: first.set_study_status(study.id, "cancelled", {"summary": "second verdict"}),
+            lambda: first.interrupt_running(study.id, "x"),
+        ):
+            with pytest.raises(StudyBusy, match=r"lost its lease.*pid 1002 on host gpu-2"):
+                write()
+        assert [t.state for t in second.trials(study.id)] == [TrialState.RUNNING]
+        assert second.get_study(study.id).status == "running"
+        assert second.get_study(study.id).verdict is None
+        # the new owner writes as usual
+        second.interrupt_running(study.id, "taken over")
+        second.set_study_status(study.id, "finished", {"summary": "one verdict"})
+        first.fence(study.id, None)  # a store without a fence is not checked
+        assert first.get_study(study.id).verdict == {"summary": "one verdict"}

@@ -456,3 +456,77 @@ def test_a_full_data_directory_is_said_once_and_nothing_is_lost(tiny_model, tmp_
         assert report.returncode == 0, report.stderr
     finally:
         subprocess.run(["umount", str(data)], check=True)  # noqa: S603 - fixed argv
+
+
+def test_a_frozen_owner_that_lost_its_lease_stops_without_writing(
+    tiny_model, tmp_path: Path
+) -> None:
+    """The owner freezes (SIGSTOP) past its lease; another host takes the study over; the owner
+    wakes up, finds out, and stops with a clear error: no interleaved trials, one verdict."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    common = {"SERVETUNE_DB_URL": url, "SERVETUNE_LEASE_TTL_S": "4"}
+    owner_env = cli_env(tmp_path / "a") | common
+    rival_env = cli_env(tmp_path / "b") | common | {"SERVETUNE_HOST_NAME": "other-host"}
+    doc = small_spec(tiny_model, trials=4, name="frozen")
+    doc["workload"] = {**doc["workload"], "num_requests": 40}
+    spec = write_spec(tmp_path / "spec.yaml", doc)
+    owner = subprocess.Popen(  # noqa: S603 - argv list of our own CLI
+        [sys.executable, "-m", "servetune", "run", str(spec)],
+        env=owner_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    rival = None
+    store = None
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and owner.poll() is None:
+            try:
+                store = store or StudyStore(url)
+                study = store.get_study("frozen")
+                if any(t.state is TrialState.RUNNING for t in store.trials(study.id)):
+                    break
+            except ServetuneError:
+                pass
+            time.sleep(0.1)
+        assert store is not None and owner.poll() is None, "the study never got a running trial"
+        study_id = store.get_study("frozen").id
+        os.kill(owner.pid, signal.SIGSTOP)
+        while (lease := store.lease_holder(study_id)) is not None and lease.is_live():
+            time.sleep(0.2)
+        rival = subprocess.Popen(
+            [sys.executable, "-m", "servetune", "resume", "frozen"],
+            env=rival_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while (lease := store.lease_holder(study_id)) is None or lease.host != "other-host":
+            assert time.monotonic() < deadline and rival.poll() is None, "no takeover"
+            time.sleep(0.1)
+        os.kill(owner.pid, signal.SIGCONT)
+        _, owner_err = owner.communicate(timeout=60)
+        assert owner.returncode == 1, owner_err
+        assert "lost its lease" in owner_err and "other-host" in owner_err, owner_err
+        assert "Traceback" not in owner_err, owner_err
+        rival_out, rival_err = rival.communicate(timeout=240)
+        assert rival.returncode == 0, rival_out + rival_err
+    finally:
+        for proc in (owner, rival):
+            if proc is not None and proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
+                proc.kill()
+                proc.wait(timeout=10)
+    trials = store.trials(study_id)
+    record = store.get_study(study_id)
+    store.close()
+    assert record.status == "finished" and record.lease is None
+    assert not [t for t in trials if t.state is TrialState.RUNNING]
+    measured = [
+        t for t in trials if t.failure_kind not in (FailureKind.INTERRUPTED, FailureKind.CANCELLED)
+    ]
+    assert len(measured) == 4 and all(t.state is TrialState.COMPLETE for t in measured)
+    assert len(trials) - len(measured) <= 1  # only the trial the owner was running
+    assert [t.number for t in trials] == list(range(len(trials)))

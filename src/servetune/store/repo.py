@@ -235,6 +235,7 @@ class StudyStore:
             self._engine.dispose()
             raise
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
+        self._fences: dict[int, str] = {}
         log.debug("store open%s: %s", " read-only" if self.read_only else "", self.url)
 
     def close(self) -> None:
@@ -270,6 +271,34 @@ class StudyStore:
         if row is None:
             raise self._not_found(session, study_id)
         return row
+
+    def _owned_row(self, session: Session, study_id: int) -> StudyRow:
+        """The study's row, locked for this transaction, after checking the fence (``fence``)."""
+        row = session.get(StudyRow, study_id, with_for_update=True)
+        if row is None:
+            raise self._not_found(session, study_id)
+        owner = self._fences.get(study_id)
+        if owner is not None and row.lease_owner != owner:
+            lease = _lease(row)
+            raise StudyBusy(
+                f"study {row.name}: this process lost its lease, so it writes nothing more; now "
+                f"held by {lease.describe() if lease else 'nobody'}"
+            )
+        return row
+
+    def fence(self, study_id: int, owner_id: str | None) -> None:
+        """Make writes to the study through this store need ``owner_id``'s lease (None: stop).
+
+        While fenced, every write (study status, new trials, trial processes and results,
+        interrupting) first checks, in its own transaction and with the study row locked,
+        that ``owner_id`` still holds the study's lease, and raises StudyBusy when another
+        process took it over: a process that lost its lease cannot interleave trials or
+        write a second verdict.
+        """
+        if owner_id is None:
+            self._fences.pop(study_id, None)
+        else:
+            self._fences[study_id] = owner_id
 
     def _not_found(self, session: Session, ref: str | int) -> StudyNotFound:
         names = session.scalars(select(StudyRow.name).order_by(StudyRow.id.desc()).limit(10)).all()
@@ -378,7 +407,7 @@ class StudyStore:
                 f"unknown study status {status!r}; use one of {', '.join(STUDY_STATUSES)}"
             )
         with self._tx(f"setting study {study_id} to {status}") as s:
-            row = self._study_row(s, study_id)
+            row = self._owned_row(s, study_id)
             row.status = status
             row.finished_at = None if status == "running" else _now()
             if verdict is not None:
@@ -518,7 +547,7 @@ class StudyStore:
         doing = f"adding trial {number} to study {study_id}"
         try:
             with self._tx(doing) as s:
-                self._study_row(s, study_id)
+                self._owned_row(s, study_id)
                 s.add(row)
                 s.flush()
                 trial = _trial(row)
@@ -539,6 +568,7 @@ class StudyStore:
             row = s.get(TrialRow, trial_id)
             if row is None:
                 raise StoreError(f"no trial with id {trial_id} in {self.url}")
+            self._owned_row(s, row.study_id)
             row.pid = pid
             row.pgid = pgid
 
@@ -558,6 +588,7 @@ class StudyStore:
             row = s.get(TrialRow, trial_id)
             if row is None:
                 raise StoreError(f"no trial with id {trial_id} in {self.url}")
+            self._owned_row(s, row.study_id)
             if row.state != TrialState.RUNNING.value:
                 log.warning(
                     "trial %d of study %d was already %s; replacing its result",
@@ -600,7 +631,7 @@ class StudyStore:
         Used on resume, after the engines they left were killed. Finished trials are untouched.
         """
         with self._tx(f"marking the running trials of study {study_id} interrupted") as s:
-            self._study_row(s, study_id)
+            self._owned_row(s, study_id)
             rows = s.scalars(
                 select(TrialRow)
                 .where(TrialRow.study_id == study_id, TrialRow.state == TrialState.RUNNING.value)
