@@ -460,11 +460,14 @@ def demo(
     """Make a small local model if missing and tune llama.cpp on it with TPE (about 12 trials)."""
     from servetune.demo import demo_spec
     from servetune.modelgen import make_model
+    from servetune.settings import path_under
     from servetune.specfile import validate_document
     from servetune.store.repo import StudyStore
 
+    if size not in ("tiny", "small"):
+        raise _fail(f"--size must be tiny or small, not {size!r}", 2)
     settings = _settings(db)
-    model_dir = Path(settings.data_dir) / "models" / size
+    model_dir = path_under(Path(settings.data_dir) / "models", size)
     console.print(f"[bold]servetune demo[/]: model in {model_dir}")
     files = make_model(size, model_dir)  # type: ignore[arg-type]
     doc = demo_spec(files.gguf_path, files.tokenizer_dir, trials)
@@ -606,6 +609,7 @@ def show(
                 "id": record.id,
                 "name": record.name,
                 "status": _status(record, db),
+                "lease": record.lease.model_dump(mode="json") if record.lease else None,
                 "engine": record.spec.engine.kind,
                 "created_at": record.created_at.isoformat(),
                 "objective": [t.label for t in record.spec.objective.terms],
@@ -616,7 +620,10 @@ def show(
         }
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return
-    console.print(f"study [bold]{record.name}[/] (id {record.id}) — {_status(record, db)}")
+    status = _status(record, db)
+    if status == "running" and record.lease is not None:
+        status += f" by {record.lease.describe()}"
+    console.print(f"study [bold]{record.name}[/] (id {record.id}) — {escape(status)}")
     table = Table(box=None, header_style="bold")
     for col in ("#", "role", "state", "tok/s", "TTFT p99 ms", "ok"):
         table.add_column(col, no_wrap=True)

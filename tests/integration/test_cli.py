@@ -235,6 +235,12 @@ def test_run_refuses_a_name_that_would_leave_the_data_directory(
     assert not Path("/srv/x").exists() and not (tmp_path / "x").exists()
 
 
+def test_demo_refuses_a_size_that_would_leave_the_data_directory(tmp_path: Path) -> None:
+    out = servetune(tmp_path, "demo", "--size", "../../x")
+    assert_clean_error(out, 2, "--size must be tiny or small")
+    assert not (tmp_path / "data").exists() and not (tmp_path / "x").exists()
+
+
 def test_a_model_file_given_as_the_spec_is_a_clear_error(
     tmp_path: Path, tiny_model: ModelFiles
 ) -> None:

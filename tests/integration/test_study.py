@@ -356,6 +356,8 @@ def test_resume_from_another_data_directory_waits_for_the_lease(
             assert needle in rival.stderr, (needle, rival.stderr)
         shown = json.loads(_cli(rival_env, "show", "shared", "--json").stdout)
         assert shown["study"]["status"] == "running"
+        assert shown["study"]["lease"]["pid"] == proc.pid
+        assert shown["study"]["lease"]["host"] == held.host
 
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
