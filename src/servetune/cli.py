@@ -6,8 +6,11 @@ Entry point only: it parses options, sets up logging and output, and calls the l
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
 import logging
+import logging.handlers
 import os
 import signal
 import sys
@@ -29,9 +32,73 @@ from servetune.core.study import Trial, TrialRole, TrialState, format_params
 from servetune.errors import ServetuneError, SpecInvalid
 from servetune.settings import Settings
 
-console = Console()
-err_console = Console(stderr=True)
 log = logging.getLogger("servetune")
+
+
+class _PipeSafeStdout:
+    """``sys.stdout`` for the rich console that survives a reader going away.
+
+    ``servetune run spec.yaml | head -3``: once the pipe is closed, a write raises
+    BrokenPipeError (EPIPE). The study must not stop for that, so the first broken write
+    points file descriptor 1 at /dev/null (so the interpreter's final flush is quiet too),
+    logs one line, and every later write is dropped; the study keeps running and logging.
+    """
+
+    def __init__(self) -> None:
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        """Write to the current ``sys.stdout``; dropped (and counted as written) once broken."""
+        if self.broken:
+            return len(text)
+        try:
+            return sys.stdout.write(text)
+        except (BrokenPipeError, ValueError):  # ValueError: stdout closed in-process
+            self._went_away()
+            return len(text)
+        except OSError as e:
+            if e.errno != errno.EPIPE:
+                raise
+            self._went_away()
+            return len(text)
+
+    def flush(self) -> None:
+        """Flush ``sys.stdout``; a broken pipe ends output as in ``write``."""
+        if self.broken:
+            return
+        try:
+            sys.stdout.flush()
+        except (BrokenPipeError, ValueError):
+            self._went_away()
+        except OSError as e:
+            if e.errno != errno.EPIPE:
+                raise
+            self._went_away()
+
+    def _went_away(self) -> None:
+        self.broken = True
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        log.warning("standard output was closed (broken pipe); output stops, the command goes on")
+
+    def isatty(self) -> bool:
+        """Whether stdout is a terminal (False once broken)."""
+        return not self.broken and sys.stdout.isatty()
+
+    def fileno(self) -> int:
+        """The descriptor of ``sys.stdout``."""
+        return sys.stdout.fileno()
+
+    @property
+    def encoding(self) -> str:
+        """The encoding of ``sys.stdout``."""
+        return getattr(sys.stdout, "encoding", None) or "utf-8"
+
+
+console = Console(file=_PipeSafeStdout())  # type: ignore[arg-type]  # a text stream's API
+err_console = Console(stderr=True)
 
 
 def _user_error_exit_code(e: BaseException) -> int:
@@ -48,6 +115,15 @@ def _user_error_exit_code(e: BaseException) -> int:
     if isinstance(e, SpecInvalid):
         _print_problems(e)
         return 2
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        where = f" writing {e.filename}" if e.filename is not None else ""
+        data_dir = os.environ.get("SERVETUNE_DATA_DIR")
+        hint = f"; the data directory is {data_dir}" if data_dir else ""
+        _fail(
+            f"the disk is full (no space left on device){where}{hint}; free some space, then "
+            "`servetune resume` continues a study where it stopped"
+        )
+        return 1
     if isinstance(e, OSError) and e.filename is not None:
         where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
         data_dir = os.environ.get("SERVETUNE_DATA_DIR")
@@ -97,19 +173,74 @@ def _settings(db: str | None) -> Settings:
     return Settings(db_url=db) if db else Settings()
 
 
+class _LogFile(logging.handlers.RotatingFileHandler):
+    """servetune.log, rotated at ``Settings.log_max_bytes`` keeping ``log_backup_count`` files.
+
+    When the file cannot be written (the disk is full, the folder is read-only) it says so
+    once on stderr, naming the file and the reason, and stops logging to the file instead of
+    printing a traceback for every record (logging's default ``handleError``).
+    """
+
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Write ``record`` unless the file already failed."""
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        """Report the first failure in one line; drop this and every later record."""
+        if self.failed:
+            return
+        self.failed = True
+        exc = sys.exc_info()[1]
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            reason = f"the disk holding {os.path.dirname(self.baseFilename)} is full ({reason})"
+        with contextlib.suppress(Exception):
+            err_console.print(
+                f"[yellow]warning:[/] cannot write the log {self.baseFilename}: {escape(reason)}; "
+                "logging to it stops",
+                highlight=False,
+                soft_wrap=True,
+            )
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+class _BriefFormatter(logging.Formatter):
+    """One line per record, no traceback (the traceback goes to the log file)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """``record`` formatted without its exception and stack text."""
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
 def _setup_logging(settings: Settings, verbose: bool) -> Path:
-    """Log everything to a file under the data dir; warnings (or all with -v) to stderr."""
-    log_dir = Path(settings.data_dir) / "logs"
+    """Log everything to a rotated file under the data dir; warnings (or all with -v) to stderr,
+    tracebacks only with -v."""
+    log_dir = settings.logs_dir
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / "servetune.log"
     root = logging.getLogger()
     root.setLevel(logging.INFO)
-    fh = logging.FileHandler(path, encoding="utf-8")
+    fh = _LogFile(
+        path,
+        maxBytes=settings.log_max_bytes,
+        backupCount=settings.log_backup_count,
+        encoding="utf-8",
+    )
     fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(fh)
     sh = logging.StreamHandler(sys.stderr)
     sh.setLevel(logging.INFO if verbose else logging.WARNING)
-    sh.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    sh.setFormatter(logging.Formatter(fmt) if verbose else _BriefFormatter(fmt))
     root.addHandler(sh)
     for noisy in ("httpx", "httpcore", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -284,9 +415,15 @@ def run(
     ] = 5,
 ) -> None:
     """Run a tuning study described by SPEC, then print the winner and how it was confirmed."""
+    from servetune.core.spec import check_study_name
     from servetune.specfile import load_spec
     from servetune.store.repo import StudyStore
 
+    if name is not None:
+        try:
+            check_study_name(name)
+        except ValueError as e:
+            raise _fail(f"--name: {e}", 2) from None
     try:
         parsed, doc = load_spec(spec)
     except SpecInvalid as e:
@@ -372,11 +509,14 @@ def demo(
     """Make a small local model if missing and tune llama.cpp on it with TPE (about 12 trials)."""
     from servetune.demo import demo_spec
     from servetune.modelgen import make_model
+    from servetune.settings import path_under
     from servetune.specfile import validate_document
     from servetune.store.repo import StudyStore
 
+    if size not in ("tiny", "small"):
+        raise _fail(f"--size must be tiny or small, not {size!r}", 2)
     settings = _settings(db)
-    model_dir = Path(settings.data_dir) / "models" / size
+    model_dir = path_under(Path(settings.data_dir) / "models", size)
     console.print(f"[bold]servetune demo[/]: model in {model_dir}")
     files = make_model(size, model_dir)  # type: ignore[arg-type]
     doc = demo_spec(files.gguf_path, files.tokenizer_dir, trials)
@@ -404,8 +544,8 @@ def _print_outcome(outcome: Any, settings: Settings) -> None:
     for t in outcome.trials:
         counts[t.state.value] = counts.get(t.state.value, 0) + 1
     console.print("trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
-    report_path = Path(settings.data_dir) / "reports" / f"{outcome.study.name}.html"
-    write_report(outcome.study, outcome.trials, report_path)
+    report_path = settings.report_path(outcome.study.name)
+    write_report(outcome.study, outcome.trials, report_path, plotly_dir=settings.reports_dir)
     if best is None or chosen is None:
         if outcome.recommendation and any(t.state is TrialState.COMPLETE for t in outcome.trials):
             console.print(f"[red]nothing to recommend[/]: {escape(outcome.recommendation)}")
@@ -489,11 +629,17 @@ def _print_outcome(outcome: Any, settings: Settings) -> None:
 # ---- inspecting studies ------------------------------------------------------------------
 
 
-def _load(study: str, db: str | None) -> tuple[Any, list[Trial]]:
+def _open_store(settings: Settings, read_only: bool = False) -> Any:
+    """The StudyStore of ``settings``; ``read_only`` for commands that only read (a database
+    without write access is then opened read-only instead of failing)."""
     from servetune.store.repo import StudyStore
 
+    return StudyStore(settings.db_url, read_only=read_only)
+
+
+def _load(study: str, db: str | None) -> tuple[Any, list[Trial]]:
     try:
-        store = StudyStore(_settings(db).db_url)
+        store = _open_store(_settings(db), read_only=True)
         record = store.get_study(study)
         return record, store.trials(record.id)
     except ServetuneError as e:
@@ -531,15 +677,10 @@ def _stand_in_note(spec: Any) -> str:
 
 
 def _status(record: Any, db: str | None) -> str:
-    """The study's status; a study marked running whose process is gone reads ``interrupted``."""
-    from servetune.study_session import StudyLock
+    """The study's status; a study marked running whose lease lapsed reads ``interrupted``."""
+    from servetune.study_session import study_status
 
-    if record.status != "running":
-        return str(record.status)
-    settings = _settings(db)
-    if StudyLock(settings, settings.db_url, record.id).is_held_elsewhere():
-        return "running"
-    return "interrupted (its process is gone; `servetune resume` continues it)"
+    return study_status(record, _settings(db))
 
 
 @app.command()
@@ -557,6 +698,7 @@ def show(
                 "id": record.id,
                 "name": record.name,
                 "status": _status(record, db),
+                "lease": record.lease.model_dump(mode="json") if record.lease else None,
                 "engine": record.spec.engine.kind,
                 "created_at": record.created_at.isoformat(),
                 "objective": [t.label for t in record.spec.objective.terms],
@@ -568,7 +710,10 @@ def show(
         }
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return
-    console.print(f"study [bold]{record.name}[/] (id {record.id}) — {_status(record, db)}")
+    status = _status(record, db)
+    if status == "running" and record.lease is not None:
+        status += f" by {record.lease.describe()}"
+    console.print(f"study [bold]{record.name}[/] (id {record.id}) — {escape(status)}")
     table = Table(box=None, header_style="bold")
     for col in ("#", "role", "state", "tok/s", "TTFT p99 ms", "ok"):
         table.add_column(col, no_wrap=True)
@@ -617,15 +762,25 @@ def show(
 @app.command(name="list")
 def list_studies(db: DbOption = None) -> None:
     """List recent studies."""
-    from servetune.store.repo import StudyStore
+
+    from servetune.store.repo import UnreadableStudy
 
     try:
-        studies = StudyStore(_settings(db).db_url).list_studies()
+        studies = _open_store(_settings(db), read_only=True).list_studies()
     except ServetuneError as e:
         raise _fail(str(e)) from None
     table = Table("id", "engine", "status", "created", "name")
     table.columns[4].overflow = "fold"
     for s in studies:
+        if isinstance(s, UnreadableStudy):
+            table.add_row(
+                str(s.id),
+                s.engine_kind,
+                f"[red]unreadable[/]: {escape(s.reason)}",
+                s.created_at.isoformat(timespec="seconds"),
+                s.name,
+            )
+            continue
         table.add_row(
             str(s.id),
             s.spec.engine.kind,
@@ -693,9 +848,17 @@ def export(
 def report(
     study: Annotated[str, typer.Argument(help="Study id or name.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="HTML file to write.")],
+    self_contained: Annotated[
+        bool,
+        typer.Option(
+            "--self-contained",
+            help="Inline plotly.js (about 4.8 MB) for one file to share; by default the report "
+            "loads the data directory's shared reports/plotly-<version>.min.js.",
+        ),
+    ] = False,
     db: DbOption = None,
 ) -> None:
-    """Write a self-contained HTML report: trials, objective over trials, Pareto scatter, importances."""
+    """Write an HTML report: trials, objective over trials, Pareto scatter, importances."""
     from servetune.report.html import write_report
 
     if out.is_dir():
@@ -705,8 +868,9 @@ def report(
         raise _fail(f"cannot write the report to {out}: {existing} is not a directory")
     record, trials = _load(study, db)
     _quiet_optuna()
+    plotly_dir = None if self_contained else _settings(db).reports_dir
     try:
-        write_report(record, trials, out)
+        write_report(record, trials, out, plotly_dir=plotly_dir)
     except OSError as e:
         raise _fail(f"cannot write the report to {out}: {e.strerror or e}") from None
     console.print(f"report: {out}")

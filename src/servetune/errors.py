@@ -5,6 +5,8 @@ ServetuneError
 ├── StudyNotFound        no study with that id or name
 ├── StudyExists          a study with that name is already stored
 ├── StoreError           the database failed (SQLAlchemy errors, translated)
+├── StudyBusy            another live process holds the study's lease
+├── PathOutside          a path built from a name would leave its directory
 ├── EngineError          the engine could not be prepared or launched
 │   └── EngineNotFound   the binary/wheel for the engine is missing
 ├── DeploymentError      a deployment could not start or stop an engine
@@ -40,6 +42,14 @@ class StudyExists(ServetuneError):
 
 class StoreError(ServetuneError):
     """The database failed; the message says what was being done."""
+
+
+class StudyBusy(ServetuneError):
+    """Another live process holds the study's lease; the message names its host, pid and expiry."""
+
+
+class PathOutside(ServetuneError):
+    """A path built from a name (study name, file name) would leave the directory it belongs in."""
 
 
 class EngineError(ServetuneError):

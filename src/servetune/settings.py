@@ -5,12 +5,16 @@ Nothing reads settings from a module global: entry points build ``Settings()`` a
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
 import platformdirs
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from servetune.errors import PathOutside
 
 
 def default_data_dir() -> Path:
@@ -24,6 +28,31 @@ def default_data_dir() -> Path:
 def sqlite_url(path: Path) -> str:
     """The SQLAlchemy URL of a SQLite file at ``path`` (made absolute)."""
     return f"sqlite:///{path.expanduser().absolute()}"
+
+
+def path_under(base: Path, *parts: str) -> Path:
+    """``base / parts``, checked to stay inside ``base``; the resolved path.
+
+    Every path built from a name (a study's log folder, its report) goes through here, so a
+    name such as ``../x``, ``sub/dir`` or ``/srv/x`` can never write outside ``base``: each part
+    must be one plain path component (no separator, not ``.``/``..``/empty), and the resolved
+    path (symlinks followed) must lie under the resolved ``base``. Raises PathOutside naming
+    the name and both paths.
+    """
+    root = base.expanduser().resolve()
+    for part in parts:
+        if part in ("", ".", "..") or "/" in part or (os.altsep and os.altsep in part):
+            raise PathOutside(
+                f"{part!r} is not a plain name: it would put files outside {root} or in a "
+                "folder under it; use letters, digits, '.', '_' and '-' only"
+            )
+    path = root.joinpath(*parts).resolve()
+    if path == root or not path.is_relative_to(root):
+        raise PathOutside(
+            f"{'/'.join(parts)!r} would put {path} outside {root} (a symbolic link?); "
+            "use a plain name (letters, digits, '.', '_', '-')"
+        )
+    return path
 
 
 class Settings(BaseSettings):
@@ -45,6 +74,34 @@ class Settings(BaseSettings):
         "data_dir) or postgresql://user@host/dbname.",
     )
 
+    lease_ttl_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="How long a study's lease lasts unless renewed, in s. The running process "
+        "renews it every third of this; another process may take a study over once its "
+        "owner has not renewed it for this long (a killed owner on another host).",
+    )
+    host_name: str = Field(
+        default_factory=socket.gethostname,
+        min_length=1,
+        max_length=255,
+        description="The name this process gives as its host in study leases "
+        "(default: the machine's host name). On the same host a lease of a gone pid is "
+        "taken over at once; from another host only once it expires.",
+    )
+    log_max_bytes: int = Field(
+        default=10 * 1024 * 1024,
+        ge=1024,
+        description="servetune.log is rotated when it would grow past this many bytes.",
+    )
+    log_backup_count: int = Field(
+        default=3,
+        ge=0,
+        le=100,
+        description="How many rotated servetune.log files (servetune.log.1, …) are kept.",
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _defaults(cls, data: Any) -> Any:
@@ -62,3 +119,16 @@ class Settings(BaseSettings):
     def logs_dir(self) -> Path:
         """Where trial engine logs and servetune's own log go: ``<data_dir>/logs``."""
         return self.data_dir / "logs"
+
+    @property
+    def reports_dir(self) -> Path:
+        """Where study reports and the shared plotly.js go: ``<data_dir>/reports``."""
+        return self.data_dir / "reports"
+
+    def study_logs_dir(self, name: str) -> Path:
+        """The folder of one study's engine logs, ``<logs_dir>/<name>``; raises PathOutside."""
+        return path_under(self.logs_dir, name)
+
+    def report_path(self, name: str) -> Path:
+        """The study's report, ``<reports_dir>/<name>.html``; raises PathOutside."""
+        return path_under(self.reports_dir, f"{name}.html")

@@ -18,20 +18,107 @@ from servetune.engines import get_engine
 from servetune.errors import SpecInvalid
 
 
-def read_document(path: Path) -> dict[str, Any]:
-    """Parse ``path`` as YAML (JSON is YAML too). Raises SpecInvalid for unreadable or non-mapping files."""
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader refusing a key repeated in one mapping (YAML 1.2 requires unique
+    keys; PyYAML keeps the last silently). Nested mappings and JSON documents alike; keys merged
+    in with ``<<`` may still be overridden, as the merge rule intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        """Check ``node``'s keys for duplicates, then build the mapping as SafeLoader does."""
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: SafeLoader reports it below
+                continue
+            if first is not None:
+                raise _DuplicateKey(key, first, key_node)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(yaml.YAMLError):
+    """A key given twice in one mapping; carries the key and both places."""
+
+    def __init__(self, key: Any, first: yaml.Node, again: yaml.Node) -> None:
+        self.key = key
+        self.again_line = again.start_mark.line + 1
+        self.again_column = again.start_mark.column + 1
+        first_at = f"line {first.start_mark.line + 1}, column {first.start_mark.column + 1}"
+        again_at = f"line {self.again_line}, column {self.again_column}"
+        super().__init__(
+            f"duplicate key {key!r}: first at {first_at}, again at {again_at}; keep one of them"
+        )
+
+
+MAX_SPEC_BYTES = 4 * 1024 * 1024
+"""Largest spec file read, in bytes: a study spec is a few kB; anything this big is a wrong file."""
+
+
+def _not_text(path: Path, raw: bytes) -> str | None:
+    """Why ``raw`` is not a YAML/JSON text (binary, not UTF-8), or None when it is text."""
+    hint = "a spec is a YAML or JSON text file (UTF-8)"
+    if raw.startswith(b"GGUF"):
+        return f"this is a GGUF model file, not a spec; {hint}, whose engine.model names the model"
+    nul = raw.find(b"\x00", 0, 8192)
+    if nul >= 0:
+        return f"this is a binary file (a NUL byte at offset {nul}), not a spec; {hint}"
     try:
-        text = path.read_text(encoding="utf-8")
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if len(raw) > MAX_SPEC_BYTES and e.start >= len(raw) - 4:
+            return None  # a character cut by the size limit; the size is the problem
+        line = raw[: e.start].count(b"\n") + 1
+        return (
+            f"not UTF-8 text: byte 0x{raw[e.start]:02x} at offset {e.start} (line {line}) cannot "
+            f"be decoded; {hint}: save it as UTF-8"
+        )
+    return None
+
+
+def read_document(path: Path) -> dict[str, Any]:
+    """Parse ``path`` as YAML (JSON is YAML too); the mapping.
+
+    Raises SpecInvalid (naming the file, and the line where known) for an unreadable file, a
+    binary or non-UTF-8 file (a ``.gguf`` given by mistake), one over ``MAX_SPEC_BYTES``,
+    invalid or too deeply nested YAML/JSON, a key repeated in one mapping (naming the key and
+    both lines), or a document that is not a mapping.
+    """
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_SPEC_BYTES + 1)
     except OSError as e:
         raise SpecInvalid([Problem(str(path), f"cannot read the spec file: {e.strerror}")]) from e
+    why = _not_text(path, raw)
+    if why is not None:
+        raise SpecInvalid([Problem(str(path), why)])
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecInvalid(
+            [
+                Problem(
+                    str(path),
+                    f"the file is over {MAX_SPEC_BYTES // (1024 * 1024)} MiB: not a spec "
+                    "(a spec is a YAML or JSON text of a few kB)",
+                )
+            ]
+        )
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(raw.decode("utf-8"), Loader=_UniqueKeyLoader)
+    except _DuplicateKey as e:
+        raise SpecInvalid([Problem(f"{path}:{e.again_line}:{e.again_column}", str(e))]) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise SpecInvalid(
             [Problem(str(path), f"not valid YAML/JSON{where}: {getattr(e, 'problem', e)}")]
         ) from e
+    except RecursionError:
+        raise SpecInvalid(
+            [Problem(str(path), "not a spec: its YAML/JSON is nested too deeply to read")]
+        ) from None
     if not isinstance(data, dict):
         raise SpecInvalid(
             [Problem("(root)", "a spec is a mapping with engine, space, workload and objective")]

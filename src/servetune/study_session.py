@@ -6,10 +6,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
-import hashlib
 import logging
 import os
+import uuid
 from pathlib import Path
 
 from rich.console import Console
@@ -22,7 +23,6 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
-from sqlalchemy.engine import make_url
 
 from servetune.bench.builtin import BuiltinClient
 from servetune.core.metrics import format_warning
@@ -36,11 +36,11 @@ from servetune.deploy.local import LocalDeployment
 from servetune.engines import get_engine
 from servetune.engines.base import Engine
 from servetune.engines.llamacpp import LlamaCppEngine
-from servetune.errors import ServetuneError
+from servetune.errors import ServetuneError, StudyBusy
 from servetune.loop import LoopEvents, StudyLoop, StudyOutcome
 from servetune.runner import TrialContext
 from servetune.settings import Settings
-from servetune.store.repo import StudyRecord, StudyStore
+from servetune.store.repo import LeaseOwner, StudyLease, StudyRecord, StudyStore
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +70,169 @@ async def run_study(
 ) -> StudyOutcome:
     """Run or resume ``study`` (stored in the open ``store``) to its end with a live display.
 
-    Raises StudyBusy when another process on this machine is running it.
+    The study's lease in the database is taken first (``take_study``) and renewed in the
+    background every third of ``settings.lease_ttl_s`` while the study runs; it is released
+    when the run ends (finished, failed or cancelled). Raises StudyBusy when another live
+    process, on this host or any other sharing the database, holds the lease, or when this
+    process loses it (it stopped renewing long enough for another process to take over).
     """
-    lock = StudyLock(settings, store.url, study.id)
-    lock.acquire()
+    clean_stale_locks(settings)
+    owner = LeaseOwner(owner_id=uuid.uuid4().hex, host=settings.host_name, pid=os.getpid())
+    await asyncio.to_thread(take_study, store, study.id, owner, settings)
+    store.fence(study.id, owner.owner_id)
+    main = asyncio.current_task()
+    lost: list[StudyBusy] = []
+    renewer = asyncio.create_task(_keep_lease(store, study.id, owner, settings, main, lost))
     try:
         return await _run_locked(settings, store, study, console)
+    except (asyncio.CancelledError, StudyBusy):
+        if lost:  # the loop's own cancellation writes were fenced off: report the takeover
+            raise lost[0] from None
+        raise
     finally:
-        lock.release()
+        renewer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await renewer
+        store.fence(study.id, None)
+        if not lost:
+            try:
+                await asyncio.to_thread(store.release_lease, study.id, owner.owner_id)
+            except ServetuneError as e:  # it lapses by itself after lease_ttl_s
+                log.warning("study %s: could not release its lease: %s", study.name, e)
+
+
+async def _keep_lease(
+    store: StudyStore,
+    study_id: int,
+    owner: LeaseOwner,
+    settings: Settings,
+    main: asyncio.Task[object] | None,
+    lost: list[StudyBusy],
+) -> None:
+    """Renew the lease every ``lease_ttl_s / 3``; cancel ``main`` when it was taken over.
+
+    A failed renewal (the database unreachable for a moment) is logged and retried at the next
+    tick: the lease stays this owner's until another process takes it over after it expires.
+    """
+    every_s = settings.lease_ttl_s / 3
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await asyncio.to_thread(
+                store.renew_lease, study_id, owner.owner_id, settings.lease_ttl_s
+            )
+        except StudyBusy as e:
+            log.error("%s; stopping this run", e)
+            lost.append(e)
+            if main is not None:
+                main.cancel()
+            return
+        except ServetuneError as e:
+            log.warning("renewing the lease of study %d failed (retrying): %s", study_id, e)
+
+
+def take_study(
+    store: StudyStore, study_id: int, owner: LeaseOwner, settings: Settings
+) -> StudyLease:
+    """Take the study's lease for ``owner``; the lease. Raises StudyBusy naming a live holder.
+
+    A lease held on this host (``settings.host_name``) by a process that is gone (no such pid,
+    a zombie, or the pid reused by a process started after the lease was taken) is taken over
+    at once; any other lease only once it expires (``settings.lease_ttl_s`` after its holder
+    last renewed it).
+    """
+    try:
+        return store.acquire_lease(study_id, owner, settings.lease_ttl_s)
+    except StudyBusy:
+        holder = store.lease_holder(study_id)
+        if holder is None or holder_alive(holder, settings):
+            raise
+        log.info("study %d: its lease holder %s is gone; taking over", study_id, holder.describe())
+        return store.acquire_lease(study_id, owner, settings.lease_ttl_s, take_over=holder.owner_id)
+
+
+def holder_alive(lease: StudyLease, settings: Settings) -> bool:
+    """Whether the lease's holder may still be running the study.
+
+    False when the lease has expired, or when it is held on this host by a process that is
+    gone; a holder on another host is alive until its lease expires (nothing better is known).
+    """
+    if not lease.is_live():
+        return False
+    if lease.host != settings.host_name:
+        return True
+    return _pid_alive(lease.pid, lease.acquired_at.timestamp())
+
+
+def _pid_alive(pid: int, since_epoch_s: float) -> bool:
+    """True when ``pid`` runs on this host and was started before ``since_epoch_s`` (+2 s slack).
+
+    Reads ``/proc/<pid>/stat`` (state and start time, proc(5)); without /proc, a pid that
+    exists counts as alive.
+    """
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: it exists
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        state, start_ticks = fields[0], int(fields[19])
+        boot_s = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+    except (OSError, ValueError, IndexError, StopIteration):
+        return True
+    if state in ("Z", "X"):
+        return False
+    started_s = boot_s + start_ticks / os.sysconf("SC_CLK_TCK")
+    return started_s <= since_epoch_s + 2.0
+
+
+def study_status(record: StudyRecord, settings: Settings) -> str:
+    """The status to show for ``record``: a study marked running whose lease lapsed (or whose
+    holder on this host is gone) reads ``interrupted``; a live one ``running``."""
+    if record.status != "running":
+        return str(record.status)
+    if record.lease is not None and holder_alive(record.lease, settings):
+        return "running"
+    return "interrupted (its process is gone; `servetune resume` continues it)"
+
+
+def clean_stale_locks(settings: Settings) -> int:
+    """Remove the per-study lock files older servetune versions left in ``<data_dir>/locks``.
+
+    The database lease replaced them; a file still locked by a live older process is kept.
+    Returns how many were removed; never raises (a read-only data directory keeps its files).
+    """
+    folder = Path(settings.data_dir) / "locks"
+    removed = 0
+    try:
+        paths = list(folder.glob("study-*.lock"))
+    except OSError:
+        return 0
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            path.unlink()
+            removed += 1
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+    return removed
 
 
 async def _run_locked(
@@ -85,7 +240,11 @@ async def _run_locked(
 ) -> StudyOutcome:
     spec = study.spec
     engine = get_engine(spec.engine)
-    log_dir = Path(spec.deployment.log_dir or Path(settings.data_dir) / "logs" / study.name)
+    log_dir = (
+        Path(spec.deployment.log_dir)
+        if spec.deployment.log_dir
+        else settings.study_logs_dir(study.name)
+    )
     await asyncio.to_thread(log_dir.mkdir, parents=True, exist_ok=True)
     deployment = await asyncio.to_thread(deployment_for, spec, engine, study.name)
     client = BuiltinClient.for_spec(spec)
@@ -154,60 +313,3 @@ def deployment_for(spec: StudySpec, engine: Engine, study: str) -> Deployment:
             )
         return k8s
     return LocalDeployment(host=d.host, stop_timeout_s=d.stop_timeout_s)
-
-
-class StudyBusy(ServetuneError):
-    """Another process on this machine is running the study right now."""
-
-
-class StudyLock:
-    """An exclusive, process-lifetime lock on one study (``fcntl.flock`` on a file in the data dir).
-
-    Held while a process runs the study, so a second ``run``/``resume`` cannot take it over; the
-    OS releases it when the process dies (even by SIGKILL), so a crashed study is never locked.
-    Covers processes on this machine only (a manager with remote workers needs a DB lease).
-    """
-
-    def __init__(self, settings: Settings, store_url: str, study_id: int) -> None:
-        url = make_url(store_url).render_as_string(hide_password=True)  # as StudyStore.url
-        key = hashlib.sha256(f"{url}#{study_id}".encode()).hexdigest()[:16]
-        self.path = Path(settings.data_dir) / "locks" / f"study-{key}.lock"
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        """Take the lock or raise StudyBusy naming the holder's pid."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise StudyBusy(
-                f"the study is being run by another process (pid {holder}); wait for it, or stop it "
-                "and then `servetune resume` it"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._fd = fd
-
-    def release(self) -> None:
-        """Release the lock (idempotent)."""
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-    def is_held_elsewhere(self) -> bool:
-        """True when another process holds the lock now (a study marked running that is not
-        held is one whose process died)."""
-        if not self.path.exists():
-            return False
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False

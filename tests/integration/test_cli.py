@@ -11,7 +11,9 @@ import errno
 import json
 import os
 import re
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -217,6 +219,154 @@ def test_show_says_which_slo_an_infeasible_trial_missed(studies: Path) -> None:
 
     met = servetune(studies, "show", "met")
     assert met.returncode == 0 and "missed:" not in met.stdout, met.stdout
+
+
+# ---- names, spec files, unreadable rows ----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["../x", "sub/dir", "/srv/x/abs"])
+def test_run_refuses_a_name_that_would_leave_the_data_directory(
+    tmp_path: Path, tiny_model: ModelFiles, name: str
+) -> None:
+    spec = write_spec(tmp_path / "spec.yaml", small_spec(tiny_model, trials=1))
+    out = servetune(tmp_path, "run", str(spec), "--name", name)
+    assert_clean_error(out, 2, "--name", repr(name), "letters, digits, '.', '_' or '-'")
+    assert not (tmp_path / "data").exists() and not (tmp_path / "studies.db").exists()
+    assert not Path("/srv/x").exists() and not (tmp_path / "x").exists()
+
+
+def test_demo_refuses_a_size_that_would_leave_the_data_directory(tmp_path: Path) -> None:
+    out = servetune(tmp_path, "demo", "--size", "../../x")
+    assert_clean_error(out, 2, "--size must be tiny or small")
+    assert not (tmp_path / "data").exists() and not (tmp_path / "x").exists()
+
+
+def test_a_model_file_given_as_the_spec_is_a_clear_error(
+    tmp_path: Path, tiny_model: ModelFiles
+) -> None:
+    for command in ("validate", "run"):
+        out = servetune(tmp_path, command, str(tiny_model.gguf_path))
+        assert_clean_error(out, 2, str(tiny_model.gguf_path), "GGUF model file, not a spec")
+    assert not (tmp_path / "studies.db").exists()
+
+
+def test_duplicate_keys_in_a_spec_are_refused_naming_both_lines(
+    tmp_path: Path, tiny_model: ModelFiles
+) -> None:
+    text = yaml.safe_dump(small_spec(tiny_model, trials=1, name="dup"), sort_keys=False)
+    text = text.replace("budget:\n", "budget:\n  max_trials: 40\n", 1)  # then max_trials: 1
+    lines = text.splitlines()
+    first = next(i for i, line in enumerate(lines) if "max_trials: 40" in line) + 1
+    again = next(i for i, line in enumerate(lines) if "max_trials: 1" in line) + 1
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(text, encoding="utf-8")
+    out = servetune(tmp_path, "run", str(spec))
+    assert_clean_error(
+        out, 2, "duplicate key 'max_trials'", f"line {first}, column 3", f"again at line {again}"
+    )
+    assert not (tmp_path / "studies.db").exists()
+
+
+def test_list_shows_an_unreadable_study_and_goes_on(studies: Path, tmp_path: Path) -> None:
+    shutil.copytree(studies, tmp_path, dirs_exist_ok=True)
+    with sqlite3.connect(tmp_path / "studies.db") as conn:
+        (raw,) = conn.execute("select spec from studies where name = 'missed'").fetchone()
+        spec = json.loads(raw)
+        spec["engine"]["kind"] = "vllm-next"  # as a newer servetune would write it
+        conn.execute("update studies set spec = ? where name = 'missed'", (json.dumps(spec),))
+    out = servetune(tmp_path, "list")
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr
+    assert out.stderr == "", out.stderr
+    (missed,) = [line for line in out.stdout.splitlines() if " missed " in line]
+    (met,) = [line for line in out.stdout.splitlines() if " met " in line]
+    assert "unreadable" in missed and "another servetune version" in missed
+    assert "engine.kind" in missed  # the reason names the field
+    assert "finished" in met
+    shown = servetune(tmp_path, "show", "missed")
+    assert_clean_error(shown, 1, "missed", "cannot be read by this servetune", "upgrade")
+
+
+# ---- a read-only data directory ------------------------------------------------------------
+
+
+def test_an_archived_study_reads_from_a_read_only_data_directory(
+    studies: Path, tmp_path: Path
+) -> None:
+    archive, view = tmp_path / "archive", tmp_path / "view"
+    shutil.copytree(studies, archive)
+    view.mkdir()
+    subprocess.run(["mount", "--bind", "-o", "ro", str(archive), str(view)], check=True)  # noqa: S603 - fixed argv
+    try:
+        with pytest.raises(OSError, match="Read-only file system"):
+            (view / "probe").write_text("x")
+        listed = servetune(view, "list")
+        assert listed.returncode == 0, listed.stderr
+        assert "met" in listed.stdout and "missed" in listed.stdout
+        shown = servetune(view, "show", "met", "--json")
+        assert shown.returncode == 0, shown.stderr
+        assert json.loads(shown.stdout)["study"]["status"] == "finished"
+        exported = servetune(view, "export", "met", "--format", "json")
+        assert exported.returncode == 0, exported.stderr
+        assert json.loads(exported.stdout)["study"] == "met"
+        target = tmp_path / "out" / "met.html"
+        reported = servetune(view, "report", "met", "-o", str(target))
+        assert reported.returncode == 0, reported.stderr
+        page = target.read_text(encoding="utf-8")
+        assert "servetune study met" in page
+        # the data directory's shared plotly.js exists (written by the run) and is referenced
+        js = next((view / "data" / "reports").glob("plotly-*.min.js"))
+        src = re.search(r'<script src="([^"]+plotly-[^"]+\.min\.js)"', page)
+        assert src is not None and (target.parent / src.group(1)).resolve() == js.resolve()
+    finally:
+        subprocess.run(["umount", str(view)], check=True)  # noqa: S603 - fixed argv
+
+
+# ---- reports, the log, lock files ----------------------------------------------------------
+
+
+def test_reports_share_one_plotly_file_unless_self_contained(studies: Path) -> None:
+    shared = studies / "data" / "reports"
+    js = list(shared.glob("plotly-*.min.js"))
+    assert len(js) == 1 and js[0].stat().st_size > 3_000_000  # written once by the runs
+    run_report = shared / "met.html"
+    assert run_report.stat().st_size < 200_000, run_report.stat().st_size
+    assert f'<script src="{js[0].name}"></script>' in run_report.read_text(encoding="utf-8")
+
+    small = studies / "sizes" / "small.html"
+    out = servetune(studies, "report", "met", "-o", str(small))
+    assert out.returncode == 0, out.stderr
+    big = studies / "sizes" / "one-file.html"
+    out = servetune(studies, "report", "met", "-o", str(big), "--self-contained")
+    assert out.returncode == 0, out.stderr
+    assert small.stat().st_size < 200_000 < 3_000_000 < big.stat().st_size
+    assert "<script src=" not in big.read_text(encoding="utf-8")
+    assert f"../data/reports/{js[0].name}" in small.read_text(encoding="utf-8")
+    assert list(shared.glob("plotly-*.min.js")) == js and not list(shared.glob(".plotly-*"))
+
+
+def test_the_log_rotates_and_a_full_log_disk_is_said_once(studies: Path, tmp_path: Path) -> None:
+    shutil.copytree(studies, tmp_path, dirs_exist_ok=True)
+    logs = tmp_path / "data" / "logs"
+    (logs / "servetune.log").write_text("x" * 5000, encoding="utf-8")
+    locks = tmp_path / "data" / "locks"  # left by older versions, one per study ever run
+    locks.mkdir()
+    for i in range(3):
+        (locks / f"study-{i:016x}.lock").write_text("123")
+    out = cli(tmp_path, "resume", "met", env={"SERVETUNE_LOG_MAX_BYTES": "4096"})
+    assert out.returncode == 0, out.stderr
+    assert (logs / "servetune.log.1").stat().st_size == 5000  # rotated, not grown forever
+    assert (logs / "servetune.log").stat().st_size <= 4096
+    assert not locks.exists()
+
+    (logs / "servetune.log").unlink()
+    (logs / "servetune.log").symlink_to("/dev/full")  # every write: ENOSPC
+    out = cli(tmp_path, "resume", "met", "-v")
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr and "Logging error" not in out.stderr, out.stderr
+    warnings = [line for line in out.stderr.splitlines() if "cannot write the log" in line]
+    assert len(warnings) == 1, out.stderr
+    assert str(logs) in warnings[0] and "is full" in warnings[0]
 
 
 # ---- bench -----------------------------------------------------------------------------------

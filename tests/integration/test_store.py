@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,10 +25,10 @@ from servetune.core.metrics import RequestRecord, summarize
 from servetune.core.slo import check_slos, request_bounds
 from servetune.core.spec import StudySpec, parse_spec
 from servetune.core.study import FailureKind, TrialResult, TrialRole, TrialState
-from servetune.errors import SpecInvalid, StoreError, StudyExists, StudyNotFound
+from servetune.errors import SpecInvalid, StoreError, StudyBusy, StudyExists, StudyNotFound
 from servetune.store.db import alembic_config, current_revision, head_revision, make_engine
-from servetune.store.repo import StudyStore
-from servetune.store.tables import TrialRow
+from servetune.store.repo import LeaseOwner, StudyRecord, StudyStore, UnreadableStudy
+from servetune.store.tables import StudyRow, TrialRow
 
 pytestmark = pytest.mark.integration
 
@@ -178,7 +179,7 @@ def test_name_clash_suggests_resume(store: StudyStore) -> None:
 
 
 def test_all_digit_name_is_rejected(store: StudyStore) -> None:
-    with pytest.raises(SpecInvalid, match="not all digits"):
+    with pytest.raises(SpecInvalid, match="digits only"):
         store.create_study("2025", make_spec(), {})
 
 
@@ -466,3 +467,225 @@ def test_bad_urls_are_store_errors() -> None:
     with pytest.raises(StoreError, match="opening the database") as info:
         StudyStore("postgresql://servetune:hunter2@127.0.0.1:1/servetune")
     assert "hunter2" not in str(info.value)
+
+
+# ---- the study lease: one owner per study, on every host sharing the database --------------
+
+
+def owner(n: int, host: str = "gpu-1") -> LeaseOwner:
+    return LeaseOwner(owner_id=f"run-{n}", host=host, pid=1000 + n)
+
+
+def test_a_live_lease_refuses_others_naming_its_holder(store: StudyStore) -> None:
+    study = store.create_study("leased", make_spec(), {})
+    assert store.lease_holder(study.id) is None
+    lease = store.acquire_lease(study.id, owner(1), ttl_s=60)
+    assert (lease.owner_id, lease.host, lease.pid) == ("run-1", "gpu-1", 1001)
+    assert lease.acquired_at.tzinfo is not None and lease.is_live()
+    assert timedelta(seconds=59) < lease.expires_at - lease.acquired_at <= timedelta(seconds=60)
+    with pytest.raises(StudyBusy) as busy:
+        store.acquire_lease(study.id, owner(2, host="gpu-2"), ttl_s=60)
+    message = str(busy.value)
+    assert "being run by another process" in message
+    assert "pid 1001 on host gpu-1" in message
+    assert lease.acquired_at.isoformat(timespec="seconds") in message
+    assert lease.expires_at.isoformat(timespec="seconds") in message
+    # the holder may take it again (idempotent) and renew it; the other may not renew it
+    assert store.acquire_lease(study.id, owner(1), ttl_s=60).owner_id == "run-1"
+    renewed = store.renew_lease(study.id, "run-1", ttl_s=120)
+    assert renewed.expires_at > lease.expires_at and renewed.renewed_at >= lease.renewed_at
+    with pytest.raises(StudyBusy, match="lost its lease"):
+        store.renew_lease(study.id, "run-2", ttl_s=60)
+    assert store.get_study(study.id).lease == store.lease_holder(study.id)
+
+
+def test_a_released_or_expired_lease_can_be_taken(store: StudyStore) -> None:
+    study = store.create_study("handover", make_spec(), {})
+    store.acquire_lease(study.id, owner(1), ttl_s=60)
+    assert store.release_lease(study.id, "run-2") is False  # not the holder: nothing happens
+    assert store.lease_holder(study.id) is not None
+    assert store.release_lease(study.id, "run-1") is True
+    assert store.lease_holder(study.id) is None
+    assert store.release_lease(study.id, "run-1") is False
+
+    store.acquire_lease(study.id, owner(2), ttl_s=0.3)
+    with pytest.raises(StudyBusy):
+        store.acquire_lease(study.id, owner(3), ttl_s=60)
+    time.sleep(0.5)
+    lapsed = store.lease_holder(study.id)
+    assert lapsed is not None and not lapsed.is_live()
+    taken = store.acquire_lease(study.id, owner(3, host="gpu-3"), ttl_s=60)
+    assert (taken.owner_id, taken.host) == ("run-3", "gpu-3")
+    # the run that lost it finds out when it renews
+    with pytest.raises(StudyBusy, match="pid 1003 on host gpu-3"):
+        store.renew_lease(study.id, "run-2", ttl_s=60)
+    # a holder the caller proved dead can be taken over before expiry, by its owner id only
+    with pytest.raises(StudyBusy):
+        store.acquire_lease(study.id, owner(4), ttl_s=60, take_over="run-2")
+    assert store.acquire_lease(study.id, owner(4), ttl_s=60, take_over="run-3").pid == 1004
+    with pytest.raises(StudyNotFound):
+        store.acquire_lease(study.id + 100, owner(1), ttl_s=60)
+
+
+_RACER = textwrap.dedent("""
+    import sys
+    from servetune.errors import StudyBusy
+    from servetune.store.repo import LeaseOwner, StudyStore
+    store = StudyStore(sys.argv[1])
+    study = store.get_study("raced")
+    me = LeaseOwner(owner_id=sys.argv[2], host="h", pid=1)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    try:
+        store.acquire_lease(study.id, me, ttl_s=60)
+        print("won", flush=True)
+    except StudyBusy:
+        print("busy", flush=True)
+""")
+
+
+def test_processes_racing_for_a_lease_get_exactly_one_owner(store_url: str) -> None:
+    with StudyStore(store_url) as s:
+        s.create_study("raced", make_spec(), {})
+    env = {**os.environ, "PYTHONPATH": SRC}
+    procs = [
+        subprocess.Popen(  # noqa: S603 - fixed argv
+            [sys.executable, "-c", _RACER, store_url, f"racer-{i}"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        for i in range(4)
+    ]
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline() == b"ready\n"
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write(b"go\n")
+            p.stdin.flush()
+        results = [p.communicate(timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=10)
+    said = [out.decode().strip() for out, _ in results]
+    assert sorted(said) == ["busy", "busy", "busy", "won"], [err.decode() for _, err in results]
+    with StudyStore(store_url) as s:
+        holder = s.lease_holder(s.get_study("raced").id)
+        assert holder is not None and holder.owner_id == f"racer-{said.index('won')}"
+
+
+# ---- rows this version cannot read ---------------------------------------------------------
+
+
+def test_an_unreadable_study_is_listed_with_its_reason_and_others_still_are(
+    store: StudyStore,
+) -> None:
+    store.create_study("old-one", make_spec(), {})
+    future = store.create_study("from-the-future", make_spec(), {})
+    store.create_study("new-one", make_spec(), {})
+    with store._engine.begin() as conn:  # as a newer servetune would write it
+        spec = future.spec.model_dump(mode="json")
+        spec["engine"]["kind"] = "vllm-next"
+        spec["speculative"] = {"draft": "tiny"}
+        conn.execute(StudyRow.__table__.update().where(StudyRow.id == future.id).values(spec=spec))
+    listed = store.list_studies()
+    assert [s.name for s in listed] == ["new-one", "from-the-future", "old-one"]
+    bad = listed[1]
+    assert isinstance(bad, UnreadableStudy)
+    assert "written by another servetune version" in bad.reason and "engine" in bad.reason
+    assert isinstance(listed[0], StudyRecord) and isinstance(listed[2], StudyRecord)
+    assert store.latest_study() is not None and store.latest_study().name == "new-one"  # type: ignore[union-attr]
+    with pytest.raises(StoreError, match=r"from-the-future \(id \d+\).*cannot be read"):
+        store.get_study("from-the-future")
+
+
+# ---- read-only databases (an archived data directory) --------------------------------------
+
+
+@pytest.fixture
+def read_only_view(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """(writable folder, the same folder bind-mounted read-only): even root cannot write there."""
+    rw, ro = tmp_path / "rw", tmp_path / "ro"
+    rw.mkdir()
+    ro.mkdir()
+    subprocess.run(["mount", "--bind", "-o", "ro", str(rw), str(ro)], check=True)  # noqa: S603 - fixed argv
+    try:
+        yield rw, ro
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)  # noqa: S603 - fixed argv
+
+
+def test_a_read_only_sqlite_file_is_read_without_writing(read_only_view: tuple[Path, Path]) -> None:
+    rw, ro = read_only_view
+    with StudyStore(f"sqlite:///{rw / 'servetune.db'}") as s:
+        study = s.create_study("archived", make_spec(), {})
+        s.add_trial(study.id, 0, TrialRole.BASELINE, {})
+    before = sorted(p.name for p in rw.iterdir())
+    url = f"sqlite:///{ro / 'servetune.db'}"
+    with pytest.raises(StoreError, match="unable to open database file"):
+        StudyStore(url)  # a writer cannot open it
+    with StudyStore(url, read_only=True) as s:
+        assert s.read_only
+        assert [x.name for x in s.list_studies()] == ["archived"]
+        assert [t.number for t in s.trials(s.get_study("archived").id)] == [0]
+        with pytest.raises(StoreError, match="readonly"):
+            s.create_study("new", make_spec(), {})
+    assert sorted(p.name for p in rw.iterdir()) == before
+
+
+def test_a_read_only_database_on_an_old_schema_says_it_cannot_be_upgraded(
+    read_only_view: tuple[Path, Path],
+) -> None:
+    rw, ro = read_only_view
+    StudyStore(f"sqlite:///{rw / 'servetune.db'}").close()
+    engine = make_engine(f"sqlite:///{rw / 'servetune.db'}")
+    try:
+        command.downgrade(alembic_config(url=f"sqlite:///{rw / 'servetune.db'}"), "0001")
+    finally:
+        engine.dispose()
+    with pytest.raises(StoreError) as caught:
+        StudyStore(f"sqlite:///{ro / 'servetune.db'}", read_only=True)
+    message = str(caught.value)
+    assert "read-only" in message and "revision 0001" in message
+    assert f"needs {head_revision()}" in message and "write access" in message
+    # with write access, the same file is upgraded as before
+    with StudyStore(f"sqlite:///{rw / 'servetune.db'}", read_only=True) as s:
+        assert not s.read_only
+    engine = make_engine(f"sqlite:///{rw / 'servetune.db'}")
+    try:
+        assert current_revision(engine) == head_revision()
+    finally:
+        engine.dispose()
+
+
+def test_a_run_that_lost_its_lease_writes_nothing_more(store_url: str) -> None:
+    with StudyStore(store_url) as first, StudyStore(store_url) as second:
+        study = first.create_study("fenced", make_spec(), {})
+        first.acquire_lease(study.id, owner(1), ttl_s=0.3)
+        first.fence(study.id, "run-1")
+        trial = first.add_trial(study.id, 0, TrialRole.BASELINE, {})
+        assert trial.id is not None
+        time.sleep(0.5)  # run-1 froze past its lease; run-2 takes the study over
+        second.acquire_lease(study.id, owner(2, host="gpu-2"), ttl_s=60)
+        second.fence(study.id, "run-2")
+        done = TrialResult(state=TrialState.FAIL, failure_kind=FailureKind.CANCELLED)
+        for write in (
+            lambda: first.add_trial(study.id, 1, TrialRole.SEARCH, {}),
+            lambda: first.finish_trial(trial.id, done),  # type: ignore[arg-type]
+            lambda: first.set_trial_process(trial.id, 1, 1),  # type: ignore[arg-type]
+            lambda: first.set_study_status(study.id, "cancelled", {"summary": "second verdict"}),
+            lambda: first.interrupt_running(study.id, "x"),
+        ):
+            with pytest.raises(StudyBusy, match=r"lost its lease.*pid 1002 on host gpu-2"):
+                write()
+        assert [t.state for t in second.trials(study.id)] == [TrialState.RUNNING]
+        assert second.get_study(study.id).status == "running"
+        assert second.get_study(study.id).verdict is None
+        # the new owner writes as usual
+        second.interrupt_running(study.id, "taken over")
+        second.set_study_status(study.id, "finished", {"summary": "one verdict"})
+        first.fence(study.id, None)  # a store without a fence is not checked
+        assert first.get_study(study.id).verdict == {"summary": "one verdict"}

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from servetune.modelgen import ModelFiles
+from servetune.core.study import FailureKind, TrialState
+from servetune.errors import ServetuneError
+from servetune.store.repo import StudyStore
 from tests.integration.study_helpers import cli_env, servetune, small_spec, write_spec
 
 pytestmark = pytest.mark.integration
@@ -84,7 +88,7 @@ def test_failing_candidate_is_recorded_and_study_continues(tiny_model, tmp_path:
     doc["strategy"] = {"kind": "grid"}
     doc["budget"] = {"max_trials": 5, "confirm_repeats": 0, "baseline_repeats": 1}
     spec = write_spec(tmp_path / "spec.yaml", doc)
-    before = _engine_pids(tiny_model)
+    before = _engine_pids(tiny_model.gguf_path)
     run = servetune(tmp_path, "run", str(spec))
     assert run.returncode == 0, run.stdout + run.stderr
     shown = _show(tmp_path, "fails")["trials"]
@@ -102,7 +106,7 @@ def test_failing_candidate_is_recorded_and_study_continues(tiny_model, tmp_path:
     assert huge["state"] == "FAIL"
     assert huge["failure_kind"] == "kv_cache_too_small", huge
     assert huge["failure_reason"]
-    assert not (_engine_pids(tiny_model) - before), "an engine outlived its trial"
+    assert not (_engine_pids(tiny_model.gguf_path) - before), "an engine outlived its trial"
 
 
 def test_invalid_spec_exits_2_with_one_message_per_problem(tmp_path: Path) -> None:
@@ -135,15 +139,11 @@ def test_invalid_spec_exits_2_with_one_message_per_problem(tmp_path: Path) -> No
             assert conn.execute("select count(*) from studies").fetchone()[0] == 0
 
 
-def _engine_pids(model: ModelFiles) -> set[int]:
-    """Engines on this session's tiny model (engines of other test sessions on this shared
-    machine run other model files and are not counted)."""
-    out = subprocess.run(  # noqa: S603 - pgrep with our own pattern, no shell
-        [
-            "pgrep",
-            "-f",
-            f"servetune.engines.xllamacpp_server --model {re.escape(str(model.gguf_path))}",
-        ],
+def _engine_pids(model: Path) -> set[int]:
+    """Pids of engines serving ``model`` (this test session's tiny model): other test sessions
+    on a shared machine run engines of their own, which are none of these tests' business."""
+    out = subprocess.run(  # noqa: S603 - fixed argv
+        ["pgrep", "-f", f"servetune.engines.xllamacpp_server.*{model}"],
         capture_output=True,
         text=True,
         check=False,
@@ -155,7 +155,7 @@ def test_sigkill_then_resume_finishes_every_trial_once(tiny_model, tmp_path: Pat
     doc = small_spec(tiny_model, trials=6, name="killed")
     doc["workload"] = {**doc["workload"], "num_requests": 16}
     spec = write_spec(tmp_path / "spec.yaml", doc)
-    before = _engine_pids(tiny_model)
+    before = _engine_pids(tiny_model.gguf_path)
     proc = subprocess.Popen(  # noqa: S603 - argv list of our own CLI
         [sys.executable, "-m", "servetune", "run", str(spec)],
         env=cli_env(tmp_path),
@@ -201,9 +201,11 @@ def test_sigkill_then_resume_finishes_every_trial_once(tiny_model, tmp_path: Pat
         }
     # the engine of the killed study does not outlive it
     deadline = time.monotonic() + 10
-    while _engine_pids(tiny_model) - before and time.monotonic() < deadline:
+    while _engine_pids(tiny_model.gguf_path) - before and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not (_engine_pids(tiny_model) - before), "an engine outlived the SIGKILLed study"
+    assert not (_engine_pids(tiny_model.gguf_path) - before), (
+        "an engine outlived the SIGKILLed study"
+    )
     assert _show(tmp_path, "killed")["study"]["status"].startswith("interrupted")
 
     out = servetune(tmp_path, "resume", "killed")
@@ -226,7 +228,7 @@ def test_sigkill_then_resume_finishes_every_trial_once(tiny_model, tmp_path: Pat
         after = {n: s for n, s in conn.execute("select number, finished_at from trials")}
     for number, finished_at in finished_before.items():
         assert after[number] == finished_at, f"trial {number} was re-run"
-    assert not (_engine_pids(tiny_model) - before)
+    assert not (_engine_pids(tiny_model.gguf_path) - before)
 
 
 def test_study_on_postgresql_then_resume_is_a_no_op(
@@ -254,7 +256,7 @@ def test_sigint_during_the_baseline_then_resume_reruns_the_baseline(
     doc = small_spec(tiny_model, trials=3, name="ctrl-c")
     doc["workload"] = {**doc["workload"], "num_requests": 120}  # trial 0 outlasts the signal
     spec = write_spec(tmp_path / "spec.yaml", doc)
-    before = _engine_pids(tiny_model)
+    before = _engine_pids(tiny_model.gguf_path)
     proc = subprocess.Popen(  # noqa: S603 - argv list of our own CLI
         [sys.executable, "-m", "servetune", "run", str(spec)],
         env=cli_env(tmp_path),
@@ -267,7 +269,7 @@ def test_sigint_during_the_baseline_then_resume_reruns_the_baseline(
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             # wait until trial 0's engine is up (a new engine process exists)
-            if db.exists() and _engine_pids(tiny_model) - before:
+            if db.exists() and _engine_pids(tiny_model.gguf_path) - before:
                 break
             time.sleep(0.05)
         time.sleep(0.1)
@@ -283,7 +285,7 @@ def test_sigint_during_the_baseline_then_resume_reruns_the_baseline(
         (0, "FAIL", "cancelled")
     ]
     assert first["study"]["status"] == "cancelled"
-    assert not (_engine_pids(tiny_model) - before)
+    assert not (_engine_pids(tiny_model.gguf_path) - before)
 
     out = servetune(tmp_path, "resume", "ctrl-c")
     assert out.returncode == 0, out.stdout + out.stderr
@@ -500,3 +502,243 @@ def test_loop_confirms_distinct_top_candidates_and_resumes_an_interrupted_confir
     verdict = store.get_study(study.id).verdict or {}
     assert verdict["candidates"] == [4, 3] and verdict["recommended_trial"] == 3
     assert "confirmed gain" in verdict["recommendation"]
+
+
+# ---- one owner per study across data directories and hosts ---------------------------------
+
+
+def _cli(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(  # noqa: S603 - argv list of our own CLI
+        [sys.executable, "-m", "servetune", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_resume_from_another_data_directory_waits_for_the_lease(
+    tiny_model, tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """A study runs; `resume` from a second data directory (posing as another host) on the same
+    database is refused while it runs, still refused right after the owner is SIGKILLed (its
+    lease is live), and takes the study over and finishes it once the lease expired."""
+    url = (
+        f"sqlite:///{tmp_path / 'shared.db'}"
+        if backend == "sqlite"
+        else request.getfixturevalue("fresh_postgres_url")
+    )
+    ttl_s = 12.0
+    common = {"SERVETUNE_DB_URL": url, "SERVETUNE_LEASE_TTL_S": str(ttl_s)}
+    owner_env = cli_env(tmp_path / "a") | common
+    rival_env = cli_env(tmp_path / "b") | common | {"SERVETUNE_HOST_NAME": "other-host"}
+    doc = small_spec(tiny_model, trials=4, name="shared")
+    doc["workload"] = {**doc["workload"], "num_requests": 40}
+    spec = write_spec(tmp_path / "spec.yaml", doc)
+    proc = subprocess.Popen(  # noqa: S603 - argv list of our own CLI
+        [sys.executable, "-m", "servetune", "run", str(spec)],
+        env=owner_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        store = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                store = store or StudyStore(url)
+                study = store.get_study("shared")
+                if any(t.state is TrialState.RUNNING for t in store.trials(study.id)):
+                    break
+            except ServetuneError:
+                pass
+            time.sleep(0.1)
+        assert store is not None and proc.poll() is None, "the study never got a running trial"
+        study_id = store.get_study("shared").id
+        held = store.lease_holder(study_id)
+        assert held is not None and held.pid == proc.pid and held.host == socket.gethostname()
+
+        rival = _cli(rival_env, "resume", "shared")
+        assert rival.returncode == 1, rival.stdout + rival.stderr
+        for needle in ("being run by another process", f"pid {proc.pid}", held.host, "expires"):
+            assert needle in rival.stderr, (needle, rival.stderr)
+        shown = json.loads(_cli(rival_env, "show", "shared", "--json").stdout)
+        assert shown["study"]["status"] == "running"
+        assert shown["study"]["lease"]["pid"] == proc.pid
+        assert shown["study"]["lease"]["host"] == held.host
+
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        lease = store.lease_holder(study_id)
+        assert lease is not None and lease.is_live()
+        still = _cli(rival_env, "resume", "shared")
+        if lease.expires_at > datetime.now(UTC):  # else a slow machine reached the expiry
+            assert still.returncode == 1 and "being run by another process" in still.stderr, (
+                still.stdout + still.stderr
+            )
+        if still.returncode == 1:
+            while (lease := store.lease_holder(study_id)) is not None and lease.is_live():
+                time.sleep(0.2)
+            shown = json.loads(_cli(rival_env, "show", "shared", "--json").stdout)
+            assert shown["study"]["status"].startswith("interrupted")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+    taken = _cli(rival_env, "resume", "shared") if still.returncode == 1 else still
+    assert taken.returncode == 0, taken.stdout + taken.stderr
+    assert "killed the engine" not in taken.stdout  # the owner's engine died with it
+    trials = store.trials(study_id)
+    store.close()
+    assert not [t for t in trials if t.state is TrialState.RUNNING]
+    measured = [t for t in trials if t.failure_kind is not FailureKind.INTERRUPTED]
+    assert len(measured) == 4 and all(t.state is TrialState.COMPLETE for t in measured)
+    assert len(trials) - len(measured) <= 1  # at most the one trial the kill interrupted
+    shown = json.loads(_cli(rival_env, "show", "shared", "--json").stdout)
+    assert shown["study"]["status"] == "finished"
+    with StudyStore(url) as s:
+        assert s.lease_holder(study_id) is None  # released on the clean end
+    deadline = time.monotonic() + 10  # no engine of this test outlives it (others may run)
+    while _engine_pids(tiny_model.gguf_path) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _engine_pids(tiny_model.gguf_path)
+
+
+# ---- output and disk trouble ---------------------------------------------------------------
+
+
+def test_a_closed_stdout_does_not_stop_the_study(tiny_model, tmp_path: Path) -> None:
+    """`servetune run spec.yaml | head -1`: the reader goes away; the study runs to its end."""
+    spec = write_spec(tmp_path / "spec.yaml", small_spec(tiny_model, trials=3, name="piped"))
+    reader, writer = os.pipe()
+    proc = subprocess.Popen(  # noqa: S603 - argv list of our own CLI
+        [sys.executable, "-m", "servetune", "run", str(spec)],
+        env=cli_env(tmp_path),
+        stdout=writer,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    os.close(writer)
+    with os.fdopen(reader, "rb") as pipe:
+        first = pipe.readline()  # `head -1`, then the pipe closes
+    assert first.startswith(b"study piped"), first
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    shown = _show(tmp_path, "piped")
+    assert shown["study"]["status"] == "finished"
+    assert [t["state"] for t in shown["trials"]] == ["COMPLETE"] * 3
+    assert (tmp_path / "data" / "reports" / "piped.html").is_file()
+    log_text = (tmp_path / "data" / "logs" / "servetune.log").read_text(encoding="utf-8")
+    assert "standard output was closed" in log_text
+    assert "study piped: " in log_text  # it kept logging after the pipe closed
+
+
+def test_a_full_data_directory_is_said_once_and_nothing_is_lost(tiny_model, tmp_path: Path) -> None:
+    """The data directory (logs, reports) on a 2 MiB tmpfs that is full; the database elsewhere."""
+    data = tmp_path / "data"
+    data.mkdir()
+    subprocess.run(  # noqa: S603 - fixed argv
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(data)],
+        check=True,
+    )
+    try:
+        with (data / "filler").open("wb") as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        spec = write_spec(tmp_path / "spec.yaml", small_spec(tiny_model, trials=2, name="full"))
+        out = servetune(tmp_path, "run", str(spec))
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "Traceback" not in out.stderr and "Logging error" not in out.stderr, out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) <= 3, out.stderr  # not a traceback per log record
+        assert any("disk is full" in line and str(data) in line for line in lines), out.stderr
+        assert sum("cannot write the log" in line for line in lines) <= 1
+        # every measurement was recorded (the database is on another disk)
+        shown = _show(tmp_path, "full")
+        assert [t["state"] for t in shown["trials"]] == ["COMPLETE", "COMPLETE"]
+        assert shown["study"]["status"] == "finished"
+        # with space again, the report can be written
+        (data / "filler").unlink()
+        report = servetune(tmp_path, "report", "full", "-o", str(tmp_path / "full.html"))
+        assert report.returncode == 0, report.stderr
+    finally:
+        subprocess.run(["umount", str(data)], check=True)  # noqa: S603 - fixed argv
+
+
+def test_a_frozen_owner_that_lost_its_lease_stops_without_writing(
+    tiny_model, tmp_path: Path
+) -> None:
+    """The owner freezes (SIGSTOP) past its lease; another host takes the study over; the owner
+    wakes up, finds out, and stops with a clear error: no interleaved trials, one verdict."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    common = {"SERVETUNE_DB_URL": url, "SERVETUNE_LEASE_TTL_S": "4"}
+    owner_env = cli_env(tmp_path / "a") | common
+    rival_env = cli_env(tmp_path / "b") | common | {"SERVETUNE_HOST_NAME": "other-host"}
+    doc = small_spec(tiny_model, trials=4, name="frozen")
+    doc["workload"] = {**doc["workload"], "num_requests": 40}
+    spec = write_spec(tmp_path / "spec.yaml", doc)
+    owner = subprocess.Popen(  # noqa: S603 - argv list of our own CLI
+        [sys.executable, "-m", "servetune", "run", str(spec)],
+        env=owner_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    rival = None
+    store = None
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and owner.poll() is None:
+            try:
+                store = store or StudyStore(url)
+                study = store.get_study("frozen")
+                if any(t.state is TrialState.RUNNING for t in store.trials(study.id)):
+                    break
+            except ServetuneError:
+                pass
+            time.sleep(0.1)
+        assert store is not None and owner.poll() is None, "the study never got a running trial"
+        study_id = store.get_study("frozen").id
+        os.kill(owner.pid, signal.SIGSTOP)
+        while (lease := store.lease_holder(study_id)) is not None and lease.is_live():
+            time.sleep(0.2)
+        rival = subprocess.Popen(
+            [sys.executable, "-m", "servetune", "resume", "frozen"],
+            env=rival_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while (lease := store.lease_holder(study_id)) is None or lease.host != "other-host":
+            assert time.monotonic() < deadline and rival.poll() is None, "no takeover"
+            time.sleep(0.1)
+        os.kill(owner.pid, signal.SIGCONT)
+        _, owner_err = owner.communicate(timeout=60)
+        assert owner.returncode == 1, owner_err
+        assert "lost its lease" in owner_err and "other-host" in owner_err, owner_err
+        assert "Traceback" not in owner_err, owner_err
+        rival_out, rival_err = rival.communicate(timeout=240)
+        assert rival.returncode == 0, rival_out + rival_err
+    finally:
+        for proc in (owner, rival):
+            if proc is not None and proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
+                proc.kill()
+                proc.wait(timeout=10)
+    trials = store.trials(study_id)
+    record = store.get_study(study_id)
+    store.close()
+    assert record.status == "finished" and record.lease is None
+    assert not [t for t in trials if t.state is TrialState.RUNNING]
+    measured = [
+        t for t in trials if t.failure_kind not in (FailureKind.INTERRUPTED, FailureKind.CANCELLED)
+    ]
+    assert len(measured) == 4 and all(t.state is TrialState.COMPLETE for t in measured)
+    assert len(trials) - len(measured) <= 1  # only the trial the owner was running
+    assert [t.number for t in trials] == list(range(len(trials)))

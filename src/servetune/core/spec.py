@@ -87,6 +87,30 @@ def _objective_forms(v: Any) -> Any:
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
+STUDY_NAME_RULE = (
+    "1-200 letters, digits, '.', '_' or '-', starting with a letter or digit, not digits only "
+    "(it names files and reads as a study id otherwise), e.g. 'llama-8b-h100'"
+)
+"""The study name rule in words, for error messages (``check_study_name`` enforces it)."""
+
+
+def check_study_name(name: str) -> str:
+    """Return ``name`` when it is a valid study name, else raise ValueError saying the rule.
+
+    The one rule for study names wherever they come from (spec ``name:``, ``run --name``, the
+    API): 1-200 characters of ``[A-Za-z0-9._-]`` starting with a letter or digit (so no path
+    separator, no ``..`` component, nothing absolute: a name is safe as a file name), and not
+    digits only (``servetune resume 24`` means the study with id 24).
+    """
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"study name {name!r} is not allowed: use {STUDY_NAME_RULE}")
+    if name.isdigit():
+        raise ValueError(
+            f"study name {name!r} is digits only and would read as a study id; add a letter, "
+            "e.g. 'run-24'"
+        )
+    return name
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -560,19 +584,8 @@ class StudySpec(_Model):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str | None) -> str | None:
-        """Names become file names (logs, reports) and CLI arguments: keep them plain."""
-        if v is None:
-            return v
-        if not _NAME.fullmatch(v):
-            raise ValueError(
-                "use 1-200 letters, digits, '.', '_' or '-', starting with a letter or digit "
-                "(it names files), e.g. 'llama-8b-h100'"
-            )
-        if v.isdigit():
-            raise ValueError(
-                "a name of digits only reads as a study id; add a letter, e.g. 'run-24'"
-            )
-        return v
+        """Names become file names (logs, reports) and CLI arguments: see ``check_study_name``."""
+        return v if v is None else check_study_name(v)
 
     def problems(self) -> list[Problem]:
         """Cross-field problems pydantic cannot see field by field (empty when consistent)."""

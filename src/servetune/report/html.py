@@ -1,17 +1,22 @@
 """The HTML report: why the winner won. Trial table, objective over trials, Pareto scatter, importances.
 
-One self-contained file (plotly.js inlined once), readable offline.
+Either one self-contained file (plotly.js, about 4.8 MB, inlined once), or a small page that
+loads a shared ``plotly-<version>.min.js`` written once beside the data directory's reports.
 """
 
 from __future__ import annotations
 
 import html
 import logging
+import os
+import tempfile
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+import plotly
 import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
 
 from servetune.core.metrics import format_warning
 from servetune.core.scoring import best_trial, infeasible_reason, pareto_front
@@ -273,8 +278,14 @@ def _importance_plot(record: StudyRecord, trials: Sequence[Trial]) -> go.Figure 
     return fig
 
 
-def render_report(record: StudyRecord, trials: Sequence[Trial]) -> str:
-    """The report of ``record`` as one HTML document (str)."""
+def render_report(
+    record: StudyRecord, trials: Sequence[Trial], plotly_src: str | None = None
+) -> str:
+    """The report of ``record`` as one HTML document (str).
+
+    ``plotly_src``: URL (e.g. a relative path) of plotly.js for a ``<script src>``; None inlines
+    plotly.js (a self-contained file of about 4.8 MB).
+    """
     spec = record.spec
     search = [t for t in trials if t.role is not TrialRole.CONFIRM]
     verdict = record.verdict or {}
@@ -296,8 +307,10 @@ def render_report(record: StudyRecord, trials: Sequence[Trial]) -> str:
         )
         if f is not None
     ]
-    plots = "".join(
-        f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figs)
+    script = f'<script src="{html.escape(plotly_src)}"></script>' if plotly_src else ""
+    plots = script + "".join(
+        f.to_html(full_html=False, include_plotlyjs=(i == 0 and plotly_src is None))
+        for i, f in enumerate(figs)
     )
     winner = "<p>No trial completed.</p>"
     if verdict.get("objective_measured") is False:
@@ -352,8 +365,63 @@ recommended only when it beats the defaults' median by more than the run-to-run 
 </body></html>"""
 
 
-def write_report(record: StudyRecord, trials: Sequence[Trial], path: Path) -> Path:
-    """Write the report to ``path`` (parents created); returns the path."""
+def shared_plotly_js(folder: Path) -> Path:
+    """``folder/plotly-<version>.min.js``, written once (atomically) when missing; its path.
+
+    Reports that reference it stay small (tens of kB instead of about 4.8 MB each). Raises
+    OSError when it cannot be written.
+    """
+    path = folder / f"plotly-{plotly.__version__}.min.js"
+    if path.is_file() and path.stat().st_size > 0:
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".plotly-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(get_plotlyjs())
+        os.chmod(tmp, 0o644)  # readable like the reports that load it
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_report(
+    record: StudyRecord,
+    trials: Sequence[Trial],
+    path: Path,
+    plotly_dir: Path | None = None,
+) -> Path:
+    """Write the report to ``path`` (parents created, replaced atomically); returns the path.
+
+    ``plotly_dir`` None: one self-contained file (plotly.js inlined, about 4.8 MB). Otherwise
+    the page loads ``plotly_dir/plotly-<version>.min.js`` (written once, see
+    ``shared_plotly_js``) by a path relative to the report; when that file cannot be written
+    (a read-only data directory) the report is self-contained instead. Raises OSError when the
+    report itself cannot be written.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_report(record, trials), encoding="utf-8")
+    src: str | None = None
+    if plotly_dir is not None:
+        try:
+            js = shared_plotly_js(plotly_dir)
+            src = Path(os.path.relpath(js.resolve(), path.parent.resolve())).as_posix()
+        except OSError as e:
+            log.info("shared plotly.js unavailable in %s (%s); inlining it", plotly_dir, e)
+    page = render_report(record, trials, plotly_src=src)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(page)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.filename is None:  # a failed write names no file; say which one
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path

@@ -9,6 +9,9 @@ import functools
 import json
 import logging
 import math
+import os
+import sqlite3
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -110,13 +113,33 @@ def _quote_non_finite(obj: Any) -> Any:
     return obj
 
 
-def make_engine(url: str) -> Engine:
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite ``url`` (None for PostgreSQL, in-memory and ``file:`` URIs)."""
+    parsed = normalize_url(url)
+    db = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not db or db == ":memory:":
+        return None
+    if db.startswith("file:") or "mode=memory" in db:
+        return None
+    return Path(db)
+
+
+def cannot_write(path: Path) -> bool:
+    """True when ``path`` exists and this process may not write it or its folder (read-only
+    mount, permissions): a SQLite database there can only be opened read-only."""
+    return path.exists() and not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK))
+
+
+def make_engine(url: str, read_only: bool = False) -> Engine:
     """A SQLAlchemy engine for ``url`` (see ``normalize_url``), set up for servetune's use.
 
     SQLite: creates the parent directory, uses WAL, foreign keys, a busy timeout of
     ``SQLITE_BUSY_TIMEOUT_S``, and ``BEGIN IMMEDIATE`` for every transaction, so writers queue
     on the lock instead of failing mid-transaction (SQLAlchemy's documented recipe for taking
     over pysqlite's transaction control). ``sqlite://`` (in memory) keeps one shared connection.
+    ``read_only`` (SQLite files only): opens the file with ``?mode=ro`` (falling back to
+    ``immutable=1`` when its WAL side files cannot be created, e.g. on a read-only mount; see
+    sqlite.org/wal.html "Read-Only Databases"), creates nothing and begins plain transactions.
     PostgreSQL: psycopg 3 with pre-ping. Raises StoreError when the directory cannot be made.
     """
     parsed = normalize_url(url)
@@ -124,6 +147,15 @@ def make_engine(url: str) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         db = parsed.database
         in_memory = not db or db == ":memory:" or "mode=memory" in db
+        file = sqlite_file(url)
+        if read_only and file is not None:
+            engine = create_engine(
+                "sqlite+pysqlite://",
+                creator=lambda: _connect_read_only(file),
+                json_serializer=_json_dumps,
+            )
+            _sqlite_setup(engine, wal=False, immediate=False)
+            return engine
         if not in_memory and db and not db.startswith("file:"):
             try:
                 Path(db).parent.mkdir(parents=True, exist_ok=True)
@@ -138,7 +170,24 @@ def make_engine(url: str) -> Engine:
     return create_engine(parsed, pool_pre_ping=True, **kwargs)
 
 
-def _sqlite_setup(engine: Engine, wal: bool) -> None:
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """A read-only connection to the SQLite file ``path``: ``mode=ro``, else ``immutable=1``."""
+    uri = "file:" + urllib.parse.quote(str(path.absolute()))
+    for query in ("mode=ro", "mode=ro&immutable=1"):
+        conn = sqlite3.connect(
+            f"{uri}?{query}", uri=True, timeout=SQLITE_BUSY_TIMEOUT_S, check_same_thread=False
+        )
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return conn
+        except sqlite3.OperationalError:
+            conn.close()
+            if "immutable" in query:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _sqlite_setup(engine: Engine, wal: bool, immediate: bool = True) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself (below)
@@ -153,7 +202,7 @@ def _sqlite_setup(engine: Engine, wal: bool) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
 def alembic_config(connection: Connection | None = None, url: str | None = None) -> Config:
@@ -216,6 +265,20 @@ def upgrade(engine: Engine) -> None:
             f"(newest known revision {head_revision()}): {e}; "
             "upgrade servetune, or use another database"
         ) from e
+
+
+def check_current(engine: Engine) -> None:
+    """Raise StoreError unless the schema is at head: for a database opened read-only, which
+    cannot be upgraded. The message names both revisions and how to upgrade it."""
+    current = current_revision(engine)
+    if current == head_revision():
+        return
+    raise StoreError(
+        f"the database {_safe(engine.url)} is read-only here and its schema is at revision "
+        f"{current or '(none)'}, while this servetune needs {head_revision()}; it cannot be "
+        "upgraded without write access: run any servetune command on it once with write "
+        "access (e.g. `servetune list`), or read it with the servetune that wrote it"
+    )
 
 
 def _up_to_date(engine: Engine) -> bool:

@@ -9,21 +9,28 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Literal, get_args
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from servetune.core.spec import Problem, StudySpec
+from servetune.core.spec import Problem, StudySpec, check_study_name
 from servetune.core.study import FailureKind, Params, Trial, TrialResult, TrialRole, TrialState
-from servetune.errors import SpecInvalid, StoreError, StudyExists, StudyNotFound
-from servetune.store.db import describe, make_engine, upgrade
-from servetune.store.tables import STUDY_NAME_MAX, StudyRow, TrialRow
+from servetune.errors import SpecInvalid, StoreError, StudyBusy, StudyExists, StudyNotFound
+from servetune.store.db import (
+    cannot_write,
+    check_current,
+    describe,
+    make_engine,
+    sqlite_file,
+    upgrade,
+)
+from servetune.store.tables import StudyRow, TrialRow
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +61,108 @@ class StudyRecord(BaseModel):
         default=None, description="Confirm/repeat summary stored at the end."
     )
     engine_kind: str = Field(description="The engine's kind, e.g. llamacpp.")
+    lease: StudyLease | None = Field(
+        default=None, description="Who owns the study now (live or lapsed); None when free."
+    )
+
+
+class LeaseOwner(BaseModel):
+    """Who asks for a study's lease: one run of one process (a new ``owner_id`` per run)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    owner_id: str = Field(min_length=1, max_length=64, description="Unique id of this run.")
+    host: str = Field(max_length=255, description="Host name the owner runs on.")
+    pid: int = Field(description="Process id of the owner on its host.")
+
+
+class StudyLease(BaseModel):
+    """A study's lease as stored: who holds it and until when (aware UTC datetimes).
+
+    A lease whose ``expires_at`` has passed is free for anyone to take over; its holder stopped
+    renewing it (killed, frozen, or cut off from the database).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    owner_id: str = Field(description="Id of the owning run.")
+    host: str = Field(description="Host of the owner.")
+    pid: int = Field(description="Process id of the owner on its host.")
+    acquired_at: AwareDatetime = Field(description="When the owner took the lease (UTC).")
+    renewed_at: AwareDatetime = Field(description="When the owner last renewed it (UTC).")
+    expires_at: AwareDatetime = Field(description="When it lapses unless renewed (UTC).")
+
+    def is_live(self, now: datetime | None = None) -> bool:
+        """True while ``now`` (default: the current UTC time) is before ``expires_at``."""
+        return (now or _now()) < self.expires_at
+
+    def describe(self) -> str:
+        """``pid 123 on host gpu-1 since … (expires …)`` for messages."""
+        return (
+            f"pid {self.pid} on host {self.host} since "
+            f"{self.acquired_at.isoformat(timespec='seconds')} "
+            f"(lease expires {self.expires_at.isoformat(timespec='seconds')} unless renewed)"
+        )
+
+
+def _lease(row: StudyRow) -> StudyLease | None:
+    if row.lease_owner is None or row.lease_expires_at is None:
+        return None
+    return StudyLease(
+        owner_id=row.lease_owner,
+        host=row.lease_host or "?",
+        pid=row.lease_pid or 0,
+        acquired_at=row.lease_acquired_at or row.lease_expires_at,
+        renewed_at=row.lease_renewed_at or row.lease_expires_at,
+        expires_at=row.lease_expires_at,
+    )
+
+
+StudyRecord.model_rebuild()
+
+
+class UnreadableStudy(BaseModel):
+    """A stored study this servetune cannot read (e.g. its spec was written by a newer version)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: int = Field(description="Database id.")
+    name: str = Field(description="The study's name.")
+    status: str = Field(description="The status column as stored.")
+    engine_kind: str = Field(description="The engine column as stored.")
+    created_at: AwareDatetime = Field(description="When the study was created (UTC).")
+    reason: str = Field(description="Why it cannot be read, e.g. the unknown field.")
+
+
+def _rowcount(result: Any) -> int:
+    """Rows matched by an UPDATE (``CursorResult.rowcount``; ``Session.execute`` types it as
+    a plain Result)."""
+    return int(result.rowcount)
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _short_reason(e: ValidationError, limit: int = 3) -> str:
+    """The first ``limit`` problems of a validation error on one line: ``loc: message``."""
+    parts = [
+        f"{'.'.join(str(x) for x in err['loc']) or '(root)'}: {err['msg']}"
+        for err in e.errors(include_url=False)[:limit]
+    ]
+    more = e.error_count() - limit
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def _unreadable(row: StudyRow, e: ValidationError) -> UnreadableStudy:
+    return UnreadableStudy(
+        id=row.id,
+        name=row.name,
+        status=row.status,
+        engine_kind=row.engine_kind,
+        created_at=row.created_at,
+        reason=f"written by another servetune version or damaged ({_short_reason(e)})",
+    )
 
 
 def _study_record(row: StudyRow) -> StudyRecord:
@@ -71,6 +176,7 @@ def _study_record(row: StudyRow) -> StudyRecord:
         finished_at=row.finished_at,
         verdict=row.verdict,
         engine_kind=row.engine_kind,
+        lease=_lease(row),
     )
 
 
@@ -107,20 +213,30 @@ class StudyStore:
     and upgrades its schema to the newest migration; opening is idempotent and safe from several
     processes at once. Each method is one short transaction, committed (durable) on return,
     and may be called from any thread. Raises StoreError when the database cannot be opened.
+    ``read_only=True`` is for callers that only read (``list``, ``show``, ``export``,
+    ``report``): a SQLite file this process cannot write (read-only mount, permissions) is then
+    opened read-only without a schema upgrade; StoreError says so when its schema is not current.
     Use as a context manager, or call ``close()``, to release connections.
     """
 
-    def __init__(self, url: str) -> None:
-        self._engine = make_engine(url)
+    def __init__(self, url: str, *, read_only: bool = False) -> None:
+        file = sqlite_file(url)
+        self.read_only = read_only and file is not None and cannot_write(file)
+        """True when the database was opened read-only (only reads work)."""
+        self._engine = make_engine(url, read_only=self.read_only)
         self.url = make_url(url).render_as_string(hide_password=True)
         """The database URL as given, password hidden (for messages)."""
         try:
-            upgrade(self._engine)
+            if self.read_only:
+                check_current(self._engine)
+            else:
+                upgrade(self._engine)
         except BaseException:
             self._engine.dispose()
             raise
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
-        log.debug("store open: %s", self.url)
+        self._fences: dict[int, str] = {}
+        log.debug("store open%s: %s", " read-only" if self.read_only else "", self.url)
 
     def close(self) -> None:
         """Close every pooled connection; the store can no longer be used afterwards."""
@@ -156,6 +272,34 @@ class StudyStore:
             raise self._not_found(session, study_id)
         return row
 
+    def _owned_row(self, session: Session, study_id: int) -> StudyRow:
+        """The study's row, locked for this transaction, after checking the fence (``fence``)."""
+        row = session.get(StudyRow, study_id, with_for_update=True)
+        if row is None:
+            raise self._not_found(session, study_id)
+        owner = self._fences.get(study_id)
+        if owner is not None and row.lease_owner != owner:
+            lease = _lease(row)
+            raise StudyBusy(
+                f"study {row.name}: this process lost its lease, so it writes nothing more; now "
+                f"held by {lease.describe() if lease else 'nobody'}"
+            )
+        return row
+
+    def fence(self, study_id: int, owner_id: str | None) -> None:
+        """Make writes to the study through this store need ``owner_id``'s lease (None: stop).
+
+        While fenced, every write (study status, new trials, trial processes and results,
+        interrupting) first checks, in its own transaction and with the study row locked,
+        that ``owner_id`` still holds the study's lease, and raises StudyBusy when another
+        process took it over: a process that lost its lease cannot interleave trials or
+        write a second verdict.
+        """
+        if owner_id is None:
+            self._fences.pop(study_id, None)
+        else:
+            self._fences[study_id] = owner_id
+
     def _not_found(self, session: Session, ref: str | int) -> StudyNotFound:
         names = session.scalars(select(StudyRow.name).order_by(StudyRow.id.desc()).limit(10)).all()
         if names:
@@ -170,17 +314,13 @@ class StudyStore:
 
         ``spec_source`` is the document the user wrote (kept for export). Raises StudyExists
         when the name is taken (the message suggests ``servetune resume NAME``), SpecInvalid
-        for an empty, all-digit (it would read as an id) or over-long name, StoreError otherwise.
+        for a name breaking ``check_study_name`` (the one rule for study names), StoreError
+        otherwise.
         """
-        if not name.strip() or name.strip().isdigit() or len(name) > STUDY_NAME_MAX:
-            raise SpecInvalid(
-                [
-                    Problem(
-                        "name",
-                        f"study name {name!r} must be 1 to {STUDY_NAME_MAX} characters and not all digits",
-                    )
-                ]
-            )
+        try:
+            check_study_name(name)
+        except ValueError as e:
+            raise SpecInvalid([Problem("name", str(e))]) from None
         exists = StudyExists(
             f"a study named {name!r} already exists in {self.url}; continue it with "
             f"`servetune resume {name}`, or choose another name"
@@ -221,18 +361,38 @@ class StudyStore:
                 row = s.scalar(select(StudyRow).where(StudyRow.name == ref))
             if row is None:
                 raise self._not_found(s, ref)
-            return _study_record(row)
+            try:
+                return _study_record(row)
+            except ValidationError as e:
+                raise StoreError(
+                    f"study {row.name} (id {row.id}) in {self.url} cannot be read by this "
+                    f"servetune: {_unreadable(row, e).reason}; upgrade servetune to read it"
+                ) from e
 
-    def list_studies(self, limit: int = 50) -> list[StudyRecord]:
-        """Up to ``limit`` studies, newest first."""
+    def list_studies(self, limit: int = 50) -> list[StudyRecord | UnreadableStudy]:
+        """Up to ``limit`` studies, newest first.
+
+        A study this servetune cannot read (its spec written by a newer version, a damaged
+        row) comes back as an ``UnreadableStudy`` with the reason, so one bad row never hides
+        the others.
+        """
         with self._tx("listing studies") as s:
             rows = s.scalars(select(StudyRow).order_by(StudyRow.id.desc()).limit(limit)).all()
-            return [_study_record(r) for r in rows]
+            found: list[StudyRecord | UnreadableStudy] = []
+            for r in rows:
+                try:
+                    found.append(_study_record(r))
+                except ValidationError as e:
+                    log.info("study %s (id %d) is unreadable: %s", r.name, r.id, e)
+                    found.append(_unreadable(r, e))
+            return found
 
     def latest_study(self) -> StudyRecord | None:
-        """The newest study, or None when there is none."""
-        studies = self.list_studies(limit=1)
-        return studies[0] if studies else None
+        """The newest study this servetune can read, or None when there is none."""
+        for study in self.list_studies(limit=20):
+            if isinstance(study, StudyRecord):
+                return study
+        return None
 
     def set_study_status(
         self, study_id: int, status: StudyStatus, verdict: dict[str, Any] | None = None
@@ -247,12 +407,114 @@ class StudyStore:
                 f"unknown study status {status!r}; use one of {', '.join(STUDY_STATUSES)}"
             )
         with self._tx(f"setting study {study_id} to {status}") as s:
-            row = self._study_row(s, study_id)
+            row = self._owned_row(s, study_id)
             row.status = status
             row.finished_at = None if status == "running" else _now()
             if verdict is not None:
                 row.verdict = verdict
         log.debug("study %d: status %s", study_id, status)
+
+    # ---- ownership (lease) ---------------------------------------------------------------
+    def acquire_lease(
+        self,
+        study_id: int,
+        owner: LeaseOwner,
+        ttl_s: float,
+        *,
+        take_over: str | None = None,
+    ) -> StudyLease:
+        """Take the study's lease for ``owner`` for ``ttl_s`` seconds; the lease taken.
+
+        One conditional ``UPDATE … WHERE`` the lease is free, expired, already ``owner``'s, or
+        held by the run ``take_over`` (a holder the caller proved dead, e.g. a gone pid on this
+        host), checked by its row count: atomic on SQLite (``BEGIN IMMEDIATE``) and PostgreSQL
+        (the row lock; the WHERE is re-checked after a concurrent update commits), so of two
+        processes racing for a study exactly one wins. Raises StudyBusy naming the live
+        holder (host, pid, since, expiry), StudyNotFound for an unknown study.
+        """
+        if ttl_s <= 0:
+            raise ValueError(f"lease ttl_s must be positive, not {ttl_s}")
+        now = _now()
+        free = or_(
+            StudyRow.lease_owner.is_(None),
+            StudyRow.lease_expires_at.is_(None),
+            StudyRow.lease_expires_at <= now,
+            StudyRow.lease_owner == owner.owner_id,
+        )
+        if take_over is not None:
+            free = or_(free, StudyRow.lease_owner == take_over)
+        with self._tx(f"taking the lease of study {study_id}") as s:
+            taken = s.execute(
+                update(StudyRow)
+                .where(StudyRow.id == study_id, free)
+                .values(
+                    lease_owner=owner.owner_id,
+                    lease_host=owner.host,
+                    lease_pid=owner.pid,
+                    lease_acquired_at=now,
+                    lease_renewed_at=now,
+                    lease_expires_at=now + timedelta(seconds=ttl_s),
+                )
+                .execution_options(synchronize_session=False)
+            )
+            row = self._study_row(s, study_id)
+            s.refresh(row)
+            lease = _lease(row)
+            if _rowcount(taken) != 1 or lease is None:
+                raise StudyBusy(
+                    f"study {row.name} is being run by another process: "
+                    f"{lease.describe() if lease else 'unknown holder'}; wait for it to end, or "
+                    "stop it and `servetune resume` it (a killed owner's lease lapses by itself)"
+                )
+        log.info("study %d: lease taken by %s", study_id, lease.describe())
+        return lease
+
+    def renew_lease(self, study_id: int, owner_id: str, ttl_s: float) -> StudyLease:
+        """Extend ``owner_id``'s lease to now + ``ttl_s``; the renewed lease.
+
+        Raises StudyBusy when ``owner_id`` no longer holds it (it lapsed and another process
+        took the study over): the caller must stop running the study.
+        """
+        now = _now()
+        with self._tx(f"renewing the lease of study {study_id}") as s:
+            renewed = s.execute(
+                update(StudyRow)
+                .where(StudyRow.id == study_id, StudyRow.lease_owner == owner_id)
+                .values(lease_renewed_at=now, lease_expires_at=now + timedelta(seconds=ttl_s))
+                .execution_options(synchronize_session=False)
+            )
+            row = self._study_row(s, study_id)
+            s.refresh(row)
+            lease = _lease(row)
+            if _rowcount(renewed) != 1 or lease is None:
+                raise StudyBusy(
+                    f"study {row.name}: this process lost its lease; now held by "
+                    f"{lease.describe() if lease else 'nobody'}"
+                )
+            return lease
+
+    def release_lease(self, study_id: int, owner_id: str) -> bool:
+        """Free the lease if ``owner_id`` holds it; True when it did (idempotent)."""
+        with self._tx(f"releasing the lease of study {study_id}") as s:
+            released = s.execute(
+                update(StudyRow)
+                .where(StudyRow.id == study_id, StudyRow.lease_owner == owner_id)
+                .values(
+                    lease_owner=None,
+                    lease_host=None,
+                    lease_pid=None,
+                    lease_acquired_at=None,
+                    lease_renewed_at=None,
+                    lease_expires_at=None,
+                )
+                .execution_options(synchronize_session=False)
+            )
+            return bool(_rowcount(released) == 1)
+
+    def lease_holder(self, study_id: int) -> StudyLease | None:
+        """The stored lease (live or expired; see ``StudyLease.is_live``), None when free."""
+        with self._tx(f"reading the lease of study {study_id}") as s:
+            return _lease(self._study_row(s, study_id))
 
     # ---- trials --------------------------------------------------------------------------
     def add_trial(
@@ -285,7 +547,7 @@ class StudyStore:
         doing = f"adding trial {number} to study {study_id}"
         try:
             with self._tx(doing) as s:
-                self._study_row(s, study_id)
+                self._owned_row(s, study_id)
                 s.add(row)
                 s.flush()
                 trial = _trial(row)
@@ -306,6 +568,7 @@ class StudyStore:
             row = s.get(TrialRow, trial_id)
             if row is None:
                 raise StoreError(f"no trial with id {trial_id} in {self.url}")
+            self._owned_row(s, row.study_id)
             row.pid = pid
             row.pgid = pgid
 
@@ -325,6 +588,7 @@ class StudyStore:
             row = s.get(TrialRow, trial_id)
             if row is None:
                 raise StoreError(f"no trial with id {trial_id} in {self.url}")
+            self._owned_row(s, row.study_id)
             if row.state != TrialState.RUNNING.value:
                 log.warning(
                     "trial %d of study %d was already %s; replacing its result",
@@ -367,7 +631,7 @@ class StudyStore:
         Used on resume, after the engines they left were killed. Finished trials are untouched.
         """
         with self._tx(f"marking the running trials of study {study_id} interrupted") as s:
-            self._study_row(s, study_id)
+            self._owned_row(s, study_id)
             rows = s.scalars(
                 select(TrialRow)
                 .where(TrialRow.study_id == study_id, TrialRow.state == TrialState.RUNNING.value)

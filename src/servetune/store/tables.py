@@ -90,6 +90,16 @@ class StudyRow(Base):
     )
     created_at: Mapped[datetime]
     finished_at: Mapped[datetime | None]
+    lease_owner: Mapped[str | None] = mapped_column(
+        String(64), comment="Id of the process run that owns the study now (null = free)"
+    )
+    lease_host: Mapped[str | None] = mapped_column(String(255), comment="Host of the lease owner")
+    lease_pid: Mapped[int | None] = mapped_column(Integer, comment="Process id of the lease owner")
+    lease_acquired_at: Mapped[datetime | None]
+    lease_renewed_at: Mapped[datetime | None]
+    lease_expires_at: Mapped[datetime | None] = mapped_column(
+        comment="The lease is free for anyone to take after this (UTC)"
+    )
 
 
 class TrialRow(Base):
