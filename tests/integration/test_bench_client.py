@@ -77,7 +77,10 @@ def test_concurrency_mode_sends_warmups_then_measured_requests_with_n_in_flight(
         "every request, warm-ups and levels included, has its own prompt"
     )
     assert stats.max_in_flight == 3
-    assert stats.connections == 18, "connections must not be reused"
+    # Keep-alive: one connection per request in flight, opened before the measured phase of
+    # each level (an unmeasured GET /v1/models on each) and reused by every later request.
+    assert stats.connections == 3
+    assert stats.by_path["/v1/models"] == 1 + 3
 
 
 def test_concurrency_mode_with_duration_stops_issuing_at_the_deadline_then_lets_all_finish() -> (
@@ -270,7 +273,9 @@ def test_bench_endpoint_reads_the_model_and_counts_tokens_through_the_server() -
     async def go() -> list[ServingMetrics]:
         async with FakeServer(FakeServerOptions(model="served-name")) as url:
             wl = workload(concurrency=[1, 2], num_requests=4, input_tokens=16, warmup_requests=1)
-            return await bench_endpoint(url, None, wl, None)
+            run = await bench_endpoint(url, None, wl, None)
+            assert (run.model, run.prompt_counting) == ("served-name", "server")
+            return [lv.metrics for lv in run.levels]
 
     ms = asyncio.run(go())
     assert [m.level.value for m in ms] == [1.0, 2.0]

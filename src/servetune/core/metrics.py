@@ -219,6 +219,14 @@ class ServingMetrics(BaseModel):
     output_tokens_per_s: float = Field(
         description="Output tokens of completed requests / duration."
     )
+    input_tokens_per_s: float = Field(
+        default=0.0,
+        description="Prompt tokens of completed requests / duration (usage.prompt_tokens, else "
+        "the built prompt's length).",
+    )
+    total_tokens_per_s: float = Field(
+        default=0.0, description="input_tokens_per_s + output_tokens_per_s."
+    )
     requests_per_s: float = Field(description="Completed requests / duration.")
     goodput_requests_per_s: float = Field(description="Requests meeting every per-request SLO / s.")
     error_rate: float = Field(description="failed / (completed + failed).")
@@ -228,6 +236,16 @@ class ServingMetrics(BaseModel):
     )
     prompt_token_mismatches: int = Field(
         default=0, description="Requests whose usage.prompt_tokens differs from the built prompt."
+    )
+    client_loop_lag_p99_ms: float | None = Field(
+        default=None,
+        description="The benchmark client's event-loop lag p99 while measuring, ms (None = not "
+        "measured); high = the client, not the server, delayed responses.",
+    )
+    client_cpu_fraction: float | None = Field(
+        default=None,
+        description="The benchmark client's CPU seconds per wall second while measuring (the "
+        "busiest client process); near 1 = the client was the bottleneck.",
     )
 
     def value(self, name: str) -> float | None:
@@ -283,6 +301,10 @@ def summarize(
     ]
     duration = (max(ends) - min(starts)) if measured else 0.0
     out_tokens = sum(r.output_tokens or 0 for r in ok)
+    in_tokens = sum(
+        r.prompt_tokens if r.prompt_tokens is not None else (r.expected_prompt_tokens or 0)
+        for r in ok
+    )
     bounds = bounds or RequestSloBounds()
     good = sum(1 for r in ok if bounds.met_by(r))
     prompt_counts = [r.prompt_tokens for r in ok if r.prompt_tokens is not None]
@@ -312,6 +334,8 @@ def summarize(
         itl_ms=distribution(g for r in ok for g in r.itl_ms()),
         e2e_latency_ms=distribution(v for r in ok if (v := r.e2e_latency_ms()) is not None),
         output_tokens_per_s=rate(out_tokens),
+        input_tokens_per_s=rate(in_tokens),
+        total_tokens_per_s=rate(in_tokens + out_tokens),
         requests_per_s=rate(len(ok)),
         goodput_requests_per_s=rate(good),
         error_rate=(len(bad) / len(measured)) if measured else 0.0,
