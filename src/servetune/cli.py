@@ -723,20 +723,20 @@ def bench(
         typer.Argument(help="Base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8080"),
     ],
     model: Annotated[
-        str | None, typer.Option(help="Model name. [default: the first of /v1/models]")
+        str | None, typer.Option(help="Model name. (default: the first of /v1/models)")
     ] = None,
     api: Annotated[str, typer.Option(help="completions or chat.")] = "completions",
     input_tokens: Annotated[int, typer.Option(help="Prompt tokens per request.")] = 128,
     output_tokens: Annotated[int, typer.Option(help="Output tokens per request.")] = 64,
     concurrency: Annotated[
         str | None,
-        typer.Option(help="Comma-separated concurrency levels, e.g. 1,4. [default: 1]"),
+        typer.Option(help="Comma-separated concurrency levels, e.g. 1,4. (default: 1)"),
     ] = None,
     rate: Annotated[
         str | None, typer.Option(help="Comma-separated Poisson request rates per s.")
     ] = None,
     num_requests: Annotated[
-        int | None, typer.Option(help="Measured requests per level. [default: 16]")
+        int | None, typer.Option(help="Measured requests per level. (default: 16)")
     ] = None,
     duration_s: Annotated[
         float | None, typer.Option(help="Seconds per level instead of a count.")
@@ -745,8 +745,8 @@ def bench(
     tokenizer: Annotated[
         str | None,
         typer.Option(
-            help="Tokenizer dir or tokenizer.json. [default: the server's /tokenize; without "
-            "one, prompt lengths are estimated and the server's usage reports them]"
+            help="Tokenizer dir or tokenizer.json. (default: the server's /tokenize; without "
+            "one, prompt lengths are estimated and the server's usage reports them)"
         ),
     ] = None,
     seed: Annotated[
@@ -775,8 +775,8 @@ def bench(
     processes: Annotated[
         int | None,
         typer.Option(
-            help="Client processes sharing the load. [default: one per 128 in flight or "
-            "400 requests/s, up to the cores]"
+            help="Client processes sharing the load. (default: one per 128 in flight or "
+            "400 requests/s, up to the cores)"
         ),
     ] = None,
     output: Annotated[

@@ -49,6 +49,10 @@ class FakeServerOptions:
     at awkward points (after the first byte, inside a multi-byte character, between CR and LF).
     ``send_usage=False`` never sends a usage chunk (as servers without ``include_usage`` do).
     ``record_timings`` keeps a ``RequestTiming`` per streamed request (served by ``GET /stats``).
+    ``max_requests_per_connection``: after that many requests on one connection, the next one
+    is read and the connection closed without a response byte, though every response said
+    ``keep-alive`` (as a server whose idle or request limit closes a connection the client was
+    about to reuse). ``tokenize=False`` answers ``/tokenize`` with 404 (a server without it).
     """
 
     model: str = "fake-model"
@@ -62,6 +66,8 @@ class FakeServerOptions:
     short_requests: frozenset[int] = frozenset()
     send_usage: bool = True
     record_timings: bool = False
+    max_requests_per_connection: int | None = None
+    tokenize: bool = True
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,8 @@ class FakeServerStats:
 
     Connections accepted; generation requests received, in flight now and most in flight at
     once; requests by path; how often each prompt start (first 64 characters of the prompt or
-    of the last chat message) was seen.
+    of the last chat message) was seen; requests dropped by ``max_requests_per_connection``;
+    the headers of the last generation request (names lower-cased).
     """
 
     connections: int = 0
@@ -93,6 +100,8 @@ class FakeServerStats:
     by_path: dict[str, int] = field(default_factory=dict)
     prompt_starts: Counter[str] = field(default_factory=Counter)
     timings: list[RequestTiming] = field(default_factory=list)
+    dropped_on_reuse: int = 0
+    last_generation_headers: dict[str, str] = field(default_factory=dict)
 
 
 class FakeServer:
@@ -166,9 +175,13 @@ class FakeServer:
         task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        served = 0
+        limit = self.options.max_requests_per_connection
         try:
-            while await self._one_request(reader, writer):
-                pass
+            while await self._one_request(
+                reader, writer, drop=limit is not None and served >= limit
+            ):
+                served += 1
         except (
             ConnectionError,
             asyncio.IncompleteReadError,
@@ -182,9 +195,12 @@ class FakeServer:
                 await writer.wait_closed()
 
     async def _one_request(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, drop: bool = False
     ) -> bool:
-        """Serve one request; True when the connection stays open for another."""
+        """Serve one request; True when the connection stays open for another.
+
+        ``drop``: read the request, then close the connection without answering.
+        """
         line = await reader.readline()
         if not line.strip():
             return False
@@ -195,6 +211,9 @@ class FakeServer:
             headers[name.strip().lower()] = value.strip()
         body = await reader.readexactly(int(headers.get("content-length", "0")))
         keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+        if drop:
+            self.stats.dropped_on_reuse += 1
+            return False
         path = path.split("?", 1)[0]
         self.stats.by_path[path] = self.stats.by_path.get(path, 0) + 1
         try:
@@ -222,13 +241,16 @@ class FakeServer:
                 keep,
             )
         elif method == "POST" and path == "/tokenize":
-            if not isinstance(payload.get("content"), str):
+            if not self.options.tokenize:
+                await _send_json(writer, 404, {"error": {"message": "no /tokenize"}}, keep)
+            elif not isinstance(payload.get("content"), str):
                 await _send_json(writer, 400, {"error": {"message": "content is required"}}, keep)
             else:
                 n = count_tokens(payload["content"]) + (1 if payload.get("add_special") else 0)
                 await _send_json(writer, 200, {"tokens": list(range(1, n + 1))}, keep)
         elif method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
             stats = self.stats
+            stats.last_generation_headers = headers
             stats.in_flight += 1
             stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
             try:
