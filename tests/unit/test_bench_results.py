@@ -73,8 +73,9 @@ def test_client_load_says_when_the_client_was_the_bottleneck() -> None:
     assert not calm.saturated
     assert ClientLoad(loop_lag_p99_ms=0.5, loop_lag_max_ms=1, cpu_fraction=0.95).saturated
     assert ClientLoad(loop_lag_p99_ms=25.0, loop_lag_max_ms=40, cpu_fraction=0.2).saturated
-    merged = ClientLoad.merge([calm, ClientLoad(2.0, 9.0, 0.7, stopped_early="why")])
-    assert merged == ClientLoad(2.0, 9.0, 0.7, processes=2, stopped_early="why")
+    other = ClientLoad(2.0, 9.0, 0.7, stopped_early="why", cpu_s=1.5)
+    merged = ClientLoad.merge([calm, other])
+    assert merged == ClientLoad(2.0, 9.0, 0.7, processes=2, stopped_early="why", cpu_s=1.5)
     assert merged.metrics_fields() == {"client_loop_lag_p99_ms": 2.0, "client_cpu_fraction": 0.7}
 
 

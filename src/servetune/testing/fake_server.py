@@ -107,7 +107,8 @@ class FakeServerStats:
 class FakeServer:
     """The fake server as an async context manager: ``async with FakeServer(opts) as url: ...``.
 
-    Binds ``host`` on ``port`` (0 = a free port) and yields ``http://host:port``. Routes:
+    Binds ``host`` on ``port`` (0 = a free port; ``reuse_port``: SO_REUSEPORT, so several
+    processes can serve one port) and yields ``http://host:port``. Routes:
     ``GET /health``, ``GET /v1/models``, ``POST /tokenize`` (llama.cpp form: ``{"content",
     "add_special"}`` → ``{"tokens"}``), ``POST /v1/completions`` and ``POST /v1/chat/completions``
     (``stream: true`` only; ``max_tokens`` tokens, usage in a final chunk when
@@ -119,11 +120,17 @@ class FakeServer:
     """
 
     def __init__(
-        self, options: FakeServerOptions | None = None, *, host: str = "127.0.0.1", port: int = 0
+        self,
+        options: FakeServerOptions | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        reuse_port: bool = False,
     ):
         self.options = options or FakeServerOptions()
         self.host = host
         self.port = port
+        self.reuse_port = reuse_port
         self.stats = FakeServerStats()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -139,7 +146,7 @@ class FakeServer:
         # A deep accept queue: a burst of new connections beyond asyncio's default (100) would be
         # dropped and retried by TCP a second later, which is not the delay a test configured.
         self._server = await asyncio.start_server(
-            self._on_connect, self.host, self.port, backlog=4096
+            self._on_connect, self.host, self.port, backlog=4096, reuse_port=self.reuse_port or None
         )
         self.port = self._server.sockets[0].getsockname()[1]
         log.debug("fake server listening on %s", self.base_url)
@@ -423,6 +430,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m servetune.testing.fake_server", description=__doc__)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 = a free port (printed)")
+    p.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="SO_REUSEPORT: several server processes share one port (the kernel spreads connects)",
+    )
     p.add_argument("--model", default="fake-model")
     p.add_argument("--first-token-delay-ms", type=float, default=0.0)
     p.add_argument("--inter-token-delay-ms", type=float, default=0.0)
@@ -465,7 +477,7 @@ def main(argv: list[str] | None = None) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with FakeServer(options, host=a.host, port=a.port) as url:
+        async with FakeServer(options, host=a.host, port=a.port, reuse_port=a.reuse_port) as url:
             print(f"listening on {url}", flush=True)
             await stop.wait()
 
