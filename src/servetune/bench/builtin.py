@@ -140,7 +140,8 @@ FAIL_FAST_AFTER = 3
 AUTO_CONCURRENCY_PER_PROCESS = 128
 """``processes=None`` uses one client process per this many requests in flight (up to the cores).
 
-At 256 in flight one process ran its core at 100 % on the fake server (bench/bench_client.py)."""
+At 256 in flight the previous client saturated its one core on the fake server (issue 5, item 9);
+``make bench`` reports the current client's rate per core."""
 
 AUTO_RATE_PER_PROCESS = 400.0
 """``processes=None`` uses one client process per this many requests/s of a rate level."""
@@ -293,10 +294,12 @@ class BuiltinClient:
     ``time.perf_counter`` (CLOCK_MONOTONIC on Linux: one clock for every process), so merged
     records are on one time line. Progress is then reported when the level ends.
 
-    HTTP goes through httpx (``send(..., stream=True)``; see ``_client``). ``https`` endpoints
-    use TLS verified against the system's trust store; ``api_key`` is sent as
-    ``Authorization: Bearer``; ``headers`` are added to every request (they win over the
-    defaults). ``bench/bench_client.py`` measures the client's capacity and its TTFT error.
+    HTTP goes through httpcore's HTTP/1.1 connections (httpx's own transport) handed out by
+    ``_Pool`` (why not httpx's pool: see there). ``https`` endpoints use TLS verified against
+    the system's trust store; ``api_key`` is sent as ``Authorization: Bearer``; ``headers`` are
+    added to every request (they win over the defaults, see ``_headers``); no proxy from the
+    environment is used and no cookie is ever stored. ``bench/bench_client.py`` measures the
+    client's capacity and its TTFT error.
 
     What TTFT includes: ``sent_s`` is taken just before httpx is handed the request on an
     already-open connection, so TTFT = writing the request + the server's queueing, prefill and
@@ -371,7 +374,8 @@ class BuiltinClient:
             [math.ceil(c / AUTO_CONCURRENCY_PER_PROCESS) for c in workload.concurrency or ()]
             + [math.ceil(r / AUTO_RATE_PER_PROCESS) for r in workload.request_rates_per_s or ()]
         )
-        return max(1, min(need, len(os.sched_getaffinity(0))))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return max(1, min(need, cores or 1))
 
     async def run(
         self,
@@ -797,13 +801,14 @@ class _Pool:
     """Keep-alive HTTP/1.1 connections to one origin (httpcore), handed out from a free list.
 
     Why not httpx's pool: httpcore 1.0's ``AsyncConnectionPool`` rescans every connection (and
-    polls every idle socket) each time a request starts or ends, so its cost per request grows
-    with the connections open; with 200 in flight the issuing loop of a 200 requests/s Poisson
-    level fell ~50 % behind its schedule (tests/integration/test_bench_client.py's high-rate
-    test), and ``bench/bench_client.py`` measures the rate per core of both. Here a request takes
-    the most recently returned connection (one readability poll to see whether the server closed
-    it) or opens a new one; a connection goes back only when its response was read to the end.
-    Requests still go through httpcore's HTTP/1.1 connection (h11): httpx's own layer.
+    polls every idle socket for readability) each time a request starts or ends, so its cost
+    per request grows with the connections open. Measured with keep-alive through httpx's pool,
+    a 200 requests/s Poisson level of 300 requests (≈200 connections) took 2.41 s to issue
+    instead of the scheduled 1.62 s (tests/integration/test_bench_client.py's high-rate test
+    failed); through this pool it keeps the schedule. Here a request takes the most recently
+    returned connection (one readability poll tells whether the server closed it) or opens a new
+    one; a connection goes back only when its response was read to the end. Requests still go
+    through httpcore's own HTTP/1.1 connection (h11), the transport under httpx.
     """
 
     def __init__(self, url: httpx.URL) -> None:
