@@ -509,3 +509,11 @@ def test_without_a_tokenizer_or_tokenize_endpoint_prompts_are_estimated_and_usag
     assert m.completed == 3
     # The fake server counts words and marks like the estimate: the usage says 20 exactly.
     assert m.mean_prompt_tokens == 20
+
+
+def test_a_connection_closed_after_done_without_the_body_end_still_completes_the_request() -> None:
+    results, stats = bench(workload(num_requests=4), FakeServerOptions(close_after_done=True))
+    records = results[0][1]
+    assert [r.error_kind for r in records] == [None] * 4
+    assert all(r.ok and r.output_tokens == 8 for r in records)
+    assert stats.generation_requests == 4 + sum(r.retries for r in records)

@@ -1045,16 +1045,29 @@ class _Sender:
                 now = time.perf_counter()  # as soon as h11 hands the bytes over, before parsing
                 for sse in parser.feed(data):
                     if state.on_event(sse, now):
-                        # Read the end of the HTTP body (unmeasured) so the connection is idle
-                        # and goes back to the pool instead of being closed.
-                        async for _ in chunks:
-                            pass
+                        await _drain(chunks)
                         return
         now = time.perf_counter()
         for sse in parser.flush():
             if state.on_event(sse, now):
                 return
         state.done_s = now
+
+
+DRAIN_TIMEOUT_S = 1.0
+"""Longest wait, after ``[DONE]``, for the rest of the HTTP body (so the connection is reused)."""
+
+
+async def _drain(chunks: AsyncIterator[bytes]) -> None:
+    """Read what follows ``[DONE]`` (unmeasured) so the connection ends idle and is reused.
+
+    The request is already complete: a server that keeps the body open, closes the connection
+    early or breaks the framing here only costs the connection (closed instead of pooled).
+    """
+    with contextlib.suppress(TimeoutError, httpcore.NetworkError, httpcore.ProtocolError):
+        async with asyncio.timeout(DRAIN_TIMEOUT_S):
+            async for _ in chunks:
+                pass
 
 
 async def _read_body(response: httpcore.Response, limit: int = 65536) -> bytes:

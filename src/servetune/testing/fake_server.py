@@ -53,6 +53,8 @@ class FakeServerOptions:
     is read and the connection closed without a response byte, though every response said
     ``keep-alive`` (as a server whose idle or request limit closes a connection the client was
     about to reuse). ``tokenize=False`` answers ``/tokenize`` with 404 (a server without it).
+    ``close_after_done`` closes the connection right after ``data: [DONE]``, without the end of
+    the chunked body.
     """
 
     model: str = "fake-model"
@@ -68,6 +70,7 @@ class FakeServerOptions:
     record_timings: bool = False
     max_requests_per_connection: int | None = None
     tokenize: bool = True
+    close_after_done: bool = False
 
 
 @dataclass(frozen=True)
@@ -369,6 +372,9 @@ class FakeServer:
                 ).encode(),
             )
         await self._write(writer, f"data: [DONE]{eol}{eol}".encode())
+        if opts.close_after_done:
+            await writer.drain()
+            return False
         writer.write(b"0\r\n\r\n")
         await writer.drain()
         return keep
