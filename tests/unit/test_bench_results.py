@@ -100,3 +100,25 @@ def test_files_are_written_whole_or_not_at_all(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         write_atomically(tmp_path / "missing" / "out.json", "x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_client_processes_are_chosen_by_the_load_up_to_the_cores() -> None:
+    import os
+
+    from servetune.bench.builtin import BuiltinClient
+    from servetune.core.spec import Workload
+
+    cores = len(os.sched_getaffinity(0))
+
+    def wl(**kw: object) -> Workload:
+        return Workload.model_validate({"num_requests": 10, **kw})
+
+    auto = BuiltinClient()
+    assert auto.processes_for(wl(concurrency=[1, 16, 128])) == 1
+    assert auto.processes_for(wl(concurrency=[1, 256])) == min(2, cores)
+    assert auto.processes_for(wl(concurrency=[10_000])) == cores
+    assert auto.processes_for(wl(request_rates_per_s=[100.0])) == 1
+    assert auto.processes_for(wl(request_rates_per_s=[1000.0])) == min(3, cores)
+    assert BuiltinClient(processes=4).processes_for(wl(concurrency=[1])) == 4
+    with pytest.raises(ValueError, match="processes must be ≥ 1"):
+        BuiltinClient(processes=0)
