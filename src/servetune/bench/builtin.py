@@ -41,6 +41,7 @@ import httpx
 from servetune.bench.http_errors import describe
 from servetune.bench.prompts import Prompt, PromptBuilder, ServerTokenCounter, TokenCounter
 from servetune.bench.sse import SseEvent, SseParser
+from servetune.bench.transport import AsyncioBackend
 from servetune.core.metrics import LoadLevel, RequestRecord, ServingMetrics, percentile, summarize
 from servetune.core.slo import Slo, request_bounds
 from servetune.core.spec import StudySpec, Workload
@@ -815,6 +816,9 @@ class _Pool:
         self.origin = httpcore.Origin(url.raw_scheme, url.raw_host, url.port or _PORTS[url.scheme])
         # TLS verified against the system's trust store, as ssl.create_default_context() does.
         self.ssl_context = ssl.create_default_context() if url.scheme == "https" else None
+        # Plain TCP through the lean asyncio backend (see servetune.bench.transport); TLS
+        # through httpcore's own (anyio).
+        self.backend = AsyncioBackend() if url.scheme == "http" else None
         self.idle: list[httpcore.AsyncHTTPConnection] = []
         self.opened = 0
 
@@ -822,7 +826,11 @@ class _Pool:
         """A connection that connects on its first request."""
         self.opened += 1
         return httpcore.AsyncHTTPConnection(
-            self.origin, ssl_context=self.ssl_context, http1=True, http2=False
+            self.origin,
+            ssl_context=self.ssl_context,
+            http1=True,
+            http2=False,
+            network_backend=self.backend,
         )
 
     async def take(self) -> httpcore.AsyncHTTPConnection:
@@ -903,9 +911,8 @@ class _Sender:
         self.chat = workload.api == "chat"
         self.max_tokens = workload.output_tokens
         self.timeout_s = workload.request_timeout_s
-        t = workload.request_timeout_s
-        # A backstop: asyncio.timeout bounds each whole attempt by the same value.
-        self.extensions = {"timeout": {"connect": t, "read": t, "write": t, "pool": t}}
+        # No per-read timeouts (each would cost a timer): asyncio.timeout bounds every attempt.
+        self.extensions: dict[str, Any] = {}
         self.max_retries = max_retries
         self.base: dict[str, Any] = {
             "model": model,
@@ -969,8 +976,7 @@ class _Sender:
                     continue
                 state.fail(e.kind, e.message)
             except (TimeoutError, httpcore.TimeoutException):
-                # asyncio.timeout bounds the whole attempt; httpcore's own timeouts (the same
-                # value for each connect / read / write) are a backstop that cannot fire earlier.
+                # asyncio.timeout bounds the whole attempt (httpcore is given no timeouts).
                 state.fail("timeout", f"no complete response within {self.timeout_s:g} s")
             await self.pool.give(conn)
             return state.record(
