@@ -51,11 +51,13 @@ def _run(argv: list[str], core: int, cwd: Path, timeout_s: float) -> float:
     return time.perf_counter() - t0
 
 
-def servetune(url: str, conc: int, n: int, work: Path, core: int) -> dict[str, float]:
+def servetune(
+    url: str, conc: int, n: int, work: Path, core: int, processes: int
+) -> dict[str, float]:
     out = work / "servetune.json"
     argv = [sys.executable, "-m", "servetune", "bench", url, "--input-tokens", "10"]
     argv += ["--output-tokens", "16", "--concurrency", str(conc), "--num-requests", str(n)]
-    argv += ["--warmup", str(min(conc, 8)), "--processes", "1", "--output", str(out)]
+    argv += ["--warmup", str(min(conc, 8)), "--processes", str(processes), "--output", str(out)]
     _run(argv, core, work, 900)
     level = json.loads(out.read_text())["levels"][0]
     return {
@@ -118,6 +120,12 @@ def main() -> None:
     parser.add_argument(
         "--tools", default="servetune,aiperf,guidellm", help="comma-separated subset"
     )
+    parser.add_argument(
+        "--servetune-processes",
+        type=int,
+        default=1,
+        help="client processes of servetune (all on the one client core)",
+    )
     args = parser.parse_args()
     cpus = sorted(os.sched_getaffinity(0))
     client_core, server_core = cpus[0], cpus[-1]
@@ -136,7 +144,7 @@ def main() -> None:
                 with fake_servers({server_core}, 1, *flags) as (url, _):
                     try:
                         if tool == "servetune":
-                            r = servetune(url, conc, n, work, client_core)
+                            r = servetune(url, conc, n, work, client_core, args.servetune_processes)
                         elif tool == "aiperf":
                             r = aiperf(args.peers, url, conc, n, work, client_core, tok)
                         else:

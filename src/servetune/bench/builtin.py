@@ -22,7 +22,6 @@ import re
 import ssl
 import time
 from collections.abc import (
-    AsyncGenerator,
     AsyncIterator,
     Awaitable,
     Callable,
@@ -33,7 +32,7 @@ from collections.abc import (
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import httpcore
 import httpx
@@ -41,7 +40,7 @@ import httpx
 from servetune.bench.http_errors import describe
 from servetune.bench.prompts import Prompt, PromptBuilder, ServerTokenCounter, TokenCounter
 from servetune.bench.sse import SseEvent, SseParser
-from servetune.bench.transport import AsyncioBackend
+from servetune.bench.transport import Http11Connection, Http11Response
 from servetune.core.metrics import LoadLevel, RequestRecord, ServingMetrics, percentile, summarize
 from servetune.core.slo import Slo, request_bounds
 from servetune.core.spec import StudySpec, Workload
@@ -799,41 +798,36 @@ def _request_url(base_url: str, path: str) -> httpx.URL:
 
 
 class _Pool:
-    """Keep-alive HTTP/1.1 connections to one origin (httpcore), handed out from a free list.
+    """Keep-alive HTTP/1.1 connections to one origin, handed out from a free list.
 
     Why not httpx's pool: httpcore 1.0's ``AsyncConnectionPool`` rescans every connection (and
     polls every idle socket for readability) each time a request starts or ends, so its cost
     per request grows with the connections open. Measured with keep-alive through httpx's pool,
     a 200 requests/s Poisson level of 300 requests (≈200 connections) took 2.41 s to issue
     instead of the scheduled 1.62 s (tests/integration/test_bench_client.py's high-rate test
-    failed); through this pool it keeps the schedule. Here a request takes the most recently
-    returned connection (one readability poll tells whether the server closed it) or opens a new
-    one; a connection goes back only when its response was read to the end. Requests still go
-    through httpcore's own HTTP/1.1 connection (h11), the transport under httpx.
+    failed); through this pool it keeps the schedule. Why not httpcore's connection either: see
+    ``servetune.bench.transport.Http11Connection`` (its locks delay each request's bytes). On
+    one core, against the fake server with 32 in flight, requests per CPU-second went from 2268
+    (httpcore connections) through 3167 (httpcore over a plain asyncio stream) to 4371 (this
+    connection) with 1-token answers, and 1442 → 1691 → 1990 with 16 tokens. A request takes the
+    most recently returned connection (the server closed it if bytes or EOF arrived while it was
+    idle) or opens a new one; a connection goes back only when its response was read to the end.
     """
 
     def __init__(self, url: httpx.URL) -> None:
-        self.origin = httpcore.Origin(url.raw_scheme, url.raw_host, url.port or _PORTS[url.scheme])
+        self.host = url.host
+        self.port = url.port or _PORTS[url.scheme]
         # TLS verified against the system's trust store, as ssl.create_default_context() does.
         self.ssl_context = ssl.create_default_context() if url.scheme == "https" else None
-        # Plain TCP through the lean asyncio backend (see servetune.bench.transport); TLS
-        # through httpcore's own (anyio).
-        self.backend = AsyncioBackend() if url.scheme == "http" else None
-        self.idle: list[httpcore.AsyncHTTPConnection] = []
+        self.idle: list[Http11Connection] = []
         self.opened = 0
 
-    def new(self) -> httpcore.AsyncHTTPConnection:
+    def new(self) -> Http11Connection:
         """A connection that connects on its first request."""
         self.opened += 1
-        return httpcore.AsyncHTTPConnection(
-            self.origin,
-            ssl_context=self.ssl_context,
-            http1=True,
-            http2=False,
-            network_backend=self.backend,
-        )
+        return Http11Connection(self.host, self.port, self.ssl_context)
 
-    async def take(self) -> httpcore.AsyncHTTPConnection:
+    async def take(self) -> Http11Connection:
         """An idle connection the server has not closed, else a new one."""
         while self.idle:
             conn = self.idle.pop()
@@ -842,7 +836,7 @@ class _Pool:
             await conn.aclose()
         return self.new()
 
-    async def give(self, conn: httpcore.AsyncHTTPConnection) -> None:
+    async def give(self, conn: Http11Connection) -> None:
         """Back to the free list if it can carry another request, else closed."""
         if conn.is_idle() and not conn.has_expired():
             self.idle.append(conn)
@@ -902,17 +896,14 @@ class _Sender:
         headers: list[tuple[bytes, bytes]],
     ) -> None:
         self.pool = pool
-        self.url = httpcore.URL(str(url))
-        self.models_url = httpcore.URL(
-            str(url.copy_with(path=url.path.rsplit("/v1/", 1)[0] + "/v1/models", query=None))
-        )
-        # httpcore's pool (not used here) adds Host and Content-Length; a bare connection not.
+        self.target = url.raw_path
+        self.models_target = url.copy_with(
+            path=url.path.rsplit("/v1/", 1)[0] + "/v1/models", query=None
+        ).raw_path
         self.headers = [(b"Host", url.netloc), *headers]
         self.chat = workload.api == "chat"
         self.max_tokens = workload.output_tokens
         self.timeout_s = workload.request_timeout_s
-        # No per-read timeouts (each would cost a timer): asyncio.timeout bounds every attempt.
-        self.extensions: dict[str, Any] = {}
         self.max_retries = max_retries
         self.base: dict[str, Any] = {
             "model": model,
@@ -931,13 +922,10 @@ class _Sender:
         """
         conns = [await self.pool.take() for _ in range(n)]
 
-        async def one(conn: httpcore.AsyncHTTPConnection) -> None:
+        async def one(conn: Http11Connection) -> None:
             try:
                 async with asyncio.timeout(min(self.timeout_s, WARM_CONNECT_TIMEOUT_S)):
-                    request = httpcore.Request(
-                        "GET", self.models_url, headers=self.headers, extensions=self.extensions
-                    )
-                    response = await conn.handle_async_request(request)
+                    response = await conn.request(b"GET", self.models_target, self.headers, b"")
                     try:
                         await _read_body(response)
                     finally:
@@ -976,7 +964,7 @@ class _Sender:
                     continue
                 state.fail(e.kind, e.message)
             except (TimeoutError, httpcore.TimeoutException):
-                # asyncio.timeout bounds the whole attempt (httpcore is given no timeouts).
+                # asyncio.timeout bounds the whole attempt (the connection has no timeouts).
                 state.fail("timeout", f"no complete response within {self.timeout_s:g} s")
             await self.pool.give(conn)
             return state.record(
@@ -986,23 +974,14 @@ class _Sender:
                 warmup=warmup,
             )
 
-    async def _attempt(
-        self, conn: httpcore.AsyncHTTPConnection, body: bytes, state: _Stream
-    ) -> None:
+    async def _attempt(self, conn: Http11Connection, body: bytes, state: _Stream) -> None:
         """One attempt; the adapter from httpcore errors to error kinds.
 
         Raises ``_BeforeFirstByte`` when the attempt may be re-sent, httpcore.TimeoutException
         on a timeout; every other failure is recorded in ``state``.
         """
-        request = httpcore.Request(
-            "POST",
-            self.url,
-            headers=[*self.headers, (b"Content-Length", b"%d" % len(body))],
-            content=body,
-            extensions=self.extensions,
-        )
         try:
-            response = await conn.handle_async_request(request)
+            response = await conn.request(b"POST", self.target, self.headers, body)
         except httpcore.TimeoutException:
             raise
         except httpcore.ConnectError as e:
@@ -1032,7 +1011,7 @@ class _Sender:
         finally:
             await response.aclose()
 
-    async def _read(self, response: httpcore.Response, state: _Stream) -> None:
+    async def _read(self, response: Http11Response, state: _Stream) -> None:
         status = response.status
         ctype = next(
             (v.decode("latin-1") for k, v in response.headers if k.lower() == b"content-type"), ""
@@ -1044,9 +1023,7 @@ class _Sender:
                 return
             raise _Protocol(f"expected an SSE stream, got {ctype}: {text[:300]}")
         parser = SseParser()
-        # aiter_stream is an async generator, typed only as an AsyncIterator.
-        stream = cast(AsyncGenerator[bytes, None], response.aiter_stream())
-        async with contextlib.aclosing(stream) as chunks:
+        async with contextlib.aclosing(response.aiter_stream()) as chunks:
             async for data in chunks:
                 now = time.perf_counter()  # as soon as h11 hands the bytes over, before parsing
                 for sse in parser.feed(data):
@@ -1076,7 +1053,7 @@ async def _drain(chunks: AsyncIterator[bytes]) -> None:
                 pass
 
 
-async def _read_body(response: httpcore.Response, limit: int = 65536) -> bytes:
+async def _read_body(response: Http11Response, limit: int = 65536) -> bytes:
     """The rest of a (short) response body, at most ``limit`` bytes kept."""
     out = bytearray()
     async for data in response.aiter_stream():

@@ -1,10 +1,6 @@
-"""A lean asyncio network backend for httpcore: plain-TCP sockets with no extra event-loop turns.
+"""The benchmark client's HTTP/1.1 connection: h11 over an asyncio protocol, nothing in between.
 
-httpcore's default backend (anyio) yields to the event loop at the start of every socket write
-and read; here a write goes straight to the transport and a read returns buffered bytes at once.
-Measured (client pinned to one core, fake server on another, 32 in flight, 2000 requests): 3387
-requests per CPU-second with 1-token answers and 1780 with 16 tokens, against 2268 and 1442
-through the anyio backend; and a request's bytes leave before the task gives way to others.
+A request is written whole before its first ``await``; bytes that arrive are handed over at once.
 """
 
 from __future__ import annotations
@@ -13,6 +9,7 @@ import asyncio
 import collections
 import typing
 
+import h11
 import httpcore
 
 
@@ -57,120 +54,158 @@ class _SocketProtocol(asyncio.Protocol):
             w.set_result(None)
 
 
-class AsyncioStream(httpcore.AsyncNetworkStream):
-    """One TCP connection for httpcore: ``read`` hands over buffered bytes (b"" at EOF),
-    ``write`` writes through at once (waiting only when the transport's buffer is full).
+_DISCONNECTED = "Server disconnected without sending a response."
 
-    ``timeout`` (s, None = none) bounds each call: ``httpcore.ReadTimeout`` /
-    ``httpcore.WriteTimeout``. A reset raises ``httpcore.ReadError`` / ``httpcore.WriteError``.
-    ``get_extra_info("is_readable")`` is True once bytes or EOF arrived (how httpcore tells an
-    idle keep-alive connection the server closed), without a system call.
-    """
 
-    def __init__(self, transport: asyncio.Transport, protocol: _SocketProtocol) -> None:
-        self._transport = transport
-        self._protocol = protocol
+class Http11Response:
+    """A response whose body streams from its ``Http11Connection`` (``aiter_stream``)."""
 
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
-        p = self._protocol
-        while not p.chunks:
-            if p.eof:
-                if p.error is not None:
-                    raise httpcore.ReadError(f"{type(p.error).__name__}: {p.error}")
-                return b""
-            p.waiter = asyncio.get_running_loop().create_future()
-            try:
-                if timeout is None:
-                    await p.waiter
-                else:
-                    async with asyncio.timeout(timeout):
-                        await p.waiter
-            except TimeoutError as e:
-                raise httpcore.ReadTimeout(f"no bytes within {timeout:g} s") from e
-            finally:
-                p.waiter = None
-        data = p.chunks.popleft()
-        if len(data) > max_bytes:
-            p.chunks.appendleft(data[max_bytes:])
-            data = data[:max_bytes]
-        return data
+    def __init__(self, conn: Http11Connection, status: int, headers: list[tuple[bytes, bytes]]):
+        self.status = status
+        self.headers = headers
+        self._conn = conn
 
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
-        if not buffer:
-            return
-        p = self._protocol
-        if p.eof or self._transport.is_closing():
-            raise httpcore.WriteError("the connection was closed")
-        self._transport.write(buffer)
-        if p.paused:
-            p.drained = asyncio.get_running_loop().create_future()
-            try:
-                async with asyncio.timeout(timeout):
-                    await p.drained
-            except TimeoutError as e:
-                raise httpcore.WriteTimeout(f"not sent within {timeout:g} s") from e
-            finally:
-                p.drained = None
-            if p.error is not None:
-                raise httpcore.WriteError(f"{type(p.error).__name__}: {p.error}")
+    async def aiter_stream(self) -> typing.AsyncGenerator[bytes, None]:
+        """The body's bytes as they arrive (dechunked); ends with the message."""
+        conn = self._conn
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                await conn.receive()
+            elif isinstance(event, h11.Data):
+                yield bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return
+            else:  # ConnectionClosed and anything else
+                raise httpcore.RemoteProtocolError(
+                    "peer closed connection without sending complete message body"
+                )
 
     async def aclose(self) -> None:
-        self._transport.close()
-
-    async def start_tls(
-        self,
-        ssl_context: typing.Any,
-        server_hostname: str | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
-    ) -> httpcore.AsyncNetworkStream:
-        raise NotImplementedError("plain TCP only: https uses httpcore's own backend")
-
-    def get_extra_info(self, info: str) -> typing.Any:
-        if info == "is_readable":
-            return bool(self._protocol.chunks) or self._protocol.eof
-        if info == "ssl_object":
-            return None
-        if info == "client_addr":
-            return self._transport.get_extra_info("sockname")
-        if info == "server_addr":
-            return self._transport.get_extra_info("peername")
-        if info == "socket":
-            return self._transport.get_extra_info("socket")
-        return None
+        """Nothing to release: an unfinished body leaves its connection unusable (closed)."""
 
 
-class AsyncioBackend(httpcore.AsyncNetworkBackend):
-    """Opens ``AsyncioStream`` connections (``loop.create_connection``; TCP_NODELAY is asyncio's
-    default). Connect failures raise ``httpcore.ConnectError`` / ``httpcore.ConnectTimeout``."""
+class Http11Connection:
+    """One keep-alive HTTP/1.1 connection: h11 over an asyncio protocol, no locks, no yields.
 
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
-        local_address: str | None = None,
-        socket_options: typing.Iterable[typing.Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
+    ``request`` writes the whole request (head and body, one ``transport.write``) before its
+    first ``await``, then waits for the response head. Why not httpcore's connection: it takes
+    two anyio locks per request, and each acquisition gives way to every other ready task, so a
+    request's bytes left only after every other request started in the same turn had taken its
+    own steps (a burst of 256 requests each waited for all the others before being sent, inside
+    its TTFT). Failures use httpcore's exception classes (the names the rest of the client maps
+    to error kinds): ``ConnectError``, ``RemoteProtocolError`` ("Server disconnected …" before
+    the response, "peer closed connection …" inside the body), ``ReadError`` / ``WriteError``
+    (a reset), ``LocalProtocolError``. Timeouts belong to the caller (``asyncio.timeout``).
+    """
+
+    def __init__(
+        self, host: str, port: int, ssl_context: typing.Any = None, server_hostname: str = ""
+    ) -> None:
+        self._host, self._port = host, port
+        self._ssl, self._server_hostname = ssl_context, server_hostname or host
+        self._h11 = h11.Connection(our_role=h11.CLIENT)
+        self._transport: asyncio.Transport | None = None
+        self._protocol: _SocketProtocol | None = None
+        self._got_bytes = False
+
+    async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
-        local = None if local_address is None else (local_address, 0)
         try:
-            async with asyncio.timeout(timeout):
-                transport, protocol = await loop.create_connection(
-                    _SocketProtocol, host, port, local_addr=local
-                )
-        except TimeoutError as e:
-            raise httpcore.ConnectTimeout(f"no connection within {timeout:g} s") from e
+            transport, protocol = await loop.create_connection(
+                _SocketProtocol,
+                self._host,
+                self._port,
+                ssl=self._ssl,
+                server_hostname=self._server_hostname if self._ssl is not None else None,
+            )
         except OSError as e:
             raise httpcore.ConnectError(f"{type(e).__name__}: {e}") from e
-        return AsyncioStream(transport, protocol)
+        self._transport, self._protocol = transport, protocol
 
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
-        socket_options: typing.Iterable[typing.Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        raise NotImplementedError("TCP only")
+    def is_idle(self) -> bool:
+        """Open, and the last exchange ended cleanly with keep-alive (or none happened yet)."""
+        h = self._h11
+        if self._transport is None or self._transport.is_closing():
+            return False
+        return (h.our_state, h.their_state) in ((h11.IDLE, h11.IDLE), (h11.DONE, h11.DONE))
 
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
+    def has_expired(self) -> bool:
+        """True when the server sent bytes or closed while the connection was idle."""
+        p = self._protocol
+        return p is None or p.eof or bool(p.chunks)
+
+    async def aclose(self) -> None:
+        """Close the socket (at once; unsent bytes are dropped)."""
+        if self._transport is not None:
+            self._transport.close()
+
+    def next_event(self) -> typing.Any:
+        """h11's next event; its protocol errors as httpcore's."""
+        try:
+            return self._h11.next_event()
+        except h11.RemoteProtocolError as e:
+            raise httpcore.RemoteProtocolError(str(e)) from e
+
+    async def receive(self) -> None:
+        """Feed h11 the next bytes from the socket (b"" at EOF); a reset raises ReadError."""
+        p = self._protocol
+        assert p is not None
+        while not p.chunks and not p.eof:
+            p.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await p.waiter
+            finally:
+                p.waiter = None
+        if p.chunks:
+            data = p.chunks.popleft()
+            self._got_bytes = True
+        elif p.error is not None:
+            raise httpcore.ReadError(f"{type(p.error).__name__}: {p.error}")
+        else:
+            data = b""
+        try:
+            self._h11.receive_data(data)
+        except h11.RemoteProtocolError as e:
+            raise httpcore.RemoteProtocolError(str(e)) from e
+
+    async def request(
+        self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> Http11Response:
+        """Send one request (written whole before the first ``await`` once connected) and
+        return when the response head arrived. ``headers`` must include Host; Content-Length
+        is added for a body."""
+        if self._transport is None:
+            await self._connect()
+        assert self._transport is not None and self._protocol is not None
+        h = self._h11
+        if h.our_state is h11.DONE and h.their_state is h11.DONE:
+            h.start_next_cycle()
+        if body:
+            headers = [*headers, (b"Content-Length", b"%d" % len(body))]
+        try:
+            out = h.send(h11.Request(method=method, target=target, headers=headers))
+            out = (out or b"") + (h.send(h11.Data(data=body)) or b"") if body else out
+            out = (out or b"") + (h.send(h11.EndOfMessage()) or b"")
+        except h11.LocalProtocolError as e:
+            raise httpcore.LocalProtocolError(str(e)) from e
+        p = self._protocol
+        if self._transport.is_closing() or p.eof:
+            if p.error is not None:
+                raise httpcore.WriteError(f"{type(p.error).__name__}: {p.error}")
+            raise httpcore.RemoteProtocolError(_DISCONNECTED)
+        self._transport.write(out)
+        self._got_bytes = False
+        try:
+            while True:
+                event = self.next_event()
+                if event is h11.NEED_DATA:
+                    await self.receive()
+                elif isinstance(event, h11.Response):
+                    return Http11Response(self, event.status_code, list(event.headers))
+                elif not isinstance(event, h11.InformationalResponse):
+                    raise httpcore.RemoteProtocolError(_DISCONNECTED)  # closed, no response
+        except httpcore.RemoteProtocolError:
+            if not self._got_bytes:  # EOF before any byte of a response: may be re-sent
+                raise httpcore.RemoteProtocolError(_DISCONNECTED) from None
+            raise
