@@ -29,9 +29,11 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+# PEERS=/tmp/peers (a virtualenv holding aiperf and guidellm) adds the side-by-side comparison.
 bench: $(STAMP)
 	$(BIN)/python bench/bench_client.py
 	$(BIN)/python bench/bench_overhead.py
+	$(if $(PEERS),$(BIN)/python bench/bench_peers.py --peers $(PEERS))
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -14,7 +14,7 @@ import logging.handlers
 import os
 import signal
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -888,6 +888,7 @@ _BENCH_OPTIONS = {
     "num_requests": "--num-requests",
     "duration_s": "--duration-s",
     "warmup_requests": "--warmup",
+    "request_timeout_s": "--request-timeout-s",
     "seed": "--seed",
 }
 """``bench``'s option for each Workload field, so validation errors name what the user typed."""
@@ -906,41 +907,83 @@ def _short(value: float | None) -> str:
     return f"{value:.2g}"
 
 
-def _bench_table(metrics: Sequence[Any], *, rate_mode: bool) -> Table:
-    """One row per load level of ``bench``, borderless and short enough for 80 columns."""
+def _bench_table(run: Any, *, rate_mode: bool, with_slos: bool) -> Table:
+    """Throughput per load level of ``bench``: one row each, short enough for 80 columns."""
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for header in (
-        "rate/s" if rate_mode else "conc",
-        "ok",
-        "fail",
-        "tok/s",
-        "req/s",
-        "TTFT p50",
-        "TTFT p99",
-        "TPOT p50",
-        "ITL p99",
-        "E2E p99",
-    ):
+    headers = ["rate/s" if rate_mode else "conc", "ok", "fail", "req/s"]
+    headers += ["good/s"] if with_slos else []
+    headers += ["in tok/s", "out tok/s", "tot tok/s", "prompt≠"]
+    for header in headers:
         table.add_column(header, justify="right", no_wrap=True, overflow="fold")
-    for m in metrics:
-        table.add_row(
-            f"{m.level.value:g}",
-            str(m.completed),
-            str(m.failed),
+    for lv in run.levels:
+        m = lv.metrics
+        row = [f"{m.level.value:g}", str(m.completed), str(m.failed), _short(m.requests_per_s)]
+        row += [_short(m.goodput_requests_per_s)] if with_slos else []
+        row += [
+            _short(m.input_tokens_per_s),
             _short(m.output_tokens_per_s),
-            _short(m.requests_per_s),
-            *(
-                _short(m.value(name))
-                for name in (
-                    "ttft_ms.p50",
-                    "ttft_ms.p99",
-                    "tpot_ms.p50",
-                    "itl_ms.p99",
-                    "e2e_latency_ms.p99",
-                )
-            ),
-        )
+            _short(m.total_tokens_per_s),
+            f"{m.prompt_token_mismatches}/{m.completed}" if m.completed else "-",
+        ]
+        table.add_row(*row)
     return table
+
+
+def _latency_table(run: Any, *, rate_mode: bool) -> Table:
+    """Every latency metric of every level at the same statistics (mean, p50 … max), in ms."""
+    from servetune.core.metrics import LATENCY_METRICS, PERCENTILES
+
+    names = {"ttft_ms": "TTFT", "tpot_ms": "TPOT", "itl_ms": "ITL", "e2e_latency_ms": "E2E"}
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    table.add_column("rate/s" if rate_mode else "conc", justify="right", no_wrap=True)
+    table.add_column("ms", no_wrap=True)
+    for stat in PERCENTILES:
+        table.add_column(stat, justify="right", no_wrap=True, overflow="fold")
+    for lv in run.levels:
+        for i, metric in enumerate(LATENCY_METRICS):
+            table.add_row(
+                f"{lv.level.value:g}" if i == 0 else "",
+                names[metric],
+                *(_short(lv.metrics.value(f"{metric}.{stat}")) for stat in PERCENTILES),
+            )
+    return table
+
+
+class _BenchProgress:
+    """A one-line live progress display on stderr (only when stderr is a terminal)."""
+
+    def __init__(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[failed]} failed"),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=True,
+            disable=not err_console.is_terminal,
+        )
+        self.task: Any = None
+        self.key: tuple[str, str] | None = None
+
+    def __call__(self, p: Any) -> None:
+        key = (p.level.label, p.phase)
+        if key != self.key:
+            if self.task is not None:
+                self.progress.remove_task(self.task)
+            self.key = key
+            self.task = self.progress.add_task(
+                f"{p.level.label} {p.phase}", total=p.total, failed=0
+            )
+        self.progress.update(self.task, completed=p.done, failed=p.failed)
 
 
 @app.command()
@@ -950,38 +993,86 @@ def bench(
         typer.Argument(help="Base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8080"),
     ],
     model: Annotated[
-        str | None, typer.Option(help="Model name (default: the first of /v1/models).")
+        str | None, typer.Option(help="Model name. (default: the first of /v1/models)")
     ] = None,
     api: Annotated[str, typer.Option(help="completions or chat.")] = "completions",
     input_tokens: Annotated[int, typer.Option(help="Prompt tokens per request.")] = 128,
     output_tokens: Annotated[int, typer.Option(help="Output tokens per request.")] = 64,
     concurrency: Annotated[
-        str | None, typer.Option(help="Comma-separated concurrency levels, e.g. 1,4.")
+        str | None,
+        typer.Option(help="Comma-separated concurrency levels, e.g. 1,4. (default: 1)"),
     ] = None,
     rate: Annotated[
         str | None, typer.Option(help="Comma-separated Poisson request rates per s.")
     ] = None,
-    num_requests: Annotated[int | None, typer.Option(help="Measured requests per level.")] = None,
+    num_requests: Annotated[
+        int | None, typer.Option(help="Measured requests per level. (default: 16)")
+    ] = None,
     duration_s: Annotated[
         float | None, typer.Option(help="Seconds per level instead of a count.")
     ] = None,
     warmup: Annotated[int, typer.Option(help="Unmeasured warm-up requests per level.")] = 2,
     tokenizer: Annotated[
-        str | None, typer.Option(help="Tokenizer dir (default: the server's /tokenize).")
+        str | None,
+        typer.Option(
+            help="Tokenizer dir or tokenizer.json. (default: the server's /tokenize; without "
+            "one, prompt lengths are estimated and the server's usage reports them)"
+        ),
     ] = None,
     seed: Annotated[
         int, typer.Option(help="Seed of the prompts (and arrivals); change it for fresh prompts.")
     ] = 0,
+    slo: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="METRIC:PERCENTILE:MAX_MS, e.g. ttft_ms:p99:500 (repeatable); goodput counts "
+            "the requests meeting every one. Metrics: ttft_ms, tpot_ms, itl_ms, e2e_latency_ms."
+        ),
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SERVETUNE_API_KEY",
+            help="Sent as 'Authorization: Bearer KEY' (never written to files).",
+        ),
+    ] = None,
+    header: Annotated[
+        list[str] | None, typer.Option(help="Extra request header NAME:VALUE (repeatable).")
+    ] = None,
+    request_timeout_s: Annotated[
+        float, typer.Option(help="Longest wait for one whole request, s.")
+    ] = 120.0,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            help="Client processes sharing the load. (default: one per 128 in flight or "
+            "400 requests/s, up to the cores)"
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(help="Write the run as JSON: settings, version, time, per-level metrics."),
+    ] = None,
+    records: Annotated[
+        Path | None,
+        typer.Option(help="Write every request's record; .jsonl or .csv (by the suffix)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Benchmark an already-running endpoint once with the built-in client and print the metrics.
+
+    TTFT is measured from just before the request is written on an already-open keep-alive
+    connection to the arrival of the first streamed token: it includes sending the request,
+    the server's queueing, prefill and first token, and the way back; not the TCP connect.
 
     Exit status 2 for bad options (naming the option), 1 when the benchmark cannot run, 130 on
     Ctrl-C, 143 on SIGTERM.
     """
     from pydantic import ValidationError
 
-    from servetune.bench.builtin import bench_endpoint
+    from servetune.bench import results as files
+    from servetune.bench.builtin import CLIENT_CPU_SATURATED, bench_endpoint
+    from servetune.core.slo import check_slos
     from servetune.core.spec import Workload
 
     def numbers(text: str | None, option: str, kind: type[float] | type[int]) -> list[Any] | None:
@@ -1000,6 +1091,25 @@ def bench(
         raise _fail("give either --concurrency or --rate, not both", 2)
     if num_requests is not None and duration_s is not None:
         raise _fail("give either --num-requests or --duration-s, not both", 2)
+    if processes is not None and processes < 1:
+        raise _fail(f"--processes must be ≥ 1, got {processes}", 2)
+    try:
+        slos = [files.parse_slo(s) for s in slo or ()]
+    except ValueError as e:
+        raise _fail(f"--slo: {e}", 2) from None
+    try:
+        headers = dict(files.parse_header(h) for h in header or ())
+    except ValueError as e:
+        raise _fail(f"--header: {e}", 2) from None
+    records_fmt = None
+    for option, path in (("--output", output), ("--records", records)):
+        if path is not None and not path.parent.is_dir():
+            raise _fail(f"{option}: directory {path.parent} does not exist", 2)
+    if records is not None:
+        try:
+            records_fmt = files.records_format(records)
+        except ValueError as e:
+            raise _fail(f"--records: {e}", 2) from None
     conc = numbers(concurrency, "--concurrency", int)
     rates = numbers(rate, "--rate", float)
     if conc is None and rates is None:
@@ -1016,6 +1126,7 @@ def bench(
             num_requests=num_requests,
             duration_s=duration_s,
             warmup_requests=warmup,
+            request_timeout_s=request_timeout_s,
             seed=seed,
         )
     except ValidationError as e:
@@ -1028,8 +1139,23 @@ def bench(
                 soft_wrap=True,
             )
         raise typer.Exit(2) from None
+    progress = _BenchProgress()
+    created_at = datetime.now(UTC)
     try:
-        metrics = _run_async(bench_endpoint(url, model, workload, tokenizer))
+        with progress.progress:
+            run = _run_async(
+                bench_endpoint(
+                    url,
+                    model,
+                    workload,
+                    tokenizer,
+                    slos=slos,
+                    api_key=api_key,
+                    headers=headers,
+                    processes=processes,
+                    on_progress=progress,
+                )
+            )
     except ServetuneError as e:
         raise _fail(str(e)) from None
     except asyncio.CancelledError as e:
@@ -1037,13 +1163,77 @@ def bench(
         how = "" if code == 130 else f" by {signal.Signals(code - 128).name}"
         err_console.print(f"[yellow]interrupted{how}[/]: no metrics", highlight=False)
         raise typer.Exit(code) from None
+    metrics = [lv.metrics for lv in run.levels]
+    try:
+        if output is not None:
+            doc = files.run_document(
+                run,
+                url=url,
+                workload=workload,
+                slos=slos,
+                tokenizer=tokenizer,
+                header_names=list(headers),
+                api_key_given=api_key is not None,
+                created_at=created_at,
+            )
+            files.write_atomically(output, json.dumps(doc, indent=2) + "\n")
+        if records is not None and records_fmt is not None:
+            files.write_atomically(records, files.records_text(run, records_fmt))
+    except OSError as e:
+        raise _fail(f"cannot write the results: {e}") from None
     if as_json:
         sys.stdout.write(json.dumps([m.model_dump(mode="json") for m in metrics], indent=2) + "\n")
         if all(m.completed == 0 for m in metrics):
             raise _fail("no request succeeded; see failed_by_kind and error_examples")
         return
-    console.print(_bench_table(metrics, rate_mode=rates is not None))
-    console.print("latencies in ms; tok/s = output tokens per second", highlight=False)
+    console.print(_bench_table(run, rate_mode=rates is not None, with_slos=bool(slos)))
+    console.print(
+        "tok/s = tokens per second (in: prompt, from usage or the built prompt; out: output); "
+        "prompt≠ = prompts whose server count differs from the built length",
+        highlight=False,
+    )
+    console.print()
+    console.print(_latency_table(run, rate_mode=rates is not None))
+    console.print(
+        "latencies in ms; TTFT = request written on an open connection → first token "
+        "(queueing + prefill + network; no TCP connect)",
+        highlight=False,
+    )
+    notes: list[str] = []
+    if run.prompt_counting == "estimated":
+        notes.append(
+            f"{url} has no /tokenize and no --tokenizer was given: prompt lengths were "
+            "estimated; 'in tok/s' uses the server's usage.prompt_tokens where sent"
+        )
+    for lv in run.levels:
+        m, load = lv.metrics, lv.client_load
+        if m.prompt_token_mismatches:
+            notes.append(
+                f"{m.level.label}: {m.prompt_token_mismatches} prompt(s) differ from "
+                f"{input_tokens} tokens by more than {workload.prompt_token_tolerance} "
+                f"(server mean {_short(m.mean_prompt_tokens)})"
+            )
+        if load.saturated:
+            busy = (
+                "its CPU was the bottleneck: use more --processes"
+                if load.cpu_fraction >= CLIENT_CPU_SATURATED
+                else "other programs kept it from running: the machine is busy"
+            )
+            notes.append(
+                f"{m.level.label}: the client delayed responses (event-loop lag p99 "
+                f"{load.loop_lag_p99_ms:.1f} ms, CPU {load.cpu_fraction:.0%} of a core); "
+                f"{busy}; latencies include that delay"
+            )
+        if load.stopped_early:
+            notes.append(load.stopped_early)
+    for note in notes:
+        console.print(f"[yellow]{escape(note)}[/]", highlight=False)
+    if slos:
+        report = check_slos(slos, metrics, workload.max_error_rate)
+        for line in report.missed():
+            console.print(f"[red]SLO missed: {escape(line)}[/]", highlight=False)
+        if report.feasible:
+            console.print("[green]every SLO met at every level[/]", highlight=False)
     for m in metrics:
         for w in m.warnings:
             line = f"warning {format_warning(w)}"

@@ -259,6 +259,12 @@ def _score(
         summarize(level, records, bounds, spec.workload.prompt_token_tolerance)
         for level, records in levels
     ]
+    # The built-in client's own load per level (client_loop_lag_p99_ms, client_cpu_fraction).
+    loads = getattr(ctx.client, "client_load", None) or []
+    if len(loads) == len(metrics):
+        metrics = [
+            m.model_copy(update=x.metrics_fields()) for m, x in zip(metrics, loads, strict=True)
+        ]
     notes: list[str] = []
     outside = common.get("outside_cpu_fraction")
     warnings = trial_warnings(

@@ -16,8 +16,10 @@ import pytest
 from servetune.bench.builtin import BenchProgress, BuiltinClient, bench_endpoint
 from servetune.bench.prompts import Prompt, PromptBuilder
 from servetune.core.metrics import LoadLevel, RequestRecord, ServingMetrics, summarize
+from servetune.core.slo import Slo
 from servetune.core.spec import Workload
 from servetune.engines.base import Endpoint
+from servetune.errors import BenchmarkError
 from servetune.testing.fake_server import (
     CHAT_TEMPLATE_TOKENS_PER_MESSAGE,
     FakeServer,
@@ -77,7 +79,10 @@ def test_concurrency_mode_sends_warmups_then_measured_requests_with_n_in_flight(
         "every request, warm-ups and levels included, has its own prompt"
     )
     assert stats.max_in_flight == 3
-    assert stats.connections == 18, "connections must not be reused"
+    # Keep-alive: one connection per request in flight, opened before the measured phase of
+    # each level (an unmeasured GET /v1/models on each) and reused by every later request.
+    assert stats.connections == 3
+    assert stats.by_path["/v1/models"] == 1 + 3
 
 
 def test_concurrency_mode_with_duration_stops_issuing_at_the_deadline_then_lets_all_finish() -> (
@@ -270,7 +275,9 @@ def test_bench_endpoint_reads_the_model_and_counts_tokens_through_the_server() -
     async def go() -> list[ServingMetrics]:
         async with FakeServer(FakeServerOptions(model="served-name")) as url:
             wl = workload(concurrency=[1, 2], num_requests=4, input_tokens=16, warmup_requests=1)
-            return await bench_endpoint(url, None, wl, None)
+            run = await bench_endpoint(url, None, wl, None)
+            assert (run.model, run.prompt_counting) == ("served-name", "server")
+            return [lv.metrics for lv in run.levels]
 
     ms = asyncio.run(go())
     assert [m.level.value for m in ms] == [1.0, 2.0]
@@ -352,3 +359,161 @@ def test_a_base_url_path_prefix_is_kept_and_http_errors_are_counted_by_status() 
     # The fake server only serves /v1/..., so /prefix/v1/completions is a 404, not retried.
     assert [(r.error_kind, r.retries) for r in records] == [("http_404", 0)] * 2
     assert records[0].error is not None and "/prefix/v1/completions" in records[0].error
+
+
+# ---- connections, client processes, hung endpoints, bench_endpoint's options -----------------
+
+
+def test_keep_alive_connections_are_opened_before_the_clock_and_reused() -> None:
+    # 4 in flight, 40 requests: the server sees 4 connections, each opened by an unmeasured
+    # GET /v1/models before the measured phase, so no measured request pays a connect.
+    wl = workload(concurrency=[4], num_requests=40, warmup_requests=0)
+    results, stats = bench(wl)
+    records = results[0][1]
+    assert len(records) == 40 and all(r.ok and r.retries == 0 for r in records)
+    assert stats.connections == 4
+    assert stats.by_path == {"/v1/models": 4, "/v1/completions": 40}
+
+
+def test_a_server_closing_reused_connections_is_retried_on_a_new_one_and_counted_once() -> None:
+    # The server closes every connection on its second request without a byte (it announced
+    # keep-alive): every measured request goes to a pooled connection first, fails before the
+    # first byte, and is re-sent once on a new connection, which then serves it.
+    options = FakeServerOptions(max_requests_per_connection=1)
+    wl = workload(concurrency=[2], num_requests=10, warmup_requests=0)
+    results, stats = bench(wl, options)
+    records = results[0][1]
+    assert len(records) == 10
+    assert all(r.ok and r.retries == 1 for r in records)
+    m = metrics(records, LoadLevel(concurrency=2))
+    assert (m.completed, m.failed, m.retried) == (10, 0, 10)
+    assert stats.generation_requests == 10  # each request served once: never counted twice
+    assert stats.dropped_on_reuse == 10
+    assert len(stats.prompt_starts) == 10
+
+
+def _hung_endpoint() -> socket.socket:
+    """A socket that listens (the kernel completes every connect) and never reads or answers."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(64)
+    return s
+
+
+def test_a_hung_endpoint_times_out_with_a_named_reason_and_the_level_stops_early() -> None:
+    wl = workload(concurrency=[1], num_requests=16, warmup_requests=2, request_timeout_s=0.3)
+    with _hung_endpoint() as s:
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+        client = BuiltinClient()
+        results = asyncio.run(client.run(Endpoint(url, "m"), wl, PROMPTS))
+    records = results[0][1]
+    # Two warm-ups and one measured request time out the same way; then no more are issued.
+    assert [(r.warmup, r.error_kind) for r in records] == [
+        (True, "timeout"),
+        (True, "timeout"),
+        (False, "timeout"),
+    ]
+    assert all(r.error == "no complete response within 0.3 s" for r in records)
+    (load,) = client.client_load
+    assert load.stopped_early is not None
+    assert "first 3 requests all failed with timeout" in load.stopped_early
+    m = metrics(records)
+    assert (m.completed, m.failed, m.error_rate) == (0, 1, 1.0)
+
+
+def test_a_level_with_successes_or_mixed_failures_is_not_stopped_early() -> None:
+    client = BuiltinClient()
+
+    async def go(options: FakeServerOptions) -> list[RequestRecord]:
+        async with FakeServer(options) as url:
+            wl = workload(num_requests=6)
+            return (await client.run(Endpoint(url, "fake-model"), wl, PROMPTS))[0][1]
+
+    # http_500 twice, then a drop (read): two kinds, so every request is still sent.
+    mixed = asyncio.run(go(FakeServerOptions(fail_requests=frozenset({1, 2, 5, 6}))))
+    assert len(mixed) == 6 and client.client_load[0].stopped_early is None
+    assert [r.error_kind for r in mixed] == ["http_500", "http_500", None, None] + ["http_500"] * 2
+    every = asyncio.run(go(FakeServerOptions(fail_requests=frozenset(range(1, 20)))))
+    assert [r.error_kind for r in every] == ["http_500"] * 3
+    assert client.client_load[0].stopped_early is not None
+
+
+def test_bench_endpoint_names_why_a_hung_server_cannot_list_its_models() -> None:
+    wl = workload(request_timeout_s=0.3)
+    with _hung_endpoint() as s:
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+        with pytest.raises(BenchmarkError) as e:
+            asyncio.run(bench_endpoint(url, None, wl, None))
+        assert str(e.value) == (
+            f"cannot list models at {url}/v1/models: ReadTimeout: connected, but no answer "
+            "within 0.3 s; the server accepts connections but does not answer (is it still "
+            "loading?); give --model to skip this request"
+        )
+        with pytest.raises(BenchmarkError, match=r"/tokenize: ReadTimeout: connected, but no"):
+            asyncio.run(bench_endpoint(url, "m", wl, None))
+
+
+def test_requests_shared_by_client_processes_are_merged_in_send_order() -> None:
+    async def go() -> tuple[list[RequestRecord], FakeServerStats, BuiltinClient]:
+        server = FakeServer(FakeServerOptions(first_token_delay_ms=5, inter_token_delay_ms=1))
+        client = BuiltinClient(processes=2)
+        async with server as url:
+            wl = workload(concurrency=[5], num_requests=21, warmup_requests=2)
+            results = await client.run(Endpoint(url, "fake-model"), wl, PROMPTS)
+        return results[0][1], server.stats, client
+
+    records, stats, client = asyncio.run(go())
+    assert [r.warmup for r in records] == [True] * 2 + [False] * 21
+    measured = [r.sent_s for r in records if not r.warmup]
+    assert measured == sorted(measured)
+    assert all(r.ok for r in records)
+    assert stats.generation_requests == 23 and len(stats.prompt_starts) == 23
+    assert stats.max_in_flight <= 5 and stats.connections == 5  # 3 + 2: a pool per process
+    assert client.client_load[0].processes == 2
+
+
+def test_bench_endpoint_sends_the_api_key_and_headers_and_applies_slos_to_goodput() -> None:
+    async def go(slos: list[Slo]) -> tuple[ServingMetrics, FakeServerStats]:
+        server = FakeServer(FakeServerOptions(first_token_delay_ms=2))
+        async with server as url:
+            run = await bench_endpoint(
+                url,
+                None,
+                workload(num_requests=5),
+                None,
+                slos=slos,
+                api_key="sk-test",
+                headers={"X-Team": "infra", "user-agent": "mine/1"},
+            )
+        return run.levels[0].metrics, server.stats
+
+    loose, stats = asyncio.run(go([Slo(metric="ttft_ms", percentile="p99", max_ms=60_000)]))
+    assert stats.last_generation_headers["authorization"] == "Bearer sk-test"
+    assert stats.last_generation_headers["x-team"] == "infra"
+    assert stats.last_generation_headers["user-agent"] == "mine/1"
+    assert loose.completed == 5 and loose.goodput_requests_per_s == loose.requests_per_s > 0
+    tight, _ = asyncio.run(go([Slo(metric="e2e_latency_ms", percentile="p50", max_ms=0.001)]))
+    assert tight.completed == 5 and tight.goodput_requests_per_s == 0.0
+    assert loose.client_cpu_fraction is not None and loose.client_loop_lag_p99_ms is not None
+    assert loose.input_tokens_per_s == pytest.approx(8 * loose.requests_per_s)
+
+
+def test_without_a_tokenizer_or_tokenize_endpoint_prompts_are_estimated_and_usage_counts() -> None:
+    async def go() -> Any:
+        async with FakeServer(FakeServerOptions(tokenize=False)) as url:
+            return await bench_endpoint(url, None, workload(num_requests=3, input_tokens=20), None)
+
+    run = asyncio.run(go())
+    assert run.prompt_counting == "estimated"
+    m = run.levels[0].metrics
+    assert m.completed == 3
+    # The fake server counts words and marks like the estimate: the usage says 20 exactly.
+    assert m.mean_prompt_tokens == 20
+
+
+def test_a_connection_closed_after_done_without_the_body_end_still_completes_the_request() -> None:
+    results, stats = bench(workload(num_requests=4), FakeServerOptions(close_after_done=True))
+    records = results[0][1]
+    assert [r.error_kind for r in records] == [None] * 4
+    assert all(r.ok and r.output_tokens == 8 for r in records)
+    assert stats.generation_requests == 4 + sum(r.retries for r in records)

@@ -453,13 +453,33 @@ def test_bench_table_fits_80_columns(
     lines = out.stdout.splitlines()
     assert all(len(line) <= 80 for line in lines), out.stdout
     assert "…" not in out.stdout
-    header = lines[0].split()
-    assert header[:5] == ["conc", "ok", "fail", "tok/s", "req/s"], out.stdout
-    assert "TTFT p50" in lines[0] and "E2E p99" in lines[0]
+    assert lines[0].split() == [
+        "conc",
+        "ok",
+        "fail",
+        "req/s",
+        "in",
+        "tok/s",
+        "out",
+        "tok/s",
+        "tot",
+        "tok/s",
+        "prompt≠",
+    ]
     rows = [line.split() for line in lines[1:3]]
     assert [r[:3] for r in rows] == [["1", "3", "0"], ["2", "3", "0"]], out.stdout
-    numbers = [[float(x) for x in r[3:]] for r in rows]  # every value whole, none cut short
-    assert all(len(r) == 7 and r[0] > 0 and r[1] > 0 and r[2] > 0 for r in numbers), out.stdout
+    assert all(r[-1] == "0/3" for r in rows), out.stdout  # no prompt-length mismatch
+    numbers = [[float(x) for x in r[3:-1]] for r in rows]  # every value whole, none cut short
+    assert all(len(r) == 4 and min(r) > 0 for r in numbers), out.stdout
+    # Latencies: every metric at the same statistics, TTFT's mean included.
+    (head,) = [line for line in lines if line.split()[:2] == ["conc", "ms"]]
+    assert head.split()[2:] == ["mean", "p50", "p90", "p95", "p99", "max"]
+    ttft = [line.split() for line in lines if line.split()[1:2] == ["TTFT"]]
+    assert [r[0] for r in ttft] == ["1", "2"] and all(len(r) == 8 for r in ttft), out.stdout
+    for name in ("TPOT", "ITL", "E2E"):
+        rows = [line.split() for line in lines if line.split()[:1] == [name]]
+        assert len(rows) == 2 and all(float(x) > 0 for r in rows for x in r[1:]), out.stdout
+    assert "TTFT = request written on an open connection" in out.stdout
 
 
 def test_bench_shows_why_requests_failed(

@@ -53,6 +53,8 @@ def test_real_study_persists_trials_with_consistent_metrics(tiny_model, tmp_path
         # throughput is consistent with the counted tokens and the measured window
         expected = level["completed"] * level["mean_output_tokens"] / level["duration_s"]
         assert level["output_tokens_per_s"] == pytest.approx(expected, rel=1e-6)
+        # the client's own load is recorded with each level (0 ≤ CPU share, lag in ms)
+        assert level["client_cpu_fraction"] >= 0 and level["client_loop_lag_p99_ms"] >= 0
         assert (
             0 < level["ttft_ms"]["p50"] <= level["ttft_ms"]["p99"] <= level["e2e_latency_ms"]["max"]
         )

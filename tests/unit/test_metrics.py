@@ -195,3 +195,18 @@ def test_serving_metrics_round_trip_through_json() -> None:
     m = summarize(LEVEL, _records(), RequestSloBounds(ttft_ms=150.0))
     again = ServingMetrics.model_validate_json(m.model_dump_json())
     assert again == m
+
+
+def test_input_and_total_token_throughput_use_usage_else_the_built_prompt_length() -> None:
+    records = [
+        _ok(0.0, [0.1, 0.2], tokens=2, prompt_tokens=100, expected_prompt_tokens=90),
+        _ok(0.0, [0.1, 0.2], tokens=2, expected_prompt_tokens=50),  # no usage: the built length
+        _ok(0.0, [0.1, 0.2], tokens=2),  # neither: counts 0 prompt tokens
+        RequestRecord(sent_s=0.0, done_s=0.99, error_kind="timeout", expected_prompt_tokens=70),
+    ]
+    m = summarize(LEVEL, records)
+    assert m.duration_s == pytest.approx(0.99)
+    assert m.input_tokens_per_s == pytest.approx(150 / 0.99)  # failed requests are not counted
+    assert m.output_tokens_per_s == pytest.approx(6 / 0.99)
+    assert m.total_tokens_per_s == pytest.approx(156 / 0.99)
+    assert m.client_loop_lag_p99_ms is None and m.client_cpu_fraction is None  # set by the client

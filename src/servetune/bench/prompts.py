@@ -18,6 +18,7 @@ from typing import Protocol
 import httpx
 from tokenizers import Tokenizer
 
+from servetune.bench.http_errors import describe
 from servetune.errors import BenchmarkError
 
 log = logging.getLogger(__name__)
@@ -107,10 +108,12 @@ class ServerTokenCounter:
         *,
         timeout_s: float = 30.0,
         max_in_flight: int = 8,
+        headers: dict[str, str] | None = None,
     ) -> None:
         self._url = base_url.rstrip("/") + "/tokenize"
         self._model = model
-        self._client = httpx.AsyncClient(timeout=timeout_s)
+        self._timeout_s = timeout_s
+        self._client = httpx.AsyncClient(timeout=timeout_s, headers=headers, trust_env=False)
         self._sem = asyncio.Semaphore(max_in_flight)
         self._vllm_form = False
 
@@ -139,7 +142,8 @@ class ServerTokenCounter:
                 tokens = r.json()["tokens"]
             except httpx.HTTPError as e:
                 raise BenchmarkError(
-                    f"cannot count tokens through {self._url}: {e}; give the model's tokenizer "
+                    f"cannot count tokens through {self._url}: {describe(e, self._timeout_s)}; "
+                    "give the model's tokenizer "
                     "(engine.tokenizer in the spec, --tokenizer on the command line) instead"
                 ) from e
             except (ValueError, KeyError, TypeError) as e:

@@ -350,6 +350,14 @@ class ServingMetrics(BaseModel):
     raw_output_tokens_per_s: float = Field(
         default=0.0, description="Every output token returned by completed requests / duration."
     )
+    input_tokens_per_s: float = Field(
+        default=0.0,
+        description="Prompt tokens of completed requests / duration (usage.prompt_tokens, else "
+        "the built prompt's length).",
+    )
+    total_tokens_per_s: float = Field(
+        default=0.0, description="input_tokens_per_s + output_tokens_per_s."
+    )
     requests_per_s: float = Field(description="Completed requests / duration.")
     goodput_requests_per_s: float = Field(description="Requests meeting every per-request SLO / s.")
     error_rate: float = Field(description="failed / (completed + failed).")
@@ -392,11 +400,14 @@ class ServingMetrics(BaseModel):
         default=None, description="Most tokens one streamed event carried."
     )
     client_loop_lag_p99_ms: float | None = Field(
-        default=None, description="The benchmark client's event-loop lag p99, ms (None = unknown)."
+        default=None,
+        description="The benchmark client's event-loop lag p99 while measuring, ms (None = not "
+        "measured); high = the client, not the server, delayed responses.",
     )
     client_cpu_fraction: float | None = Field(
         default=None,
-        description="Share of one core the benchmark client used during the level (None = unknown).",
+        description="The benchmark client's CPU seconds per wall second while measuring (the "
+        "busiest client process); near 1 = the client was the bottleneck.",
     )
 
     @computed_field(  # type: ignore[prop-decorator]
@@ -565,6 +576,10 @@ def summarize(
     duration = (max(ends) - min(starts)) if measured else 0.0
     raw_tokens = sum(r.output_tokens or 0 for r in ok)
     credited_tokens = sum(r.credited_output_tokens() for r in ok)
+    in_tokens = sum(
+        r.prompt_tokens if r.prompt_tokens is not None else (r.expected_prompt_tokens or 0)
+        for r in ok
+    )
     bounds = bounds or RequestSloBounds()
     good = sum(1 for r in ok if bounds.met_by(r))
     prompt_counts = [r.prompt_tokens for r in ok if r.prompt_tokens is not None]
@@ -608,6 +623,8 @@ def summarize(
         e2e_latency_ms=distribution(v for r in ok if (v := r.e2e_latency_ms()) is not None),
         output_tokens_per_s=rate(credited_tokens),
         raw_output_tokens_per_s=rate(raw_tokens),
+        input_tokens_per_s=rate(in_tokens),
+        total_tokens_per_s=rate(in_tokens + credited_tokens),
         requests_per_s=rate(len(ok)),
         goodput_requests_per_s=rate(good),
         error_rate=(len(bad) / len(measured)) if measured else 0.0,

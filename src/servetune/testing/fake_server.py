@@ -54,6 +54,12 @@ class FakeServerOptions:
     (at least 1), ``finish_reason: "length"`` unless fewer than ``max_tokens``, and ``usage``
     tells the truth about the count.
     ``record_timings`` keeps a ``RequestTiming`` per streamed request (served by ``GET /stats``).
+    ``max_requests_per_connection``: after that many requests on one connection, the next one
+    is read and the connection closed without a response byte, though every response said
+    ``keep-alive`` (as a server whose idle or request limit closes a connection the client was
+    about to reuse). ``tokenize=False`` answers ``/tokenize`` with 404 (a server without it).
+    ``close_after_done`` closes the connection right after ``data: [DONE]``, without the end of
+    the chunked body.
     """
 
     model: str = "fake-model"
@@ -70,6 +76,9 @@ class FakeServerOptions:
     tokens_per_event: int = 1
     output_tokens_scale: float = 1.0
     output_tokens_offset: int = 0
+    max_requests_per_connection: int | None = None
+    tokenize: bool = True
+    close_after_done: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,7 +100,8 @@ class FakeServerStats:
 
     Connections accepted; generation requests received, in flight now and most in flight at
     once; requests by path; how often each prompt start (first 64 characters of the prompt or
-    of the last chat message) was seen.
+    of the last chat message) was seen; requests dropped by ``max_requests_per_connection``;
+    the headers of the last generation request (names lower-cased).
     """
 
     connections: int = 0
@@ -101,12 +111,15 @@ class FakeServerStats:
     by_path: dict[str, int] = field(default_factory=dict)
     prompt_starts: Counter[str] = field(default_factory=Counter)
     timings: list[RequestTiming] = field(default_factory=list)
+    dropped_on_reuse: int = 0
+    last_generation_headers: dict[str, str] = field(default_factory=dict)
 
 
 class FakeServer:
     """The fake server as an async context manager: ``async with FakeServer(opts) as url: ...``.
 
-    Binds ``host`` on ``port`` (0 = a free port) and yields ``http://host:port``. Routes:
+    Binds ``host`` on ``port`` (0 = a free port; ``reuse_port``: SO_REUSEPORT, so several
+    processes can serve one port) and yields ``http://host:port``. Routes:
     ``GET /health``, ``GET /v1/models``, ``POST /tokenize`` (llama.cpp form: ``{"content",
     "add_special"}`` → ``{"tokens"}``), ``POST /v1/completions`` and ``POST /v1/chat/completions``
     (``stream: true`` only; ``max_tokens`` tokens, usage in a final chunk when
@@ -118,11 +131,17 @@ class FakeServer:
     """
 
     def __init__(
-        self, options: FakeServerOptions | None = None, *, host: str = "127.0.0.1", port: int = 0
+        self,
+        options: FakeServerOptions | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        reuse_port: bool = False,
     ):
         self.options = options or FakeServerOptions()
         self.host = host
         self.port = port
+        self.reuse_port = reuse_port
         self.stats = FakeServerStats()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -138,7 +157,7 @@ class FakeServer:
         # A deep accept queue: a burst of new connections beyond asyncio's default (100) would be
         # dropped and retried by TCP a second later, which is not the delay a test configured.
         self._server = await asyncio.start_server(
-            self._on_connect, self.host, self.port, backlog=4096
+            self._on_connect, self.host, self.port, backlog=4096, reuse_port=self.reuse_port or None
         )
         self.port = self._server.sockets[0].getsockname()[1]
         log.debug("fake server listening on %s", self.base_url)
@@ -174,9 +193,13 @@ class FakeServer:
         task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        served = 0
+        limit = self.options.max_requests_per_connection
         try:
-            while await self._one_request(reader, writer):
-                pass
+            while await self._one_request(
+                reader, writer, drop=limit is not None and served >= limit
+            ):
+                served += 1
         except (
             ConnectionError,
             asyncio.IncompleteReadError,
@@ -190,9 +213,12 @@ class FakeServer:
                 await writer.wait_closed()
 
     async def _one_request(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, drop: bool = False
     ) -> bool:
-        """Serve one request; True when the connection stays open for another."""
+        """Serve one request; True when the connection stays open for another.
+
+        ``drop``: read the request, then close the connection without answering.
+        """
         line = await reader.readline()
         if not line.strip():
             return False
@@ -203,6 +229,9 @@ class FakeServer:
             headers[name.strip().lower()] = value.strip()
         body = await reader.readexactly(int(headers.get("content-length", "0")))
         keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+        if drop:
+            self.stats.dropped_on_reuse += 1
+            return False
         path = path.split("?", 1)[0]
         self.stats.by_path[path] = self.stats.by_path.get(path, 0) + 1
         try:
@@ -230,13 +259,16 @@ class FakeServer:
                 keep,
             )
         elif method == "POST" and path == "/tokenize":
-            if not isinstance(payload.get("content"), str):
+            if not self.options.tokenize:
+                await _send_json(writer, 404, {"error": {"message": "no /tokenize"}}, keep)
+            elif not isinstance(payload.get("content"), str):
                 await _send_json(writer, 400, {"error": {"message": "content is required"}}, keep)
             else:
                 n = count_tokens(payload["content"]) + (1 if payload.get("add_special") else 0)
                 await _send_json(writer, 200, {"tokens": list(range(1, n + 1))}, keep)
         elif method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
             stats = self.stats
+            stats.last_generation_headers = headers
             stats.in_flight += 1
             stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
             try:
@@ -353,6 +385,9 @@ class FakeServer:
                 ).encode(),
             )
         await self._write(writer, f"data: [DONE]{eol}{eol}".encode())
+        if opts.close_after_done:
+            await writer.drain()
+            return False
         writer.write(b"0\r\n\r\n")
         await writer.drain()
         return keep
@@ -414,6 +449,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m servetune.testing.fake_server", description=__doc__)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 = a free port (printed)")
+    p.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="SO_REUSEPORT: several server processes share one port (the kernel spreads connects)",
+    )
     p.add_argument("--model", default="fake-model")
     p.add_argument("--first-token-delay-ms", type=float, default=0.0)
     p.add_argument("--inter-token-delay-ms", type=float, default=0.0)
@@ -466,7 +506,7 @@ def main(argv: list[str] | None = None) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with FakeServer(options, host=a.host, port=a.port) as url:
+        async with FakeServer(options, host=a.host, port=a.port, reuse_port=a.reuse_port) as url:
             print(f"listening on {url}", flush=True)
             await stop.wait()
 
