@@ -933,7 +933,13 @@ def _latency_table(run: Any, *, rate_mode: bool) -> Table:
     """Every latency metric of every level at the same statistics (mean, p50 … max), in ms."""
     from servetune.core.metrics import LATENCY_METRICS, PERCENTILES
 
-    names = {"ttft_ms": "TTFT", "tpot_ms": "TPOT", "itl_ms": "ITL", "e2e_latency_ms": "E2E"}
+    names = {
+        "ttft_ms": "TTFT",
+        "tpot_ms": "TPOT",
+        "itl_ms": "ITL",
+        "itl_per_token_ms": "ITL/tok",
+        "e2e_latency_ms": "E2E",
+    }
     table = Table(box=None, header_style="bold", pad_edge=False)
     table.add_column("rate/s" if rate_mode else "conc", justify="right", no_wrap=True)
     table.add_column("ms", no_wrap=True)

@@ -35,14 +35,18 @@ def _bench(options: FakeServerOptions, output_tokens: int = 8, **kw: Any) -> Ser
 
     async def go() -> ServingMetrics:
         async with FakeServer(options) as url:
-            (m,) = await bench_endpoint(url, None, wl, None)
-        return m
+            run = await bench_endpoint(url, None, wl, None)
+        (level,) = run.levels
+        return level.metrics
 
     return asyncio.run(go())
 
 
 def _codes(m: ServingMetrics) -> list[str]:
-    return [w.code for w in m.warnings]
+    """The token-accounting warnings; ``client_saturated`` is left out because the fake server
+    runs in the client's own process and event loop here, so the client's CPU share and loop lag
+    include the server's work (tests/integration/test_bench_client.py covers that warning)."""
+    return [w.code for w in m.warnings if w.code != "client_saturated"]
 
 
 @pytest.mark.parametrize("usage", [True, False])
@@ -99,7 +103,7 @@ def test_under_generation_fails_the_requests_and_is_flagged(
 
 def test_an_exact_server_raises_no_warning() -> None:
     m = _bench(FakeServerOptions())
-    assert m.warnings == [] and m.output_tokens_per_s == pytest.approx(m.raw_output_tokens_per_s)
+    assert _codes(m) == [] and m.output_tokens_per_s == pytest.approx(m.raw_output_tokens_per_s)
 
 
 @pytest.fixture
@@ -128,12 +132,14 @@ def test_bench_table_and_json_carry_the_same_warnings(fake_url: str, tmp_path: P
     data = servetune(tmp_path, *args, "--json")
     assert data.returncode == 0, data.stderr
     (level,) = json.loads(data.stdout)
-    codes = [w["code"] for w in level["warnings"]]
+    # two separate runs: the client's own load (client_saturated) may differ between them
+    token_warnings = [w for w in level["warnings"] if w["code"] != "client_saturated"]
+    codes = [w["code"] for w in token_warnings]
     assert codes == ["over_generation", "estimated_token_counts", "multi_token_events"]
     assert level["mean_output_tokens"] == 32 and level["requested_output_tokens"] == 16
     assert level["output_tokens_per_s"] * 2 == pytest.approx(level["raw_output_tokens_per_s"])
     text = " ".join(table.stdout.split())
-    for w in level["warnings"]:
+    for w in token_warnings:
         line = f"warning {w['level']}: {w['code']}: "
         assert line in text, table.stdout
     assert "returned more than the 16 output tokens asked for (up to 32)" in text

@@ -61,7 +61,7 @@ def test_every_structural_problem_is_reported_at_once_with_its_path() -> None:
     assert set(problems) == {
         "engine.flagz",
         "space.params.batch-size",
-        "space.params.cache",
+        "space.params.cache.kind",  # the discriminator is what to fix
         "space.params.gpu-memory.high",  # the path of the document, without pydantic's union tag
         "workload",
         "slos.0.max_ms",
@@ -70,7 +70,7 @@ def test_every_structural_problem_is_reported_at_once_with_its_path() -> None:
     }
     assert "unknown field" in problems["engine.flagz"]
     assert "swap" in problems["space.params.batch-size"]
-    assert "'int', 'float', 'log', 'choice', 'bool'" in problems["space.params.cache"]
+    assert "'int', 'float', 'log', 'choice', 'bool'" in problems["space.params.cache.kind"]
     assert "num_requests" in problems["workload"] and "duration_s" in problems["workload"]
     assert "output_tokens_per_s" in problems["objective.terms.0.metric"]  # lists the valid names
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -837,6 +838,17 @@ def _field_path(data: Any, loc: tuple[int | str, ...]) -> str:
     return ".".join(parts) or "(root)"
 
 
+def error_loc(err: Mapping[str, Any]) -> tuple[int | str, ...]:
+    """Where a pydantic error is, naming the discriminator field for a bad union tag
+    (``engine`` → ``engine.kind`` for ``kind: vllm-next``), so the path points at what to fix."""
+    loc = tuple(err["loc"])
+    if err.get("type") in ("union_tag_invalid", "union_tag_not_found"):
+        field = str((err.get("ctx") or {}).get("discriminator", "")).strip("'")
+        if field:
+            loc += (field,)
+    return loc
+
+
 def parse_spec(data: Any) -> StudySpec:
     """Validate a parsed YAML/JSON document into a StudySpec.
 
@@ -852,7 +864,7 @@ def parse_spec(data: Any) -> StudySpec:
     except ValidationError as e:
         problems = []
         for err in e.errors(include_url=False):
-            loc = _field_path(data, err["loc"])
+            loc = _field_path(data, error_loc(err))
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "missing":
                 msg = "missing; add this field"

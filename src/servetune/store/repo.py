@@ -19,7 +19,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from servetune.core.spec import Problem, StudySpec, check_study_name
+from servetune.core.spec import Problem, StudySpec, check_study_name, error_loc
 from servetune.core.study import FailureKind, Params, Trial, TrialResult, TrialRole, TrialState
 from servetune.errors import SpecInvalid, StoreError, StudyBusy, StudyExists, StudyNotFound
 from servetune.store.db import (
@@ -147,7 +147,7 @@ def _now() -> datetime:
 def _short_reason(e: ValidationError, limit: int = 3) -> str:
     """The first ``limit`` problems of a validation error on one line: ``loc: message``."""
     parts = [
-        f"{'.'.join(str(x) for x in err['loc']) or '(root)'}: {err['msg']}"
+        f"{'.'.join(str(x) for x in error_loc(err)) or '(root)'}: {err['msg']}"
         for err in e.errors(include_url=False)[:limit]
     ]
     more = e.error_count() - limit
