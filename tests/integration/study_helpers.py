@@ -23,7 +23,15 @@ def small_spec(
             "tokenizer": str(model.tokenizer_dir),
             "binary": "xllamacpp",
         },
-        "deployment": {"kind": "local", "startup_timeout_s": 30, "stop_timeout_s": 5},
+        # max_outside_cpu_fraction 1: these studies count trials and engine launches, which an
+        # outside-load re-run (another job on a shared machine) would change; that path has its
+        # own tests (test_outside_load.py)
+        "deployment": {
+            "kind": "local",
+            "startup_timeout_s": 30,
+            "stop_timeout_s": 5,
+            "max_outside_cpu_fraction": 1.0,
+        },
         "space": {
             "params": {
                 "threads": {"kind": "int", "low": 1, "high": 2},

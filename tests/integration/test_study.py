@@ -456,7 +456,11 @@ def _scripted_loop(tmp_path: Path, values: dict[str, list[float]], cancel_at: in
             objective_values=[value],
         )
 
-    ctx = TrialContext(spec=spec, engine=None, deployment=None, client=None, log_dir=tmp_path)  # type: ignore[arg-type]
+    from servetune.engines import get_engine
+
+    # the real engine adapter: the loop asks it which params run the same configuration
+    engine = get_engine(spec.engine)
+    ctx = TrialContext(spec=spec, engine=engine, deployment=None, client=None, log_dir=tmp_path)  # type: ignore[arg-type]
     return StudyLoop(store, study, ctx, runner=runner), store, study
 
 
