@@ -671,7 +671,7 @@ def _stand_in_note(spec: Any) -> str:
     """For llama.cpp: how to try the command here with the wheel's stand-in (else empty)."""
     if spec.engine.kind != "llamacpp":
         return ""
-    from servetune.engines.llamacpp import STAND_IN_NOTE
+    from servetune.engines.llamacpp.launch import STAND_IN_NOTE
 
     return STAND_IN_NOTE
 

@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from servetune.deploy.local import LocalDeployment
-from servetune.engines.llamacpp import LLAMA_SERVER_FLAGS, SERVER_MODULE, STAND_IN_NOTE
+from servetune.engines.llamacpp.flags import LLAMA_SERVER_FLAGS
+from servetune.engines.llamacpp.launch import SERVER_MODULE, STAND_IN_NOTE
 from servetune.modelgen import ModelFiles
 from tests.integration.study_helpers import servetune, small_spec, write_spec
 

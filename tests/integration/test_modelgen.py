@@ -17,7 +17,7 @@ from gguf import GGUFReader
 from tokenizers import Tokenizer, decoders
 
 from servetune.bench.prompts import PromptBuilder
-from servetune.engines.llamacpp import read_context_length
+from servetune.engines.llamacpp.gguf_info import read_context_length
 from servetune.modelgen import SHAPES, ModelFiles, make_model, textless_token_ids
 from tests.integration.llamacpp_helpers import running_engine, stream_completion, tiny_engine
 

@@ -14,18 +14,16 @@ from servetune.core.spec import LlamaCppEngineSpec, StudySpec, Workload
 from servetune.core.study import FailureKind, Params
 from servetune.deploy.local import OOM_EVIDENCE_PREFIX
 from servetune.engines import get_engine
-from servetune.engines.llamacpp import (
+from servetune.engines.llamacpp import LlamaCppEngine
+from servetune.engines.llamacpp.classify import error_lines
+from servetune.engines.llamacpp.flags import (
     CATALOGUE,
     LLAMA_SERVER_FLAGS,
     LLAMA_SERVER_FLAGS_SOURCE,
-    SERVER_MODULE,
-    LlamaCppEngine,
-    SlotLayout,
-    error_lines,
-    gguf_size_problem,
-    render_flag,
-    slot_layout,
 )
+from servetune.engines.llamacpp.gguf_info import gguf_size_problem
+from servetune.engines.llamacpp.launch import SERVER_MODULE, render_flag
+from servetune.engines.llamacpp.preflight import SlotLayout, slot_layout
 from servetune.engines.xllamacpp_server import build_parser, to_common_params, validate
 from servetune.errors import EngineNotFound
 from servetune.modelgen import ModelFiles

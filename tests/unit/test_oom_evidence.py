@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from servetune.deploy.local import OOM_EVIDENCE_PREFIX, oom_kill_counts
-from servetune.engines.llamacpp import _SERVETUNE_OOM
+from servetune.engines.llamacpp.classify import _SERVETUNE_OOM
 
 
 def _tree(tmp_path: Path, cgroup_file: str, files: dict[str, str]) -> tuple[Path, Path]:

@@ -181,7 +181,7 @@ class LocalDeployment:
 
 OOM_EVIDENCE_PREFIX = "servetune: out-of-memory evidence:"
 """Start of the line ``LocalRunningEngine`` appends to an engine's log when the kernel recorded
-an OOM kill of it (engines/llamacpp.py reads it as HOST_OOM evidence)."""
+an OOM kill of it (engines/llamacpp/classify.py reads it as HOST_OOM evidence)."""
 
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
 

@@ -22,7 +22,7 @@ from servetune.core.metrics import format_warning
 from servetune.core.scoring import best_trial, infeasible_reason, pareto_front
 from servetune.core.study import Trial, TrialRole, TrialState, format_params
 from servetune.engines import get_engine
-from servetune.engines.llamacpp import STAND_IN_NOTE
+from servetune.engines.llamacpp.launch import STAND_IN_NOTE
 from servetune.store.repo import StudyRecord
 
 log = logging.getLogger(__name__)
