@@ -468,6 +468,9 @@ def _print_dry_run(spec: StudySpec, count: int) -> None:
         params = ", ".join(f"{k}={v}" for k, v in sorted(p.params.items())) or "engine defaults"
         console.print(f"\n[bold]trial {p.number}[/] ({p.role.value}): {params}", highlight=False)
         console.print(p.command, markup=False, highlight=False, soft_wrap=True)
+        if p.launch and p.launch != p.command:
+            console.print(f"{spec.deployment.kind} deployment:", highlight=False)
+            console.print(p.launch, markup=False, highlight=False, soft_wrap=True)
         if p.rejections:
             for r in p.rejections:
                 console.print(f"  pre-flight: rejected: {r}", markup=False, highlight=False)

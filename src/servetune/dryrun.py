@@ -6,11 +6,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import yaml
+
 from servetune.core.spec import StudySpec
 from servetune.core.strategies.base import make_strategy
 from servetune.core.study import Params, TrialRole
+from servetune.deploy.base import Deployment
+from servetune.deploy.docker import DockerDeployment
+from servetune.deploy.kubernetes import KubernetesDeployment
 from servetune.engines import get_engine
+from servetune.engines.base import LaunchCommand
 from servetune.errors import ServetuneError
+from servetune.study_session import build_deployment
 
 DRY_RUN_HOST = "127.0.0.1"
 DRY_RUN_PORT = 8000
@@ -27,6 +34,21 @@ class PlannedTrial:
     params: Params
     command: str
     rejections: list[str]
+    launch: str = ""
+    """What the deployment would start: the same command (local), the ``docker run`` line
+    (docker, secrets as ***), or the YAML manifests (kubernetes)."""
+
+
+def describe_launch(deployment: Deployment, command: LaunchCommand, trial: str) -> str:
+    """What ``deployment`` would start for ``command`` as trial ``trial`` (e.g. ``trial-0003``):
+    the ``docker run`` equivalent of the container, the Kubernetes manifests as YAML documents,
+    or the command itself for a local process. Pure: no daemon or API server is contacted."""
+    if isinstance(deployment, DockerDeployment):
+        return deployment.plan(command, trial).display()
+    if isinstance(deployment, KubernetesDeployment):
+        docs = deployment.manifests(command, trial)
+        return yaml.safe_dump_all(docs, sort_keys=False, default_flow_style=False).rstrip()
+    return command.display()
 
 
 def plan(spec: StudySpec, count: int) -> list[PlannedTrial]:
@@ -45,13 +67,16 @@ def plan(spec: StudySpec, count: int) -> list[PlannedTrial]:
         if suggestion is None:
             break
         candidates.append((TrialRole.SEARCH, suggestion.params))
+    deployment = build_deployment(spec, engine, spec.name or "dry-run")
     out = []
     for number, (role, params) in enumerate(candidates):
         problems = spec.space.violations(params) if params else []
         problems += engine.preflight(params, spec.workload)
         try:
-            cmd = engine.launch_command(params, host=DRY_RUN_HOST, port=DRY_RUN_PORT).display()
+            command = engine.launch_command(params, host=DRY_RUN_HOST, port=DRY_RUN_PORT)
+            cmd = command.display()
+            launch = describe_launch(deployment, command, f"trial-{number:04d}")
         except ServetuneError as e:
-            cmd = f"(no command: {e})"
-        out.append(PlannedTrial(number, role, params, cmd, problems))
+            cmd = launch = f"(no command: {e})"
+        out.append(PlannedTrial(number, role, params, cmd, problems, launch))
     return out

@@ -286,30 +286,32 @@ async def _run_locked(
         return await loop.run()
 
 
-def deployment_for(spec: StudySpec, engine: Engine, study: str) -> Deployment:
-    """The Deployment ``spec.deployment`` names, for study ``study``.
-
-    Docker and kubernetes deployments first remove the containers / InferenceServices a dead run
-    of this study left behind. Raises DeploymentError when the Docker daemon or the Kubernetes
-    API cannot be reached.
-    """
+def build_deployment(spec: StudySpec, engine: Engine, study: str) -> Deployment:
+    """The Deployment ``spec.deployment`` names, for study ``study``, built without touching the
+    Docker daemon or the Kubernetes API (``run --dry-run`` uses it to show what would launch)."""
     d = spec.deployment
+    prefix = engine.server_prefix() if isinstance(engine, LlamaCppEngine) else []
     if isinstance(d, DockerDeploymentSpec):
-        prefix = engine.server_prefix() if isinstance(engine, LlamaCppEngine) else []
-        docker = DockerDeployment(
-            d, study=study, model_path=spec.engine.model, server_prefix=prefix
-        )
-        for name in docker.remove_leftovers():
-            log.warning("removed container %s left by an earlier run of study %s", name, study)
-        return docker
+        return DockerDeployment(d, study=study, model_path=spec.engine.model, server_prefix=prefix)
     if isinstance(d, KubernetesDeploymentSpec):
-        prefix = engine.server_prefix() if isinstance(engine, LlamaCppEngine) else []
-        k8s = KubernetesDeployment(
+        return KubernetesDeployment(
             d, study=study, model_path=spec.engine.model, server_prefix=prefix
         )
-        for name in k8s.remove_leftovers():
+    return LocalDeployment(host=d.host, stop_timeout_s=d.stop_timeout_s)
+
+
+def deployment_for(spec: StudySpec, engine: Engine, study: str) -> Deployment:
+    """``build_deployment``, then, for Docker and kubernetes, removal of the containers /
+    InferenceServices a dead run of this study left behind. Raises DeploymentError when the
+    Docker daemon or the Kubernetes API cannot be reached.
+    """
+    deployment = build_deployment(spec, engine, study)
+    if isinstance(deployment, DockerDeployment):
+        for name in deployment.remove_leftovers():
+            log.warning("removed container %s left by an earlier run of study %s", name, study)
+    elif isinstance(deployment, KubernetesDeployment):
+        for name in deployment.remove_leftovers():
             log.warning(
                 "deleted InferenceService %s left by an earlier run of study %s", name, study
             )
-        return k8s
-    return LocalDeployment(host=d.host, stop_timeout_s=d.stop_timeout_s)
+    return deployment
