@@ -411,14 +411,19 @@ def run(
         ),
     ] = False,
     count: Annotated[
-        int, typer.Option(min=1, help="Candidates --dry-run prints, the baseline included.")
-    ] = 5,
+        int | None,
+        typer.Option(
+            min=1, help="Candidates --dry-run prints, the baseline included [default: 5]."
+        ),
+    ] = None,
 ) -> None:
     """Run a tuning study described by SPEC, then print the winner and how it was confirmed."""
     from servetune.core.spec import check_study_name
     from servetune.specfile import load_spec
     from servetune.store.repo import StudyStore
 
+    if count is not None and not dry_run:
+        raise _fail("--count only applies with --dry-run; add --dry-run or drop --count", 2)
     if name is not None:
         try:
             check_study_name(name)
@@ -430,13 +435,14 @@ def run(
         _print_problems(e)
         raise typer.Exit(2) from None
     if dry_run:
-        _print_dry_run(parsed, count)
+        _print_dry_run(parsed, count or 5)
         return
-    _check_host(parsed)
+    study_name = name or _study_name(parsed)
+    _check_host(parsed, study_name)
     settings = _settings(db)
     try:
         store = StudyStore(settings.db_url)
-        study = store.create_study(name or _study_name(parsed), parsed, doc)
+        study = store.create_study(study_name, parsed, doc)
     except ServetuneError as e:
         raise _fail(str(e)) from None
     console.print(f"study [bold]{study.name}[/] (id {study.id}) in {store.url}")
@@ -444,15 +450,41 @@ def run(
     _print_outcome(outcome, settings)
 
 
-def _check_host(spec: StudySpec) -> None:
-    """Exit 1 before anything is written when this host cannot run the engine at all (a GPU
-    engine on a host without GPUs), instead of recording every trial as rejected."""
-    from servetune.engines import get_engine
+def _check_host(spec: StudySpec, study: str) -> None:
+    """Exit 1 before anything is written when no trial of the study could start here, instead
+    of recording every trial as failed: a GPU engine on a host without GPUs, an engine program
+    that is not installed (local deployment), a Docker daemon or Kubernetes API that cannot be
+    reached (asked read-only: the study's leftover containers / InferenceServices)."""
+    import shutil
 
-    host_problems = getattr(get_engine(spec.engine), "host_problems", None)
+    from servetune.core.spec import LocalDeploymentSpec
+    from servetune.engines import get_engine
+    from servetune.study_session import build_deployment
+
+    engine = get_engine(spec.engine)
+    host_problems = getattr(engine, "host_problems", None)
     problems: list[str] = host_problems() if host_problems is not None else []
     if problems:
         raise _fail("; ".join(problems))
+    if isinstance(spec.deployment, LocalDeploymentSpec):
+        try:
+            program = engine.launch_command({}, host="127.0.0.1", port=8000).argv[0]
+        except ServetuneError as e:
+            raise _fail(str(e)) from None
+        if shutil.which(program) is None:
+            field = "engine.binary" if spec.engine.kind == "llamacpp" else "engine.executable"
+            raise _fail(
+                f"the engine program {program!r} ({spec.engine.kind}) is not installed on this "
+                f"host (not on PATH); install it (e.g. `pip install {spec.engine.kind}`), or set "
+                f"{field} to its path; `servetune run --dry-run` shows the commands without it"
+            )
+        return
+    try:
+        leftovers = getattr(build_deployment(spec, engine, study), "leftovers", None)
+        if leftovers is not None:
+            leftovers()
+    except ServetuneError as e:
+        raise _fail(f"deployment ({spec.deployment.kind}): {e}") from None
 
 
 def _print_dry_run(spec: StudySpec, count: int) -> None:

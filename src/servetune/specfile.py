@@ -5,6 +5,7 @@ Every problem (syntax, structure, cross-field, engine-specific) is gathered and 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 raise _DuplicateKey(key, first, key_node)
             seen[key] = key_node
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.2 reads ``1e12`` and ``1.0e12`` as floats; PyYAML (YAML 1.1) needs a dot and a signed
+# exponent and reads them as strings, so a size written that way got "not a valid integer"
+# instead of its bound. Resolve 1.2's exponent forms as floats (yaml.org/spec/1.2.2 §10.2.1.4).
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 class _DuplicateKey(yaml.YAMLError):

@@ -50,7 +50,8 @@ def _spec(tiny_model: ModelFiles, url: str, image: str, tmp_path: Path, **deploy
             "deployment": {
                 "kind": "docker", "image": image, "entrypoint": ENTRYPOINT, "pull": "never",
                 "docker_host": url, "shm_size_gib": 0.25, "stop_timeout_s": 5,
-                "startup_timeout_s": 60, **deployment,
+                "startup_timeout_s": 60, "max_outside_cpu_fraction": 1.0,  # no load re-runs
+                **deployment,
             },
             "space": {"params": {"parallel": {"kind": "choice", "values": [1, 2]}}},
             "workload": {"concurrency": [2], "num_requests": 4, "input_tokens": 16,

@@ -160,6 +160,7 @@ def _trial_spec(tiny_model: ModelFiles) -> Any:
                        "tokenizer": str(tiny_model.tokenizer_dir), "served_model_name": "tiny"},
             "deployment": {"kind": "kubernetes", "namespace": "tuning", "runtime": "llamacpp-rt",
                            "base_model": "tiny", "gpus_per_trial": 0, "startup_timeout_s": 20,
+                           "max_outside_cpu_fraction": 1.0,  # trial counts: no load re-runs
                            "entrypoint": ["/app/llama-server"]},
             "space": {"params": {"parallel": {"kind": "choice", "values": [1, 2]}}},
             "workload": {"concurrency": [2], "num_requests": 4, "input_tokens": 16,

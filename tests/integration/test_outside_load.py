@@ -107,7 +107,10 @@ def test_a_trial_under_outside_load_is_flagged_everywhere_and_rerun_once(
     (trial,) = shown["trials"]
     assert trial["state"] == "COMPLETE"
     assert trial["outside_cpu_fraction"] > 0.02
-    assert [w["code"] for w in trial["warnings"]] == ["outside_load"]
+    # the burner may also slow the client (client_saturated); outside_load is what this is about
+    assert [w["code"] for w in trial["warnings"] if w["code"] != "client_saturated"] == [
+        "outside_load"
+    ]
     assert trial["notes"][0].startswith("re-run once: other processes used")
     logs = sorted(p.name for p in (tmp_path / "data" / "logs" / "busy").iterdir())
     assert logs == ["trial-0000-attempt3.log", "trial-0000.log"], "run twice, once re-run"

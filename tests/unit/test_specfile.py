@@ -78,3 +78,14 @@ def test_a_too_deeply_nested_document_is_a_problem_not_a_crash(tmp_path: Path) -
     deep.write_text("[" * 50_000, encoding="utf-8")
     (found,) = problems(deep)
     assert found.startswith(str(deep))
+
+
+@pytest.mark.parametrize("written", ["1e12", "1.0e12", "1E+12", "+1e12"])
+def test_exponent_numbers_are_numbers_so_the_bound_is_named(tmp_path: Path, written: str) -> None:
+    """YAML 1.2 reads 1e12 as a float; PyYAML's 1.1 rules read it as text, which made the error
+    "not a valid integer" instead of the bound on num_requests."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"workload:\n  num_requests: {written}\n  name: v1e5\n", encoding="utf-8")
+    doc = read_document(spec)
+    assert doc["workload"]["num_requests"] == 1e12
+    assert doc["workload"]["name"] == "v1e5"  # a word that merely contains e5 stays text
