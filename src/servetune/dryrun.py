@@ -52,8 +52,8 @@ def describe_launch(deployment: Deployment, command: LaunchCommand, trial: str) 
 
 
 def plan(spec: StudySpec, count: int) -> list[PlannedTrial]:
-    """The first ``count`` candidates of ``spec``'s study: the baseline (engine defaults), then
-    what the strategy asks for, in order (asked without being told, so a model-based strategy
+    """The first ``count`` candidates of ``spec``'s study: the baseline (engine defaults), its
+    early repeats (``budget.baseline_repeats``), then what the strategy asks for, in order (asked without being told, so a model-based strategy
     gives its start-up proposals). Starts nothing, writes nothing; raises ValueError for
     ``count`` < 1 and ServetuneError when the engine cannot build a command (e.g. no binary).
     """
@@ -62,6 +62,11 @@ def plan(spec: StudySpec, count: int) -> list[PlannedTrial]:
     engine = get_engine(spec.engine)
     strategy = make_strategy(spec)
     candidates: list[tuple[TrialRole, Params]] = [(TrialRole.BASELINE, {})]
+    # the defaults' early repeats come next, as in a real run (they measure run-to-run noise)
+    repeats: list[tuple[TrialRole, Params]] = [(TrialRole.CONFIRM, {})] * (
+        spec.budget.baseline_repeats - 1
+    )
+    candidates += repeats[: count - 1]
     while len(candidates) < count:
         suggestion = strategy.ask()
         if suggestion is None:

@@ -299,6 +299,7 @@ def test_dry_run_prints_baseline_first_with_verdicts_and_writes_nothing(
         gpus={"count": 8, "memory_gib": 80},
     )
     doc["strategy"] = {"kind": "grid"}
+    doc.setdefault("budget", {})["baseline_repeats"] = 1  # no early repeat: trial 1 is searched
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(__import__("json").dumps(doc))
     monkeypatch.setenv("SERVETUNE_DATA_DIR", str(tmp_path / "data"))
