@@ -667,8 +667,20 @@ def _print_outcome(outcome: Any, settings: Settings) -> None:
 def _open_store(settings: Settings, read_only: bool = False) -> Any:
     """The StudyStore of ``settings``; ``read_only`` for commands that only read (a database
     without write access is then opened read-only instead of failing)."""
+    from sqlalchemy.engine import make_url
+
+    from servetune.errors import StudyNotFound
     from servetune.store.repo import StudyStore
 
+    url = make_url(settings.db_url)
+    database = url.database or ""
+    sqlite_file = url.drivername.startswith("sqlite") and database not in ("", ":memory:")
+    if read_only and sqlite_file and not Path(database).exists():
+        # reading must not create an empty database
+        raise StudyNotFound(
+            f"no studies yet: {database} does not exist; `servetune run SPEC` creates it "
+            "(or give --db / SERVETUNE_DB_URL where your studies are)"
+        )
     return StudyStore(settings.db_url, read_only=read_only)
 
 
@@ -797,11 +809,19 @@ def show(
 @app.command(name="list")
 def list_studies(db: DbOption = None) -> None:
     """List recent studies."""
+    from sqlalchemy.engine import make_url
 
+    from servetune.errors import StudyNotFound
     from servetune.store.repo import UnreadableStudy
 
     try:
         studies = _open_store(_settings(db), read_only=True).list_studies()
+    except StudyNotFound as e:
+        database = make_url(_settings(db).db_url).database or ""
+        if not Path(database).parent.is_dir():
+            raise _fail(str(e)) from None  # nowhere a database could be: a wrong path
+        console.print(str(e), highlight=False)  # simply nothing run here yet
+        return
     except ServetuneError as e:
         raise _fail(str(e)) from None
     table = Table("id", "engine", "status", "created", "name")
@@ -1128,6 +1148,15 @@ def bench(
             raise _fail(f"{option} takes comma-separated {what}, e.g. 1,4; got {text!r}", 2)
         return values
 
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _fail(
+            f"URL {url!r} is not an http(s) address; give the server's base URL, "
+            "e.g. http://127.0.0.1:8080",
+            2,
+        )
     if concurrency is not None and rate is not None:
         raise _fail("give either --concurrency or --rate, not both", 2)
     if num_requests is not None and duration_s is not None:

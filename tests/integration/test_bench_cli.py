@@ -172,3 +172,9 @@ def test_a_hung_endpoint_names_the_reason_and_stops_early(
     assert table.returncode == 1, table.stderr
     text = " ".join(table.stdout.split())
     assert "concurrency=1: stopped early, the first 3 requests all failed with timeout" in text
+
+
+@pytest.mark.parametrize("url", ["notaurl", "ftp://x", "http://", "127.0.0.1:8080"])
+def test_a_url_that_is_no_http_address_is_invalid_input(tmp_path: Path, url: str) -> None:
+    out = cli(tmp_path, "bench", url)
+    assert_clean_error(out, 2, "is not an http(s) address", "e.g. http://127.0.0.1:8080")

@@ -447,10 +447,23 @@ def test_bench_endpoint_names_why_a_hung_server_cannot_list_its_models() -> None
         assert str(e.value) == (
             f"cannot list models at {url}/v1/models: ReadTimeout: connected, but no answer "
             "within 0.3 s; the server accepts connections but does not answer (is it still "
-            "loading?); give --model to skip this request"
+            "loading?)"
         )
         with pytest.raises(BenchmarkError, match=r"/tokenize: ReadTimeout: connected, but no"):
             asyncio.run(bench_endpoint(url, "m", wl, None))
+
+
+def test_bench_endpoint_says_nothing_answers_at_a_closed_port() -> None:
+    """No server: the fix is to start it or correct the URL (--model would not help)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"  # bound, never listening: refused
+        with pytest.raises(BenchmarkError) as e:
+            asyncio.run(bench_endpoint(url, None, workload(request_timeout_s=2), None))
+    message = str(e.value)
+    assert message.startswith(f"cannot list models at {url}/v1/models: ConnectError")
+    assert "is the server running, and is the URL right?" in message
+    assert "--model" not in message
 
 
 def test_requests_shared_by_client_processes_are_merged_in_send_order() -> None:

@@ -534,3 +534,14 @@ def test_bench_stopped_by_a_signal_says_interrupted(
     assert proc.returncode == code, err
     assert err.startswith("interrupted") and "Traceback" not in err, err
     assert out == ""
+
+
+def test_reading_commands_never_create_a_database(tmp_path: Path) -> None:
+    """`list`, `show`, `export`, `report` on a data directory with no studies say so and write
+    nothing (they only read)."""
+    listed = servetune(tmp_path, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "no studies yet" in " ".join(listed.stdout.split())
+    for args in (["show", "x"], ["export", "x"], ["report", "x", "-o", str(tmp_path / "r.html")]):
+        assert_clean_error(servetune(tmp_path, *args), 1, "no studies yet", "servetune run SPEC")
+    assert not (tmp_path / "data").exists()

@@ -1261,13 +1261,14 @@ async def served_model(
         ) as client:
             r = await client.get(url)  # connect, write, each read: ≤ timeout_s
     except (httpx.HTTPError, TimeoutError) as e:
-        hint = ""
-        if isinstance(e, httpx.ReadTimeout | TimeoutError):
+        if isinstance(e, httpx.ConnectError | httpx.ConnectTimeout):
+            # nothing to benchmark: --model would only move the same failure to the next request
+            hint = "; nothing answers at this address: is the server running, and is the URL right?"
+        elif isinstance(e, httpx.ReadTimeout | TimeoutError):
             hint = "; the server accepts connections but does not answer (is it still loading?)"
-        raise BenchmarkError(
-            f"cannot list models at {url}: {describe(e, timeout_s)}{hint}; "
-            "give --model to skip this request"
-        ) from e
+        else:
+            hint = "; give --model to skip this request"
+        raise BenchmarkError(f"cannot list models at {url}: {describe(e, timeout_s)}{hint}") from e
     if r.status_code >= 400:
         hint = " (give --api-key or --header)" if r.status_code in (401, 403) else ""
         body = " ".join(r.text.split())[:200]
