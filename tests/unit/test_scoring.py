@@ -226,6 +226,19 @@ def test_recommendation_follows_the_repeats_not_the_single_search_run() -> None:
     assert number == 0 and "within the run-to-run spread" in note and "keep the engine" in note
 
 
+def test_a_lucky_repeat_is_no_confirmed_gain_when_the_search_run_lost_to_the_defaults() -> None:
+    """Found by QA: the candidate's own search run (86.4 tok/s) lost to the defaults (median
+    167.5) and one fresh repeat (458.1) was called a +173 % confirmed gain."""
+    trials = _study([(167.5, 0), (160.0, 0), (170.0, 0)], [(86.4, 0), (458.1, 0)])
+    number, note = _recommended(trials)
+    assert number == 0, note
+    assert "not in its own search run (86.4 vs the defaults' median 167.5)" in note
+    assert "keep the engine defaults" in note and "confirmed gain" not in note
+    # the same repeat after a search run that did beat the defaults is a confirmed gain
+    number, note = _recommended(_study([(167.5, 0), (160.0, 0), (170.0, 0)], [(300, 0), (458, 0)]))
+    assert number == 1 and "confirmed gain" in note
+
+
 def test_recommendation_without_repeats_or_completed_trials() -> None:
     trials = _study([(100, 0)], [(150, 0)])
     rec = recommend_from_repeats(trials, THROUGHPUT, [trials[1]], trials[0])

@@ -467,8 +467,10 @@ def recommend_from_repeats(
     SLOs (all candidates when none did). It is recommended when its median beats the
     defaults' median by more than the study's run-to-run spread (``noise_pct``) and its runs lie
     entirely beyond the defaults' runs; or when it met the SLOs on every fresh run while the
-    defaults missed them. Otherwise the engine defaults are kept: a difference inside the
-    spread is a tie, and a tie goes to the defaults. A candidate that failed on a fresh server
+    defaults missed them. A gain is not confirmed when the candidate's own search run did not
+    beat the defaults' median (selection bias only inflates a search run, so such a run shows
+    runs that disagree more than the gain). Otherwise the engine defaults are kept: a
+    difference inside the spread is a tie, and a tie goes to the defaults. A candidate that failed on a fresh server
     (interrupted and cancelled repeats aside) is not recommended; when every candidate did, the
     defaults are kept. Without repeats (``confirm_repeats: 0``)
     the best candidate is recommended as not confirmed. When no trial measured the objective,
@@ -587,6 +589,25 @@ def recommend_from_repeats(
             trial=chosen,
             note=f"recommending trial {chosen.number}: it met the SLOs on every fresh server "
             f"while the engine defaults did not ({verdict.gain_pct:+.1f} % {term.metric})",
+            **common,
+        )
+    base_median = statistics.median(base_values)
+    contrary = [
+        v
+        for t in groups.get(key(chosen), [])
+        if t.role is TrialRole.SEARCH
+        and (v := objective_value(t)) is not None
+        and _signed(v, direction) <= _signed(base_median, direction)
+    ]
+    if verdict.is_win and contrary:
+        # selection bias only inflates a search run; one that did not even beat the defaults
+        # says the candidate's own runs disagree more than the gain its repeats show
+        return Recommendation(
+            trial=baseline,
+            note=f"trial {chosen.number} beat the engine defaults on its fresh repeat(s) "
+            f"({verdict.gain_pct:+.1f} %) but not in its own search run ({contrary[0]:.4g} vs "
+            f"the defaults' median {base_median:.4g}): its runs disagree more than the gain, so "
+            "it is not confirmed: keep the engine defaults",
             **common,
         )
     if verdict.is_win:
