@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,3 +83,21 @@ def servetune(tmp_path: Path, *args: str, timeout: float = 240) -> subprocess.Co
         timeout=timeout,
         check=False,
     )
+
+
+@contextlib.contextmanager
+def fake_server_process(*options: str) -> Iterator[str]:
+    """The in-repo fake streaming server as its own process, started with ``options`` (its CLI
+    flags); yields its base URL and stops it on exit."""
+    argv = [sys.executable, "-m", "servetune.testing.fake_server", "--port", "0", *options]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)  # noqa: S603 - fixed argv
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("listening on "), line
+        yield line.split()[-1]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()

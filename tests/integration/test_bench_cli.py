@@ -6,8 +6,6 @@ import contextlib
 import csv
 import json
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,6 +14,7 @@ import pytest
 
 from servetune.bench.results import RECORD_FIELDS
 from servetune.modelgen import ModelFiles
+from tests.integration.study_helpers import fake_server_process
 from tests.integration.test_cli import assert_clean_error, cli
 
 pytestmark = pytest.mark.integration
@@ -24,19 +23,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def fake_url() -> Iterator[str]:
     """The fake streaming server as its own process (2 ms to the first token, then 1 ms apart)."""
-    argv = [sys.executable, "-m", "servetune.testing.fake_server", "--port", "0"]
-    argv += ["--first-token-delay-ms", "2", "--inter-token-delay-ms", "1"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)  # noqa: S603 - fixed argv
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith("listening on "), line
-        yield line.split()[-1]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+    with fake_server_process("--first-token-delay-ms", "2", "--inter-token-delay-ms", "1") as url:
+        yield url
 
 
 def _args(url: str, *extra: str) -> list[str]:

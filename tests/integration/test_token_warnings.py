@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,7 @@ from servetune.bench.builtin import bench_endpoint
 from servetune.core.metrics import ServingMetrics
 from servetune.core.spec import Workload
 from servetune.testing.fake_server import FakeServer, FakeServerOptions
-from tests.integration.study_helpers import servetune
+from tests.integration.study_helpers import fake_server_process, servetune
 
 pytestmark = pytest.mark.integration
 
@@ -109,19 +107,10 @@ def test_an_exact_server_raises_no_warning() -> None:
 @pytest.fixture
 def fake_url() -> Iterator[str]:
     """A fake server process sending 4 tokens per event, no usage, and 2× the tokens asked."""
-    argv = [sys.executable, "-m", "servetune.testing.fake_server", "--port", "0"]
-    argv += ["--tokens-per-event", "4", "--no-usage", "--output-tokens-scale", "2"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)  # noqa: S603 - fixed argv
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith("listening on "), line
-        yield line.split()[-1]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+    with fake_server_process(
+        "--tokens-per-event", "4", "--no-usage", "--output-tokens-scale", "2"
+    ) as url:
+        yield url
 
 
 def test_bench_table_and_json_carry_the_same_warnings(fake_url: str, tmp_path: Path) -> None:
