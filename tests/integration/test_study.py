@@ -13,6 +13,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -524,6 +525,22 @@ def _cli(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.Co
     )
 
 
+def _running_study(url: str, name: str, proc: subprocess.Popen[Any]) -> tuple[StudyStore, int]:
+    """Wait (≤ 120 s) until study ``name``, run by ``proc``, has a RUNNING trial; its store, id."""
+    deadline = time.monotonic() + 120
+    store = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            store = store or StudyStore(url)
+            study = store.get_study(name)
+            if any(t.state is TrialState.RUNNING for t in store.trials(study.id)):
+                return store, study.id
+        except ServetuneError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"the study never got a running trial (exit status {proc.poll()})")
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_resume_from_another_data_directory_waits_for_the_lease(
     tiny_model, tmp_path: Path, backend: str, request: pytest.FixtureRequest
@@ -550,19 +567,7 @@ def test_resume_from_another_data_directory_waits_for_the_lease(
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 120
-        store = None
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                store = store or StudyStore(url)
-                study = store.get_study("shared")
-                if any(t.state is TrialState.RUNNING for t in store.trials(study.id)):
-                    break
-            except ServetuneError:
-                pass
-            time.sleep(0.1)
-        assert store is not None and proc.poll() is None, "the study never got a running trial"
-        study_id = store.get_study("shared").id
+        store, study_id = _running_study(url, "shared", proc)
         held = store.lease_holder(study_id)
         assert held is not None and held.pid == proc.pid and held.host == socket.gethostname()
 
@@ -698,18 +703,7 @@ def test_a_frozen_owner_that_lost_its_lease_stops_without_writing(
     rival = None
     store = None
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and owner.poll() is None:
-            try:
-                store = store or StudyStore(url)
-                study = store.get_study("frozen")
-                if any(t.state is TrialState.RUNNING for t in store.trials(study.id)):
-                    break
-            except ServetuneError:
-                pass
-            time.sleep(0.1)
-        assert store is not None and owner.poll() is None, "the study never got a running trial"
-        study_id = store.get_study("frozen").id
+        store, study_id = _running_study(url, "frozen", owner)
         os.kill(owner.pid, signal.SIGSTOP)
         while (lease := store.lease_holder(study_id)) is not None and lease.is_live():
             time.sleep(0.2)
