@@ -140,7 +140,8 @@ def test_preflight_without_gpus_says_so() -> None:
         ("sglang_tp_heads.log", 1, FailureKind.INVALID_ARGS, [], "total_num_heads % tp_size"),
         ("sglang_ready_then_quiet.log", None, FailureKind.STARTUP_TIMEOUT, [],
          "never answered a generation"),
-        ("sglang_ready_then_quiet.log", -9, FailureKind.HOST_OOM, [], "SIGKILL"),
+        # a bare SIGKILL is no evidence of out-of-memory (issue 6): a crash, retried once
+        ("sglang_ready_then_quiet.log", -9, FailureKind.ENGINE_CRASHED, [], "SIGKILL"),
     ],
 )  # fmt: skip
 def test_classifier_fixtures(
@@ -155,6 +156,12 @@ def test_classifier_fixtures(
     assert [(d.flag, d.change) for d in c.directions] == directions
     assert evidence in c.reason
     assert "[2025-" not in c.reason
+
+
+def test_a_sigkill_is_host_oom_only_with_the_kernels_record() -> None:
+    record = "servetune: out-of-memory evidence: Killed process 4242 (python3) total-vm:1kB"
+    c = classify_sglang_log(log("sglang_ready_then_quiet.log").rstrip("\n") + "\n" + record, -9)
+    assert c.kind is FailureKind.HOST_OOM and "Killed process 4242" in c.reason
 
 
 def test_old_release_names_its_graph_flag_in_the_direction() -> None:

@@ -73,7 +73,8 @@ def classify(
 
     Without a match: a log showing the server ready (``ready``) → ENGINE_CRASHED "died after it
     was ready" when it exited, STARTUP_TIMEOUT "opened its port but never generated" while it
-    runs; exit status -9/137 → HOST_OOM (the kernel's OOM killer); still running → UNKNOWN;
+    runs; the deployment's out-of-memory record (``OOM_EVIDENCE_PREFIX``, the kernel's OOM kill of
+    the engine) → HOST_OOM; a bare SIGKILL (-9/137) → ENGINE_CRASHED; still running → UNKNOWN;
     otherwise ENGINE_CRASHED with the last error-looking line.
     """
     lines: list[str] = []
@@ -104,10 +105,13 @@ def classify(
                 "or a worker hung: check the trial log",
             )
         return Classification(FailureKind.UNKNOWN, last)
-    if returncode in (-9, 137):
+    oom = next((x for x in lines if x.startswith(OOM_EVIDENCE_PREFIX)), None)
+    if oom is not None:  # the kernel's record, written into the log by the deployment
+        return Classification(FailureKind.HOST_OOM, oom)
+    if returncode in (-9, 137):  # a bare SIGKILL proves no out-of-memory (issue 6): retried once
         return Classification(
-            FailureKind.HOST_OOM,
-            f"killed by SIGKILL (exit status {returncode}), most likely the kernel's OOM killer"
+            FailureKind.ENGINE_CRASHED,
+            f"killed by SIGKILL (exit status {returncode}) with no out-of-memory record"
             + (f"; last error: {errors[-1]}" if errors else ""),
         )
     if was_ready:
@@ -117,6 +121,10 @@ def classify(
         )
     return Classification(FailureKind.ENGINE_CRASHED, f"exited with status {returncode}: {last}")
 
+
+OOM_EVIDENCE_PREFIX = "servetune: out-of-memory evidence:"
+"""How a deployment writes the kernel's OOM record for the engine into its log (deploy/local.py
+writes it; only such evidence or an allocation error makes a failure host_oom)."""
 
 _ERRORISH = re.compile(
     r"error|exception|traceback|fail|out of memory|killed|abort|invalid|unrecognized|"
