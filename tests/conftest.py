@@ -14,6 +14,7 @@ import pytest
 from psycopg import sql
 
 from servetune.modelgen import ModelFiles, make_model
+from tests.redis_server import RedisServer, redis_server
 
 PG_ADMIN_URL = os.environ.get(
     "SERVETUNE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -43,3 +44,10 @@ def fresh_postgres_url() -> Iterator[str]:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
             drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
             conn.execute(drop.format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A private redis-server on a free port (no persistence), killed after the test."""
+    with redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield server

@@ -54,6 +54,9 @@ class TrialContext:
 
     ``on_started`` is called with the engine handle right after launch (the loop records the
     pid so a resumed study can kill a survivor); ``on_phase`` receives short phase names.
+    The loop gives each trial its own copy (``dataclasses.replace``) with ``study_id`` and
+    ``trial_id`` (database ids) set, so trials in flight at once never share callbacks; a runner
+    that executes elsewhere (a worker) sends them along.
     """
 
     spec: StudySpec
@@ -64,6 +67,8 @@ class TrialContext:
     label: str = "study"
     on_started: Callable[[RunningEngine], None] | None = None
     on_phase: Callable[[str], None] | None = None
+    study_id: int | None = None
+    trial_id: int | None = None
 
 
 def _now() -> datetime:

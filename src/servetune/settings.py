@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import platformdirs
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from servetune.errors import PathOutside
@@ -100,6 +100,47 @@ class Settings(BaseSettings):
         ge=0,
         le=100,
         description="How many rotated servetune.log files (servetune.log.1, …) are kept.",
+    )
+
+    # ---- the fleet (manager and workers) ------------------------------------------------
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis URL of the fleet (redis://[:password@]host:port/db, rediss:// for "
+        "TLS). A manager without one starts a private redis-server when one is on PATH.",
+    )
+    api_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token the manager's API requires (Authorization: Bearer <token>). "
+        "Required when the manager is bound beyond loopback; never logged.",
+    )
+    heartbeat_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="A worker's heartbeat period, s; three missed heartbeats mark it offline.",
+    )
+    gpu_history_len: int = Field(
+        default=120,
+        ge=1,
+        le=10_000,
+        description="GPU samples kept per worker (one per heartbeat).",
+    )
+    worker_log_maxlen: int = Field(
+        default=500,
+        ge=1,
+        le=1_000_000,
+        description="Log records kept per worker in Redis (the newest ones).",
+    )
+    worker_log_ttl_s: float = Field(
+        default=24 * 3600.0,
+        gt=0,
+        description="A worker's stored log records expire after this long without a new one, s.",
+    )
+    log_queue_max: int = Field(
+        default=10_000,
+        ge=1,
+        description="Log records a worker buffers in memory while shipping; beyond it, records "
+        "are dropped and counted (never blocking the caller).",
     )
 
     @model_validator(mode="before")

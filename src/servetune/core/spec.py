@@ -49,6 +49,8 @@ MAX_TIMEOUT_S = 86_400.0
 """Any timeout (request, start-up, stop): one day."""
 MAX_TRIALS = 10_000
 """Trials per study (search budget)."""
+MAX_PARALLEL = 256
+"""Trials in flight at once (``budget.parallel``)."""
 MAX_WALL_TIME_S = 30 * 86_400.0
 """Wall-time budget: thirty days."""
 MAX_SLO_MS = 86_400_000.0
@@ -462,6 +464,14 @@ class Budget(_Model):
         le=5,
         description="Fresh re-runs of each of the top candidates and of the baseline after the "
         "search, before the verdict (0 = none).",
+    )
+    parallel: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_PARALLEL,
+        description="Trials in flight at once (≤ 256). Locally they share this host (each "
+        "engine's CPU threads must fit its cores); through a manager they are spread over the "
+        "workers where each fits.",
     )
 
     def planned_trials(self) -> int:

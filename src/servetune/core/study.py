@@ -26,6 +26,16 @@ def format_params(params: Params) -> str:
     return " ".join(f"{k}={v}" for k, v in params.items()) if params else "(engine defaults)"
 
 
+class TrialNeeds(BaseModel):
+    """What one trial occupies on a host while it runs (``Engine.needs``): the scheduler only
+    places it where these fit."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cpu_threads: int = Field(default=1, ge=1, description="CPU threads the engine uses.")
+    gpus: int = Field(default=0, ge=0, description="GPUs the engine uses (0 = CPU only).")
+
+
 class TrialState(StrEnum):
     """Lifecycle of a trial; the members and their meaning follow Optuna's ``TrialState``."""
 
