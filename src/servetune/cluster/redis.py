@@ -11,8 +11,8 @@ import contextlib
 import logging
 import re
 from collections.abc import Iterator
-from typing import Any, cast
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio
@@ -39,8 +39,8 @@ logger = logging.getLogger(__name__)
 
 BACKOFF_BASE_S = 0.05
 """First retry delay is 2 × this, doubling on each failure up to ``BACKOFF_CAP_S``."""
-BACKOFF_CAP_S = 2.0
-"""Longest wait between two retries, s (so a Redis back after an outage is used within 2 s)."""
+BACKOFF_CAP_S = 1.0
+"""Longest wait between two retries, s (so a Redis back after an outage is used within 1 s)."""
 HEALTH_CHECK_INTERVAL_S = 10
 """A connection idle longer than this is PINGed before use (a dead one is replaced)."""
 SOCKET_CONNECT_TIMEOUT_S = 5.0
@@ -63,15 +63,17 @@ def safe_url(url: str) -> str:
         parts = urlsplit(url)
     except (ValueError, TypeError, AttributeError):
         return "<a Redis URL that does not parse>"
+    masked = url
     netloc = parts.netloc
     if "@" in netloc:
         userinfo, _, hostport = netloc.rpartition("@")
         user, colon, _password = userinfo.partition(":")
         if colon:
-            userinfo = f"{user}:***"
-        netloc = f"{userinfo}@{hostport}"
-    query = _QUERY_PASSWORD.sub(r"\1***", parts.query)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+            masked = masked.replace(f"//{netloc}", f"//{user}:***@{hostport}", 1)
+    if parts.query:
+        head, _, query = masked.partition("?")
+        masked = head + "?" + _QUERY_PASSWORD.sub(r"\1***", query)
+    return masked
 
 
 def retries_for(retry_for_s: float) -> int:
@@ -110,6 +112,44 @@ def _bad_url(url: str, error: Exception) -> RedisUnavailable:
     )
 
 
+def _raise_if_auth(error: Exception) -> None:
+    """A refused password does not heal by waiting: give up at once (redis-py's
+    AuthenticationError is a ConnectionError, which the retry would otherwise repeat)."""
+    if isinstance(error, AuthenticationError):
+        raise error
+
+
+class _ReconnectingPool(redis.asyncio.ConnectionPool):
+    """redis-py's asyncio pool, whose hand-out of a connection retries too.
+
+    redis-py retries a command that fails on its connection, but (re)connects a pooled connection
+    before that, outside the retry: a command issued while Redis is down would fail at once.
+    Here that connect is retried with the clients' backoff as well.
+    """
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        get = super().get_connection
+        retry = self.connection_kwargs.get("retry")
+        if retry is None:
+            return await get(*args, **kwargs)
+
+        async def fail(error: Exception) -> None:
+            _raise_if_auth(error)
+
+        return await retry.call_with_retry(lambda: get(*args, **kwargs), fail)
+
+
+class _ReconnectingSyncPool(redis.ConnectionPool):
+    """The synchronous twin of ``_ReconnectingPool``."""
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        get = super().get_connection
+        retry = self.connection_kwargs.get("retry")
+        if retry is None:
+            return get(*args, **kwargs)
+        return retry.call_with_retry(lambda: get(*args, **kwargs), _raise_if_auth)
+
+
 def connect(
     url: str,
     *,
@@ -118,25 +158,31 @@ def connect(
 ) -> redis.asyncio.Redis:
     """An asyncio Redis client on ``url`` (responses as bytes) that reconnects by itself.
 
-    A command that fails on a lost connection or a timeout is retried with exponential backoff
-    (0.1 s doubling to 2 s) for about ``retry_for_s`` seconds before the error reaches the caller;
-    idle connections are health-checked every ``HEALTH_CHECK_INTERVAL_S``. Nothing is sent until
-    the first command. ``client_class`` may be a subclass of redis-py's asyncio client (ARQ's
-    ``ArqRedis``). Raises RedisUnavailable when ``url`` is not a Redis URL.
+    A command that fails on a lost connection or a timeout, or finds Redis down when it starts,
+    is retried with exponential backoff (0.1 s doubling to 1 s) for about ``retry_for_s`` seconds
+    before the error reaches the caller; idle connections are health-checked every
+    ``HEALTH_CHECK_INTERVAL_S``. Nothing is sent until the first command. ``client_class`` may
+    be a subclass of redis-py's asyncio client (ARQ's ``ArqRedis``). Close it with ``aclose()``.
+    Raises RedisUnavailable when ``url`` is not a Redis URL.
     """
     try:
-        client = client_class.from_url(url, **client_options(retry_for_s, sync=False))
-        return cast(redis.asyncio.Redis, client)
+        pool = _ReconnectingPool.from_url(url, **client_options(retry_for_s, sync=False))
     except ValueError as e:
         raise _bad_url(url, e) from e
+    client = client_class(connection_pool=pool)
+    client.auto_close_connection_pool = True  # aclose() closes the pool, as from_url's would
+    return client
 
 
 def connect_sync(url: str, *, retry_for_s: float = 30.0) -> redis.Redis:
     """The synchronous twin of ``connect`` (for threads such as the log handler's shipper)."""
     try:
-        return redis.Redis.from_url(url, **client_options(retry_for_s, sync=True))
+        pool = _ReconnectingSyncPool.from_url(url, **client_options(retry_for_s, sync=True))
     except ValueError as e:
         raise _bad_url(url, e) from e
+    client = redis.Redis(connection_pool=pool)
+    client.auto_close_connection_pool = True
+    return client
 
 
 def client_url(r: redis.Redis | redis.asyncio.Redis) -> str:
