@@ -181,7 +181,7 @@ def test_read_logs_filters_and_order(
         _read(url, worker_id, limit=0)
     with pytest.raises(ValueError, match="level: 'loud'"):
         _read(url, worker_id, level="loud")
-    with pytest.raises(ValueError, match="since: .* no time zone"):
+    with pytest.raises(ValueError, match=r"since: .* no time zone"):
         _read(url, worker_id, since=since.replace(tzinfo=None))
 
 
