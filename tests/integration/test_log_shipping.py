@@ -238,6 +238,32 @@ def test_redis_down_costs_the_caller_nothing_and_drops_are_reported(
         handler.close()
 
 
+def test_a_full_queue_is_reported_once_it_drains(
+    private_redis: RedisServer, tmp_path: Path, loggers: Callable[[str], logging.Logger]
+) -> None:
+    worker_id = "w-" + uuid.uuid4().hex[:8]
+    settings = _settings(tmp_path, log_queue_max=10, worker_log_maxlen=1000)
+    handler = RedisLogHandler(private_redis.url, worker_id, settings)
+    log = loggers("servetune.test_full")
+    log.addHandler(handler)
+    try:
+        for i in range(300):  # far faster than one round trip per 10 records
+            log.info("burst %d", i)
+        records = _wait_for(
+            private_redis.url,
+            worker_id,
+            lambda rs: bool(rs) and rs[-1].message.startswith("dropped"),
+        )
+    finally:
+        handler.close()
+    kept = [r for r in records if r.message.startswith("burst")]
+    assert records[-1].message == (
+        f"dropped {300 - len(kept)} log records: the in-memory log queue was full "
+        "(log_queue_max=10; records were logged faster than shipped)"
+    )
+    assert 10 <= len(kept) < 300 and handler.dropped == 300 - len(kept)
+
+
 def test_close_ships_what_is_queued_and_is_bounded_when_redis_is_gone(
     private_redis: RedisServer, tmp_path: Path, loggers: Callable[[str], logging.Logger]
 ) -> None:

@@ -208,6 +208,7 @@ class RedisLogHandler(logging.Handler):
         self._dropped_refused = 0
         self._reported = 0
         self._outage_since_report = False
+        self._refused_since_report = False
         self._refused_reason = ""
         self._backlog_left = 0
         self._next_report_at = 0.0
@@ -307,9 +308,9 @@ class RedisLogHandler(logging.Handler):
         )
 
     def _drop_warning(self, dropped: int) -> _Entry:
-        if self._outage_since_report or self._dropped_unreachable:
+        if self._outage_since_report:
             text = f"dropped {dropped} log records while Redis was unreachable"
-        elif self._dropped_refused:
+        elif self._refused_since_report:
             text = f"dropped {dropped} log records: Redis refused them ({self._refused_reason})"
         else:
             text = (
@@ -323,6 +324,9 @@ class RedisLogHandler(logging.Handler):
         delays = (0.0, *self.retry_delays_s)
         for attempt, delay in enumerate(delays):
             if delay:
+                if self._stop.is_set():  # closing: no time for retries
+                    self._dropped_unreachable += len(batch)
+                    return False
                 time.sleep(delay)
             dropped_now = self.dropped
             report = dropped_now > self._reported and self._report_due()
@@ -346,6 +350,7 @@ class RedisLogHandler(logging.Handler):
                 return False
             except redis.RedisError as e:
                 self._dropped_refused += len(batch)
+                self._refused_since_report = True
                 self._refused_reason = f"{type(e).__name__}: {e}"
                 logger.warning(
                     "Redis at %s refused %d log records (%s)", self._where, len(batch), e
@@ -356,10 +361,10 @@ class RedisLogHandler(logging.Handler):
             self._backlog_left -= len(batch)
             if report:
                 self._reported = dropped_now
-                self._outage_since_report = False
+                self._outage_since_report = self._refused_since_report = False
                 self._next_report_at = time.monotonic() + 1.0
             return True
-        return False  # pragma: no cover - the loop always returns
+        raise AssertionError("unreachable: the last attempt returns")
 
     def _ship(self, entries: list[_Entry]) -> None:
         docs = [
