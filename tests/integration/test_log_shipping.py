@@ -94,7 +94,7 @@ def test_records_reach_the_stream_and_the_live_channel(
     for log in (worker_log, bench_log, deploy_log):
         log.addHandler(handler)
     try:
-        worker_log.info("worker up on %s", "host-1")
+        worker_log.info("worker up on %s", "hôst-1\udcff")  # an undecodable byte, kept as '?'
         with log_context(study_id=3, trial_id=7, trial_number=2):
             worker_log.debug("trial line %d", 1)
             bench_log.warning("slow request")
@@ -105,7 +105,7 @@ def test_records_reach_the_stream_and_the_live_channel(
         records = _wait_for(private_redis.url, worker_id, lambda rs: len(rs) == 4)
 
         assert [(r.level, r.message.splitlines()[0], r.source) for r in records] == [
-            ("INFO", "worker up on host-1", LogSource.WORKER),
+            ("INFO", "worker up on hôst-1?", LogSource.WORKER),
             ("DEBUG", "trial line 1", LogSource.TRIAL),
             ("WARNING", "slow request", LogSource.BENCHMARK),
             ("ERROR", "stopping failed", LogSource.DEPLOYMENT),

@@ -135,6 +135,11 @@ return #ARGV - 4
 """
 
 
+def _clean(text: str) -> str:
+    """``text`` with lone surrogates (undecodable bytes) as '?': Redis and JSON readers refuse them."""
+    return text if text.isascii() else text.encode("utf-8", "replace").decode("utf-8")
+
+
 def _host_port(url: str) -> str:
     """``host:port`` of a Redis URL: what log lines name (never the password)."""
     parts = urlsplit(url)
@@ -348,7 +353,7 @@ class RedisLogHandler(logging.Handler):
                     e,
                 )
                 return False
-            except redis.RedisError as e:
+            except Exception as e:  # refused by Redis (or unencodable): never kill the thread
                 self._dropped_refused += len(batch)
                 self._refused_since_report = True
                 self._refused_reason = f"{type(e).__name__}: {e}"
@@ -373,8 +378,8 @@ class RedisLogHandler(logging.Handler):
                     "at": datetime.fromtimestamp(created, UTC).isoformat(),
                     "level": level,
                     "levelno": levelno,
-                    "message": message,
-                    "logger": name,
+                    "message": _clean(message),
+                    "logger": _clean(name),
                     "worker_id": self.worker_id,
                     "source": source,
                     "study_id": study_id,
