@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_client.py
 	$(BIN)/python bench/bench_overhead.py
 	$(BIN)/python bench/bench_logs.py
+	$(BIN)/python bench/bench_heartbeats.py
 	$(if $(PEERS),$(BIN)/python bench/bench_peers.py --peers $(PEERS))
 
 clean:
