@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-unit lint bench clean
+.PHONY: install demo test test-unit lint bench bench-fleet clean
 
 $(STAMP): pyproject.toml uv.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_logs.py
 	$(BIN)/python bench/bench_heartbeats.py
 	$(if $(PEERS),$(BIN)/python bench/bench_peers.py --peers $(PEERS))
+
+# The demo study locally and on a manager + 2 local workers, at parallel 1 and 2 (well over
+# 5 min on 2 cores, so not in `bench`). FLEET_ARGS="--max-trials 6" shortens it.
+bench-fleet: $(STAMP)
+	$(BIN)/python bench/bench_fleet_demo.py $(FLEET_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
