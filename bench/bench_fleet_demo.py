@@ -142,6 +142,7 @@ def run_local(work: Path, doc: dict[str, Any], parallel: int, timeout_s: float) 
         "wall_s": wall_s,
         "exit_code": done.returncode,
         "status": study.status,
+        "host_load_1min_after": os.getloadavg()[0],
         **summarize_trials(trials),
     }
 
@@ -191,14 +192,14 @@ def _wait_until(what: str, check: Any, timeout_s: float, procs: dict[str, tuple[
     raise BenchError(f"{what}: not within {timeout_s:g} s")
 
 
-def _online_workers(client: httpx.Client) -> int:
-    """Workers online or busy, from GET /api/workers (its counts, else its items' states)."""
+def _workers(client: httpx.Client) -> tuple[int, dict[str, str]]:
+    """From GET /api/workers: how many workers are online or busy, and each id's alias."""
     body = client.get("/api/workers").raise_for_status().json()
-    counts = body.get("counts") if isinstance(body, dict) else None
-    if isinstance(counts, dict):
-        return int(counts.get("online", 0)) + int(counts.get("busy", 0))
     items = body.get("items", []) if isinstance(body, dict) else body
-    return sum(1 for w in items if w.get("state") in ("online", "busy"))
+    names = {w["info"]["id"]: w["info"].get("alias") or w["info"]["id"] for w in items}
+    if isinstance(body, dict) and "online" in body:
+        return int(body["online"]) + int(body.get("busy", 0)), names
+    return sum(1 for w in items if w.get("state") in ("online", "busy")), names
 
 
 def _trials_json(client: httpx.Client, study_id: int) -> list[dict[str, Any]]:
@@ -250,7 +251,7 @@ def run_fleet(
                 procs,
             )
             _wait_until(
-                f"{workers} workers online", lambda: _online_workers(client) >= workers, 120, procs
+                f"{workers} workers online", lambda: _workers(client)[0] >= workers, 120, procs
             )
             for parallel, doc in docs.items():
                 name = f"bench-fleet-p{parallel}"
@@ -268,14 +269,19 @@ def run_fleet(
 
                 final = _wait_until(f"study {name} to end", status, timeout_s, procs)
                 wall_s = time.perf_counter() - t0
-                trials = _trials_json(client, study_id)
+                summary = summarize_trials(_trials_json(client, study_id))
+                aliases = _workers(client)[1]
+                summary["trials_per_worker"] = {
+                    aliases.get(w, w): n for w, n in summary["trials_per_worker"].items()
+                }
                 results.append(
                     {
                         "run": f"fleet ({workers} workers)",
                         "parallel": parallel,
                         "wall_s": wall_s,
                         "status": final,
-                        **summarize_trials(trials),
+                        "host_load_1min_after": os.getloadavg()[0],
+                        **summary,
                     }
                 )
     finally:
@@ -292,7 +298,7 @@ def print_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     )
     print(
         f"  {'run':<20}{'parallel':>9}{'wall s':>9}{'s/trial':>9}{'peak':>6}{'re-runs':>9}"
-        f"  {'status':<10}trials"
+        f"{'load':>6}  {'status':<10}trials"
     )
     for r in results:
         states = ", ".join(f"{n} {s}" for s, n in r["states"].items())
@@ -301,7 +307,8 @@ def print_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> None:
         per_trial = r["wall_s"] / r["trials"] if r["trials"] else float("nan")
         print(
             f"  {r['run']:<20}{r['parallel']:>9}{r['wall_s']:>9.1f}{per_trial:>9.1f}"
-            f"{r['peak_parallel_trials']:>6}{r['outside_load_reruns']:>9}  {r['status']:<10}"
+            f"{r['peak_parallel_trials']:>6}{r['outside_load_reruns']:>9}"
+            f"{r['host_load_1min_after']:>6.1f}  {r['status']:<10}"
             f"{states}{where}"
         )
     fleet = {r["parallel"]: r["wall_s"] for r in results if r["run"].startswith("fleet")}
@@ -309,7 +316,8 @@ def print_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> None:
         print(f"  fleet speed-up, parallel 2 over 1: {fleet[1] / fleet[2]:.2f}×")
     print(
         "  peak: most trials running at one time; re-runs: trials measured again because other "
-        "processes used the CPU (max_outside_cpu_fraction)"
+        "processes used the CPU (max_outside_cpu_fraction); load: the host's 1-min load "
+        "average when the run ended"
     )
 
 
