@@ -1,5 +1,5 @@
-"""Benchmark: wall time of the demo study (servetune/demo.py's spec) locally and on a fleet of
-one manager and two local workers over a private Redis, at ``budget.parallel`` 1 and 2.
+"""Benchmark: wall time of the demo study (servetune/demo.py's spec) run locally and on a
+fleet (manager + two local workers over a private Redis) at ``budget.parallel`` 1 and 2.
 
 Every part is the real program: ``servetune run`` for the local reference, ``servetune manager``
 plus ``servetune worker`` processes for the fleet, studies submitted with POST /api/studies.

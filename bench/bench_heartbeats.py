@@ -1,8 +1,8 @@
-"""Benchmark: heartbeat handling of a fleet of simulated workers on a private redis-server.
+"""Benchmark: heartbeat handling of a fleet of simulated workers (200 × 8 GPUs) on a private
+redis-server: beats/s, beat and Registry.workers() latency, Redis memory, wrong offlines.
 
-N workers (200) register and beat every period with 8 GPUs and a running trial each, through
-``Registry``, while a manager process lists them with ``Registry.workers()``; a burst then shows
-the beats/s ceiling. Reports beats/s, beat and listing latency, Redis memory and wrong offlines.
+Each worker registers and beats every period through ``Registry`` with two running trials while a
+manager process lists them; a back-to-back burst then shows the beats/s ceiling of this host.
 """
 
 from __future__ import annotations
@@ -257,7 +257,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def _memory_usage_b(client: redis.Redis, key: str) -> int:
-    return int(client.memory_usage(key, samples=0) or 0)  # type: ignore[arg-type]
+    return int(client.memory_usage(key, samples=0) or 0)
 
 
 def measure(plan: Plan, processes: int) -> dict[str, Any]:
@@ -290,7 +290,7 @@ def measure(plan: Plan, processes: int) -> dict[str, Any]:
     watched = here.recv()
     info = client.info("memory")  # after the paced run: what a fleet this old holds
     quiet_ms = asyncio.run(_quiet_listing(plan, 20))
-    history_len = int(client.llen(keys.gpu_history(worker_id(0))))  # type: ignore[arg-type]
+    history_len = int(client.llen(keys.gpu_history(worker_id(0))))
     one = {
         "info": _memory_usage_b(client, keys.worker_info(worker_id(0))),
         "heartbeat": _memory_usage_b(client, keys.heartbeat(worker_id(0))),

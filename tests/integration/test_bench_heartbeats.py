@@ -30,14 +30,14 @@ def _bench(*args: str) -> subprocess.CompletedProcess[str]:
 def test_a_small_fleet_beats_on_time_and_is_never_seen_offline(tmp_path: Path) -> None:
     out = tmp_path / "heartbeats.json"
     done = _bench(
-        *("--workers", "12", "--heartbeat-s", "0.5", "--seconds", "2"),
+        *("--workers", "12", "--heartbeat-s", "1", "--seconds", "3"),
         *("--burst-s", "0.3", "--poll-s", "0.1", "--processes", "1", "--output", str(out)),
     )
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text(encoding="utf-8"))
-    # 12 workers × 4 beats each in 2 s (staggered phases: each beat is due inside the window)
-    assert result["beats"] == 48
-    assert result["beats_per_s"] == pytest.approx(24.0)
+    # 12 workers × 3 beats each in 3 s (staggered phases: each beat is due inside the window)
+    assert result["beats"] == 36
+    assert result["beats_per_s"] == pytest.approx(12.0)
     assert result["wrongly_offline_workers"] == 0
     assert result["wrongly_offline_sightings"] == 0
     assert result["workers_list_calls"] >= 5
@@ -55,10 +55,7 @@ def test_a_small_fleet_beats_on_time_and_is_never_seen_offline(tmp_path: Path) -
     assert str(out) in done.stdout
 
 
-def test_bad_options_are_refused_with_the_option_named() -> None:
+def test_a_bad_option_is_refused_with_the_option_named() -> None:
     done = _bench("--workers", "0")
     assert done.returncode == 2
     assert "--workers must be at least 1" in done.stderr
-    done = _bench("--heartbeat-s", "-1")
-    assert done.returncode == 2
-    assert "--heartbeat-s must be > 0" in done.stderr
