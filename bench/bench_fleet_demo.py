@@ -13,6 +13,7 @@ import copy
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,7 +69,8 @@ def peak_overlap(spans: list[tuple[float, float]]) -> int:
 def summarize_trials(trials: list[dict[str, Any]]) -> dict[str, Any]:
     """Counts of a study's trials (JSON as ``Trial.model_dump(mode="json")``, the API's shape):
     by state, outside-load re-runs, trials per worker (when the JSON names one) and the peak
-    number of trials that ran at the same time (from each result's started_at/finished_at)."""
+    number of trials that ran at the same time and the median and longest trial, s (from each
+    result's started_at/finished_at)."""
     states: dict[str, int] = {}
     workers: dict[str, int] = {}
     spans: list[tuple[float, float]] = []
@@ -89,6 +91,8 @@ def summarize_trials(trials: list[dict[str, Any]]) -> dict[str, Any]:
         "outside_load_reruns": reruns,
         "trials_per_worker": dict(sorted(workers.items())),
         "peak_parallel_trials": peak_overlap(spans),
+        "trial_p50_s": statistics.median(e - s for s, e in spans) if spans else None,
+        "trial_max_s": max((e - s for s, e in spans), default=None),
     }
 
 
@@ -297,16 +301,16 @@ def print_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> None:
         f"load {meta['host_load_1min']:.1f} at the start"
     )
     print(
-        f"  {'run':<20}{'parallel':>9}{'wall s':>9}{'s/trial':>9}{'peak':>6}{'re-runs':>9}"
+        f"  {'run':<20}{'parallel':>9}{'wall s':>9}{'trial p50/max s':>17}{'peak':>6}{'re-runs':>9}"
         f"{'load':>6}  {'status':<10}trials"
     )
     for r in results:
         states = ", ".join(f"{n} {s}" for s, n in r["states"].items())
         per_worker = r["trials_per_worker"]
         where = f"; per worker {per_worker}" if per_worker else ""
-        per_trial = r["wall_s"] / r["trials"] if r["trials"] else float("nan")
+        trial_s = f"{r['trial_p50_s']:.1f} / {r['trial_max_s']:.1f}" if r["trial_p50_s"] else "-"
         print(
-            f"  {r['run']:<20}{r['parallel']:>9}{r['wall_s']:>9.1f}{per_trial:>9.1f}"
+            f"  {r['run']:<20}{r['parallel']:>9}{r['wall_s']:>9.1f}{trial_s:>17}"
             f"{r['peak_parallel_trials']:>6}{r['outside_load_reruns']:>9}"
             f"{r['host_load_1min_after']:>6.1f}  {r['status']:<10}"
             f"{states}{where}"
@@ -314,6 +318,12 @@ def print_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     fleet = {r["parallel"]: r["wall_s"] for r in results if r["run"].startswith("fleet")}
     if 1 in fleet and 2 in fleet:
         print(f"  fleet speed-up, parallel 2 over 1: {fleet[1] / fleet[2]:.2f}×")
+    if meta["workers"] > 1:
+        print(
+            f"  note: the {meta['workers']} workers share this host, and each offers all "
+            f"{meta['host_cpus']} cores: trials placed at once oversubscribe the cores (a real "
+            "fleet has one worker per host; `servetune run` at parallel > 1 shares the cores out)"
+        )
     print(
         "  peak: most trials running at one time; re-runs: trials measured again because other "
         "processes used the CPU (max_outside_cpu_fraction); load: the host's 1-min load "

@@ -87,7 +87,11 @@ def test_a_studys_trials_are_counted_by_state_worker_overlap_and_rerun(bench: Mo
         "outside_load_reruns": 1,
         "trials_per_worker": {"w-a": 2, "w-b": 1},
         "peak_parallel_trials": 2,
+        "trial_p50_s": 10.0,
+        "trial_max_s": 13.0,
     }
     local = bench.summarize_trials([_trial(0, 0, 3), _trial(1, 3, 4)])
     assert local["trials_per_worker"] == {}
     assert local["peak_parallel_trials"] == 1
+    assert local["trial_p50_s"] == 2.0
+    assert bench.summarize_trials([])["trial_p50_s"] is None
