@@ -52,8 +52,8 @@ class RedisServer:
         argv += ["--appendonly", "no", "--dir", str(self.folder)]
         if self.password:
             argv += ["--requirepass", self.password]
-        log = (self.folder / "redis.log").open("ab")
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603
+        with (self.folder / "redis.log").open("ab") as log:  # the child keeps its own copy
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
