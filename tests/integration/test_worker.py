@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -18,11 +19,12 @@ from typing import Any
 
 import psutil
 import pytest
-from servetune.cluster.queue import abort_trial, arq_pool, enqueue_trial
-from servetune.cluster.redis import connect
 
 from servetune.cluster import keys
-from servetune.cluster.models import Heartbeat, TrialEvent, TrialEventKind, TrialJob
+from servetune.cluster.logs import read_logs
+from servetune.cluster.models import Heartbeat, LogSource, TrialEvent, TrialEventKind, TrialJob
+from servetune.cluster.queue import abort_trial, arq_pool, enqueue_trial
+from servetune.cluster.redis import connect
 from servetune.core.spec import StudySpec
 from servetune.core.study import FailureKind, TrialState
 from servetune.modelgen import ModelFiles
@@ -61,6 +63,12 @@ def events(server: RedisServer) -> list[TrialEvent]:
 
 def event_of(server: RedisServer, kind: TrialEventKind, job_id: str) -> TrialEvent | None:
     return next((e for e in events(server) if e.kind is kind and e.job_id == job_id), None)
+
+
+def phases_of(server: RedisServer, trial_id: int) -> list[str | None]:
+    return [
+        e.phase for e in events(server) if e.kind is TrialEventKind.PHASE and e.trial_id == trial_id
+    ]
 
 
 def trial_job(
@@ -143,6 +151,16 @@ async def _enqueue(url: str, *jobs: TrialJob) -> None:
         await pool.aclose()
 
 
+class _Evil:
+    """Unpickling it would create a file: proof that a pickled payload never runs."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (Path(self.path),))
+
+
 def test_a_worker_runs_trials_rejects_bad_payloads_and_aborts_on_request(
     private_redis: RedisServer, tiny_model: ModelFiles, tmp_path: Path
 ) -> None:
@@ -166,6 +184,11 @@ def test_a_worker_runs_trials_rejects_bad_payloads_and_aborts_on_request(
             finally:
                 await pool.aclose()
 
+        # a pickled job body (what ARQ's default serializer would write): refused unread
+        marker = tmp_path / "pickle-ran"
+        with private_redis.client() as r:
+            r.set(keys.arq_job("trial-4-1"), pickle.dumps(_Evil(str(marker))))
+            r.zadd(keys.queue(worker.id), {"trial-4-1": int(time.time() * 1000)})
         asyncio.run(enqueue_bad_then_good())
         rejected = wait_until(
             lambda: event_of(private_redis, TrialEventKind.REJECTED, "trial-1-1"), 10
@@ -177,15 +200,24 @@ def test_a_worker_runs_trials_rejects_bad_payloads_and_aborts_on_request(
         assert result.worker_id == worker.id
         started = event_of(private_redis, TrialEventKind.STARTED, "trial-2-1")
         assert started is not None and started.pid is not None
-        phases = [
-            e.phase
-            for e in events(private_redis)
-            if e.kind is TrialEventKind.PHASE and e.trial_id == 2
-        ]
+        phases = phases_of(private_redis, 2)
         assert phases[:2] == ["starting", "benchmarking"]
         assert not any(
             e.trial_id == 1 and e.kind is not TrialEventKind.REJECTED for e in events(private_redis)
         )
+        assert not marker.exists() and worker.proc.poll() is None
+        assert not any(e.job_id == "trial-4-1" for e in events(private_redis))
+
+        async def shipped() -> set[LogSource]:
+            r = connect(private_redis.url)
+            try:
+                return {rec.source for rec in await read_logs(r, worker.id, limit=500, trial_id=2)}
+            finally:
+                await r.aclose()
+
+        # the trial's own lines and its engine's output reach Redis, tagged with the trial
+        wanted = {LogSource.TRIAL, LogSource.ENGINE}
+        assert wait_until(lambda: asyncio.run(shipped()) >= wanted, 5), asyncio.run(shipped())
 
         # abort: the engine is gone within seconds and the trial ends FAIL cancelled
         long = trial_job(tiny_model, worker.id, 3, workload=LONG_WORKLOAD)
@@ -233,15 +265,19 @@ def test_sigterm_mid_trial_hands_the_trial_back_and_stops_its_engine(
                 lambda: Heartbeat.model_validate_json(r.get(keys.heartbeat(worker.id))).running, 5
             )
         assert [t.trial_id for t in beat] == [7]
+        assert wait_until(lambda: "benchmarking" in phases_of(private_redis, 7), 10)
         worker.proc.send_signal(signal.SIGTERM)
         assert worker.proc.wait(20) == 0, worker.stderr()
         handed = event_of(private_redis, TrialEventKind.HANDED_BACK, job.job_id)
         assert handed is not None and "SIGTERM" in (handed.reason or "")
+        assert "while the trial was benchmarking" in (handed.reason or "")
         assert event_of(private_redis, TrialEventKind.RESULT, job.job_id) is None
         assert engine_processes(tiny_model) == []
+        with private_redis.client() as r:
+            assert r.get(keys.heartbeat(worker.id)) is None  # offline at once, not 3 beats later
 
 
-def test_a_worker_killed_mid_trial_leaves_no_engine_and_its_next_run_cleans_up(
+def test_a_worker_killed_mid_trial_leaves_no_engine_and_keeps_its_id(
     private_redis: RedisServer, tiny_model: ModelFiles, tmp_path: Path
 ) -> None:
     with worker_process(tmp_path, private_redis.url) as worker:
@@ -272,6 +308,7 @@ def test_run_trial_job_called_directly_rejects_bad_payloads_and_times_out(
     settings = Settings(data_dir=tmp_path / "data", redis_url=private_redis.url)
     good = trial_job(tiny_model, "w-direct", 11, workload=LONG_WORKLOAD, timeout_s=6)
     ok = good.model_dump(mode="json")
+    hasty = trial_job(tiny_model, "w-direct", 12, timeout_s=0.3).model_dump(mode="json")
     missing = {k: v for k, v in ok.items() if k != "spec"}
     extra = {**ok, "run_this": "os.system('rm -rf /')"}
     wrong = {**ok, "params": "threads=1"}
@@ -286,6 +323,7 @@ def test_run_trial_job_called_directly_rejects_bad_payloads_and_times_out(
                 for payload in (missing, extra, wrong, ["a", "list"], b"\x80\x04pickle")
             ]
             answers.append(await run_trial_job(ctx, ok))
+            answers.append(await run_trial_job(ctx, hasty))
             return answers
         finally:
             await r.aclose()
@@ -293,7 +331,7 @@ def test_run_trial_job_called_directly_rejects_bad_payloads_and_times_out(
     with caplog.at_level(logging.ERROR, logger="servetune.worker.jobs"):
         t0 = time.monotonic()
         answers = asyncio.run(main())
-    assert [a["outcome"] for a in answers] == ["rejected"] * 5 + ["result"]
+    assert [a["outcome"] for a in answers] == ["rejected"] * 5 + ["result"] * 2
     rejected = [e for e in events(private_redis) if e.kind is TrialEventKind.REJECTED]
     reasons = [e.reason or "" for e in rejected]
     assert len(rejected) == 3  # the list and the bytes carry no readable ids
@@ -307,6 +345,11 @@ def test_run_trial_job_called_directly_rejects_bad_payloads_and_times_out(
     expected = FailureKind.BENCHMARK_FAILED if benchmarking else FailureKind.STARTUP_TIMEOUT
     assert result.result.failure_kind is expected
     assert "timeout of 6 s" in (result.result.failure_reason or "")
+    # one whose timeout passes before its engine is ready
+    early = event_of(private_redis, TrialEventKind.RESULT, "trial-12-1")
+    assert early is not None and early.result is not None
+    assert early.result.failure_kind is FailureKind.STARTUP_TIMEOUT, early.result.failure_reason
+    assert "timeout of 0.3 s" in (early.result.failure_reason or "")
     assert time.monotonic() - t0 < 20
     assert engine_processes(tiny_model) == []
     assert json.loads((tmp_path / "engines.json").read_text()) == []
@@ -325,15 +368,6 @@ def test_worker_cli_says_what_is_wrong_with_its_redis(tmp_path: Path, unused_por
     assert down.returncode == 1, down.stderr
     assert f"redis://:***@127.0.0.1:{unused_port}/0" in down.stderr
     assert "hunter2" not in down.stderr
-    bad = subprocess.run(  # noqa: S603
-        [*base, "--redis", url, "--name", "../x"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
-    assert bad.returncode == 2 and "--name" in bad.stderr
 
 
 @pytest.fixture

@@ -16,12 +16,17 @@ import typer
 from pydantic import ValidationError
 
 from servetune.settings import Settings
+from servetune.worker import ENGINE_LOGGER
 
 
 def _fail(message: str, code: int) -> typer.Exit:
     """Print ``error: message`` on stderr; the ``typer.Exit`` to raise."""
     print(f"error: {message}", file=sys.stderr)
     return typer.Exit(code)
+
+
+def _not_engine_output(record: logging.LogRecord) -> bool:
+    return record.name != ENGINE_LOGGER
 
 
 def setup_worker_logging(settings: Settings, name: str | None, verbose: bool) -> Path:
@@ -39,6 +44,7 @@ def setup_worker_logging(settings: Settings, name: str | None, verbose: bool) ->
         encoding="utf-8",
     )
     fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    fh.addFilter(_not_engine_output)  # already in the trial's own engine log file
     root.addHandler(fh)
     sh = logging.StreamHandler(sys.stderr)
     sh.setLevel(logging.INFO if verbose else logging.WARNING)

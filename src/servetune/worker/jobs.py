@@ -39,9 +39,10 @@ from servetune.errors import ServetuneError
 from servetune.runner import TrialContext, run_trial
 from servetune.settings import Settings
 from servetune.study_session import build_deployment
+from servetune.worker import ENGINE_LOGGER
 
 log = logging.getLogger(__name__)
-engine_log = logging.getLogger("servetune.engine")
+engine_log = logging.getLogger(ENGINE_LOGGER)
 
 JOB_FUNCTION = "run_trial_job"
 """The ARQ function name the manager enqueues (``cluster.queue``)."""
@@ -64,6 +65,8 @@ class RunningJob:
     task: asyncio.Task[Any] | None = None
     engines: list[RunningEngine] = field(default_factory=list)
     phase: str = "queued"
+    """The last phase before "stopping" (queued, starting, benchmarking): where the trial was
+    when it was interrupted (``run_trial`` enters "stopping" on its way out)."""
     handing_back: bool = False
 
     def as_running_trial(self) -> RunningTrial:
@@ -414,7 +417,8 @@ async def _trial_context(
         tailers.append(_tail(job, engine_handle.log_path))
 
     def on_phase(name: str) -> None:
-        running.phase = name
+        if name != "stopping":
+            running.phase = name
         outbox.put(_event(rt, job, TrialEventKind.PHASE, phase=name))
 
     return TrialContext(

@@ -1,4 +1,4 @@
-"""The worker process: registers with the fleet's Redis, heartbeats, and runs trial jobs from its queue.
+"""The worker process: registers with the fleet's Redis, heartbeats, runs trial jobs from its queue.
 
 ``run_worker`` is what ``servetune worker`` calls; it returns the process exit status.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import importlib.util
 import json
 import logging
@@ -192,8 +193,7 @@ def available_engines(gpus: list[GPUInfo], docker: bool) -> list[str]:
 def _docker_answers() -> bool:
     if importlib.util.find_spec("docker") is None:
         return False
-    import docker
-
+    docker: Any = importlib.import_module("docker")
     try:
         client = docker.from_env(timeout=int(PROBE_TIMEOUT_S))
         try:
@@ -211,8 +211,7 @@ def _kubernetes_answers() -> bool:
         not os.environ.get("KUBERNETES_SERVICE_HOST")
     ):
         return False
-    import kubernetes
-
+    kubernetes: Any = importlib.import_module("kubernetes")
     try:
         if os.environ.get("KUBERNETES_SERVICE_HOST"):
             kubernetes.config.load_incluster_config()
