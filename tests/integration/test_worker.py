@@ -341,14 +341,18 @@ def test_run_trial_job_called_directly_rejects_bad_payloads_and_times_out(
     # the good one ran into its 6 s timeout: mid-benchmark once the engine was ready
     result = event_of(private_redis, TrialEventKind.RESULT, good.job_id)
     assert result is not None and result.result is not None
-    benchmarking = any(e.phase == "benchmarking" for e in events(private_redis))
+    benchmarking = "benchmarking" in phases_of(private_redis, 11)
     expected = FailureKind.BENCHMARK_FAILED if benchmarking else FailureKind.STARTUP_TIMEOUT
     assert result.result.failure_kind is expected
     assert "timeout of 6 s" in (result.result.failure_reason or "")
-    # one whose timeout passes before its engine is ready
+    # one whose timeout passes before its engine is ready (on a loaded machine the loop may
+    # notice the deadline only once the engine answered: then the kind follows that phase)
     early = event_of(private_redis, TrialEventKind.RESULT, "trial-12-1")
     assert early is not None and early.result is not None
-    assert early.result.failure_kind is FailureKind.STARTUP_TIMEOUT, early.result.failure_reason
+    reason = early.result.failure_reason or ""
+    starting = "while it was starting" in reason
+    kind = FailureKind.STARTUP_TIMEOUT if starting else FailureKind.BENCHMARK_FAILED
+    assert early.result.failure_kind is kind, reason
     assert "timeout of 0.3 s" in (early.result.failure_reason or "")
     assert time.monotonic() - t0 < 20
     assert engine_processes(tiny_model) == []
