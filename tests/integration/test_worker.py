@@ -419,3 +419,20 @@ def test_die_with_parent_decides_whether_an_engine_outlives_a_sigkilled_parent(
         if group_alive(pgid):
             kill_process_group(pgid, must_contain="sleep", timeout_s=2)
         parent.stdout.close()
+
+
+def test_a_worker_outlives_a_redis_restart_and_registers_again(
+    private_redis: RedisServer, tiny_model: ModelFiles, tmp_path: Path
+) -> None:
+    with worker_process(tmp_path, private_redis.url) as worker:
+        private_redis.kill()
+        time.sleep(1.0)
+        private_redis.start()  # same port, no data: the worker's registration is gone
+        with private_redis.client() as r:
+            assert wait_until(lambda: r.get(keys.worker_info(worker.id)), 5), worker.stderr()
+            assert wait_until(lambda: r.get(keys.heartbeat(worker.id)), 2)
+        job = trial_job(tiny_model, worker.id, 21)
+        asyncio.run(_enqueue(private_redis.url, job))
+        result = wait_until(lambda: event_of(private_redis, TrialEventKind.RESULT, job.job_id), 20)
+        assert result is not None, worker.stderr()
+        assert worker.proc.poll() is None

@@ -50,6 +50,9 @@ DEFAULT_NAME = "default"
 PROBE_TIMEOUT_S = 2.0
 """How long the start-up checks (Redis, Docker, Kubernetes, engines) may each take, s."""
 
+QUEUE_RETRY_S = 2.0
+"""Pause before the job loop is started again after Redis stayed unreachable, s."""
+
 HAND_BACK_GRACE_S = 30.0
 """After SIGTERM: how long running jobs get to stop their engines and report, s (beyond the
 engines' own stop timeouts, which come first)."""
@@ -412,12 +415,12 @@ async def _run(worker: _Worker, max_parallel: int) -> int:
     )
     print(f"worker {info.id} ready", file=sys.stderr, flush=True)
     beats = asyncio.create_task(worker.beat_forever(), name="heartbeat")
-    jobs = asyncio.create_task(arq_worker.async_run(), name="arq worker")
+    jobs = asyncio.create_task(_take_jobs(arq_worker), name="arq worker")
     stopped = asyncio.create_task(worker.stop.wait())
     try:
         await asyncio.wait({jobs, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if jobs.done() and not stopped.done():
-            jobs.result()  # the job loop ended on its own: an error (Redis gone for too long)
+            jobs.result()  # the job loop never ends on its own; raise what ended it
             return 1
         await _hand_back(arq_worker, runtime)
         return 0
@@ -434,6 +437,19 @@ async def _run(worker: _Worker, max_parallel: int) -> int:
         with contextlib.suppress(Exception):
             await worker.registry.mark_offline(info.id)  # offline now, not 3 beats later
         log.info("worker %s stopped", info.id)
+
+
+async def _take_jobs(arq_worker: Any) -> None:
+    """Run ARQ's job loop; when Redis stays unreachable longer than the client's retries, log
+    it and start the loop again (running jobs go on meanwhile), so a worker outlives a Redis
+    restart or a long network cut."""
+    while True:
+        try:
+            await arq_worker.async_run()
+            return
+        except (RedisError, ServetuneError, OSError) as e:
+            log.warning("the job queue is unreachable (%s); retrying in %.0f s", e, QUEUE_RETRY_S)
+        await asyncio.sleep(QUEUE_RETRY_S)
 
 
 async def _hand_back(arq_worker: Any, runtime: WorkerRuntime) -> None:
