@@ -8,6 +8,7 @@ a payload that is not a JSON object is refused unread (``PayloadRefused``) and A
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -17,7 +18,7 @@ from typing import Any, Literal, cast
 from arq import Worker
 from arq.connections import ArqRedis
 from arq.jobs import Job, JobStatus
-from arq.worker import Function
+from arq.worker import Function, func
 from redis.exceptions import RedisError, WatchError
 
 from servetune.cluster import keys
@@ -36,7 +37,9 @@ __all__ = [
     "RemoteJobError",
     "abort_trial",
     "arq_pool",
+    "close_worker",
     "enqueue_trial",
+    "forget_job",
     "job_state",
     "worker_settings",
 ]
@@ -242,6 +245,23 @@ async def abort_trial(
             await asyncio.sleep(min(0.1, timeout_s))
 
 
+async def forget_job(pool: ArqRedis, job_id: str, worker_id: str) -> None:
+    """Remove every trace of job ``job_id`` from ``worker_id``'s queue: for a job whose worker is
+    gone (killed mid-trial), which ARQ would otherwise show ``in_progress`` for
+    ``FUNCTION_TIMEOUT_S`` and keep in the queue, skipped by the worker when it comes back.
+
+    Call it once the trial was placed elsewhere or failed ``worker_lost``. Raises
+    RedisUnavailable.
+    """
+    with redis_errors(pool, f"forgetting job {job_id}"):
+        async with pool.pipeline(transaction=True) as pipe:
+            pipe.zrem(keys.queue(worker_id), job_id)
+            pipe.zrem(keys.ARQ_ABORT, job_id)
+            pipe.delete(keys.arq_job(job_id), keys.arq_in_progress(job_id))
+            await pipe.execute()
+    logger.info("forgot job %s of worker %s", job_id, worker_id)
+
+
 def worker_settings(
     pool: ArqRedis,
     worker_id: str,
@@ -256,11 +276,12 @@ def worker_settings(
     (``max_tries=1``, ``retry_jobs=False``: a trial is placed again by the manager, never
     silently re-run); no signal handlers (the worker process owns SIGTERM); ARQ's timeout
     ``FUNCTION_TIMEOUT_S`` (the job enforces its own); results kept ``KEEP_RESULT_S``; polls every
-    ``POLL_DELAY_S``. ``functions`` are coroutine functions ``f(ctx, **kwargs)`` registered by
-    their ``__qualname__`` (name the trial one ``JOB_FUNCTION``) or ``arq.worker.func(...)``
-    results; ``ctx`` seeds ARQ's per-job context dict. Build it inside the running event loop;
-    run it with ``await worker.async_run()`` and stop it with ``await worker.close()`` (which
-    closes ``pool``). Raises ValueError when ``max_jobs`` < 1 or ``functions`` is empty.
+    ``POLL_DELAY_S``. ``functions`` are coroutine functions ``f(ctx, **kwargs)``, registered by
+    their ``__name__`` (closures too: name the trial one ``JOB_FUNCTION``), or
+    ``arq.worker.func(...)`` results; ``ctx`` seeds ARQ's per-job context dict. Build it inside
+    the running event loop, run it with ``await worker.async_run()``, stop it with
+    ``close_worker(worker)`` (which closes ``pool``). Raises ValueError when ``max_jobs`` < 1 or
+    ``functions`` is empty.
     """
     if max_jobs < 1:
         raise ValueError(
@@ -268,8 +289,9 @@ def worker_settings(
         )
     if not functions:
         raise ValueError("functions is empty: register the trial function (run_trial_job)")
+    registered = [f if isinstance(f, Function) else func(f, name=f.__name__) for f in functions]
     return Worker(
-        functions=list(functions),
+        functions=registered,
         queue_name=keys.queue(worker_id),
         redis_pool=pool,
         job_serializer=JSON_SERIALIZER,
@@ -284,3 +306,25 @@ def worker_settings(
         max_jobs=max_jobs,
         ctx=ctx,
     )
+
+
+async def close_worker(worker: Worker) -> None:
+    """Stop an ARQ worker made by ``worker_settings`` and close its pool.
+
+    It stops polling, cancels the jobs it runs (their functions see CancelledError; ARQ records
+    them failed), waits for them, deletes its health-check key and closes the pool. Use this
+    rather than ``Worker.close()``: arq 0.28 closes the pool with redis-py's deprecated
+    ``close()``, a DeprecationWarning (an error under ``-W error``).
+    """
+    worker.allow_pick_jobs = False
+    if worker.main_task is not None:
+        worker.main_task.cancel()
+    running = list(worker.tasks.values())
+    for task in running:
+        task.cancel()
+    await asyncio.gather(*running, return_exceptions=True)
+    if worker.main_task is not None:
+        await asyncio.gather(worker.main_task, return_exceptions=True)
+    with contextlib.suppress(RedisError):
+        await worker.pool.delete(worker.health_check_key)
+    await worker.pool.aclose()

@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import time
 from collections.abc import Iterator
-from typing import Any, cast
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio
@@ -39,8 +40,8 @@ logger = logging.getLogger(__name__)
 
 BACKOFF_BASE_S = 0.05
 """First retry delay is 2 × this, doubling on each failure up to ``BACKOFF_CAP_S``."""
-BACKOFF_CAP_S = 2.0
-"""Longest wait between two retries, s (so a Redis back after an outage is used within 2 s)."""
+BACKOFF_CAP_S = 1.0
+"""Longest wait between two retries, s (so a Redis back after an outage is used within 1 s)."""
 HEALTH_CHECK_INTERVAL_S = 10
 """A connection idle longer than this is PINGed before use (a dead one is replaced)."""
 SOCKET_CONNECT_TIMEOUT_S = 5.0
@@ -63,15 +64,17 @@ def safe_url(url: str) -> str:
         parts = urlsplit(url)
     except (ValueError, TypeError, AttributeError):
         return "<a Redis URL that does not parse>"
+    masked = url
     netloc = parts.netloc
     if "@" in netloc:
         userinfo, _, hostport = netloc.rpartition("@")
         user, colon, _password = userinfo.partition(":")
         if colon:
-            userinfo = f"{user}:***"
-        netloc = f"{userinfo}@{hostport}"
-    query = _QUERY_PASSWORD.sub(r"\1***", parts.query)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+            masked = masked.replace(f"//{netloc}", f"//{user}:***@{hostport}", 1)
+    if parts.query:
+        head, _, query = masked.partition("?")
+        masked = head + "?" + _QUERY_PASSWORD.sub(r"\1***", query)
+    return masked
 
 
 def retries_for(retry_for_s: float) -> int:
@@ -110,6 +113,95 @@ def _bad_url(url: str, error: Exception) -> RedisUnavailable:
     )
 
 
+class _Outage:
+    """Failures of one connection hand-out: a refused password ends it at once; the first
+    failure is logged as a warning, and the recovery after it as info (never once per retry)."""
+
+    def __init__(self, pool: redis.ConnectionPool | redis.asyncio.ConnectionPool) -> None:
+        self.pool = pool
+        self.since: float | None = None
+
+    def failed(self, error: Exception) -> None:
+        # redis-py's AuthenticationError is a ConnectionError the retry would repeat in vain
+        if isinstance(error, AuthenticationError):
+            raise error
+        if self.since is None:
+            self.since = time.monotonic()
+            logger.warning(
+                "Redis at %s is unreachable (%s): retrying for up to ~%.0f s",
+                _pool_url(self.pool),
+                error,
+                _retry_budget_s(self.pool),
+            )
+
+    def done(self) -> None:
+        if self.since is not None:
+            logger.info(
+                "Redis at %s is reachable again after %.1f s",
+                _pool_url(self.pool),
+                time.monotonic() - self.since,
+            )
+
+
+class _ReconnectingPool(redis.asyncio.ConnectionPool):
+    """redis-py's asyncio pool, whose hand-out of a connection retries too.
+
+    redis-py retries a command that fails on its connection, but (re)connects a pooled connection
+    before that, outside the retry: a command issued while Redis is down would fail at once.
+    Here that connect is retried with the clients' backoff as well.
+    """
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        get = super().get_connection
+        retry = self.connection_kwargs.get("retry")
+        if retry is None:
+            return await get(*args, **kwargs)
+        outage = _Outage(self)
+
+        async def fail(error: Exception) -> None:
+            outage.failed(error)
+
+        connection = await retry.call_with_retry(lambda: get(*args, **kwargs), fail)
+        outage.done()
+        return connection
+
+
+class _ReconnectingSyncPool(redis.ConnectionPool):
+    """The synchronous twin of ``_ReconnectingPool``."""
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        get = super().get_connection
+        retry = self.connection_kwargs.get("retry")
+        if retry is None:
+            return get(*args, **kwargs)
+        outage = _Outage(self)
+        connection = retry.call_with_retry(lambda: get(*args, **kwargs), outage.failed)
+        outage.done()
+        return connection
+
+
+def _pool_url(pool: redis.ConnectionPool | redis.asyncio.ConnectionPool) -> str:
+    kw = pool.connection_kwargs
+    auth = ""
+    if kw.get("password"):
+        auth = f"{kw.get('username') or ''}:***@"
+    elif kw.get("username"):
+        auth = f"{kw['username']}@"
+    if kw.get("path"):
+        return f"unix://{auth}{kw['path']}?db={kw.get('db', 0)}"
+    scheme = "rediss" if "SSL" in pool.connection_class.__name__ else "redis"
+    return (
+        f"{scheme}://{auth}{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+    )
+
+
+def _retry_budget_s(pool: redis.ConnectionPool | redis.asyncio.ConnectionPool) -> float:
+    retry = pool.connection_kwargs.get("retry")
+    retries = getattr(retry, "_retries", 0)
+    backoff = ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S)
+    return sum(backoff.compute(n) for n in range(1, retries + 1))
+
+
 def connect(
     url: str,
     *,
@@ -118,42 +210,36 @@ def connect(
 ) -> redis.asyncio.Redis:
     """An asyncio Redis client on ``url`` (responses as bytes) that reconnects by itself.
 
-    A command that fails on a lost connection or a timeout is retried with exponential backoff
-    (0.1 s doubling to 2 s) for about ``retry_for_s`` seconds before the error reaches the caller;
-    idle connections are health-checked every ``HEALTH_CHECK_INTERVAL_S``. Nothing is sent until
-    the first command. ``client_class`` may be a subclass of redis-py's asyncio client (ARQ's
-    ``ArqRedis``). Raises RedisUnavailable when ``url`` is not a Redis URL.
+    A command that fails on a lost connection or a timeout, or finds Redis down when it starts,
+    is retried with exponential backoff (0.1 s doubling to 1 s) for about ``retry_for_s`` seconds
+    before the error reaches the caller; idle connections are health-checked every
+    ``HEALTH_CHECK_INTERVAL_S``. Nothing is sent until the first command. ``client_class`` may
+    be a subclass of redis-py's asyncio client (ARQ's ``ArqRedis``). Close it with ``aclose()``.
+    Raises RedisUnavailable when ``url`` is not a Redis URL.
     """
     try:
-        client = client_class.from_url(url, **client_options(retry_for_s, sync=False))
-        return cast(redis.asyncio.Redis, client)
+        pool = _ReconnectingPool.from_url(url, **client_options(retry_for_s, sync=False))
     except ValueError as e:
         raise _bad_url(url, e) from e
+    client = client_class(connection_pool=pool)
+    client.auto_close_connection_pool = True  # aclose() closes the pool, as from_url's would
+    return client
 
 
 def connect_sync(url: str, *, retry_for_s: float = 30.0) -> redis.Redis:
     """The synchronous twin of ``connect`` (for threads such as the log handler's shipper)."""
     try:
-        return redis.Redis.from_url(url, **client_options(retry_for_s, sync=True))
+        pool = _ReconnectingSyncPool.from_url(url, **client_options(retry_for_s, sync=True))
     except ValueError as e:
         raise _bad_url(url, e) from e
+    client = redis.Redis(connection_pool=pool)
+    client.auto_close_connection_pool = True
+    return client
 
 
 def client_url(r: redis.Redis | redis.asyncio.Redis) -> str:
     """The URL a client talks to, rebuilt from its connection settings, password masked."""
-    kw = r.connection_pool.connection_kwargs
-    auth = ""
-    if kw.get("password"):
-        auth = f"{kw.get('username') or ''}:***@"
-    elif kw.get("username"):
-        auth = f"{kw['username']}@"
-    if kw.get("path"):
-        return f"unix://{auth}{kw['path']}?db={kw.get('db', 0)}"
-    cls = r.connection_pool.connection_class
-    scheme = "rediss" if "SSL" in cls.__name__ else "redis"
-    return (
-        f"{scheme}://{auth}{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
-    )
+    return _pool_url(r.connection_pool)
 
 
 def translate(error: RedisError, url: str, doing: str) -> RedisUnavailable:
