@@ -94,7 +94,7 @@ def test_records_reach_the_stream_and_the_live_channel(
     for log in (worker_log, bench_log, deploy_log):
         log.addHandler(handler)
     try:
-        worker_log.info("worker up on %s", "host-1")
+        worker_log.info("worker up on %s", "hôst-1\udcff")  # an undecodable byte, kept as '?'
         with log_context(study_id=3, trial_id=7, trial_number=2):
             worker_log.debug("trial line %d", 1)
             bench_log.warning("slow request")
@@ -105,7 +105,7 @@ def test_records_reach_the_stream_and_the_live_channel(
         records = _wait_for(private_redis.url, worker_id, lambda rs: len(rs) == 4)
 
         assert [(r.level, r.message.splitlines()[0], r.source) for r in records] == [
-            ("INFO", "worker up on host-1", LogSource.WORKER),
+            ("INFO", "worker up on hôst-1?", LogSource.WORKER),
             ("DEBUG", "trial line 1", LogSource.TRIAL),
             ("WARNING", "slow request", LogSource.BENCHMARK),
             ("ERROR", "stopping failed", LogSource.DEPLOYMENT),
@@ -236,6 +236,32 @@ def test_redis_down_costs_the_caller_nothing_and_drops_are_reported(
         assert after[-1].message == "after" and handler.dropped == dropped
     finally:
         handler.close()
+
+
+def test_a_full_queue_is_reported_once_it_drains(
+    private_redis: RedisServer, tmp_path: Path, loggers: Callable[[str], logging.Logger]
+) -> None:
+    worker_id = "w-" + uuid.uuid4().hex[:8]
+    settings = _settings(tmp_path, log_queue_max=10, worker_log_maxlen=1000)
+    handler = RedisLogHandler(private_redis.url, worker_id, settings)
+    log = loggers("servetune.test_full")
+    log.addHandler(handler)
+    try:
+        for i in range(300):  # far faster than one round trip per 10 records
+            log.info("burst %d", i)
+        records = _wait_for(
+            private_redis.url,
+            worker_id,
+            lambda rs: bool(rs) and rs[-1].message.startswith("dropped"),
+        )
+    finally:
+        handler.close()
+    kept = [r for r in records if r.message.startswith("burst")]
+    assert records[-1].message == (
+        f"dropped {300 - len(kept)} log records: the in-memory log queue was full "
+        "(log_queue_max=10; records were logged faster than shipped)"
+    )
+    assert 10 <= len(kept) < 300 and handler.dropped == 300 - len(kept)
 
 
 def test_close_ships_what_is_queued_and_is_bounded_when_redis_is_gone(
