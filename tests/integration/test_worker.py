@@ -111,11 +111,12 @@ def engine_processes(model: ModelFiles) -> list[psutil.Process]:
 class WorkerProcess:
     """``servetune worker`` as a subprocess with its own data directory (stderr to a file)."""
 
-    def __init__(self, tmp_path: Path, url: str, name: str = "w1") -> None:
+    def __init__(self, tmp_path: Path, url: str, name: str = "w1", max_parallel: int = 1) -> None:
         self.data_dir = tmp_path / "data"
         self.stderr_path = tmp_path / f"worker-{name}.stderr"
         argv = [sys.executable, "-m", "servetune", "worker", "--redis", url, "--name", name]
         argv += ["--heartbeat-s", "0.5", "--data-dir", str(self.data_dir)]
+        argv += ["--max-parallel", str(max_parallel)]
         with self.stderr_path.open("wb") as err:
             self.proc = subprocess.Popen(  # noqa: S603 - argv list of our own CLI
                 argv, stdout=subprocess.DEVNULL, stderr=err, env=cli_env(tmp_path)
@@ -134,8 +135,10 @@ class WorkerProcess:
 
 
 @contextlib.contextmanager
-def worker_process(tmp_path: Path, url: str, name: str = "w1") -> Iterator[WorkerProcess]:
-    worker = WorkerProcess(tmp_path, url, name)
+def worker_process(
+    tmp_path: Path, url: str, name: str = "w1", max_parallel: int = 1
+) -> Iterator[WorkerProcess]:
+    worker = WorkerProcess(tmp_path, url, name, max_parallel)
     try:
         yield worker
     finally:
@@ -436,3 +439,31 @@ def test_a_worker_outlives_a_redis_restart_and_registers_again(
         result = wait_until(lambda: event_of(private_redis, TrialEventKind.RESULT, job.job_id), 20)
         assert result is not None, worker.stderr()
         assert worker.proc.poll() is None
+
+
+def test_a_worker_with_max_parallel_2_runs_two_trials_at_once(
+    private_redis: RedisServer, tiny_model: ModelFiles, tmp_path: Path
+) -> None:
+    short = {**LONG_WORKLOAD, "duration_s": 3}
+    with worker_process(tmp_path, private_redis.url, max_parallel=2) as worker:
+        jobs = [trial_job(tiny_model, worker.id, n, workload=short) for n in (31, 32)]
+        asyncio.run(_enqueue(private_redis.url, *jobs))
+        with private_redis.client() as r:
+            both = wait_until(
+                lambda: (
+                    len(Heartbeat.model_validate_json(r.get(keys.heartbeat(worker.id))).running)
+                    == 2
+                ),
+                15,
+            )
+        assert both, worker.stderr()
+        results = wait_until(
+            lambda: all(event_of(private_redis, TrialEventKind.RESULT, j.job_id) for j in jobs), 20
+        )
+        assert results, worker.stderr()
+        for j in jobs:
+            event = event_of(private_redis, TrialEventKind.RESULT, j.job_id)
+            assert event is not None and event.result is not None
+            assert event.result.state is TrialState.COMPLETE, event.result.failure_reason
+        started = [event_of(private_redis, TrialEventKind.STARTED, j.job_id) for j in jobs]
+        assert len({e.pid for e in started if e is not None}) == 2
