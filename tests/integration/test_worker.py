@@ -22,7 +22,14 @@ import pytest
 
 from servetune.cluster import keys
 from servetune.cluster.logs import read_logs
-from servetune.cluster.models import Heartbeat, LogSource, TrialEvent, TrialEventKind, TrialJob
+from servetune.cluster.models import (
+    Heartbeat,
+    LogSource,
+    RunningTrial,
+    TrialEvent,
+    TrialEventKind,
+    TrialJob,
+)
 from servetune.cluster.queue import abort_trial, arq_pool, enqueue_trial
 from servetune.cluster.redis import connect
 from servetune.core.spec import StudySpec
@@ -63,6 +70,13 @@ def events(server: RedisServer) -> list[TrialEvent]:
 
 def event_of(server: RedisServer, kind: TrialEventKind, job_id: str) -> TrialEvent | None:
     return next((e for e in events(server) if e.kind is kind and e.job_id == job_id), None)
+
+
+def running_on(server: RedisServer, worker_id: str) -> list[RunningTrial]:
+    """The trials the worker's last heartbeat lists ([] while none is stored)."""
+    with server.client() as r:
+        raw = r.get(keys.heartbeat(worker_id))
+    return Heartbeat.model_validate_json(raw).running if raw else []
 
 
 def phases_of(server: RedisServer, trial_id: int) -> list[str | None]:
@@ -115,7 +129,7 @@ class WorkerProcess:
         self.data_dir = tmp_path / "data"
         self.stderr_path = tmp_path / f"worker-{name}.stderr"
         argv = [sys.executable, "-m", "servetune", "worker", "--redis", url, "--name", name]
-        argv += ["--heartbeat-s", "0.5", "--data-dir", str(self.data_dir)]
+        argv += ["--heartbeat-s", "1", "--data-dir", str(self.data_dir)]
         argv += ["--max-parallel", str(max_parallel)]
         with self.stderr_path.open("wb") as err:
             self.proc = subprocess.Popen(  # noqa: S603 - argv list of our own CLI
@@ -169,7 +183,9 @@ def test_a_worker_runs_trials_rejects_bad_payloads_and_aborts_on_request(
 ) -> None:
     with worker_process(tmp_path, private_redis.url) as worker:
         with private_redis.client() as r:
-            beat = Heartbeat.model_validate_json(r.get(keys.heartbeat(worker.id)))
+            beat = Heartbeat.model_validate_json(
+                wait_until(lambda: r.get(keys.heartbeat(worker.id)), 5)
+            )
         assert beat.worker_id == worker.id and beat.running == []
 
         async def enqueue_bad_then_good() -> None:
@@ -263,10 +279,7 @@ def test_sigterm_mid_trial_hands_the_trial_back_and_stops_its_engine(
             lambda: event_of(private_redis, TrialEventKind.STARTED, job.job_id), 15
         )
         assert started is not None, worker.stderr()
-        with private_redis.client() as r:
-            beat = wait_until(
-                lambda: Heartbeat.model_validate_json(r.get(keys.heartbeat(worker.id))).running, 5
-            )
+        beat = wait_until(lambda: running_on(private_redis, worker.id), 5)
         assert [t.trial_id for t in beat] == [7]
         assert wait_until(lambda: "benchmarking" in phases_of(private_redis, 7), 10)
         worker.proc.send_signal(signal.SIGTERM)
@@ -433,7 +446,7 @@ def test_a_worker_outlives_a_redis_restart_and_registers_again(
         private_redis.start()  # same port, no data: the worker's registration is gone
         with private_redis.client() as r:
             assert wait_until(lambda: r.get(keys.worker_info(worker.id)), 5), worker.stderr()
-            assert wait_until(lambda: r.get(keys.heartbeat(worker.id)), 2)
+            assert wait_until(lambda: r.get(keys.heartbeat(worker.id)), 3)
         job = trial_job(tiny_model, worker.id, 21)
         asyncio.run(_enqueue(private_redis.url, job))
         result = wait_until(lambda: event_of(private_redis, TrialEventKind.RESULT, job.job_id), 20)
@@ -448,14 +461,7 @@ def test_a_worker_with_max_parallel_2_runs_two_trials_at_once(
     with worker_process(tmp_path, private_redis.url, max_parallel=2) as worker:
         jobs = [trial_job(tiny_model, worker.id, n, workload=short) for n in (31, 32)]
         asyncio.run(_enqueue(private_redis.url, *jobs))
-        with private_redis.client() as r:
-            both = wait_until(
-                lambda: (
-                    len(Heartbeat.model_validate_json(r.get(keys.heartbeat(worker.id))).running)
-                    == 2
-                ),
-                15,
-            )
+        both = wait_until(lambda: len(running_on(private_redis, worker.id)) == 2, 15)
         assert both, worker.stderr()
         results = wait_until(
             lambda: all(event_of(private_redis, TrialEventKind.RESULT, j.job_id) for j in jobs), 20

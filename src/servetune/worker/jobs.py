@@ -96,6 +96,7 @@ class WorkerRuntime:
     engines_file: Path
     running: dict[str, RunningJob] = field(default_factory=dict)
     draining: bool = False
+    stopped_by: str = "SIGTERM"
     senders: set[asyncio.Task[None]] = field(default_factory=set)
 
     def running_trials(self) -> list[RunningTrial]:
@@ -124,10 +125,12 @@ class WorkerRuntime:
         except OSError as e:
             log.warning("cannot record engine process groups in %s: %s", self.engines_file, e)
 
-    def hand_back_all(self) -> int:
-        """SIGTERM's first step: mark the worker draining and cancel every running job, which
-        stops its engine and sends HANDED_BACK. Returns how many jobs were cancelled."""
+    def hand_back_all(self, stopped_by: str = "SIGTERM") -> int:
+        """A stop's first step (``stopped_by``: the signal's name, for the events): mark the
+        worker draining and cancel every running job, which stops its engine and sends
+        HANDED_BACK. Returns how many jobs were cancelled."""
         self.draining = True
+        self.stopped_by = stopped_by
         count = 0
         for running in self.running.values():
             running.handing_back = True
@@ -314,7 +317,7 @@ async def run_trial_job(ctx: dict[str, Any], payload: Any) -> dict[str, Any]:
                 await _stop_engines(running)
                 if running.handing_back or rt.draining:
                     reason = (
-                        f"worker {rt.worker_id} stopped (SIGTERM) while the trial was "
+                        f"worker {rt.worker_id} stopped ({rt.stopped_by}) while the trial was "
                         f"{running.phase}; its engine was stopped"
                     )
                     log.warning(

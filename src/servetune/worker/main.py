@@ -390,16 +390,16 @@ async def _serve(settings: Settings, url: str, r: Any, name: str, max_parallel: 
 
 async def _run(worker: _Worker, max_parallel: int) -> int:
     info, runtime = worker.info, worker.runtime
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.on_signal, sig)
     try:
         await worker.registry.register(info)
         await worker.beat_once()
+        pool = await queue.arq_pool(worker.url)
     except (ServetuneError, RedisError) as e:
         log.error("registering worker %s failed: %s", info.id, e)
         return 1
-    pool = await queue.arq_pool(worker.url)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.on_signal, sig)
     arq_worker = queue.worker_settings(
         pool, info.id, [run_trial_job], max_parallel, ctx={CTX_KEY: runtime}
     )
@@ -422,7 +422,7 @@ async def _run(worker: _Worker, max_parallel: int) -> int:
         if jobs.done() and not stopped.done():
             jobs.result()  # the job loop never ends on its own; raise what ended it
             return 1
-        await _hand_back(arq_worker, runtime)
+        await _hand_back(arq_worker, runtime, signal.Signals(worker.signals[0]).name)
         return 0
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -452,11 +452,11 @@ async def _take_jobs(arq_worker: Any) -> None:
         await asyncio.sleep(QUEUE_RETRY_S)
 
 
-async def _hand_back(arq_worker: Any, runtime: WorkerRuntime) -> None:
+async def _hand_back(arq_worker: Any, runtime: WorkerRuntime, stopped_by: str) -> None:
     """Stop taking jobs, cancel the running ones (they stop their engines and send
     HANDED_BACK) and wait for them and for their events to be sent."""
     arq_worker.allow_pick_jobs = False
-    runtime.hand_back_all()
+    runtime.hand_back_all(stopped_by)
     grace_s = HAND_BACK_GRACE_S + max(
         (r.job.spec.deployment.stop_timeout_s for r in runtime.running.values()), default=0.0
     )
