@@ -4,6 +4,7 @@ and the killing of engines a killed previous incarnation left behind."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -16,7 +17,13 @@ from servetune.deploy.local import group_alive, kill_process_group
 from servetune.errors import PathOutside
 from servetune.settings import Settings
 from servetune.worker.jobs import WorkerRuntime, validate_job
-from servetune.worker.main import check_name, kill_leftover_engines, worker_id_for
+from servetune.worker.main import (
+    NameTaken,
+    check_name,
+    claim_name,
+    kill_leftover_engines,
+    worker_id_for,
+)
 
 
 def test_a_worker_keeps_its_id_per_host_and_name(tmp_path: Path) -> None:
@@ -119,3 +126,14 @@ def test_job_payloads_are_checked_field_by_field(tmp_path: Path) -> None:
     missing = {k: v for k, v in payload.items() if k != "params"}
     assert str(validate_job(rt, missing)).startswith("params: Field required")
     assert "for worker 'w2'" in str(validate_job(rt, {**payload, "worker_id": "w2"}))
+
+
+def test_two_live_workers_cannot_share_a_name(tmp_path: Path) -> None:
+    fd = claim_name(tmp_path, "w")
+    try:
+        with pytest.raises(NameTaken, match=r"already runs .* another --name"):
+            claim_name(tmp_path, "w")
+        os.close(claim_name(tmp_path, "other"))
+    finally:
+        os.close(fd)
+    os.close(claim_name(tmp_path, "w"))  # free again once its holder is gone

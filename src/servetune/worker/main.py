@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import importlib
 import importlib.util
 import json
@@ -92,6 +93,31 @@ def worker_id_for(data_dir: Path, name: str, host: str) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"id": worker_id, "host": host, "name": name}), encoding="utf-8")
     return worker_id
+
+
+class NameTaken(ServetuneError):
+    """Another live worker process uses this name with this data directory."""
+
+
+def claim_name(data_dir: Path, name: str) -> int:
+    """Lock ``<data_dir>/worker-<name>.lock`` for this process (the lock goes with the process);
+    the open descriptor (keep it open). Raises NameTaken when another live worker holds it: two
+    workers sharing a name would share an id, and each start kills the engines the other runs."""
+    path = path_under(data_dir, f"worker-{name}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        holder = path.read_text(encoding="utf-8").strip() or "?"
+        raise NameTaken(
+            f"a worker named {name!r} already runs with data directory {data_dir} (pid "
+            f"{holder}); give this one another --name"
+        ) from e
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
 
 
 def engines_file(data_dir: Path, name: str) -> Path:
@@ -324,7 +350,8 @@ async def run_worker(settings: Settings, name: str | None, max_parallel: int) ->
     at once from its ARQ queue (``run_trial_job``). On SIGTERM/SIGINT it takes no new job, hands
     back the running ones (engines stopped, HANDED_BACK events), flushes its logs and returns 0.
     Returns 1 when Redis cannot be reached at start (the error names the masked URL and the
-    fix), 2 for bad options (no Redis URL, a bad name, ``max_parallel`` < 1).
+    fix), 2 for bad options (no Redis URL, a bad name, ``max_parallel`` < 1, a name another
+    live worker with this data directory uses: ``claim_name``).
     """
     url = settings.redis_url
     if not url:
@@ -351,6 +378,19 @@ async def run_worker(settings: Settings, name: str | None, max_parallel: int) ->
 
 
 async def _serve(settings: Settings, url: str, r: Any, name: str, max_parallel: int) -> int:
+    data_dir = settings.data_dir
+    try:
+        lock_fd = await asyncio.to_thread(claim_name, data_dir, name)
+    except NameTaken as e:
+        log.error("%s", e)
+        return 2
+    try:
+        return await _serve_as(settings, url, r, name, max_parallel)
+    finally:
+        os.close(lock_fd)
+
+
+async def _serve_as(settings: Settings, url: str, r: Any, name: str, max_parallel: int) -> int:
     data_dir = settings.data_dir
     worker_id = await asyncio.to_thread(worker_id_for, data_dir, name, settings.host_name)
     record = engines_file(data_dir, name)
