@@ -139,12 +139,6 @@ class WorkerRuntime:
                 count += 1
         return count
 
-    async def wait_senders(self, timeout_s: float) -> None:
-        """Wait up to ``timeout_s`` for every job's pending events to be sent."""
-        pending = {t for t in self.senders if not t.done()}
-        if pending:
-            await asyncio.wait(pending, timeout=timeout_s)
-
 
 class _Outbox:
     """One job's events, sent in order by one task (a job's STARTED never overtakes its PHASE).

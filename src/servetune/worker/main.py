@@ -298,6 +298,7 @@ class _Worker:
     runtime: WorkerRuntime
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     signals: list[int] = field(default_factory=list)
+    hurry: asyncio.Event = field(default_factory=asyncio.Event)
 
     def heartbeat(self, gpus: list[GPUInfo]) -> Heartbeat:
         _, _, available_gib = host_facts()
@@ -330,13 +331,19 @@ class _Worker:
             await asyncio.sleep(self.settings.heartbeat_s)
 
     def on_signal(self, signum: int) -> None:
+        """First SIGTERM/SIGINT: stop (hand running trials back). A second one: stop waiting
+        for them (their engines die with this process: PR_SET_PDEATHSIG)."""
         self.signals.append(signum)
+        name = signal.Signals(signum).name
         if len(self.signals) == 1:
             log.warning(
                 "%s: taking no new trials; handing back %d running trial(s)",
-                signal.Signals(signum).name,
+                name,
                 len(self.runtime.running),
             )
+        else:
+            log.warning("%s again: exiting without waiting for the trials to be handed back", name)
+            self.hurry.set()
         self.stop.set()
 
 
@@ -462,7 +469,7 @@ async def _run(worker: _Worker, max_parallel: int) -> int:
         if jobs.done() and not stopped.done():
             jobs.result()  # the job loop never ends on its own; raise what ended it
             return 1
-        await _hand_back(arq_worker, runtime, signal.Signals(worker.signals[0]).name)
+        await _hand_back(arq_worker, runtime, signal.Signals(worker.signals[0]).name, worker.hurry)
         return 0
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -492,17 +499,35 @@ async def _take_jobs(arq_worker: Any) -> None:
         await asyncio.sleep(QUEUE_RETRY_S)
 
 
-async def _hand_back(arq_worker: Any, runtime: WorkerRuntime, stopped_by: str) -> None:
+async def _hand_back(
+    arq_worker: Any, runtime: WorkerRuntime, stopped_by: str, hurry: asyncio.Event
+) -> None:
     """Stop taking jobs, cancel the running ones (they stop their engines and send
-    HANDED_BACK) and wait for them and for their events to be sent."""
+    HANDED_BACK) and wait for them and for their events to be sent, unless ``hurry`` is set."""
     arq_worker.allow_pick_jobs = False
     runtime.hand_back_all(stopped_by)
     grace_s = HAND_BACK_GRACE_S + max(
         (r.job.spec.deployment.stop_timeout_s for r in runtime.running.values()), default=0.0
     )
-    tasks = [t for t in list(arq_worker.tasks.values()) if not t.done()]
-    if tasks:
-        _, pending = await asyncio.wait(tasks, timeout=grace_s)
-        if pending:
-            log.error("%d job(s) did not stop within %.0f s", len(pending), grace_s)
-    await runtime.wait_senders(timeout_s=HAND_BACK_GRACE_S)
+    tasks = {t for t in list(arq_worker.tasks.values()) if not t.done()}
+    tasks |= {t for t in runtime.senders if not t.done()}
+    if not tasks:
+        return
+    hurried = asyncio.create_task(hurry.wait())
+    try:
+        waiting = set(tasks)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while waiting and not hurry.is_set() and loop.time() < deadline:
+            _, waiting = await asyncio.wait(
+                waiting | {hurried},
+                timeout=deadline - loop.time(),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            waiting.discard(hurried)
+            # a job that ended queued its last event: wait for that too
+            waiting |= {t for t in runtime.senders if not t.done()}
+        if waiting and not hurry.is_set():
+            log.error("%d job(s) did not stop within %.0f s", len(waiting), grace_s)
+    finally:
+        hurried.cancel()
