@@ -31,6 +31,7 @@ from servetune.core.spec import StudySpec
 from servetune.core.study import Trial, TrialRole, TrialState, format_params
 from servetune.errors import ServetuneError, SpecInvalid
 from servetune.settings import Settings
+from servetune.worker.cli import worker_cmd
 
 log = logging.getLogger("servetune")
 
@@ -1338,3 +1339,6 @@ def main() -> None:
         raise
     except (ServetuneError, OSError, KeyboardInterrupt) as e:
         sys.exit(_user_error_exit_code(e))
+
+
+app.command("worker")(worker_cmd)
