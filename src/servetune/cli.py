@@ -1332,3 +1332,8 @@ def main() -> None:
         raise
     except (ServetuneError, OSError, KeyboardInterrupt) as e:
         sys.exit(_user_error_exit_code(e))
+
+
+from servetune.manager.cli import register as _register_manager_commands  # noqa: E402
+
+_register_manager_commands(app)

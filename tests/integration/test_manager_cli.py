@@ -1,0 +1,61 @@
+"""`servetune submit` against a live manager, and `servetune manager`'s refusals, as subprocesses.
+
+The manager is served by uvicorn in the test process with ``ScriptedSupervisor``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from servetune.manager.app import create_app
+from servetune.modelgen import ModelFiles
+from tests.integration.manager_helpers import ScriptedSupervisor, live_server, manager_settings
+from tests.integration.study_helpers import servetune, small_spec, write_spec
+from tests.redis_server import RedisServer
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "submit-token-abcdef0123456789"
+
+
+def test_submit_creates_the_study_and_follows_it_to_the_end(
+    tmp_path: Path, private_redis: RedisServer, tiny_model: ModelFiles
+) -> None:
+    settings = manager_settings(tmp_path, private_redis.url, api_token=TOKEN)
+    app = create_app(settings, supervisor_factory=ScriptedSupervisor)
+    spec = write_spec(tmp_path / "spec.yaml", small_spec(tiny_model))
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    with live_server(app) as url:
+        denied = servetune(tmp_path, "submit", str(spec), "--manager", url, "--name", "x")
+        assert denied.returncode == 1 and "--token-file" in denied.stderr
+        done = servetune(
+            tmp_path, "submit", str(spec), "--manager", url, "--name", "remote",
+            "--token-file", str(token_file),
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("study remote (id 1) on http://127.0.0.1:")
+    assert any(line.startswith("trial  0 baseline PRUNED") for line in lines), done.stdout
+    assert any("trial  1 search" in line and "benchmark_failed" in line for line in lines)
+    assert "study remote: finished" in done.stdout
+
+
+def test_submit_prints_the_problems_exactly_like_validate(
+    tmp_path: Path, private_redis: RedisServer, tiny_model: ModelFiles
+) -> None:
+    doc = small_spec(tiny_model)
+    doc["workload"]["concurrency"] = [0]
+    doc["budget"]["max_trials"] = -1
+    spec = write_spec(tmp_path / "bad.yaml", doc)
+    app = create_app(
+        manager_settings(tmp_path, private_redis.url), supervisor_factory=ScriptedSupervisor
+    )
+    with live_server(app) as url:
+        submitted = servetune(tmp_path, "submit", str(spec), "--manager", url)
+    validated = servetune(tmp_path, "validate", str(spec))
+    assert (submitted.returncode, validated.returncode) == (2, 2)
+    assert "problem(s)" in submitted.stderr
+    assert submitted.stderr == validated.stderr
