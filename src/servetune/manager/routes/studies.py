@@ -167,7 +167,13 @@ async def list_trials(study_id: StudyId, store: StoreDep) -> TrialList:
 @router.get(
     "/{study_id}/report",
     response_class=HTMLResponse,
-    responses={**_NOT_FOUND, 200: {"content": {"text/html": {}}}},
+    responses={
+        200: {"content": {"text/html": {}}},
+        404: {
+            "description": "No such study.",
+            "content": {"application/json": {"schema": ErrorBody.model_json_schema()}},
+        },
+    },
     summary="The study's HTML report",
 )
 async def read_report(study_id: StudyId, store: StoreDep) -> HTMLResponse:
