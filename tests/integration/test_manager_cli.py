@@ -59,3 +59,28 @@ def test_submit_prints_the_problems_exactly_like_validate(
     assert (submitted.returncode, validated.returncode) == (2, 2)
     assert "problem(s)" in submitted.stderr
     assert submitted.stderr == validated.stderr
+
+
+def test_a_browser_style_websocket_gets_its_bearer_subprotocol_back(
+    tmp_path: Path, private_redis: RedisServer
+) -> None:
+    import asyncio
+
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    settings = manager_settings(tmp_path, private_redis.url, api_token=TOKEN)
+    app = create_app(settings, supervisor_factory=ScriptedSupervisor)
+
+    async def scenario(url: str) -> None:
+        logs = url.replace("http", "ws") + "/ws/workers/w-1/logs"
+        async with connect(logs, subprotocols=[f"bearer.{TOKEN}"]) as ws:  # type: ignore[list-item]
+            assert ws.subprotocol == f"bearer.{TOKEN}"
+            assert '"type":"logs"' in str(await ws.recv()).replace(" ", "")
+        with pytest.raises(InvalidStatus) as refused:  # closed before accept: HTTP 403
+            async with connect(logs, subprotocols=["bearer.wrong"]):  # type: ignore[list-item]
+                pass
+        assert refused.value.response.status_code == 403
+
+    with live_server(app) as url:
+        asyncio.run(scenario(url))

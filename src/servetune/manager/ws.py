@@ -38,7 +38,11 @@ async def _accept(ws: WebSocket) -> None:
 
 
 async def _until_disconnect(ws: WebSocket, work: Awaitable[None]) -> None:
-    """Run ``work`` until it ends or the client disconnects, whichever comes first."""
+    """Run ``work`` until it ends or the client disconnects, whichever comes first.
+
+    Once the client is gone, errors of ``work`` (a send on the closed socket) are dropped;
+    otherwise they propagate.
+    """
 
     async def wait_disconnect() -> None:
         while True:
@@ -46,17 +50,18 @@ async def _until_disconnect(ws: WebSocket, work: Awaitable[None]) -> None:
             if message["type"] == "websocket.disconnect":
                 return
 
-    tasks = [asyncio.ensure_future(work), asyncio.ensure_future(wait_disconnect())]
+    worker = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(wait_disconnect())
     try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            exc = task.exception()
+        await asyncio.wait([worker, watcher], return_when=asyncio.FIRST_COMPLETED)
+        if worker.done() and not watcher.done():
+            exc = worker.exception()
             if exc is not None and not isinstance(exc, WebSocketDisconnect):
                 raise exc
     finally:
-        for task in tasks:
+        for task in (worker, watcher):
             task.cancel()
-        for task in tasks:
+        for task in (worker, watcher):
             with contextlib.suppress(BaseException):
                 await task
 
@@ -97,7 +102,7 @@ async def study_updates(ws: WebSocket, study_id: int) -> None:
     async def forward() -> None:
         async for message in updates:
             await ws.send_json(message)
-        await ws.close()
+        await ws.close()  # the study ended: a normal close (1000)
 
     try:
         await _until_disconnect(ws, forward())
