@@ -341,6 +341,10 @@ def validate(spec: Annotated[Path, typer.Argument(help="Study spec (YAML or JSON
     )
     for note in parsed.notes():
         console.print(f"[yellow]note[/]: {escape(str(note))}", highlight=False, soft_wrap=True)
+    from servetune.dryrun import parallel_notes
+
+    for line in parallel_notes(parsed):
+        console.print(f"[yellow]note[/]: {escape(line)}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -489,13 +493,15 @@ def _check_host(spec: StudySpec, study: str) -> None:
 
 def _print_dry_run(spec: StudySpec, count: int) -> None:
     """Print ``dryrun.plan``: per candidate its role, params, command and pre-flight verdict."""
-    from servetune.dryrun import plan
+    from servetune.dryrun import parallel_notes, plan
 
     try:
         planned = plan(spec, count)
     except (ServetuneError, ValueError) as e:
         raise _fail(str(e)) from None
     console.print(f"dry run: the first {len(planned)} candidate(s); nothing is started or saved")
+    for line in parallel_notes(spec):
+        console.print(f"[yellow]note[/]: {escape(line)}", highlight=False, soft_wrap=True)
     for p in planned:
         params = ", ".join(f"{k}={v}" for k, v in sorted(p.params.items())) or "engine defaults"
         console.print(f"\n[bold]trial {p.number}[/] ({p.role.value}): {params}", highlight=False)
