@@ -79,6 +79,8 @@ class ScriptedSupervisor:
         self, study_id: int, queue: asyncio.Queue[dict[str, Any]]
     ) -> AsyncIterator[dict[str, Any]]:
         try:
+            study = await asyncio.to_thread(self.store.get_study, study_id)
+            yield {"type": "study", "status": study.status}  # as StudySupervisor does
             while True:
                 message = await queue.get()
                 yield message
