@@ -5,15 +5,22 @@ The manager is served by uvicorn in the test process with ``ScriptedSupervisor``
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
+import psutil
 import pytest
 
 from servetune.manager.app import create_app
 from servetune.modelgen import ModelFiles
 from tests.integration.manager_helpers import ScriptedSupervisor, live_server, manager_settings
-from tests.integration.study_helpers import servetune, small_spec, write_spec
-from tests.redis_server import RedisServer
+from tests.integration.study_helpers import cli_env, servetune, small_spec, write_spec
+from tests.redis_server import RedisServer, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -84,3 +91,48 @@ def test_a_browser_style_websocket_gets_its_bearer_subprotocol_back(
 
     with live_server(app) as url:
         asyncio.run(scenario(url))
+
+
+def _start_manager(tmp_path: Path, port: int) -> subprocess.Popen[str]:
+    argv = [sys.executable, "-m", "servetune", "manager", "--port", str(port)]
+    return subprocess.Popen(  # noqa: S603 - argv list of our own CLI
+        argv, env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _wait_healthy(proc: subprocess.Popen[str], url: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/api/health", timeout=2).json().get("status") == "ok":
+                return
+        time.sleep(0.2)
+    raise AssertionError("the manager did not become healthy")
+
+
+def test_the_manager_process_runs_its_private_redis_and_takes_it_down(tmp_path: Path) -> None:
+    """`servetune manager` with the real supervisor: healthy with a private redis-server,
+    which is gone after SIGTERM, and after SIGKILL of the manager too."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    for stop in (signal.SIGTERM, signal.SIGKILL):
+        proc = _start_manager(tmp_path, port)
+        try:
+            _wait_healthy(proc, url)
+            assert httpx.get(f"{url}/docs", timeout=5).status_code == 200
+            children = psutil.Process(proc.pid).children()
+            redis_child = next(c for c in children if "redis-server" in c.name())
+            proc.send_signal(stop)
+            proc.wait(timeout=30)
+            psutil.wait_procs([redis_child], timeout=10)
+            assert not redis_child.is_running() or redis_child.status() == psutil.STATUS_ZOMBIE
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+            if proc.stdout is not None:
+                output = proc.stdout.read()
+                proc.stdout.close()
+        assert "Traceback" not in output, output
+    assert "manager on http://127.0.0.1:" in output

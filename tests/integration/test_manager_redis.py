@@ -34,6 +34,9 @@ def test_private_redis_needs_its_password_and_stops(tmp_path: Path) -> None:
                 anonymous.ping()
             anonymous.close()
             assert "--requirepass" not in " ".join(map(str, private.proc.args))
+            url_file = tmp_path / "data" / "redis" / "url"
+            assert url_file.read_text().strip() == private.url
+            assert url_file.stat().st_mode & 0o777 == 0o600
         finally:
             await private.stop()
         assert private.proc.poll() is not None
