@@ -80,7 +80,9 @@ def test_study_lifecycle_over_rest(client: TestClient, tiny_model: ModelFiles) -
 
     report = client.get(f"/api/studies/{study['id']}/report")
     assert report.status_code == 200 and report.headers["content-type"].startswith("text/html")
-    assert "api-study" in report.text
+    assert "api-study" in report.text and 'src="/assets/plotly.min.js"' in report.text
+    plotly_js = client.get("/assets/plotly.min.js")
+    assert plotly_js.status_code == 200 and len(plotly_js.content) > 1_000_000
 
     # the same name again (as an object this time) is a conflict, not a second study
     again = client.post("/api/studies", json={"spec": doc})

@@ -163,6 +163,7 @@ def create_app(
     )
     _install_error_handlers(app)
     app.include_router(studies.router)
+    app.include_router(studies.assets)
     app.include_router(workers.router)
     app.include_router(health.router)
     app.include_router(ws.router)
