@@ -145,6 +145,9 @@ def test_a_study_streams_its_trials_over_the_websocket(
             assert first["trials"] == []
             supervisor = state(c).supervisor
             assert isinstance(supervisor, ScriptedSupervisor)
+            busy = c.delete(f"/api/studies/{study['id']}")
+            assert busy.status_code == 409 and "cancel it first" in busy.json()["detail"]
+            assert c.post(f"/api/studies/{study['id']}/resume").status_code == 409
             c.portal.call(supervisor.go.set)  # type: ignore[union-attr]
             messages = []
             while not messages or messages[-1]["type"] != "study":
@@ -290,3 +293,22 @@ def test_bearer_token_guards_api_and_websockets_and_is_never_logged(
     assert caplog.records
     assert all(TOKEN not in r.getMessage() for r in caplog.records)
     assert TOKEN not in caplog.text
+
+
+def test_cancel_reaches_the_supervisor_and_the_study_ends_cancelled(
+    tmp_path: Path, private_redis: RedisServer, tiny_model: ModelFiles
+) -> None:
+    settings = manager_settings(tmp_path, private_redis.url)
+
+    def held(*args: Any) -> ScriptedSupervisor:
+        return ScriptedSupervisor(*args, hold=True)
+
+    with TestClient(create_app(settings, supervisor_factory=held)) as c:
+        study = c.post("/api/studies", json={"spec": small_spec(tiny_model, name="stop")}).json()
+        assert study["running_here"] is True
+        cancelled = c.post(f"/api/studies/{study['id']}/cancel")
+        assert cancelled.status_code == 200
+        supervisor = state(c).supervisor
+        assert isinstance(supervisor, ScriptedSupervisor)
+        assert supervisor.cancelled == [study["id"]]
+        wait_for(lambda: c.get(f"/api/studies/{study['id']}").json()["status"] == "cancelled")
