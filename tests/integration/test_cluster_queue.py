@@ -28,6 +28,7 @@ from servetune.cluster.queue import (
     arq_pool,
     close_worker,
     enqueue_trial,
+    forget_job,
     job_state,
     worker_settings,
 )
@@ -248,20 +249,25 @@ def test_abort_cancels_a_running_job_within_a_second(private_redis: RedisServer)
     assert isinstance(info.result, RemoteJobError) and info.result.type_name == "CancelledError"
 
 
-def test_abort_says_false_when_the_running_jobs_worker_is_gone(private_redis: RedisServer) -> None:
-    async def scenario() -> tuple[bool, float]:
+def test_abort_says_false_when_the_running_jobs_worker_is_gone_and_forget_job_cleans_up(
+    private_redis: RedisServer,
+) -> None:
+    async def scenario() -> tuple[bool, float, str]:
         pool: ArqRedis = await arq_pool(private_redis.url)
         try:
             await enqueue_trial(pool, _job(7, "w1"))
             await pool.set(keys.arq_in_progress("trial-7-1"), b"1")  # a worker took it, then died
             t0 = time.monotonic()
             aborted = await abort_trial(pool, "trial-7-1", "w1", timeout_s=0.5)
-            return aborted, time.monotonic() - t0
+            took_s = time.monotonic() - t0
+            await forget_job(pool, "trial-7-1", "w1")
+            return aborted, took_s, await job_state(pool, "trial-7-1", "w1")
         finally:
             await pool.aclose()
 
-    aborted, took_s = asyncio.run(scenario())
+    aborted, took_s, state = asyncio.run(scenario())
     assert not aborted and 0.4 < took_s < 2.0
+    assert state == "not_found"
 
 
 def test_a_worker_keeps_taking_jobs_after_redis_restarts(private_redis: RedisServer) -> None:

@@ -5,6 +5,7 @@ unreachable Redis or a wrong password gives RedisUnavailable with the URL masked
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ async def _restart_later(server: RedisServer, down_s: float) -> None:
 
 
 def test_a_command_issued_while_redis_restarts_succeeds_once_it_is_back(
-    private_redis: RedisServer,
+    private_redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def scenario() -> tuple[list[bytes | None], float]:
         used = connect(private_redis.url)  # holds a pooled connection that Redis's death breaks
@@ -45,9 +46,15 @@ def test_a_command_issued_while_redis_restarts_succeeds_once_it_is_back(
             await used.aclose()
             await fresh.aclose()
 
-    values, waited_s = asyncio.run(scenario())
+    with caplog.at_level(logging.INFO, logger="servetune.cluster.redis"):
+        values, waited_s = asyncio.run(scenario())
     assert values == [b"2", b"3"]
     assert 0.9 < waited_s < 4.0
+    said = [(r.levelno, r.getMessage()) for r in caplog.records]
+    port = f"127.0.0.1:{private_redis.port}"
+    warned = [m for lv, m in said if lv == logging.WARNING]
+    assert warned and all(port in m and "unreachable" in m for m in warned)
+    assert any(lv == logging.INFO and "reachable again" in m for lv, m in said)
 
 
 def test_the_sync_client_also_rides_out_a_restart(private_redis: RedisServer) -> None:

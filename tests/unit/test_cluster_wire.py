@@ -38,7 +38,14 @@ from servetune.cluster.queue import (
     JSON_SERIALIZER,
     RemoteJobError,
 )
-from servetune.cluster.redis import connect, connect_sync, retries_for, safe_url, translate
+from servetune.cluster.redis import (
+    client_url,
+    connect,
+    connect_sync,
+    retries_for,
+    safe_url,
+    translate,
+)
 from servetune.cluster.registry import WorkerStatus
 from servetune.core.metrics import LoadLevel, RequestRecord, summarize
 from servetune.core.spec import parse_spec
@@ -191,6 +198,21 @@ def test_a_url_that_is_not_redis_names_the_field_and_hides_the_password() -> Non
     assert "topsecret" not in text and ":***@" in text
     with pytest.raises(RedisUnavailable, match="redis_url"):
         connect_sync("localhost:6379")
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:pw@h:1/2", "redis://:***@h:1/2"),
+        ("rediss://alice:pw@h:6380/0", "rediss://alice:***@h:6380/0"),
+        ("redis://h", "redis://h:6379/0"),
+        ("unix:///run/redis.sock?db=3", "unix:///run/redis.sock?db=3"),
+    ],
+)
+def test_a_clients_url_is_shown_with_its_password_masked(url: str, shown: str) -> None:
+    r = connect_sync(url)
+    assert client_url(r) == shown
+    r.close()
 
 
 def test_clients_retry_lost_connections_for_about_the_time_asked() -> None:

@@ -39,6 +39,7 @@ __all__ = [
     "arq_pool",
     "close_worker",
     "enqueue_trial",
+    "forget_job",
     "job_state",
     "worker_settings",
 ]
@@ -242,6 +243,23 @@ async def abort_trial(
                 )
                 return False
             await asyncio.sleep(min(0.1, timeout_s))
+
+
+async def forget_job(pool: ArqRedis, job_id: str, worker_id: str) -> None:
+    """Remove every trace of job ``job_id`` from ``worker_id``'s queue: for a job whose worker is
+    gone (killed mid-trial), which ARQ would otherwise show ``in_progress`` for
+    ``FUNCTION_TIMEOUT_S`` and keep in the queue, skipped by the worker when it comes back.
+
+    Call it once the trial was placed elsewhere or failed ``worker_lost``. Raises
+    RedisUnavailable.
+    """
+    with redis_errors(pool, f"forgetting job {job_id}"):
+        async with pool.pipeline(transaction=True) as pipe:
+            pipe.zrem(keys.queue(worker_id), job_id)
+            pipe.zrem(keys.ARQ_ABORT, job_id)
+            pipe.delete(keys.arq_job(job_id), keys.arq_in_progress(job_id))
+            await pipe.execute()
+    logger.info("forgot job %s of worker %s", job_id, worker_id)
 
 
 def worker_settings(

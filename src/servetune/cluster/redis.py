@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -112,11 +113,34 @@ def _bad_url(url: str, error: Exception) -> RedisUnavailable:
     )
 
 
-def _raise_if_auth(error: Exception) -> None:
-    """A refused password does not heal by waiting: give up at once (redis-py's
-    AuthenticationError is a ConnectionError, which the retry would otherwise repeat)."""
-    if isinstance(error, AuthenticationError):
-        raise error
+class _Outage:
+    """Failures of one connection hand-out: a refused password ends it at once; the first
+    failure is logged as a warning, and the recovery after it as info (never once per retry)."""
+
+    def __init__(self, pool: redis.ConnectionPool | redis.asyncio.ConnectionPool) -> None:
+        self.pool = pool
+        self.since: float | None = None
+
+    def failed(self, error: Exception) -> None:
+        # redis-py's AuthenticationError is a ConnectionError the retry would repeat in vain
+        if isinstance(error, AuthenticationError):
+            raise error
+        if self.since is None:
+            self.since = time.monotonic()
+            logger.warning(
+                "Redis at %s is unreachable (%s): retrying for up to ~%.0f s",
+                _pool_url(self.pool),
+                error,
+                _retry_budget_s(self.pool),
+            )
+
+    def done(self) -> None:
+        if self.since is not None:
+            logger.info(
+                "Redis at %s is reachable again after %.1f s",
+                _pool_url(self.pool),
+                time.monotonic() - self.since,
+            )
 
 
 class _ReconnectingPool(redis.asyncio.ConnectionPool):
@@ -132,11 +156,14 @@ class _ReconnectingPool(redis.asyncio.ConnectionPool):
         retry = self.connection_kwargs.get("retry")
         if retry is None:
             return await get(*args, **kwargs)
+        outage = _Outage(self)
 
         async def fail(error: Exception) -> None:
-            _raise_if_auth(error)
+            outage.failed(error)
 
-        return await retry.call_with_retry(lambda: get(*args, **kwargs), fail)
+        connection = await retry.call_with_retry(lambda: get(*args, **kwargs), fail)
+        outage.done()
+        return connection
 
 
 class _ReconnectingSyncPool(redis.ConnectionPool):
@@ -147,7 +174,32 @@ class _ReconnectingSyncPool(redis.ConnectionPool):
         retry = self.connection_kwargs.get("retry")
         if retry is None:
             return get(*args, **kwargs)
-        return retry.call_with_retry(lambda: get(*args, **kwargs), _raise_if_auth)
+        outage = _Outage(self)
+        connection = retry.call_with_retry(lambda: get(*args, **kwargs), outage.failed)
+        outage.done()
+        return connection
+
+
+def _pool_url(pool: redis.ConnectionPool | redis.asyncio.ConnectionPool) -> str:
+    kw = pool.connection_kwargs
+    auth = ""
+    if kw.get("password"):
+        auth = f"{kw.get('username') or ''}:***@"
+    elif kw.get("username"):
+        auth = f"{kw['username']}@"
+    if kw.get("path"):
+        return f"unix://{auth}{kw['path']}?db={kw.get('db', 0)}"
+    scheme = "rediss" if "SSL" in pool.connection_class.__name__ else "redis"
+    return (
+        f"{scheme}://{auth}{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+    )
+
+
+def _retry_budget_s(pool: redis.ConnectionPool | redis.asyncio.ConnectionPool) -> float:
+    retry = pool.connection_kwargs.get("retry")
+    retries = getattr(retry, "_retries", 0)
+    backoff = ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S)
+    return sum(backoff.compute(n) for n in range(1, retries + 1))
 
 
 def connect(
@@ -187,19 +239,7 @@ def connect_sync(url: str, *, retry_for_s: float = 30.0) -> redis.Redis:
 
 def client_url(r: redis.Redis | redis.asyncio.Redis) -> str:
     """The URL a client talks to, rebuilt from its connection settings, password masked."""
-    kw = r.connection_pool.connection_kwargs
-    auth = ""
-    if kw.get("password"):
-        auth = f"{kw.get('username') or ''}:***@"
-    elif kw.get("username"):
-        auth = f"{kw['username']}@"
-    if kw.get("path"):
-        return f"unix://{auth}{kw['path']}?db={kw.get('db', 0)}"
-    cls = r.connection_pool.connection_class
-    scheme = "rediss" if "SSL" in cls.__name__ else "redis"
-    return (
-        f"{scheme}://{auth}{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
-    )
+    return _pool_url(r.connection_pool)
 
 
 def translate(error: RedisError, url: str, doing: str) -> RedisUnavailable:
