@@ -390,7 +390,7 @@ def _execute(settings: Settings, store: Any, study: Any, verbose: bool) -> Any:
         return _run_async(run_study(settings, store, study, console))
     except asyncio.CancelledError as e:
         err_console.print(
-            f"[yellow]cancelled[/]: the running trial was recorded as cancelled. "
+            f"[yellow]cancelled[/]: the running trial(s) were recorded as cancelled. "
             f"Continue with: servetune resume {study.name}"
         )
         raise typer.Exit(signal_exit_code(e)) from None

@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LoopEvents:
-    """Callbacks for a live display; every one is optional."""
+    """Callbacks for a live display; every one is optional. With ``budget.parallel`` > 1 they
+    arrive for several trials interleaved (each carries its trial number)."""
 
     trial_started: Callable[[int, TrialRole, Params], None] | None = None
     trial_phase: Callable[[int, str], None] | None = None
@@ -105,11 +106,13 @@ elsewhere (on workers), by trial id, each as an awaitable of its result."""
 
 @dataclass
 class _InFlight:
-    """One trial in flight: the stored RUNNING trial, its task, its configuration key."""
+    """One trial in flight: the stored RUNNING trial, its task, its configuration key, and the
+    strategy's token to tell its outcome with (None: replayed instead, or not told)."""
 
     trial: Trial
     task: asyncio.Task[Trial]
     key: Hashable
+    token: int | None
 
 
 class StudyLoop:
@@ -214,7 +217,7 @@ class StudyLoop:
             self._say(f"trial {t.number} is still running elsewhere: waiting for its result")
             future = asyncio.ensure_future(adopted[t.id])
             self._adopted.append(future)
-            self._track(t, self._body(t, _awaiting(future), token))
+            self._track(t, self._body(t, _awaiting(future)), token)
 
     def _replay(self, trials: list[Trial]) -> None:
         for t in trials:
@@ -262,10 +265,10 @@ class StudyLoop:
         self._saved[trial.id] = saved
         return saved
 
-    async def _body(
-        self, trial: Trial, work: Callable[[], Awaitable[TrialResult]], token: int | None
-    ) -> Trial:
-        """What a trial's task runs: await its result, save it, then tell it (``token``)."""
+    async def _body(self, trial: Trial, work: Callable[[], Awaitable[TrialResult]]) -> Trial:
+        """What a trial's task runs: await its result and save it. The scheduler tells the
+        strategy afterwards (``_reap``): only it touches the strategy, so ``ask`` can run in a
+        thread while trials are measured."""
         try:
             result = await work()
         except asyncio.CancelledError:
@@ -285,17 +288,14 @@ class StudyLoop:
         saved = self._finish(trial, result)
         if self.events.trial_finished:
             self.events.trial_finished(saved)
-        if _counts(saved):
-            if token is not None:
-                self._tell(saved, token=token)
-            elif saved.role is TrialRole.SEARCH:
-                self._tell(saved, replay=True)
         return saved
 
-    def _track(self, trial: Trial, body: Coroutine[Any, Any, Trial]) -> asyncio.Task[Trial]:
+    def _track(
+        self, trial: Trial, body: Coroutine[Any, Any, Trial], token: int | None
+    ) -> asyncio.Task[Trial]:
         assert trial.id is not None
         task = asyncio.create_task(body, name=f"{self.study.name}-trial-{trial.number}")
-        self._flight[trial.id] = _InFlight(trial, task, self._key(trial))
+        self._flight[trial.id] = _InFlight(trial, task, self._key(trial), token)
         return task
 
     async def _launch(
@@ -324,7 +324,7 @@ class StudyLoop:
             self.events.trial_started(number, role, params)
         ctx = self._trial_ctx(trial)
         task = self._track(
-            trial, self._body(trial, lambda: self.runner(ctx, params, number), token)
+            trial, self._body(trial, lambda: self.runner(ctx, params, number)), token
         )
         task.add_done_callback(lambda _t: self.slots.release(needs))
         return trial
@@ -349,10 +349,10 @@ class StudyLoop:
             await self._wait_one()
 
     def _reap(self) -> None:
-        """Take in the finished tasks (saved and told by themselves); re-raise a trial's crash.
-
-        Then tell the twins that waited for a finished trial, and say the run-to-run spread
-        once the early baseline repeats are done.
+        """Take in the finished tasks (each saved by itself) and tell the strategy their
+        outcomes (saved before told); re-raise a trial's crash. Then tell the twins that
+        waited for a finished trial, and say the run-to-run spread once the early baseline
+        repeats are done.
         """
         for trial_id, f in list(self._flight.items()):
             if not f.task.done():
@@ -364,6 +364,12 @@ class StudyLoop:
             error = f.task.exception()
             if error is not None:
                 raise error
+            saved = self._saved.get(trial_id)
+            if saved is not None and _counts(saved):
+                if f.token is not None:
+                    self._tell(saved, token=f.token)
+                elif saved.role is TrialRole.SEARCH:
+                    self._tell(saved, replay=True)
         waiting = []
         for source_id, token, params in self._twin_waits:
             if source_id in self._flight:
@@ -475,7 +481,11 @@ class StudyLoop:
             if len(self._flight) >= self.parallel:
                 await self._wait_one()
                 continue
-            suggestion = self.strategy.ask()
+            # a model-based ask can take a while: off the event loop, so the trials in
+            # flight are measured undisturbed (only this scheduler touches the strategy)
+            suggestion = (
+                await asyncio.to_thread(self.strategy.ask) if self._flight else self.strategy.ask()
+            )
             if suggestion is None:
                 self._say("the search space is exhausted")
                 break

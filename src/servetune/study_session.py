@@ -38,7 +38,7 @@ from servetune.engines import get_engine
 from servetune.engines.base import Engine
 from servetune.engines.llamacpp import LlamaCppEngine
 from servetune.errors import ServetuneError, StudyBusy
-from servetune.loop import LoopEvents, StudyLoop, StudyOutcome
+from servetune.loop import LoopEvents, StudyLoop, StudyOutcome, TrialSlots
 from servetune.runner import TrialContext
 from servetune.settings import Settings
 from servetune.store.repo import LeaseOwner, StudyLease, StudyRecord, StudyStore
@@ -341,7 +341,15 @@ async def _run_locked(
         def message(text: str) -> None:
             progress.console.print(f"[dim]{text}[/]", highlight=False)
 
-        loop = StudyLoop(store, study, ctx, events=LoopEvents(started, phase, finished, message))
+        slots = TrialSlots.for_host(spec)
+        if spec.budget.parallel > 1:
+            message(
+                f"up to {spec.budget.parallel} trials at once on this host ({slots.describe()}); "
+                "each waits until its engine's threads fit"
+            )
+        loop = StudyLoop(
+            store, study, ctx, events=LoopEvents(started, phase, finished, message), slots=slots
+        )
         return await loop.run()
 
 

@@ -43,5 +43,6 @@ def test_run_with_parallel_2_keeps_two_trials_in_flight(
     (_, b1), (s0, s1), (t0, t1) = spans
     assert b1 <= min(s0, t0), "the baseline runs alone, first"
     assert s0 < t1 and t0 < s1, f"the two search trials did not overlap: {spans}"
+    assert "up to 2 trials at once on this host" in run.stdout, run.stdout
     for line in ("trial  1 search", "trial  2 search"):
         assert line in run.stdout, run.stdout

@@ -613,7 +613,9 @@ class StudyStore:
                 raise StoreError(f"no trial with id {trial_id} in {self.url}")
             self._owned_row(s, row.study_id)
             if TrialState(row.state).is_finished():
-                log.info(
+                same = row.result == result.model_dump(mode="json")  # e.g. stored by an ingester
+                log.log(
+                    logging.DEBUG if same else logging.INFO,
                     "trial %d of study %d is already %s; keeping that outcome, not the new %s",
                     row.number,
                     row.study_id,
