@@ -136,3 +136,33 @@ def test_the_manager_process_runs_its_private_redis_and_takes_it_down(tmp_path: 
                 proc.stdout.close()
         assert "Traceback" not in output, output
     assert "manager on http://127.0.0.1:" in output
+
+
+def test_ctrl_c_stops_following_and_says_the_study_goes_on(
+    tmp_path: Path, private_redis: RedisServer, tiny_model: ModelFiles
+) -> None:
+    from typing import Any
+
+    def held(*args: Any) -> ScriptedSupervisor:
+        return ScriptedSupervisor(*args, hold=True)
+
+    app = create_app(manager_settings(tmp_path, private_redis.url), supervisor_factory=held)
+    spec = write_spec(tmp_path / "spec.yaml", small_spec(tiny_model, name="long"))
+    with live_server(app) as url:
+        argv = [sys.executable, "-m", "servetune", "submit", str(spec), "--manager", url]
+        proc = subprocess.Popen(  # noqa: S603 - argv list of our own CLI
+            argv, env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().startswith("study long (id 1) on ")
+            time.sleep(0.5)  # following now
+            proc.send_signal(signal.SIGINT)
+            out, _ = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert proc.returncode == 130
+        assert "keeps running on the manager" in " ".join(out.split())
+        assert httpx.get(f"{url}/api/studies/1").json()["running_here"] is True
