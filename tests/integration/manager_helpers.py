@@ -47,7 +47,11 @@ class ScriptedSupervisor:
         self.started = self.stopped = False
 
     async def start(self) -> None:
+        """Resume the manager's running studies, as StudySupervisor does after a restart."""
         self.started = True
+        for study in await asyncio.to_thread(self.store.list_studies, 100):
+            if getattr(study, "executor", None) == "manager" and study.status == "running":
+                await self.submit(study.id)
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -103,7 +107,10 @@ class ScriptedSupervisor:
                 failure_reason="every request failed (scripted)",
             ),
         ]
+        done_before = {t.number for t in await asyncio.to_thread(self.store.trials, study_id)}
         for number, result in enumerate(results):
+            if number in done_before:  # resumed: those ran before the restart
+                continue
             role = TrialRole.BASELINE if number == 0 else TrialRole.SEARCH
             trial = await asyncio.to_thread(
                 self.store.add_trial, study_id, number, role, {"threads": number + 1}
@@ -131,9 +138,10 @@ def manager_settings(tmp_path: Path, redis_url: str | None, **extra: Any) -> Set
 
 
 @contextlib.contextmanager
-def live_server(app: Any, timeout_s: float = 20.0) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free 127.0.0.1 port in a thread; yields its base URL."""
-    port = free_port()
+def live_server(app: Any, timeout_s: float = 20.0, port: int | None = None) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on 127.0.0.1 (``port``, default a free one) in a thread;
+    yields its base URL."""
+    port = port or free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, access_log=False, log_config=None)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

@@ -138,6 +138,14 @@ def test_the_manager_process_runs_its_private_redis_and_takes_it_down(tmp_path: 
     assert "manager on http://127.0.0.1:" in output
 
 
+def wait_following(supervisor: ScriptedSupervisor, proc: subprocess.Popen[str]) -> None:
+    """Wait until `submit` (``proc``) follows study 1 over the WebSocket."""
+    deadline = time.monotonic() + 30
+    while not supervisor._subs[1]:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+
+
 def test_ctrl_c_stops_following_and_says_the_study_goes_on(
     tmp_path: Path, private_redis: RedisServer, tiny_model: ModelFiles
 ) -> None:
@@ -156,7 +164,7 @@ def test_ctrl_c_stops_following_and_says_the_study_goes_on(
         try:
             assert proc.stdout is not None
             assert proc.stdout.readline().startswith("study long (id 1) on ")
-            time.sleep(0.5)  # following now
+            wait_following(app.state.manager.supervisor, proc)
             proc.send_signal(signal.SIGINT)
             out, _ = proc.communicate(timeout=30)
         finally:
@@ -166,3 +174,38 @@ def test_ctrl_c_stops_following_and_says_the_study_goes_on(
         assert proc.returncode == 130
         assert "keeps running on the manager" in " ".join(out.split())
         assert httpx.get(f"{url}/api/studies/1").json()["running_here"] is True
+
+
+def test_submit_follows_the_study_through_a_manager_restart(
+    tmp_path: Path, private_redis: RedisServer, tiny_model: ModelFiles
+) -> None:
+    from typing import Any
+
+    built: list[ScriptedSupervisor] = []
+
+    def first_held(*args: Any) -> ScriptedSupervisor:
+        built.append(ScriptedSupervisor(*args, hold=not built))  # the restarted one runs
+        return built[-1]
+
+    app = create_app(manager_settings(tmp_path, private_redis.url), supervisor_factory=first_held)
+    spec = write_spec(tmp_path / "spec.yaml", small_spec(tiny_model, name="through"))
+    port = free_port()
+    with live_server(app, port=port) as url:
+        argv = [sys.executable, "-m", "servetune", "submit", str(spec), "--manager", url]
+        proc = subprocess.Popen(  # noqa: S603 - argv list of our own CLI
+            argv, env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("study through (id 1) on ")
+        wait_following(built[0], proc)
+    try:
+        with live_server(app, port=port):  # the same manager again: it resumes the study
+            out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "reconnecting" in out and "study through: finished" in out
+    assert sum(line.startswith("trial  0 baseline") for line in out.splitlines()) == 1
+    assert len(built) == 2 and built[1].submitted == [1]

@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 
 FINAL_STATUSES = ("finished", "failed", "cancelled", "interrupted")
 
+FOLLOW_RETRIES = 20
+"""Reconnections `submit` tries in a row when the live view drops (a manager restarting)."""
+FOLLOW_RETRY_MAX_S = 2.0
+"""Longest pause between two reconnections, s (about 35 s of retries in all)."""
+
 TokenFileOption = Annotated[
     Path | None,
     typer.Option(
@@ -186,28 +191,39 @@ async def _follow(base: str, study_id: int, token: Any, console: Console) -> str
         console.print(_describe(trial), highlight=False)
 
     url = "ws" + base.removeprefix("http") + f"/ws/studies/{study_id}"
-    try:
-        async with connect(url, additional_headers=_headers(token), max_size=None) as ws:
-            async for text in ws:
-                message = json.loads(text)
-                kind = message.get("type")
-                if kind == "snapshot":
-                    for raw in message.get("trials", []):
-                        show(raw)
-                    status = message["study"]["status"]
-                elif kind == "trial":
-                    show(message["trial"])
-                elif kind == "study":
-                    status = message.get("status", status)
-                if status in FINAL_STATUSES:
-                    break
-    except InvalidStatus as e:
-        raise _answer_error(e.response.status_code, {}, base) from e
-    except (OSError, WebSocketException) as e:
-        raise ManagerUnreachable(
-            f"lost the live view of study {study_id} at {base}: {e}; the study goes on there"
-        ) from e
-    return status
+    failures = 0
+    while True:
+        try:
+            async with connect(url, additional_headers=_headers(token), max_size=None) as ws:
+                async for text in ws:
+                    message = json.loads(text)
+                    kind = message.get("type")
+                    if kind == "snapshot":
+                        failures = 0  # connected again: a fresh budget of retries
+                        for raw in message.get("trials", []):
+                            show(raw)
+                        status = message["study"]["status"]
+                    elif kind == "trial":
+                        show(message["trial"])
+                    elif kind == "study":
+                        status = message.get("status", status)
+                    if status in FINAL_STATUSES:
+                        return status
+            lost = "the manager closed it while the study is not running there"
+        except InvalidStatus as e:
+            if e.response.status_code < 500:
+                raise _answer_error(e.response.status_code, {}, base) from e
+            lost = f"HTTP {e.response.status_code}"
+        except (OSError, WebSocketException) as e:
+            lost = str(e) or type(e).__name__
+        failures += 1
+        if failures > FOLLOW_RETRIES:
+            raise ManagerUnreachable(
+                f"lost the live view of study {study_id} at {base} ({lost}) and could not get "
+                f"it back; the study goes on there: {base}/api/studies/{study_id}"
+            )
+        console.print(f"[dim]live view lost ({escape(lost)}); reconnecting…[/]", highlight=False)
+        await asyncio.sleep(min(FOLLOW_RETRY_MAX_S, 0.25 * 2**failures))
 
 
 def submit(
