@@ -38,7 +38,7 @@ from servetune.engines import get_engine
 from servetune.engines.base import Engine
 from servetune.engines.llamacpp import LlamaCppEngine
 from servetune.errors import ServetuneError, StudyBusy
-from servetune.loop import LoopEvents, StudyLoop, StudyOutcome
+from servetune.loop import LoopEvents, StudyLoop, StudyOutcome, TrialSlots
 from servetune.runner import TrialContext
 from servetune.settings import Settings
 from servetune.store.repo import LeaseOwner, StudyLease, StudyRecord, StudyStore
@@ -64,6 +64,47 @@ def _describe(t: Trial) -> str:
         )
     kind = r.failure_kind.value if r.failure_kind else t.state.value
     return f"{head} [red]{t.state.value}[/] {kind}: {r.failure_reason}  {params}"
+
+
+class InFlightLine:
+    """The live display's description of the trials in flight, updated by the loop's events.
+
+    One trial: ``trial 3 (search): starting`` then ``trial 3: benchmarking``; several (with
+    ``budget.parallel`` > 1): ``trials 3 (benchmarking), 4 (starting)``, by trial number. Each
+    method returns the new description.
+    """
+
+    def __init__(self) -> None:
+        self._phases: dict[int, str] = {}
+        self._roles: dict[int, TrialRole] = {}
+
+    def started(self, number: int, role: TrialRole) -> str:
+        """Trial ``number`` was launched in ``role``."""
+        self._phases[number] = "starting"
+        self._roles[number] = role
+        return self.text()
+
+    def phase(self, number: int, name: str) -> str:
+        """Trial ``number`` entered phase ``name``."""
+        self._phases[number] = name
+        return self.text()
+
+    def finished(self, number: int) -> str:
+        """Trial ``number`` finished (it leaves the line)."""
+        self._phases.pop(number, None)
+        self._roles.pop(number, None)
+        return self.text()
+
+    def text(self) -> str:
+        """The description for the trials in flight now (``waiting`` when none is)."""
+        if not self._phases:
+            return "waiting"
+        if len(self._phases) == 1:
+            ((number, phase),) = self._phases.items()
+            if phase == "starting":
+                return f"trial {number} ({self._roles[number].value}): starting"
+            return f"trial {number}: {phase}"
+        return "trials " + ", ".join(f"{n} ({p})" for n, p in sorted(self._phases.items()))
 
 
 async def run_study(
@@ -284,21 +325,31 @@ async def _run_locked(
         transient=True,
     ) as progress:
         task = progress.add_task("starting", total=total, completed=done)
+        flying = InFlightLine()
 
         def started(number: int, role: TrialRole, params: Params) -> None:
-            progress.update(task, description=f"trial {number} ({role.value}): starting")
+            progress.update(task, description=flying.started(number, role))
 
         def phase(number: int, name: str) -> None:
-            progress.update(task, description=f"trial {number}: {name}")
+            progress.update(task, description=flying.phase(number, name))
 
         def finished(t: Trial) -> None:
+            progress.update(task, description=flying.finished(t.number))
             progress.advance(task)
             progress.console.print(_describe(t), highlight=False)
 
         def message(text: str) -> None:
             progress.console.print(f"[dim]{text}[/]", highlight=False)
 
-        loop = StudyLoop(store, study, ctx, events=LoopEvents(started, phase, finished, message))
+        slots = TrialSlots.for_host(spec)
+        if spec.budget.parallel > 1:
+            message(
+                f"up to {spec.budget.parallel} trials at once on this host ({slots.describe()}); "
+                "each waits until its engine's threads fit"
+            )
+        loop = StudyLoop(
+            store, study, ctx, events=LoopEvents(started, phase, finished, message), slots=slots
+        )
         return await loop.run()
 
 

@@ -7,7 +7,7 @@ as ``StoreError`` (what was being done, where) and every missing study as ``Stud
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -597,9 +597,11 @@ class StudyStore:
         """Store the result of a trial in one transaction, committed on return; the saved Trial.
 
         Sets state, failure kind, feasible, first objective value, the result JSON and
-        ``finished_at`` (``result.finished_at``, else now). Finishing an already finished trial
-        replaces its result (ingestion is idempotent). Raises ValueError when ``result.state``
-        is not a finished state, StoreError for an unknown trial or a database failure.
+        ``finished_at`` (``result.finished_at``, else now). Idempotent: a trial that is already
+        finished keeps its stored outcome, which is returned unchanged (a redelivered or late
+        result never overwrites or duplicates; logged at INFO). Raises ValueError when
+        ``result.state`` is not a finished state, StoreError for an unknown trial or a database
+        failure.
         """
         if not result.state.is_finished():
             raise ValueError(
@@ -610,13 +612,17 @@ class StudyStore:
             if row is None:
                 raise StoreError(f"no trial with id {trial_id} in {self.url}")
             self._owned_row(s, row.study_id)
-            if row.state != TrialState.RUNNING.value:
-                log.warning(
-                    "trial %d of study %d was already %s; replacing its result",
+            if TrialState(row.state).is_finished():
+                same = row.result == result.model_dump(mode="json")  # e.g. stored by an ingester
+                log.log(
+                    logging.DEBUG if same else logging.INFO,
+                    "trial %d of study %d is already %s; keeping that outcome, not the new %s",
                     row.number,
                     row.study_id,
                     row.state,
+                    result.state.value,
                 )
+                return _trial(row)
             _apply_result(row, result)
             s.flush()
             return _trial(row)
@@ -646,10 +652,14 @@ class StudyStore:
             ).all()
             return [(n, pid, pgid) for n, pid, pgid in rows if pid is not None and pgid is not None]
 
-    def interrupt_running(self, study_id: int, reason: str) -> list[Trial]:
+    def interrupt_running(
+        self, study_id: int, reason: str, keep: Collection[int] = ()
+    ) -> list[Trial]:
         """Mark every RUNNING trial of the study FAIL (interrupted) with ``reason``; those trials.
 
-        Used on resume, after the engines they left were killed. Finished trials are untouched.
+        Used on resume, after the engines they left were killed. Finished trials are untouched,
+        and so are the RUNNING trials whose ids are in ``keep`` (still running elsewhere, e.g.
+        on a worker, and adopted by the loop).
         """
         with self._tx(f"marking the running trials of study {study_id} interrupted") as s:
             self._owned_row(s, study_id)
@@ -658,6 +668,8 @@ class StudyStore:
                 .where(TrialRow.study_id == study_id, TrialRow.state == TrialState.RUNNING.value)
                 .order_by(TrialRow.number)
             ).all()
+            kept = set(keep)
+            rows = [r for r in rows if r.id not in kept]
             now = _now()
             for row in rows:
                 _apply_result(
