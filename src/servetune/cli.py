@@ -30,7 +30,9 @@ from servetune.core.metrics import format_warning
 from servetune.core.spec import StudySpec
 from servetune.core.study import Trial, TrialRole, TrialState, format_params
 from servetune.errors import ServetuneError, SpecInvalid
+from servetune.manager.cli import register as register_manager_commands
 from servetune.settings import Settings
+from servetune.worker.cli import worker_cmd
 
 log = logging.getLogger("servetune")
 
@@ -343,8 +345,8 @@ def validate(spec: Annotated[Path, typer.Argument(help="Study spec (YAML or JSON
         console.print(f"[yellow]note[/]: {escape(str(note))}", highlight=False, soft_wrap=True)
     from servetune.dryrun import parallel_notes
 
-    for line in parallel_notes(parsed):
-        console.print(f"[yellow]note[/]: {escape(line)}", highlight=False, soft_wrap=True)
+    for kind, text in parallel_notes(parsed):
+        console.print(f"[yellow]{kind}[/]: {escape(text)}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -500,8 +502,8 @@ def _print_dry_run(spec: StudySpec, count: int) -> None:
     except (ServetuneError, ValueError) as e:
         raise _fail(str(e)) from None
     console.print(f"dry run: the first {len(planned)} candidate(s); nothing is started or saved")
-    for line in parallel_notes(spec):
-        console.print(f"[yellow]note[/]: {escape(line)}", highlight=False, soft_wrap=True)
+    for kind, text in parallel_notes(spec):
+        console.print(f"[yellow]{kind}[/]: {escape(text)}", highlight=False, soft_wrap=True)
     for p in planned:
         params = ", ".join(f"{k}={v}" for k, v in sorted(p.params.items())) or "engine defaults"
         console.print(f"\n[bold]trial {p.number}[/] ({p.role.value}): {params}", highlight=False)
@@ -1340,6 +1342,5 @@ def main() -> None:
         sys.exit(_user_error_exit_code(e))
 
 
-from servetune.manager.cli import register as _register_manager_commands  # noqa: E402
-
-_register_manager_commands(app)
+app.command("worker")(worker_cmd)
+register_manager_commands(app)

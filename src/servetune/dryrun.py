@@ -87,8 +87,9 @@ def plan(spec: StudySpec, count: int) -> list[PlannedTrial]:
     return out
 
 
-def parallel_notes(spec: StudySpec) -> list[str]:
-    """What ``validate`` and ``run --dry-run`` say about ``budget.parallel`` (empty when 1).
+def parallel_notes(spec: StudySpec) -> list[tuple[str, str]]:
+    """What ``validate`` and ``run --dry-run`` say about ``budget.parallel``, as (``"note"`` or
+    ``"warning"``, text) pairs (empty when 1).
 
     When > 1: how many trials run at once, and, for a deployment on this host (local or
     docker), a warning that trials in flight at once share its CPU, so each one's measurement
@@ -99,17 +100,23 @@ def parallel_notes(spec: StudySpec) -> list[str]:
     if n <= 1:
         return []
     notes = [
-        f"budget.parallel {n}: up to {n} trials run at once (the baseline runs alone first; "
-        "each confirm round runs its trials together)"
+        (
+            "note",
+            f"budget.parallel {n}: up to {n} trials run at once (the baseline runs alone "
+            "first; each confirm round runs its trials together)",
+        )
     ]
     if not isinstance(spec.deployment, KubernetesDeploymentSpec):
         limit = spec.deployment.max_outside_cpu_fraction
         notes.append(
-            f"warning: with a {spec.deployment.kind} deployment the {n} trials in flight share "
-            "this host's CPU (each waits until its engine's threads fit the cores), so their "
-            "measurements disturb each other: the outside-load check will flag and re-run a "
-            f"trial measured while the others used more than deployment.max_outside_cpu_fraction "
-            f"= {limit:g} of the CPU; raise that limit to accept it, or run the trials on "
-            "separate hosts through a manager and workers"
+            (
+                "warning",
+                f"with a {spec.deployment.kind} deployment the {n} trials in flight share "
+                "this host's CPU (each waits until its engine's threads fit the cores), so their "
+                "measurements disturb each other: the outside-load check will flag and re-run "
+                "a trial measured while the others used more than "
+                f"deployment.max_outside_cpu_fraction = {limit:g} of the CPU; raise that limit "
+                "to accept it, or run the trials on separate hosts through a manager and workers",
+            )
         )
     return notes

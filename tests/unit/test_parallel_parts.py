@@ -94,7 +94,7 @@ def _spec(parallel: int, deployment: dict[str, Any]) -> Any:
 
 def test_validate_and_dry_run_mention_parallel_and_warn_about_a_shared_host() -> None:
     assert parallel_notes(_spec(1, {"kind": "local"})) == []
-    notes = parallel_notes(_spec(3, {"kind": "local", "max_outside_cpu_fraction": 0.2}))
-    assert notes[0].startswith("budget.parallel 3: up to 3 trials run at once")
-    assert "share this host's CPU" in notes[1]
-    assert "deployment.max_outside_cpu_fraction = 0.2" in notes[1]
+    (note, warning) = parallel_notes(_spec(3, {"kind": "local", "max_outside_cpu_fraction": 0.2}))
+    assert note[0] == "note" and note[1].startswith("budget.parallel 3: up to 3 trials run at once")
+    assert warning[0] == "warning" and "share this host's CPU" in warning[1]
+    assert "deployment.max_outside_cpu_fraction = 0.2" in warning[1]

@@ -364,6 +364,7 @@ class RemoteRunner:
         )
         flight.job = job
         await enqueue_trial(self.pool, job)
+        raise_if_cancelled()
         try:
             await asyncio.to_thread(self.store.set_trial_worker, flight.trial_id, worker_id)
         except ServetuneError as e:  # display only: the job is placed either way
@@ -384,6 +385,7 @@ class RemoteRunner:
         while True:
             self._room.clear()
             workers = await self.registry.workers()
+            raise_if_cancelled()
             placed = {w: list(n.values()) for w, n in self._placed.items()}
             worker_id = place(
                 flight.needs,
@@ -431,6 +433,7 @@ class RemoteRunner:
                 if stored is not None:  # ingested by another manager process
                     return stored
                 await self._check_worker(job, seen)
+                raise_if_cancelled()
                 continue
             if kind == "result":
                 job_id, result = value  # type: ignore[misc]
@@ -523,6 +526,18 @@ class RemoteRunner:
             pass  # the worker's RESULT says how it ended
         except ServetuneError as e:
             log.warning("aborting job %s on worker %s failed: %s", job.job_id, job.worker_id, e)
+
+
+def raise_if_cancelled() -> None:
+    """Re-raise a cancellation of the current task that a Redis call swallowed.
+
+    The retrying redis-py client (``cluster.redis.connect``) sometimes loses a CancelledError
+    delivered mid-command on Python 3.11 (the call returns normally, ``Task.cancelling()``
+    stays > 0); call this after Redis calls in loops that must stop when cancelled.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _attempt_of(job_id: str) -> int:

@@ -13,7 +13,7 @@ from servetune.cluster.events import EventReader
 from servetune.cluster.models import TrialEvent, TrialEventKind
 from servetune.core.study import FailureKind, TrialResult, TrialState
 from servetune.errors import ServetuneError, StudyBusy, StudyNotFound
-from servetune.manager.dispatch import RemoteRunner
+from servetune.manager.dispatch import RemoteRunner, raise_if_cancelled
 from servetune.store.repo import StudyStore
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class Ingestor:
             except ServetuneError as e:
                 log.warning("reading the events stream failed (retrying in 1 s): %s", e)
                 await asyncio.sleep(1.0)
+            raise_if_cancelled()
 
     async def drain(self, block_ms: int = 100) -> int:
         """Apply every entry waiting now (pending ones first); how many were applied."""
@@ -100,9 +101,16 @@ class Ingestor:
             await self._apply(entry_id, event)
         return len(entries)
 
-    async def claim_stale(self, min_idle_ms: int) -> None:
-        """Take over entries a dead manager read but never acknowledged (they are read next)."""
-        await self.reader.claim_stale(min_idle_ms)
+    async def claim_stale(self, min_idle_ms: int) -> int:
+        """Take over and apply entries another manager (a dead one) read but never acknowledged
+        for ``min_idle_ms``; how many were taken over."""
+        claimed = await self.reader.claim_stale(min_idle_ms)
+        for entry_id, event, _raw in claimed:
+            if event is None:
+                await self.reader.ack(entry_id)
+                continue
+            await self._apply(entry_id, event)
+        return len(claimed)
 
     async def _apply(self, entry_id: str, event: TrialEvent) -> None:
         try:

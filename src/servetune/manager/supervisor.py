@@ -25,7 +25,7 @@ from servetune.core.study import Params, Trial, TrialRole, TrialState
 from servetune.engines import get_engine
 from servetune.errors import ServetuneError, StudyBusy
 from servetune.loop import LoopEvents, StudyLoop
-from servetune.manager.dispatch import RemoteRunner
+from servetune.manager.dispatch import RemoteRunner, raise_if_cancelled
 from servetune.manager.ingest import Ingestor
 from servetune.runner import TrialContext
 from servetune.settings import Settings
@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 
 CANCEL_WAIT_S = 15.0
 """How long ``cancel`` waits for a study's loop to record the cancellation, s."""
-STALE_CLAIM_HEARTBEATS = 6
-"""Entries another manager read and left unacknowledged this many heartbeats are taken over."""
+STALE_CLAIM_MIN_MS = 60_000
+"""Entries another manager read and left unacknowledged this long (ms) are taken over."""
 
 
 class StudySupervisor:
@@ -194,6 +194,7 @@ class StudySupervisor:
             yield {"type": "study", "status": study.status}
             while True:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                raise_if_cancelled()
                 if message is None or message.get("type") != "message":
                     continue
                 try:
@@ -288,7 +289,7 @@ class StudySupervisor:
         task.add_done_callback(self._background.discard)
 
     def _stale_ms(self) -> int:
-        return int(STALE_CLAIM_HEARTBEATS * self.settings.heartbeat_s * 1000)
+        return max(STALE_CLAIM_MIN_MS, int(12 * self.settings.heartbeat_s * 1000))
 
     async def _watchdog(self) -> None:
         """Every heartbeat: take over events a dead manager left unacknowledged."""
@@ -298,3 +299,4 @@ class StudySupervisor:
                 await self.ingestor.claim_stale(self._stale_ms())
             except (ServetuneError, RedisError) as e:
                 log.warning("claiming stale events failed: %s", e)
+            raise_if_cancelled()
