@@ -131,9 +131,11 @@ class WorkerProcess:
         argv = [sys.executable, "-m", "servetune", "worker", "--redis", url, "--name", name]
         argv += ["--heartbeat-s", "1", "--data-dir", str(self.data_dir)]
         argv += ["--max-parallel", str(max_parallel)]
+        # a pydantic serialization warning in the worker is an error there too
+        env = {**cli_env(tmp_path), "PYTHONWARNINGS": "error::UserWarning"}
         with self.stderr_path.open("wb") as err:
             self.proc = subprocess.Popen(  # noqa: S603 - argv list of our own CLI
-                argv, stdout=subprocess.DEVNULL, stderr=err, env=cli_env(tmp_path)
+                argv, stdout=subprocess.DEVNULL, stderr=err, env=env
             )
         ready = wait_until(lambda: "ready" in self.stderr() or self.proc.poll() is not None, 30)
         assert ready and self.proc.poll() is None, self.stderr()
