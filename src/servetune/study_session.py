@@ -11,6 +11,7 @@ import fcntl
 import logging
 import os
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from rich.console import Console
@@ -118,14 +119,29 @@ async def run_study(
     process loses it (it stopped renewing long enough for another process to take over).
     """
     clean_stale_locks(settings)
+    async with holding_lease(settings, store, study.id):
+        return await _run_locked(settings, store, study, console)
+
+
+@contextlib.asynccontextmanager
+async def holding_lease(
+    settings: Settings, store: StudyStore, study_id: int
+) -> AsyncIterator[LeaseOwner]:
+    """Hold the study's lease while the ``async with`` body runs; yields the owner (this run).
+
+    Takes it (``take_study``: StudyBusy when a live process holds it), fences ``store``'s writes
+    to the study with it, renews it every ``settings.lease_ttl_s / 3`` (``_keep_lease``; losing
+    it cancels the task running the body, which then raises StudyBusy), and on exit removes the
+    fence and releases it. Both ``run_study`` and the manager's supervisor hold studies this way.
+    """
     owner = LeaseOwner(owner_id=uuid.uuid4().hex, host=settings.host_name, pid=os.getpid())
-    await asyncio.to_thread(take_study, store, study.id, owner, settings)
-    store.fence(study.id, owner.owner_id)
+    await asyncio.to_thread(take_study, store, study_id, owner, settings)
+    store.fence(study_id, owner.owner_id)
     main = asyncio.current_task()
     lost: list[StudyBusy] = []
-    renewer = asyncio.create_task(_keep_lease(store, study.id, owner, settings, main, lost))
+    renewer = asyncio.create_task(_keep_lease(store, study_id, owner, settings, main, lost))
     try:
-        return await _run_locked(settings, store, study, console)
+        yield owner
     except (asyncio.CancelledError, StudyBusy):
         if lost:  # the loop's own cancellation writes were fenced off: report the takeover
             raise lost[0] from None
@@ -134,12 +150,12 @@ async def run_study(
         renewer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await renewer
-        store.fence(study.id, None)
+        store.fence(study_id, None)
         if not lost:
             try:
-                await asyncio.to_thread(store.release_lease, study.id, owner.owner_id)
+                await asyncio.to_thread(store.release_lease, study_id, owner.owner_id)
             except ServetuneError as e:  # it lapses by itself after lease_ttl_s
-                log.warning("study %s: could not release its lease: %s", study.name, e)
+                log.warning("study %d: could not release its lease: %s", study_id, e)
 
 
 async def _keep_lease(
