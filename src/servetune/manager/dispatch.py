@@ -12,6 +12,7 @@ import math
 from collections.abc import Awaitable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Literal
 
 from arq.connections import ArqRedis
 
@@ -127,6 +128,16 @@ def place(
     return min(fits)[3] if fits else None
 
 
+@dataclass(frozen=True)
+class _Signal:
+    """What the Ingestor tells a waiting trial: its result is stored, or it was handed back."""
+
+    kind: Literal["result", "handed_back"]
+    job_id: str
+    result: TrialResult | None = None
+    reason: str = ""
+
+
 @dataclass
 class _Flight:
     """One trial this runner is waiting for: its current job and the worker's signals."""
@@ -141,7 +152,7 @@ class _Flight:
     attempt: int = 1
     placements: int = 0
     job: TrialJob | None = None
-    signals: asyncio.Queue[tuple[str, object]] = field(default_factory=asyncio.Queue)
+    signals: asyncio.Queue[_Signal] = field(default_factory=asyncio.Queue)
 
 
 @dataclass
@@ -298,7 +309,7 @@ class RemoteRunner:
         flight = self._flights.get(event.trial_id)
         if flight is None:
             return False
-        flight.signals.put_nowait(("result", (event.job_id, result)))
+        flight.signals.put_nowait(_Signal("result", event.job_id, result=result))
         return True
 
     def handed_back(self, event: TrialEvent) -> bool:
@@ -306,7 +317,8 @@ class RemoteRunner:
         flight = self._flights.get(event.trial_id)
         if flight is None or flight.job is None or flight.job.job_id != event.job_id:
             return False
-        flight.signals.put_nowait(("handed_back", event.reason or "the worker is stopping"))
+        reason = event.reason or "the worker is stopping"
+        flight.signals.put_nowait(_Signal("handed_back", event.job_id, reason=reason))
         return True
 
     # ---- internals -------------------------------------------------------------------------
@@ -425,7 +437,7 @@ class RemoteRunner:
             job = flight.job
             assert job is not None
             try:
-                kind, value = await asyncio.wait_for(
+                signal = await asyncio.wait_for(
                     flight.signals.get(), timeout=self.settings.heartbeat_s
                 )
             except TimeoutError:
@@ -435,18 +447,17 @@ class RemoteRunner:
                 await self._check_worker(job, seen)
                 raise_if_cancelled()
                 continue
-            if kind == "result":
-                job_id, result = value  # type: ignore[misc]
-                if job_id != job.job_id:  # an earlier placement finished after all
+            if signal.result is not None:
+                if signal.job_id != job.job_id:  # an earlier placement finished after all
                     await self._abort_job(job)
-                return result  # type: ignore[no-any-return]
-            if kind == "handed_back":
+                return signal.result
+            if signal.kind == "handed_back":
                 log.warning(
                     "study %s trial %d: worker %s handed it back (%s); placing it again",
                     flight.study_name,
                     flight.number,
                     job.worker_id,
-                    value,
+                    signal.reason,
                 )
                 self._unplace(flight)
                 await self._enqueue(flight, avoid={job.worker_id})
@@ -507,8 +518,7 @@ class RemoteRunner:
             async with asyncio.timeout(ABORT_WAIT_S):
                 await self._abort_job(job)
                 while True:
-                    kind, _ = await flight.signals.get()
-                    if kind == "result":
+                    if (await flight.signals.get()).result is not None:
                         return
         except TimeoutError:
             log.warning(

@@ -208,7 +208,7 @@ class StudySupervisor:
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.unsubscribe()
             with contextlib.suppress(RedisError, OSError):
-                await pubsub.aclose()
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     # ---- internals -----------------------------------------------------------------------
     async def _run(self, study: StudyRecord, held: asyncio.Future[None]) -> None:
