@@ -30,6 +30,7 @@ from servetune.core.metrics import format_warning
 from servetune.core.spec import StudySpec
 from servetune.core.study import Trial, TrialRole, TrialState, format_params
 from servetune.errors import ServetuneError, SpecInvalid
+from servetune.manager.cli import register as register_manager_commands
 from servetune.settings import Settings
 from servetune.worker.cli import worker_cmd
 
@@ -1342,3 +1343,4 @@ def main() -> None:
 
 
 app.command("worker")(worker_cmd)
+register_manager_commands(app)

@@ -19,12 +19,14 @@ from fastapi.responses import JSONResponse
 
 from servetune.errors import (
     PathOutside,
+    RedisUnavailable,
     ServetuneError,
     SpecInvalid,
     StoreError,
     StudyBusy,
     StudyExists,
     StudyNotFound,
+    WorkerNotFound,
 )
 from servetune.manager import ws
 from servetune.manager.auth import BearerAuth
@@ -95,7 +97,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def spec_invalid(request: Request, e: Exception) -> JSONResponse:
         assert isinstance(e, SpecInvalid)
         problems = [ProblemPublic.of(p) for p in e.problems]
-        return _problems_response(f"the spec has {len(problems)} problem(s)", problems)
+        what = "spec" if request.url.path.rstrip("/") == "/api/studies" else "request"
+        return _problems_response(f"the {what} has {len(problems)} problem(s)", problems)
 
     async def bad_request(request: Request, e: Exception) -> JSONResponse:
         assert isinstance(e, RequestValidationError)
@@ -108,15 +111,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _problems_response(f"the request has {len(problems)} problem(s)", problems)
 
     async def servetune_error(request: Request, e: Exception) -> JSONResponse:
-        from servetune.manager.routes.workers import WorkerNotFound
-
         if isinstance(e, StudyNotFound | WorkerNotFound):
             return _error(404, e)
         if isinstance(e, StudyExists | StudyBusy):
             return _error(409, e)
         if isinstance(e, PathOutside):
             return _error(422, e)
-        if isinstance(e, StoreError) or type(e).__name__ == "RedisUnavailable":
+        if isinstance(e, StoreError | RedisUnavailable):
             log.error("%s %s: %s", request.method, request.url.path, e)
             return _error(503, e)
         return _error(400, e)
@@ -162,6 +163,7 @@ def create_app(
     )
     _install_error_handlers(app)
     app.include_router(studies.router)
+    app.include_router(studies.assets)
     app.include_router(workers.router)
     app.include_router(health.router)
     app.include_router(ws.router)

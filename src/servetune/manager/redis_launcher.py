@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import shutil
 import signal
@@ -59,6 +60,7 @@ class PrivateRedis:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             await asyncio.to_thread(self.proc.wait, timeout_s)
+        (self.folder / "url").unlink(missing_ok=True)
         log.info("private redis-server (pid %d) stopped", self.proc.pid)
 
 
@@ -95,8 +97,9 @@ def _spawn(argv: list[str], config: str) -> subprocess.Popen[bytes]:
 async def start_private_redis(data_dir: Path) -> PrivateRedis:
     """Start ``redis-server`` on a free 127.0.0.1 port with a random password; the running one.
 
-    Its working folder is ``data_dir/redis`` (its log ``redis.log`` there); persistence is off
-    (no RDB, no AOF), so nothing is written elsewhere. Raises RedisNotInstalled when
+    Its working folder is ``data_dir/redis`` (its log ``redis.log`` there, and ``url``: the URL
+    with the password, mode 0600, for workers on this host); persistence is off (no RDB, no
+    AOF), so nothing is written elsewhere. Raises RedisNotInstalled when
     redis-server is not on PATH (the message says how to install it or to pass --redis), and
     RedisStartFailed when it exits or does not answer PING within ``START_TIMEOUT_S``.
     """
@@ -145,5 +148,15 @@ async def start_private_redis(data_dir: Path) -> PrivateRedis:
             await asyncio.sleep(0.05)
     finally:
         await client.aclose()
-    log.info("private redis-server (pid %d) on 127.0.0.1:%d", proc.pid, port)
+    url_file = folder / "url"
+    fd = os.open(url_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(url + "\n")
+    log.info(
+        "private redis-server (pid %d) on 127.0.0.1:%d; workers on this host: "
+        'servetune worker --redis "$(cat %s)"',
+        proc.pid,
+        port,
+        url_file,
+    )
     return running

@@ -38,7 +38,11 @@ async def _accept(ws: WebSocket) -> None:
 
 
 async def _until_disconnect(ws: WebSocket, work: Awaitable[None]) -> None:
-    """Run ``work`` until it ends or the client disconnects, whichever comes first."""
+    """Run ``work`` until it ends or the client disconnects, whichever comes first.
+
+    Once the client is gone, errors of ``work`` (a send on the closed socket) are dropped;
+    otherwise they propagate.
+    """
 
     async def wait_disconnect() -> None:
         while True:
@@ -46,17 +50,18 @@ async def _until_disconnect(ws: WebSocket, work: Awaitable[None]) -> None:
             if message["type"] == "websocket.disconnect":
                 return
 
-    tasks = [asyncio.ensure_future(work), asyncio.ensure_future(wait_disconnect())]
+    worker = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(wait_disconnect())
     try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            exc = task.exception()
+        await asyncio.wait([worker, watcher], return_when=asyncio.FIRST_COMPLETED)
+        if worker.done() and not watcher.done():
+            exc = worker.exception()
             if exc is not None and not isinstance(exc, WebSocketDisconnect):
                 raise exc
     finally:
-        for task in tasks:
+        for task in (worker, watcher):
             task.cancel()
-        for task in tasks:
+        for task in (worker, watcher):
             with contextlib.suppress(BaseException):
                 await task
 
@@ -76,30 +81,38 @@ def _snapshot(state: ManagerState, study_id: int) -> dict[str, Any]:
     }
 
 
+FINAL_STATUSES = ("finished", "failed", "cancelled", "interrupted")
+"""Study statuses after which the study's live stream closes (1000)."""
+
+
 @router.websocket("/ws/studies/{study_id}")
 async def study_updates(ws: WebSocket, study_id: int) -> None:
     """First ``{"type": "snapshot", "study": …, "trials": […]}``, then the supervisor's live
-    messages (``trial``, ``study``, ``phase``) as they happen. A study not running here gets
-    the snapshot and a normal close."""
+    messages (``trial``, ``phase``, ``study``…) as they happen, until a ``study`` message with
+    a final status; then a normal close. A study not running here gets the snapshot and a
+    normal close; an unknown one a close with code 4404."""
     state = manager_state(ws)
     await _accept(ws)
     updates = state.supervisor.subscribe(study_id)
     try:
-        snapshot = await asyncio.to_thread(_snapshot, state, study_id)
-    except StudyNotFound as e:
-        await ws.close(code=CLOSE_NOT_FOUND, reason=str(e)[:120])
-        return
-    await ws.send_json(snapshot)
-    if study_id not in state.supervisor.running():
-        await ws.close()
-        return
+        try:
+            await anext(aiter(updates))  # the stored status: subscribed from here on
+            snapshot = await asyncio.to_thread(_snapshot, state, study_id)
+        except (StudyNotFound, StopAsyncIteration) as e:
+            await ws.close(code=CLOSE_NOT_FOUND, reason=str(e)[:120] or "no such study")
+            return
+        await ws.send_json(snapshot)
+        if study_id not in state.supervisor.running():
+            await ws.close()
+            return
 
-    async def forward() -> None:
-        async for message in updates:
-            await ws.send_json(message)
-        await ws.close()
+        async def forward() -> None:
+            async for message in updates:
+                await ws.send_json(message)
+                if message.get("type") == "study" and message.get("status") in FINAL_STATUSES:
+                    break
+            await ws.close()  # the study ended: a normal close (1000)
 
-    try:
         await _until_disconnect(ws, forward())
     finally:
         aclose = getattr(updates, "aclose", None)

@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -53,6 +54,9 @@ PROBE_TIMEOUT_S = 2.0
 
 QUEUE_RETRY_S = 2.0
 """Pause before the job loop is started again after Redis stayed unreachable, s."""
+
+STOP_WAIT_S = 5.0
+"""How long the heartbeat and the job loop get to end once the worker stops, s."""
 
 HAND_BACK_GRACE_S = 30.0
 """After SIGTERM: how long running jobs get to stop their engines and report, s (beyond the
@@ -323,11 +327,14 @@ class _Worker:
     async def beat_forever(self) -> None:
         """Beat every ``heartbeat_s``; a failed beat (Redis down) is logged and the next one
         tries again (``Registry.beat`` re-registers a worker Redis forgot)."""
+        task = asyncio.current_task()
         while True:
             try:
                 await self.beat_once()
             except (ServetuneError, RedisError, OSError) as e:
                 log.warning("heartbeat failed: %s", e)
+            if task is not None and task.cancelling():
+                return  # a cancellation the retrying Redis client swallowed mid-command
             await asyncio.sleep(self.settings.heartbeat_s)
 
     def on_signal(self, signum: int) -> None:
@@ -474,16 +481,41 @@ async def _run(worker: _Worker, max_parallel: int) -> int:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        for task in (beats, jobs, stopped):
-            task.cancel()
-        for task in (beats, jobs, stopped):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await arq_worker.close()
-        with contextlib.suppress(Exception):
-            await worker.registry.mark_offline(info.id)  # offline now, not 3 beats later
+        await cancel_and_wait({beats, jobs, stopped}, STOP_WAIT_S)
+        await _within(arq_worker.close(), STOP_WAIT_S)
+        # offline now, not 3 beats later
+        await _within(worker.registry.mark_offline(info.id), STOP_WAIT_S)
         log.info("worker %s stopped", info.id)
+
+
+async def cancel_and_wait(tasks: set[asyncio.Task[Any]], timeout_s: float) -> bool:
+    """Cancel ``tasks`` and wait up to ``timeout_s`` for them to end, cancelling again every
+    0.2 s: the retrying redis-py client can swallow a cancellation that lands mid-command
+    (Python 3.11), and a loop around it would then go on. True when all ended."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    pending = {t for t in tasks if not t.done()}
+    while pending and loop.time() < deadline:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=min(0.2, deadline - loop.time()))
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: an error after the stop is not worth a warning
+    if pending:
+        log.warning("%d task(s) still running %.0f s after the stop", len(pending), timeout_s)
+    return not pending
+
+
+async def _within(coro: Coroutine[Any, Any, Any], timeout_s: float) -> None:
+    """Run ``coro`` for at most ``timeout_s`` (a Redis that is down must not hold up the exit);
+    its errors are logged, not raised."""
+    task = asyncio.ensure_future(coro)
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if not done:
+        await cancel_and_wait({task}, 1.0)
+    elif not task.cancelled() and task.exception() is not None:
+        log.warning("while stopping: %s", task.exception())
 
 
 async def _take_jobs(arq_worker: Any) -> None:

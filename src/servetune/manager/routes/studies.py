@@ -11,11 +11,11 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Response
-from fastapi.responses import HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse
 
 from servetune.core.spec import Problem
 from servetune.errors import SpecInvalid, StudyBusy
-from servetune.manager.deps import StoreDep, SupervisorDep
+from servetune.manager.deps import SettingsDep, StoreDep, SupervisorDep
 from servetune.manager.schemas import (
     ErrorBody,
     ProblemsBody,
@@ -164,18 +164,51 @@ async def list_trials(study_id: StudyId, store: StoreDep) -> TrialList:
     return await asyncio.to_thread(read)
 
 
+PLOTLY_PATH = "/assets/plotly.min.js"
+"""Where the manager serves plotly.js for its reports (no token needed: a public library)."""
+
+assets = APIRouter(prefix="/assets", include_in_schema=False)
+
+
+@assets.get("/plotly.min.js")
+async def plotly_js(settings: SettingsDep) -> FileResponse:
+    """plotly.js for the reports, cached by browsers for a day."""
+    from servetune.report.html import shared_plotly_js
+
+    path = await asyncio.to_thread(shared_plotly_js, settings.reports_dir)
+    return FileResponse(
+        path, media_type="text/javascript", headers={"Cache-Control": "public, max-age=86400"}
+    )
+
+
 @router.get(
     "/{study_id}/report",
     response_class=HTMLResponse,
-    responses={**_NOT_FOUND, 200: {"content": {"text/html": {}}}},
+    responses={
+        200: {"content": {"text/html": {}}},
+        404: {
+            "description": "No such study.",
+            "content": {"application/json": {"schema": ErrorBody.model_json_schema()}},
+        },
+    },
     summary="The study's HTML report",
 )
-async def read_report(study_id: StudyId, store: StoreDep) -> HTMLResponse:
-    """The same self-contained HTML report as `servetune report --self-contained`."""
-    from servetune.report.html import render_report
+async def read_report(study_id: StudyId, store: StoreDep, settings: SettingsDep) -> HTMLResponse:
+    """The study's HTML report (as `servetune report`); plotly.js comes from
+    /assets/plotly.min.js, or inline when the data directory cannot hold it."""
+    from servetune.report.html import render_report, shared_plotly_js
 
     def render() -> str:
         record = store.get_study(study_id)
-        return render_report(record, store.list_trials(study_id), plotly_src=None)
+        trials = store.list_trials(study_id)
+        try:
+            shared_plotly_js(settings.reports_dir)
+            src: str | None = PLOTLY_PATH
+        except OSError as e:
+            log.info(
+                "shared plotly.js unavailable in %s (%s); inlining it", settings.reports_dir, e
+            )
+            src = None
+        return render_report(record, trials, plotly_src=src)
 
     return HTMLResponse(await asyncio.to_thread(render))

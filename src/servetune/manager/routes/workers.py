@@ -10,7 +10,10 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Path, Query
 from pydantic import AwareDatetime
 
-from servetune.errors import ServetuneError
+from servetune.cluster.logs import READ_LIMIT_MAX
+from servetune.cluster.logs import read_logs as read_worker_logs
+from servetune.core.spec import Problem
+from servetune.errors import SpecInvalid, WorkerNotFound
 from servetune.manager.deps import RedisDep, RegistryDep
 from servetune.manager.schemas import (
     ErrorBody,
@@ -29,10 +32,6 @@ WorkerId = Annotated[
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody}}
-
-
-class WorkerNotFound(ServetuneError):
-    """No worker with that id ever registered (or it was forgotten)."""
 
 
 async def _status(registry: Any, worker_id: str) -> Any:
@@ -84,7 +83,9 @@ async def read_gpu_history(
 async def read_logs(
     worker_id: WorkerId,
     redis: RedisDep,
-    limit: Annotated[int, Query(ge=1, le=10_000, description="Most records returned.")] = 200,
+    limit: Annotated[
+        int, Query(ge=1, le=READ_LIMIT_MAX, description="Most records returned.")
+    ] = 200,
     level: Annotated[LogLevel | None, Query(description="Only this level and above.")] = None,
     since: Annotated[
         AwareDatetime | None, Query(description="Only records after this time (with a zone).")
@@ -94,9 +95,11 @@ async def read_logs(
     ] = None,
 ) -> LogList:
     """The worker's last records, oldest first (kept in Redis: the newest ones, for a day)."""
-    from servetune.cluster.logs import read_logs as read_worker_logs
-
-    records = await read_worker_logs(
-        redis, worker_id, limit=limit, level=level, since=since, trial_id=trial
-    )
+    try:
+        records = await read_worker_logs(
+            redis, worker_id, limit=limit, level=level, since=since, trial_id=trial
+        )
+    except (ValueError, OverflowError) as e:  # e.g. a `since` at the edge of the calendar
+        field = "since" if isinstance(e, OverflowError) else str(e).split(":", 1)[0]
+        raise SpecInvalid([Problem(field, f"{e}; give a value in range")]) from e
     return LogList(items=records)
