@@ -17,7 +17,7 @@ from typing import Literal
 from arq.connections import ArqRedis
 
 from servetune.cluster.models import TrialEvent, TrialJob
-from servetune.cluster.queue import abort_trial, enqueue_trial, job_state
+from servetune.cluster.queue import abort_trial, enqueue_trial, forget_job, job_state
 from servetune.cluster.registry import Registry, WorkerStatus
 from servetune.core.spec import StudySpec, Workload
 from servetune.core.study import FailureKind, Params, Trial, TrialNeeds, TrialResult, TrialState
@@ -334,6 +334,7 @@ class RemoteRunner:
                 except WorkerLost as e:
                     losses.append(e)
                     self._unplace(flight)
+                    await self._forget(flight.job)
                     if flight.attempt >= 2:
                         return TrialResult(
                             state=TrialState.FAIL,
@@ -528,6 +529,15 @@ class RemoteRunner:
                 job.worker_id,
                 ABORT_WAIT_S,
             )
+
+    async def _forget(self, job: TrialJob | None) -> None:
+        """Remove a lost job from its worker's queue (ARQ would keep it in progress for days)."""
+        if job is None:
+            return
+        try:
+            await forget_job(self.pool, job.job_id, job.worker_id)
+        except ServetuneError as e:
+            log.warning("forgetting job %s of worker %s failed: %s", job.job_id, job.worker_id, e)
 
     async def _abort_job(self, job: TrialJob) -> None:
         try:
