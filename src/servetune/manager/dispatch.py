@@ -283,6 +283,7 @@ class RemoteRunner:
                 job_id,
                 worker_id,
             )
+            self._placed.setdefault(worker_id, {})[trial.id] = needs  # it occupies the worker
             adopted[trial.id] = asyncio.ensure_future(self._fly(flight))
         return adopted
 
