@@ -449,6 +449,33 @@ def test_a_handed_back_trial_is_placed_again(
     run(settings, body)
 
 
+def test_a_trial_waits_for_a_worker_that_fits(
+    settings: Settings,
+    store: StudyStore,
+    tiny_model: Any,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def body(r: aioredis.Redis) -> None:
+        async def late_worker() -> None:
+            await asyncio.sleep(0.5)
+            async with workers(settings, tmp_path, late=answer):
+                await asyncio.sleep(3)
+
+        arriving = asyncio.create_task(late_worker())
+        _, result = await _run_one(settings, store, r, small_spec(tiny_model), "waits")
+        arriving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await arriving
+        assert result.failure_reason == "ran on late"
+
+    caplog.set_level("INFO", logger="servetune.manager.dispatch")
+    run(settings, body)
+    waits = [m for m in caplog.messages if "waiting for a worker with" in m]
+    assert len(waits) == 1, waits  # said once, not at every poll
+    assert "CPU thread" in waits[0] and "free (engine llamacpp, deployment local)" in waits[0]
+
+
 # ---- the StudySupervisor ---------------------------------------------------------------------
 def test_a_study_runs_on_two_workers_in_parallel(
     settings: Settings, store: StudyStore, tiny_model: Any, tmp_path: Path

@@ -77,12 +77,10 @@ def job_timeout_s(spec: StudySpec) -> float:
 
 
 def describe_needs(needs: TrialNeeds, engine: str, deployment: str) -> str:
-    """``2 CPU threads, 1 GPU, engine llamacpp, deployment local`` for log lines."""
-    gpus = f", {needs.gpus} GPU{'s' if needs.gpus != 1 else ''}" if needs.gpus else ""
-    return (
-        f"{needs.cpu_threads} CPU thread{'s' if needs.cpu_threads != 1 else ''}{gpus}, "
-        f"engine {engine}, deployment {deployment}"
-    )
+    """``2 CPU threads and 1 GPU free (engine vllm, deployment local)`` for log lines."""
+    gpus = f" and {needs.gpus} GPU{'s' if needs.gpus != 1 else ''}" if needs.gpus else ""
+    threads = f"{needs.cpu_threads} CPU thread{'s' if needs.cpu_threads != 1 else ''}"
+    return f"{threads}{gpus} free (engine {engine}, deployment {deployment})"
 
 
 def place(
@@ -414,7 +412,7 @@ class RemoteRunner:
                 return worker_id
             if not waiting:
                 log.info(
-                    "study %s trial %d: waiting for a worker with %s free (%d worker(s) known)",
+                    "study %s trial %d: waiting for a worker with %s; %d worker(s) known",
                     flight.study_name,
                     flight.number,
                     describe_needs(flight.needs, engine, deployment),
