@@ -183,7 +183,9 @@ class RemoteRunner:
     checks → the trial is placed once more (attempt 2, on another worker when one fits), and
     after a second loss it ends FAIL ``worker_lost`` with the reasons. A HANDED_BACK trial is
     placed again at once (not counted as a loss). Cancelled: the job is aborted, the worker's
-    cancelled RESULT awaited for up to ``ABORT_WAIT_S``, and CancelledError re-raised.
+    cancelled RESULT awaited for up to ``ABORT_WAIT_S``, and CancelledError re-raised. While
+    Redis is unreachable (RedisUnavailable) the trial keeps waiting and the call is retried at
+    the next heartbeat: an outage never fails a trial by itself.
     ``ctx.study_id`` and ``ctx.trial_id`` must be set (the loop sets them; ValueError if not).
     """
 
@@ -375,7 +377,13 @@ class RemoteRunner:
             worker_id=worker_id,
         )
         flight.job = job
-        await enqueue_trial(self.pool, job)
+        while True:
+            try:
+                await enqueue_trial(self.pool, job)
+                break
+            except ServetuneError as e:  # Redis unreachable: the trial waits, it is not lost
+                log.warning("enqueuing job %s failed (retrying): %s", job.job_id, e)
+                await asyncio.sleep(self.settings.heartbeat_s)
         raise_if_cancelled()
         try:
             await asyncio.to_thread(self.store.set_trial_worker, flight.trial_id, worker_id)
@@ -396,7 +404,11 @@ class RemoteRunner:
         waiting = False
         while True:
             self._room.clear()
-            workers = await self.registry.workers()
+            try:
+                workers = await self.registry.workers()
+            except ServetuneError as e:  # Redis unreachable: no worker known for now
+                log.warning("listing workers failed (retrying): %s", e)
+                workers = []
             raise_if_cancelled()
             placed = {w: list(n.values()) for w, n in self._placed.items()}
             worker_id = place(
@@ -444,7 +456,12 @@ class RemoteRunner:
                 stored = await self._stored_result(flight)
                 if stored is not None:  # ingested by another manager process
                     return stored
-                await self._check_worker(job, seen)
+                try:
+                    await self._check_worker(job, seen)
+                except WorkerLost:
+                    raise
+                except ServetuneError as e:  # Redis unreachable: nothing known, ask again
+                    log.warning("checking worker %s failed (retrying): %s", job.worker_id, e)
                 raise_if_cancelled()
                 continue
             if signal.result is not None:
@@ -466,13 +483,17 @@ class RemoteRunner:
     async def _check_worker(self, job: TrialJob, seen: _Seen) -> None:
         """One liveness check of the current job's worker; raises WorkerLost when it is gone.
 
-        Offline in the registry → lost at once. Otherwise a job that is neither queued nor listed
+        Offline in the registry → lost at once; not registered at all (a restarted Redis lost
+        it until its next heartbeat) → a miss. Otherwise a job that is neither queued nor listed
         in a heartbeat sent since the previous check is missing from that heartbeat; missing
         from ``VANISHED_CHECKS`` heartbeats in a row → lost (ARQ keeps a killed worker's job
         ``in_progress`` for days, so only the heartbeat tells that it still runs).
         """
         status = await self.registry.worker(job.worker_id)
-        if status is None or status.state == "offline":
+        if status is None:  # Redis lost its data (restarted): the worker re-registers
+            self._miss(job, seen, "not registered")
+            return
+        if status.state == "offline":
             raise WorkerLost(
                 job.worker_id,
                 f"worker {job.worker_id} went offline (no heartbeat for 3 × "
@@ -490,11 +511,16 @@ class RemoteRunner:
         seen.last_beat = beat.sent_at if beat is not None else None
         if state == "in_progress" and not fresh:
             return  # no new heartbeat to tell yet
+        self._miss(job, seen, f"job {state}")
+
+    @staticmethod
+    def _miss(job: TrialJob, seen: _Seen, what: str) -> None:
+        """Count one check that did not find the job; WorkerLost after VANISHED_CHECKS."""
         seen.missing += 1
         if seen.missing >= VANISHED_CHECKS:
             raise WorkerLost(
                 job.worker_id,
-                f"job {job.job_id} vanished from worker {job.worker_id} (job {state}, missing "
+                f"job {job.job_id} vanished from worker {job.worker_id} ({what}, missing "
                 f"from its heartbeat {seen.missing} times in a row)",
             )
 
