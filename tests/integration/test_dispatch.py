@@ -17,13 +17,10 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from arq.worker import func
-from servetune.cluster.events import EventReader, send_event
-from servetune.cluster.queue import JOB_FUNCTION, arq_pool, worker_settings
-from servetune.cluster.redis import connect
-from servetune.cluster.registry import Registry
 
 from servetune.bench.builtin import BuiltinClient
 from servetune.cluster import keys
+from servetune.cluster.events import EventReader, send_event
 from servetune.cluster.models import (
     Heartbeat,
     RunningTrial,
@@ -33,6 +30,9 @@ from servetune.cluster.models import (
     WorkerInfo,
     utc_now,
 )
+from servetune.cluster.queue import JOB_FUNCTION, arq_pool, worker_settings
+from servetune.cluster.redis import connect
+from servetune.cluster.registry import Registry
 from servetune.core.spec import StudySpec
 from servetune.core.study import FailureKind, TrialResult, TrialRole, TrialState
 from servetune.deploy.local import LocalDeployment
@@ -449,6 +449,33 @@ def test_a_handed_back_trial_is_placed_again(
     run(settings, body)
 
 
+def test_a_trial_waits_for_a_worker_that_fits(
+    settings: Settings,
+    store: StudyStore,
+    tiny_model: Any,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def body(r: aioredis.Redis) -> None:
+        async def late_worker() -> None:
+            await asyncio.sleep(0.5)
+            async with workers(settings, tmp_path, late=answer):
+                await asyncio.sleep(3)
+
+        arriving = asyncio.create_task(late_worker())
+        _, result = await _run_one(settings, store, r, small_spec(tiny_model), "waits")
+        arriving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await arriving
+        assert result.failure_reason == "ran on late"
+
+    caplog.set_level("INFO", logger="servetune.manager.dispatch")
+    run(settings, body)
+    waits = [m for m in caplog.messages if "waiting for a worker with" in m]
+    assert len(waits) == 1, waits  # said once, not at every poll
+    assert "CPU thread" in waits[0] and "free (engine llamacpp, deployment local)" in waits[0]
+
+
 # ---- the StudySupervisor ---------------------------------------------------------------------
 def test_a_study_runs_on_two_workers_in_parallel(
     settings: Settings, store: StudyStore, tiny_model: Any, tmp_path: Path
@@ -519,9 +546,14 @@ def test_cancel_aborts_the_job_on_the_worker(
     run(settings, body)
 
 
-def test_a_restarted_manager_ingests_what_finished_meanwhile_and_resumes(
-    settings: Settings, store: StudyStore, tiny_model: Any, tmp_path: Path
+@pytest.mark.parametrize("meanwhile", ["finished", "still running"])
+def test_a_restarted_manager_resumes_without_running_a_trial_twice(
+    settings: Settings, store: StudyStore, tiny_model: Any, tmp_path: Path, meanwhile: str
 ) -> None:
+    """The manager stops mid-trial; the trial finishes while it is down (its RESULT is
+    ingested at the next start) or still runs when it returns (adopted): either way it is run
+    once, stored once, and the resumed study finishes."""
+
     async def body(r: aioredis.Redis) -> None:
         release = asyncio.Event()
 
@@ -535,17 +567,20 @@ def test_a_restarted_manager_ingests_what_finished_meanwhile_and_resumes(
             async with supervisor(settings, store, r) as first:
                 await first.submit(study_id)
                 await wait_until(lambda: bool(ws["a"].running))
-            # the manager is down: its study is still running, the trial finishes meanwhile
+            # the manager is down: its study is still running, and so is the trial
             assert store.get_study(study_id).status == "running"
-            release.set()
-            await wait_until(lambda: not ws["a"].running)
+            assert store.get_study(study_id).lease is None
+            if meanwhile == "finished":
+                release.set()
+                await wait_until(lambda: not ws["a"].running)
             async with supervisor(settings, store, r) as second:
                 assert study_id in second.running()  # resumed at start
+                release.set()
                 await finished(second, study_id)
         trials = store.trials(study_id)
         assert store.get_study(study_id).status == "finished"
         assert [t.number for t in trials] == [0, 1]
-        assert trials[0].failure_kind is FailureKind.BENCHMARK_FAILED  # ingested, not interrupted
+        assert trials[0].failure_kind is FailureKind.BENCHMARK_FAILED  # measured, not interrupted
         assert len(ws["a"].jobs) == 2  # trial 0 was not run again
 
     run(settings, body)

@@ -12,11 +12,12 @@ import math
 from collections.abc import Awaitable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Literal
 
 from arq.connections import ArqRedis
 
 from servetune.cluster.models import TrialEvent, TrialJob
-from servetune.cluster.queue import abort_trial, enqueue_trial, job_state
+from servetune.cluster.queue import abort_trial, enqueue_trial, forget_job, job_state
 from servetune.cluster.registry import Registry, WorkerStatus
 from servetune.core.spec import StudySpec, Workload
 from servetune.core.study import FailureKind, Params, Trial, TrialNeeds, TrialResult, TrialState
@@ -76,12 +77,10 @@ def job_timeout_s(spec: StudySpec) -> float:
 
 
 def describe_needs(needs: TrialNeeds, engine: str, deployment: str) -> str:
-    """``2 CPU threads, 1 GPU, engine llamacpp, deployment local`` for log lines."""
-    gpus = f", {needs.gpus} GPU{'s' if needs.gpus != 1 else ''}" if needs.gpus else ""
-    return (
-        f"{needs.cpu_threads} CPU thread{'s' if needs.cpu_threads != 1 else ''}{gpus}, "
-        f"engine {engine}, deployment {deployment}"
-    )
+    """``2 CPU threads and 1 GPU free (engine vllm, deployment local)`` for log lines."""
+    gpus = f" and {needs.gpus} GPU{'s' if needs.gpus != 1 else ''}" if needs.gpus else ""
+    threads = f"{needs.cpu_threads} CPU thread{'s' if needs.cpu_threads != 1 else ''}"
+    return f"{threads}{gpus} free (engine {engine}, deployment {deployment})"
 
 
 def place(
@@ -127,6 +126,16 @@ def place(
     return min(fits)[3] if fits else None
 
 
+@dataclass(frozen=True)
+class _Signal:
+    """What the Ingestor tells a waiting trial: its result is stored, or it was handed back."""
+
+    kind: Literal["result", "handed_back"]
+    job_id: str
+    result: TrialResult | None = None
+    reason: str = ""
+
+
 @dataclass
 class _Flight:
     """One trial this runner is waiting for: its current job and the worker's signals."""
@@ -141,7 +150,7 @@ class _Flight:
     attempt: int = 1
     placements: int = 0
     job: TrialJob | None = None
-    signals: asyncio.Queue[tuple[str, object]] = field(default_factory=asyncio.Queue)
+    signals: asyncio.Queue[_Signal] = field(default_factory=asyncio.Queue)
 
 
 @dataclass
@@ -174,7 +183,9 @@ class RemoteRunner:
     checks → the trial is placed once more (attempt 2, on another worker when one fits), and
     after a second loss it ends FAIL ``worker_lost`` with the reasons. A HANDED_BACK trial is
     placed again at once (not counted as a loss). Cancelled: the job is aborted, the worker's
-    cancelled RESULT awaited for up to ``ABORT_WAIT_S``, and CancelledError re-raised.
+    cancelled RESULT awaited for up to ``ABORT_WAIT_S``, and CancelledError re-raised. While
+    Redis is unreachable (RedisUnavailable) the trial keeps waiting and the call is retried at
+    the next heartbeat: an outage never fails a trial by itself.
     ``ctx.study_id`` and ``ctx.trial_id`` must be set (the loop sets them; ValueError if not).
     """
 
@@ -272,6 +283,7 @@ class RemoteRunner:
                 job_id,
                 worker_id,
             )
+            self._placed.setdefault(worker_id, {})[trial.id] = needs  # it occupies the worker
             adopted[trial.id] = asyncio.ensure_future(self._fly(flight))
         return adopted
 
@@ -298,7 +310,7 @@ class RemoteRunner:
         flight = self._flights.get(event.trial_id)
         if flight is None:
             return False
-        flight.signals.put_nowait(("result", (event.job_id, result)))
+        flight.signals.put_nowait(_Signal("result", event.job_id, result=result))
         return True
 
     def handed_back(self, event: TrialEvent) -> bool:
@@ -306,7 +318,8 @@ class RemoteRunner:
         flight = self._flights.get(event.trial_id)
         if flight is None or flight.job is None or flight.job.job_id != event.job_id:
             return False
-        flight.signals.put_nowait(("handed_back", event.reason or "the worker is stopping"))
+        reason = event.reason or "the worker is stopping"
+        flight.signals.put_nowait(_Signal("handed_back", event.job_id, reason=reason))
         return True
 
     # ---- internals -------------------------------------------------------------------------
@@ -322,6 +335,7 @@ class RemoteRunner:
                 except WorkerLost as e:
                     losses.append(e)
                     self._unplace(flight)
+                    await self._forget(flight.job)
                     if flight.attempt >= 2:
                         return TrialResult(
                             state=TrialState.FAIL,
@@ -363,7 +377,13 @@ class RemoteRunner:
             worker_id=worker_id,
         )
         flight.job = job
-        await enqueue_trial(self.pool, job)
+        while True:
+            try:
+                await enqueue_trial(self.pool, job)
+                break
+            except ServetuneError as e:  # Redis unreachable: the trial waits, it is not lost
+                log.warning("enqueuing job %s failed (retrying): %s", job.job_id, e)
+                await asyncio.sleep(self.settings.heartbeat_s)
         raise_if_cancelled()
         try:
             await asyncio.to_thread(self.store.set_trial_worker, flight.trial_id, worker_id)
@@ -384,7 +404,11 @@ class RemoteRunner:
         waiting = False
         while True:
             self._room.clear()
-            workers = await self.registry.workers()
+            try:
+                workers = await self.registry.workers()
+            except ServetuneError as e:  # Redis unreachable: no worker known for now
+                log.warning("listing workers failed (retrying): %s", e)
+                workers = []
             raise_if_cancelled()
             placed = {w: list(n.values()) for w, n in self._placed.items()}
             worker_id = place(
@@ -400,7 +424,7 @@ class RemoteRunner:
                 return worker_id
             if not waiting:
                 log.info(
-                    "study %s trial %d: waiting for a worker with %s free (%d worker(s) known)",
+                    "study %s trial %d: waiting for a worker with %s; %d worker(s) known",
                     flight.study_name,
                     flight.number,
                     describe_needs(flight.needs, engine, deployment),
@@ -425,28 +449,32 @@ class RemoteRunner:
             job = flight.job
             assert job is not None
             try:
-                kind, value = await asyncio.wait_for(
+                signal = await asyncio.wait_for(
                     flight.signals.get(), timeout=self.settings.heartbeat_s
                 )
             except TimeoutError:
                 stored = await self._stored_result(flight)
                 if stored is not None:  # ingested by another manager process
                     return stored
-                await self._check_worker(job, seen)
+                try:
+                    await self._check_worker(job, seen)
+                except WorkerLost:
+                    raise
+                except ServetuneError as e:  # Redis unreachable: nothing known, ask again
+                    log.warning("checking worker %s failed (retrying): %s", job.worker_id, e)
                 raise_if_cancelled()
                 continue
-            if kind == "result":
-                job_id, result = value  # type: ignore[misc]
-                if job_id != job.job_id:  # an earlier placement finished after all
+            if signal.result is not None:
+                if signal.job_id != job.job_id:  # an earlier placement finished after all
                     await self._abort_job(job)
-                return result  # type: ignore[no-any-return]
-            if kind == "handed_back":
+                return signal.result
+            if signal.kind == "handed_back":
                 log.warning(
                     "study %s trial %d: worker %s handed it back (%s); placing it again",
                     flight.study_name,
                     flight.number,
                     job.worker_id,
-                    value,
+                    signal.reason,
                 )
                 self._unplace(flight)
                 await self._enqueue(flight, avoid={job.worker_id})
@@ -455,13 +483,17 @@ class RemoteRunner:
     async def _check_worker(self, job: TrialJob, seen: _Seen) -> None:
         """One liveness check of the current job's worker; raises WorkerLost when it is gone.
 
-        Offline in the registry → lost at once. Otherwise a job that is neither queued nor listed
+        Offline in the registry → lost at once; not registered at all (a restarted Redis lost
+        it until its next heartbeat) → a miss. Otherwise a job that is neither queued nor listed
         in a heartbeat sent since the previous check is missing from that heartbeat; missing
         from ``VANISHED_CHECKS`` heartbeats in a row → lost (ARQ keeps a killed worker's job
         ``in_progress`` for days, so only the heartbeat tells that it still runs).
         """
         status = await self.registry.worker(job.worker_id)
-        if status is None or status.state == "offline":
+        if status is None:  # Redis lost its data (restarted): the worker re-registers
+            self._miss(job, seen, "not registered")
+            return
+        if status.state == "offline":
             raise WorkerLost(
                 job.worker_id,
                 f"worker {job.worker_id} went offline (no heartbeat for 3 × "
@@ -479,11 +511,16 @@ class RemoteRunner:
         seen.last_beat = beat.sent_at if beat is not None else None
         if state == "in_progress" and not fresh:
             return  # no new heartbeat to tell yet
+        self._miss(job, seen, f"job {state}")
+
+    @staticmethod
+    def _miss(job: TrialJob, seen: _Seen, what: str) -> None:
+        """Count one check that did not find the job; WorkerLost after VANISHED_CHECKS."""
         seen.missing += 1
         if seen.missing >= VANISHED_CHECKS:
             raise WorkerLost(
                 job.worker_id,
-                f"job {job.job_id} vanished from worker {job.worker_id} (job {state}, missing "
+                f"job {job.job_id} vanished from worker {job.worker_id} ({what}, missing "
                 f"from its heartbeat {seen.missing} times in a row)",
             )
 
@@ -507,8 +544,7 @@ class RemoteRunner:
             async with asyncio.timeout(ABORT_WAIT_S):
                 await self._abort_job(job)
                 while True:
-                    kind, _ = await flight.signals.get()
-                    if kind == "result":
+                    if (await flight.signals.get()).result is not None:
                         return
         except TimeoutError:
             log.warning(
@@ -518,6 +554,15 @@ class RemoteRunner:
                 job.worker_id,
                 ABORT_WAIT_S,
             )
+
+    async def _forget(self, job: TrialJob | None) -> None:
+        """Remove a lost job from its worker's queue (ARQ would keep it in progress for days)."""
+        if job is None:
+            return
+        try:
+            await forget_job(self.pool, job.job_id, job.worker_id)
+        except ServetuneError as e:
+            log.warning("forgetting job %s of worker %s failed: %s", job.job_id, job.worker_id, e)
 
     async def _abort_job(self, job: TrialJob) -> None:
         try:

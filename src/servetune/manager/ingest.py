@@ -86,8 +86,8 @@ class Ingestor:
         """One read (after retrying entries that failed before); how many entries it got."""
         if self._retry:
             retry, self._retry = self._retry, []
-            for entry_id, event in retry:
-                await self._apply(entry_id, event)
+            for entry_id, failed in retry:
+                await self._apply(entry_id, failed)
             if self._retry:
                 await asyncio.sleep(self._retry_s)
                 self._retry_s = min(2 * self._retry_s, RETRY_MAX_S)

@@ -82,6 +82,7 @@ class StudySupervisor:
         self._studies: dict[int, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -106,6 +107,7 @@ class StudySupervisor:
     async def stop(self) -> None:
         """Stop every loop without cancelling its trials (resumed at the next start), then the
         Ingestor and the watchdog."""
+        self._stopping = True
         for study_id, task in list(self._studies.items()):
             self.runner.detach(study_id)
             self.store.fence(study_id, "manager-stopping")  # the loop writes nothing more
@@ -208,7 +210,7 @@ class StudySupervisor:
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.unsubscribe()
             with contextlib.suppress(RedisError, OSError):
-                await pubsub.aclose()
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     # ---- internals -----------------------------------------------------------------------
     async def _run(self, study: StudyRecord, held: asyncio.Future[None]) -> None:
@@ -233,10 +235,12 @@ class StudySupervisor:
         except asyncio.CancelledError:
             log.info("study %s: stopped", study.name)
         except StudyBusy as e:
-            if held.done():
-                log.error("study %s: %s", study.name, e)
-            else:
+            if not held.done():
                 raise
+            if self._stopping:
+                log.info("study %s: left running for the next start of a manager", study.name)
+            else:
+                log.error("study %s: %s", study.name, e)
         except Exception:
             if not held.done():
                 raise
