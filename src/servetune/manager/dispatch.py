@@ -19,6 +19,7 @@ from arq.connections import ArqRedis
 from servetune.cluster.models import TrialEvent, TrialJob
 from servetune.cluster.queue import abort_trial, enqueue_trial, forget_job, job_state
 from servetune.cluster.registry import Registry, WorkerStatus
+from servetune.cluster.tasks import raise_if_cancelled
 from servetune.core.spec import StudySpec, Workload
 from servetune.core.study import FailureKind, Params, Trial, TrialNeeds, TrialResult, TrialState
 from servetune.engines import get_engine
@@ -571,18 +572,6 @@ class RemoteRunner:
             pass  # the worker's RESULT says how it ended
         except ServetuneError as e:
             log.warning("aborting job %s on worker %s failed: %s", job.job_id, job.worker_id, e)
-
-
-def raise_if_cancelled() -> None:
-    """Re-raise a cancellation of the current task that a Redis call swallowed.
-
-    The retrying redis-py client (``cluster.redis.connect``) sometimes loses a CancelledError
-    delivered mid-command on Python 3.11 (the call returns normally, ``Task.cancelling()``
-    stays > 0); call this after Redis calls in loops that must stop when cancelled.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 def _attempt_of(job_id: str) -> int:

@@ -11,9 +11,10 @@ from typing import Any, Protocol
 
 from servetune.cluster.events import EventReader
 from servetune.cluster.models import TrialEvent, TrialEventKind
+from servetune.cluster.tasks import raise_if_cancelled
 from servetune.core.study import FailureKind, TrialResult, TrialState
 from servetune.errors import ServetuneError, StudyBusy, StudyNotFound
-from servetune.manager.dispatch import RemoteRunner, raise_if_cancelled
+from servetune.manager.dispatch import RemoteRunner
 from servetune.store.repo import StudyStore
 
 log = logging.getLogger(__name__)

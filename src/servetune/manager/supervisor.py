@@ -21,11 +21,12 @@ from servetune.cluster import keys
 from servetune.cluster.events import EventReader, publish_study
 from servetune.cluster.queue import JSON_DESERIALIZER, JSON_SERIALIZER
 from servetune.cluster.registry import Registry
+from servetune.cluster.tasks import cancel_and_wait, raise_if_cancelled
 from servetune.core.study import Params, Trial, TrialRole, TrialState
 from servetune.engines import get_engine
 from servetune.errors import ServetuneError, StudyBusy
 from servetune.loop import LoopEvents, StudyLoop
-from servetune.manager.dispatch import RemoteRunner, raise_if_cancelled
+from servetune.manager.dispatch import RemoteRunner
 from servetune.manager.ingest import Ingestor
 from servetune.runner import TrialContext
 from servetune.settings import Settings
@@ -35,6 +36,8 @@ from servetune.study_session import build_deployment, holder_alive, holding_leas
 
 log = logging.getLogger(__name__)
 
+STOP_WAIT_S = 15.0
+"""How long ``stop`` waits for the study loops, the Ingestor and the watchdog to end, s."""
 CANCEL_WAIT_S = 15.0
 """How long ``cancel`` waits for a study's loop to record the cancellation, s."""
 STALE_CLAIM_MIN_MS = 60_000
@@ -108,18 +111,11 @@ class StudySupervisor:
         """Stop every loop without cancelling its trials (resumed at the next start), then the
         Ingestor and the watchdog."""
         self._stopping = True
-        for study_id, task in list(self._studies.items()):
+        for study_id in list(self._studies):
             self.runner.detach(study_id)
             self.store.fence(study_id, "manager-stopping")  # the loop writes nothing more
-            task.cancel()
-        for task in list(self._studies.values()):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._studies.values(), STOP_WAIT_S)
+        await cancel_and_wait(self._tasks, STOP_WAIT_S)
         self._tasks.clear()
         for task in list(self._background):
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -165,9 +161,7 @@ class StudySupervisor:
                     f"({study.lease.describe()}); cancel it there"
                 )
             return
-        task.cancel()
-        done, _ = await asyncio.wait({task}, timeout=CANCEL_WAIT_S)
-        if not done:
+        if not await cancel_and_wait({task}, CANCEL_WAIT_S):
             log.warning("study %d: its loop did not stop within %.0f s", study_id, CANCEL_WAIT_S)
 
     # ---- live views ----------------------------------------------------------------------

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from servetune.cluster import keys
 from servetune.cluster.models import LogRecord
+from servetune.cluster.tasks import cancel_and_wait
 from servetune.errors import StudyNotFound
 from servetune.manager.auth import SUBPROTOCOL_PREFIX
 from servetune.manager.deps import ManagerState, manager_state
@@ -59,11 +60,7 @@ async def _until_disconnect(ws: WebSocket, work: Awaitable[None]) -> None:
             if exc is not None and not isinstance(exc, WebSocketDisconnect):
                 raise exc
     finally:
-        for task in (worker, watcher):
-            task.cancel()
-        for task in (worker, watcher):
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_and_wait((worker, watcher), 5.0)
 
 
 def _snapshot(state: ManagerState, study_id: int) -> dict[str, Any]:

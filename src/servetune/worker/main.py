@@ -34,6 +34,7 @@ from servetune.cluster.logs import RedisLogHandler
 from servetune.cluster.models import GPUInfo, Heartbeat, WorkerInfo, utc_now
 from servetune.cluster.redis import connect, safe_url, translate
 from servetune.cluster.registry import Registry
+from servetune.cluster.tasks import cancel_and_wait
 from servetune.core.spec import LlamaCppEngineSpec
 from servetune.deploy.local import kill_process_group
 from servetune.errors import RedisUnavailable, ServetuneError
@@ -486,25 +487,6 @@ async def _run(worker: _Worker, max_parallel: int) -> int:
         # offline now, not 3 beats later
         await _within(worker.registry.mark_offline(info.id), STOP_WAIT_S)
         log.info("worker %s stopped", info.id)
-
-
-async def cancel_and_wait(tasks: set[asyncio.Task[Any]], timeout_s: float) -> bool:
-    """Cancel ``tasks`` and wait up to ``timeout_s`` for them to end, cancelling again every
-    0.2 s: the retrying redis-py client can swallow a cancellation that lands mid-command
-    (Python 3.11), and a loop around it would then go on. True when all ended."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    pending = {t for t in tasks if not t.done()}
-    while pending and loop.time() < deadline:
-        for task in pending:
-            task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=min(0.2, deadline - loop.time()))
-    for task in tasks:
-        if task.done() and not task.cancelled():
-            task.exception()  # retrieved: an error after the stop is not worth a warning
-    if pending:
-        log.warning("%d task(s) still running %.0f s after the stop", len(pending), timeout_s)
-    return not pending
 
 
 async def _within(coro: Coroutine[Any, Any, Any], timeout_s: float) -> None:
