@@ -33,9 +33,9 @@ def fleet(fleet_module: Fleet) -> Fleet:
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[Any]:
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     """Append the fleet's logs (every process's tail) to the report of a failed test."""
-    outcome = yield
+    outcome: Any = yield
     report = outcome.get_result()
     fleet = getattr(item, "funcargs", {}).get("fleet")
     if report.failed and isinstance(fleet, Fleet):

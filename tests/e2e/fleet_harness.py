@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import httpx
 import psutil
@@ -87,7 +87,11 @@ def parse_utc(text: str | None) -> datetime | None:
 
 
 def wait_for(
-    predicate: Callable[[], T], timeout_s: float, *, what: str, interval_s: float = 0.05
+    predicate: Callable[[], T | None | Literal[False]],
+    timeout_s: float,
+    *,
+    what: str,
+    interval_s: float = 0.05,
 ) -> T:
     """Call ``predicate`` until it returns something truthy, and return that.
 
@@ -103,7 +107,7 @@ def wait_for(
             last = predicate()
             error = None
             if last:
-                return last
+                return cast(T, last)
         except TRANSIENT_ERRORS as e:
             error = e
         if time.monotonic() >= deadline:

@@ -243,12 +243,11 @@ def test_redis_restarted_mid_study_the_workers_re_register_and_the_study_finishe
     fleet.restart_redis()  # its data is lost: queue, stream, registry
 
     slack_s = 1.5  # redis-py's reconnection backoff on top of the heartbeat period
-    for name in fleet.workers:
-        wait_for(
-            lambda name=name: fleet.registered(name),
-            fleet.heartbeat_s + slack_s,
-            what=f"worker {name} re-registers within one heartbeat",
-        )
+    wait_for(
+        lambda: all(fleet.registered(name) for name in fleet.workers),
+        fleet.heartbeat_s + slack_s,
+        what="every worker re-registers within one heartbeat",
+    )
     states = fleet.wait_workers_online(timeout_s=10)
     assert all(states[n] in ONLINE_WORKER_STATES for n in fleet.workers)
     assert_settled(fleet, study_id, spec)
