@@ -87,7 +87,7 @@ def parse_utc(text: str | None) -> datetime | None:
 
 
 def wait_for(
-    predicate: Callable[[], T | None | Literal[False]],
+    predicate: Callable[[], T | Literal[False] | None],
     timeout_s: float,
     *,
     what: str,
