@@ -255,13 +255,14 @@ class LogReader:
 
 
 class RestLogPoller(LogReader):
-    """Polls ``GET /api/workers/{id}/logs`` every ``interval_s`` (new records are seen at most
-    that late after they reach the manager)."""
+    """Polls ``GET /api/workers/{id}/logs?limit=<limit>`` every ``interval_s`` (a record is
+    seen at most that late after it reaches Redis). When the API refuses the limit (422), it
+    polls with the API's default limit instead."""
 
     kind = "REST"
-    interval_s = 0.1
+    interval_s = 0.25
 
-    def __init__(self, fleet: Fleet, name: str, limit: int = 500) -> None:
+    def __init__(self, fleet: Fleet, name: str, limit: int | None = 500) -> None:
         super().__init__(name)
         self.fleet = fleet
         self.limit = limit
@@ -270,6 +271,10 @@ class RestLogPoller(LogReader):
         while not self._stop.is_set():
             try:
                 self._add(self.fleet.worker_logs(self.name, limit=self.limit))
+            except httpx.HTTPStatusError as e:
+                self.errors.append(repr(e))
+                if e.response.status_code == 422 and self.limit is not None:
+                    self.limit = None
             except (httpx.HTTPError, FleetError) as e:
                 self.errors.append(repr(e))
             self._stop.wait(self.interval_s)
@@ -623,8 +628,9 @@ class Fleet:
         self.wait_workers_online([name])
 
     def heal(self) -> None:
-        """Restart whatever a previous test killed (Redis, the manager, workers), then wait
-        until every worker is online and no engine of this fleet runs."""
+        """Restart whatever a previous test killed (Redis, the manager, workers), kill any
+        engine a previous test left behind (that test has failed on it already), and wait
+        until every worker is online."""
         if self.redis.proc is None or self.redis.proc.poll() is not None:
             self.redis.start()
         if not self.manager.alive:
@@ -632,8 +638,11 @@ class Fleet:
         for worker in self.workers.values():
             if not worker.alive:
                 worker.start()
+        for p in self.engine_processes():
+            log.warning("killing an engine a previous test left behind: %s", _describe(p))
+            with contextlib.suppress(psutil.Error):
+                p.kill()
         self.wait_workers_online(timeout_s=self.start_timeout_s)
-        self.wait_no_engines(timeout_s=10)
 
     # ---- the REST API --------------------------------------------------------------------
 
@@ -747,6 +756,16 @@ class Fleet:
     def worker_logs(self, name: str, **params: Any) -> list[dict[str, Any]]:
         """``GET /api/workers/{id}/logs`` with ``params`` (limit, level, since, trial)."""
         return items_of(self.get(f"/api/workers/{self.worker_id(name)}/logs", **params))
+
+    def latest_logs(self, name: str) -> list[dict[str, Any]]:
+        """Worker ``name``'s newest log records: up to 500 (the default cap of the stored
+        stream), or as many as the API's default limit when it refuses 500."""
+        try:
+            return self.worker_logs(name, limit=500)
+        except httpx.HTTPStatusError as e:
+            if e.response.status_code != 422:
+                raise
+            return self.worker_logs(name)
 
     def ws_url(self, path: str) -> str:
         """The ws:// URL of ``path`` on the manager."""
