@@ -876,8 +876,8 @@ class Fleet:
     # ---- reports -------------------------------------------------------------------------
 
     def report(self, lines: int = 80) -> str:
-        """The tail of every process's log, Redis's and each servetune.log under the fleet's
-        folder: what a failed test prints."""
+        """The tail of every process's output, Redis's log and each process's own log file
+        (``<data_dir>/logs/*.log``): what a failed test prints."""
         parts = []
         for proc in [self.manager, *self.workers.values()]:
             state = (
@@ -890,7 +890,7 @@ class Fleet:
         if redis_log.exists():
             tail = redis_log.read_text(errors="replace").splitlines()[-20:]
             parts.append(f"----- redis {redis_log} -----\n" + "\n".join(tail))
-        for path in sorted(self.root.glob("*/logs/servetune.log")):
+        for path in sorted(self.root.glob("*/logs/*.log")):  # servetune.log, worker-<name>.log
             tail = path.read_text(errors="replace").splitlines()[-lines:]
             parts.append(f"----- {path} -----\n" + "\n".join(tail))
         return "\n".join(parts)
