@@ -19,7 +19,7 @@ from tests.e2e.fleet_harness import Fleet
 def fleet_module(
     tiny_model: ModelFiles, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Fleet]:
-    """The module's fleet: workers w1 and w2 (max-parallel 1), heartbeat 0.5 s, lease 3 s;
+    """The module's fleet: workers w1 and w2 (max-parallel 1), heartbeat 1 s, lease 3 s;
     its logs stay under the test session's temporary folder."""
     with Fleet(tmp_path_factory.mktemp("fleet"), model_path=tiny_model.gguf_path) as fleet:
         yield fleet

@@ -232,7 +232,8 @@ class LogReader:
     def stop(self) -> None:
         """Stop reading (waits up to 5 s for the thread)."""
         self._stop.set()
-        self._thread.join(5)
+        if self._thread.is_alive():
+            self._thread.join(5)
 
     def records(
         self, *, written_after: datetime | None = None, study_id: int | None = None
@@ -291,12 +292,14 @@ class WsLogWatcher(LogReader):
         self.url = fleet.ws_url(f"/ws/workers/{fleet.worker_id(name)}/logs")
         self._headers = fleet.auth_headers
         self._ws: ClientConnection | None = None
+        self._exit = contextlib.ExitStack()
 
     def start(self) -> None:
         """Open the WebSocket (5 s timeout), then read it in a daemon thread."""
-        self._ws = ws_connect(
+        connection = ws_connect(
             self.url, additional_headers=self._headers, proxy=None, open_timeout=5
         )
+        self._ws = self._exit.enter_context(connection)
         super().start()
 
     def _run(self) -> None:
@@ -314,9 +317,9 @@ class WsLogWatcher(LogReader):
     def stop(self) -> None:
         """Stop reading and close the WebSocket."""
         self._stop.set()
-        self._thread.join(5)
-        if self._ws is not None:
-            self._ws.close()
+        if self._thread.is_alive():
+            self._thread.join(5)
+        self._exit.close()
 
 
 @dataclass
@@ -473,7 +476,10 @@ class Fleet:
       ``SERVETUNE_DATA_DIR=<root>/<name>`` (its worker id is stable across restarts).
     - Every process gets ``SERVETUNE_HEARTBEAT_S=heartbeat_s`` and ``SERVETUNE_LEASE_TTL_S=
       lease_ttl_s`` (short, so faults are noticed in seconds) and no other inherited
-      ``SERVETUNE_*`` variable; logs go to ``<root>/logs/<name>.log``.
+      ``SERVETUNE_*`` variable; logs go to ``<root>/logs/<name>.log``. The heartbeat is 1 s,
+      not shorter: a worker's event loop can be busy for up to ~1 s while a trial starts on a
+      loaded 2-core host, and at 0.5 s (offline after 1.5 s) a busy worker was seen declared
+      lost.
     - ``model_path``: a string every engine process of this fleet carries in its command line
       (the tiny model's path), so ``engine_processes()`` sees this fleet's engines only.
 
@@ -488,7 +494,7 @@ class Fleet:
         *,
         model_path: Path,
         workers: Sequence[str] = ("w1", "w2"),
-        heartbeat_s: float = 0.5,
+        heartbeat_s: float = 1.0,
         lease_ttl_s: float = 3.0,
         max_parallel: int = 1,
         api_token: str | None = None,

@@ -39,6 +39,9 @@ LOG_DELAY_S = 2.0
 CANCEL_S = 10.0
 """Cancelling a study stops its engines on every worker within this long."""
 
+FAULT_TRIALS = 5
+"""Trials of a fault test's study: the baseline, then two rounds of two in parallel."""
+
 NOT_MEASURED = ("interrupted", "cancelled")
 """Failure kinds of trials that do not use up the budget (run again by the loop)."""
 
@@ -189,7 +192,7 @@ def test_submit_creates_a_study_on_the_manager_and_follows_it_to_the_end(
 def test_a_worker_killed_mid_trial_leaves_no_engine_and_its_trial_is_retried_or_lost(
     fleet: Fleet, tiny_model: ModelFiles
 ) -> None:
-    spec = fleet_spec(tiny_model, "worker-killed")
+    spec = fleet_spec(tiny_model, "worker-killed", trials=FAULT_TRIALS)
     study_id = fleet.submit(spec)
     caught = fleet.running_trial(study_id)
     fleet.workers[caught.worker].kill9()
@@ -207,7 +210,7 @@ def test_a_worker_killed_mid_trial_leaves_no_engine_and_its_trial_is_retried_or_
 def test_a_manager_killed_mid_study_ingests_the_results_produced_meanwhile_when_it_returns(
     fleet: Fleet, tiny_model: ModelFiles
 ) -> None:
-    spec = fleet_spec(tiny_model, "manager-killed")
+    spec = fleet_spec(tiny_model, "manager-killed", trials=FAULT_TRIALS)
     study_id = fleet.submit(spec)
     caught = fleet.running_trial(study_id)
     fleet.manager.kill9()
@@ -239,7 +242,7 @@ def test_a_manager_killed_mid_study_ingests_the_results_produced_meanwhile_when_
 def test_redis_restarted_mid_study_the_workers_re_register_and_the_study_finishes(
     fleet: Fleet, tiny_model: ModelFiles
 ) -> None:
-    spec = fleet_spec(tiny_model, "redis-restarted")
+    spec = fleet_spec(tiny_model, "redis-restarted", trials=FAULT_TRIALS)
     study_id = fleet.submit(spec)
     fleet.running_trial(study_id)
     fleet.restart_redis()  # its data is lost: queue, stream, registry
@@ -258,7 +261,7 @@ def test_redis_restarted_mid_study_the_workers_re_register_and_the_study_finishe
 def test_a_worker_stopped_with_sigterm_mid_trial_hands_its_trial_back(
     fleet: Fleet, tiny_model: ModelFiles
 ) -> None:
-    spec = fleet_spec(tiny_model, "worker-sigterm")
+    spec = fleet_spec(tiny_model, "worker-sigterm", trials=FAULT_TRIALS)
     study_id = fleet.submit(spec)
     caught = fleet.running_trial(study_id)
     worker = fleet.workers[caught.worker]
