@@ -863,9 +863,12 @@ class Fleet:
             left = [_describe(p) for p in self.engine_processes()]
             raise WaitTimeout(f"engine processes still run {timeout_s} s later: {left}") from e
 
-    def running_trial(self, study_id: int, timeout_s: float = 60.0) -> RunningOnWorker:
-        """Wait until a trial of the study is RUNNING on a worker whose engine process is up
-        (mid-trial); that trial, its worker's name and the worker's engines."""
+    def running_trial(
+        self, study_id: int, *, min_number: int = 0, timeout_s: float = 60.0
+    ) -> RunningOnWorker:
+        """Wait until a trial of the study numbered ``min_number`` or more is RUNNING on a
+        worker whose engine process is up (mid-trial); that trial, its worker's name and the
+        worker's engines. (``min_number=1`` skips the baseline, which runs alone.)"""
 
         def caught() -> RunningOnWorker | None:
             busy = {name: e for name in self.workers if (e := self.engines_of(name))}
@@ -873,7 +876,7 @@ class Fleet:
                 return None
             for t in self.trials(study_id):
                 name = self.worker_name(t.get("worker_id"))
-                if t["state"] == "RUNNING" and name in busy:
+                if t["number"] >= min_number and t["state"] == "RUNNING" and name in busy:
                     return RunningOnWorker(t, name, busy[name])
             return None
 

@@ -40,7 +40,8 @@ CANCEL_S = 10.0
 """Cancelling a study stops its engines on every worker within this long."""
 
 FAULT_TRIALS = 5
-"""Trials of a fault test's study: the baseline, then two rounds of two in parallel."""
+"""Trials of a fault test's study: the baseline, then two rounds of two in parallel; each
+fault strikes a search trial (while another may run on the other worker)."""
 
 NOT_MEASURED = ("interrupted", "cancelled")
 """Failure kinds of trials that do not use up the budget (run again by the loop)."""
@@ -194,7 +195,7 @@ def test_a_worker_killed_mid_trial_leaves_no_engine_and_its_trial_is_retried_or_
 ) -> None:
     spec = fleet_spec(tiny_model, "worker-killed", trials=FAULT_TRIALS)
     study_id = fleet.submit(spec)
-    caught = fleet.running_trial(study_id)
+    caught = fleet.running_trial(study_id, min_number=1)
     fleet.workers[caught.worker].kill9()
     assert not wait_gone(caught.engines, timeout_s=5), "the killed worker's engine outlived it"
 
@@ -212,7 +213,7 @@ def test_a_manager_killed_mid_study_ingests_the_results_produced_meanwhile_when_
 ) -> None:
     spec = fleet_spec(tiny_model, "manager-killed", trials=FAULT_TRIALS)
     study_id = fleet.submit(spec)
-    caught = fleet.running_trial(study_id)
+    caught = fleet.running_trial(study_id, min_number=1)
     fleet.manager.kill9()
 
     # the worker finishes the trial while no manager runs: its result waits in the stream
@@ -244,7 +245,7 @@ def test_redis_restarted_mid_study_the_workers_re_register_and_the_study_finishe
 ) -> None:
     spec = fleet_spec(tiny_model, "redis-restarted", trials=FAULT_TRIALS)
     study_id = fleet.submit(spec)
-    fleet.running_trial(study_id)
+    fleet.running_trial(study_id, min_number=1)
     fleet.restart_redis()  # its data is lost: queue, stream, registry
 
     slack_s = 1.5  # redis-py's reconnection backoff on top of the heartbeat period
@@ -263,7 +264,7 @@ def test_a_worker_stopped_with_sigterm_mid_trial_hands_its_trial_back(
 ) -> None:
     spec = fleet_spec(tiny_model, "worker-sigterm", trials=FAULT_TRIALS)
     study_id = fleet.submit(spec)
-    caught = fleet.running_trial(study_id)
+    caught = fleet.running_trial(study_id, min_number=1)
     worker = fleet.workers[caught.worker]
     worker.sigterm()
     assert worker.wait(timeout_s=20) == 0, worker.tail()
