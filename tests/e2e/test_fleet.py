@@ -157,6 +157,11 @@ def test_two_workers_run_a_parallel_study_at_once_and_their_logs_arrive_within_2
             and submitted_at <= record_at(r) <= stopped_at - timedelta(seconds=LOG_DELAY_S)
         ]
         assert written, f"worker {name} shipped no log line of study {study_id}"
+        sources = {r["source"] for r in written}
+        assert {"trial", "engine"} <= sources, f"worker {name} shipped lines from {sources} only"
+        one = on[name][-1]  # a trial's own lines, as a trial's log view asks for them
+        of_trial = fleet.worker_logs(name, trial=one["id"])
+        assert of_trial and {r["trial_id"] for r in of_trial} == {one["id"]}, of_trial[:3]
         for reader in (rest, ws):
             seen = {
                 record_identity(s.record): s for s in reader.records(written_after=submitted_at)
