@@ -26,6 +26,7 @@ from typing import Any, Literal, TypeVar, cast
 
 import httpx
 import psutil
+import redis
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
@@ -54,6 +55,7 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     httpx.HTTPError,
     psutil.Error,
     sqlite3.OperationalError,
+    redis.RedisError,
     ConnectionError,
     TimeoutError,
 )
@@ -117,25 +119,19 @@ def wait_for(
 
 
 def items_of(body: Any) -> list[Any]:
-    """The list in an API answer: the answer itself, or its ``items`` (also ``records``,
-    ``trials``, ``workers``). Raises FleetError for any other shape."""
-    if isinstance(body, list):
-        return body
-    if isinstance(body, dict):
-        for key in ("items", "records", "trials", "workers"):
-            if isinstance(body.get(key), list):
-                return list(body[key])
-    raise FleetError(f"expected a list (or an object with 'items') from the API, got {body!r}")
+    """The ``items`` of a list answer of the API (``{"items": [...], ...}``). Raises FleetError
+    for any other shape."""
+    if isinstance(body, dict) and isinstance(body.get("items"), list):
+        return list(body["items"])
+    raise FleetError(f"expected an object with 'items' from the API, got {body!r}")
 
 
 def study_of(body: Any) -> dict[str, Any]:
-    """The study object in an answer of POST /api/studies or GET /api/studies/{id}: the answer
-    itself or its ``study``."""
-    if isinstance(body, dict) and isinstance(body.get("study"), dict):
-        return dict(body["study"])
-    if isinstance(body, dict) and "id" in body:
+    """The study object of an answer of POST /api/studies or GET /api/studies/{id} (a
+    StudyPublic: id, name, status, …). Raises FleetError for any other shape."""
+    if isinstance(body, dict) and "id" in body and "status" in body:
         return body
-    raise FleetError(f"expected a study object with an 'id' from the API, got {body!r}")
+    raise FleetError(f"expected a study object (id, status) from the API, got {body!r}")
 
 
 def trial_field(trial: dict[str, Any], name: str) -> Any:
@@ -148,20 +144,22 @@ def trial_field(trial: dict[str, Any], name: str) -> Any:
 
 
 def records_in(message: str | bytes) -> list[dict[str, Any]]:
-    """The log records in one WebSocket message: a LogRecord object, a list of them, or an
-    object holding them under ``records``/``items``/``record``; anything else (a ping) → []."""
+    """The log records in one WebSocket message: ``{"type": "logs", "records": [...]}`` as the
+    manager sends them, or a bare LogRecord object or list; anything else (a ping) → []."""
     try:
-        data = json.loads(message)
+        return _records_of(json.loads(message))
     except ValueError:
         return []
+
+
+def _records_of(data: Any) -> list[dict[str, Any]]:
     if isinstance(data, list):
         return [d for d in data if isinstance(d, dict) and "message" in d and "at" in d]
     if isinstance(data, dict):
         if "message" in data and "at" in data:
             return [data]
-        for key in ("records", "items", "record"):
-            if key in data:
-                return records_in(json.dumps(data[key]))
+        if "records" in data:
+            return _records_of(data["records"])
     return []
 
 
@@ -720,11 +718,11 @@ class Fleet:
         """``GET /api/workers``: each worker's state (online, busy, offline) by name (alias);
         remembers each name's worker id."""
         states: dict[str, str] = {}
-        for item in items_of(self.get("/api/workers")):
-            info = item.get("info", item)
-            name = info.get("alias") or info.get("id")
+        for item in items_of(self.get("/api/workers")):  # WorkerPublic: info, state, …
+            info = item["info"]
+            name = info["alias"] or info["id"]
             self._worker_ids[name] = info["id"]
-            states[name] = item.get("state", "")
+            states[name] = item["state"]
         return states
 
     def wait_workers_online(
