@@ -60,7 +60,7 @@ async def _until_disconnect(ws: WebSocket, work: Awaitable[None]) -> None:
             if exc is not None and not isinstance(exc, WebSocketDisconnect):
                 raise exc
     finally:
-        await cancel_and_wait((worker, watcher), 5.0)
+        await cancel_and_wait((worker, watcher), 5.0, grace_s=0.5)
 
 
 def _snapshot(state: ManagerState, study_id: int) -> dict[str, Any]:

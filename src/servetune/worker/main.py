@@ -482,7 +482,7 @@ async def _run(worker: _Worker, max_parallel: int) -> int:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        await cancel_and_wait({beats, jobs, stopped}, STOP_WAIT_S)
+        await cancel_and_wait({beats, jobs, stopped}, STOP_WAIT_S, grace_s=0.2)
         await _within(arq_worker.close(), STOP_WAIT_S)
         # offline now, not 3 beats later
         await _within(worker.registry.mark_offline(info.id), STOP_WAIT_S)
@@ -495,7 +495,7 @@ async def _within(coro: Coroutine[Any, Any, Any], timeout_s: float) -> None:
     task = asyncio.ensure_future(coro)
     done, _ = await asyncio.wait({task}, timeout=timeout_s)
     if not done:
-        await cancel_and_wait({task}, 1.0)
+        await cancel_and_wait({task}, 1.0, grace_s=0.2)
     elif not task.cancelled() and task.exception() is not None:
         log.warning("while stopping: %s", task.exception())
 
