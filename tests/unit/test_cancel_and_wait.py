@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from servetune.cluster.tasks import cancel_and_wait, raise_if_cancelled
 
@@ -56,10 +57,8 @@ def test_a_swallowed_cancel_is_repeated_after_the_grace_until_the_task_ends() ->
 
 def test_raise_if_cancelled_re_raises_a_cancel_that_a_call_returned_from() -> None:
     async def body() -> str:
-        try:
+        with contextlib.suppress(asyncio.CancelledError):  # swallowed, as Redis calls may
             await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            pass  # swallowed, as the retrying Redis client sometimes does
         try:
             raise_if_cancelled()
         except asyncio.CancelledError:
