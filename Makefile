@@ -33,6 +33,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_client.py
 	$(BIN)/python bench/bench_overhead.py
+	$(BIN)/python bench/bench_logs.py
 	$(if $(PEERS),$(BIN)/python bench/bench_peers.py --peers $(PEERS))
 
 clean:

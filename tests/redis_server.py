@@ -52,12 +52,13 @@ class RedisServer:
         argv += ["--appendonly", "no", "--dir", str(self.folder)]
         if self.password:
             argv += ["--requirepass", self.password]
-        log = (self.folder / "redis.log").open("ab")
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603
+        log_path = self.folder / "redis.log"
+        with log_path.open("ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited ({self.proc.returncode}); see {log.name}")
+                raise RuntimeError(f"redis-server exited ({self.proc.returncode}); see {log_path}")
             with contextlib.suppress(redis.RedisError):
                 if redis.Redis.from_url(self.url, socket_timeout=1).ping():
                     return

@@ -11,7 +11,10 @@ ServetuneError
 │   └── EngineNotFound   the binary/wheel for the engine is missing
 ├── DeploymentError      a deployment could not start or stop an engine
 │   └── EngineStartFailed   carries the FailureKind and the reason
-└── BenchmarkError       the benchmark could not run at all (not a failed request)
+├── BenchmarkError       the benchmark could not run at all (not a failed request)
+├── RedisUnavailable     Redis cannot be reached, refused the password or failed a command
+├── PayloadRefused       a queue payload that is not JSON (a pickle?) was refused unread
+└── WorkerNotFound       no worker with that id is registered
 """
 
 from __future__ import annotations
@@ -75,3 +78,18 @@ class EngineStartFailed(DeploymentError):
 
 class BenchmarkError(ServetuneError):
     """The benchmark could not run at all (e.g. the prompts could not be built)."""
+
+
+class RedisUnavailable(ServetuneError):
+    """Redis cannot be reached, refused the password, or failed a command.
+
+    The message names the URL with its password masked (``safe_url``) and how to fix it.
+    """
+
+
+class PayloadRefused(ServetuneError):
+    """A queue payload that is not a JSON object (a pickle, say) was refused without being read."""
+
+
+class WorkerNotFound(ServetuneError):
+    """No worker with that id is registered in Redis."""

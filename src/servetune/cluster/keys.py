@@ -51,3 +51,34 @@ def worker_logs_live(worker_id: str) -> str:
 def study_live(study_id: int) -> str:
     """Pub/sub channel: a study's trial changes, published by the manager after each commit."""
     return f"{PREFIX}:study:{study_id}:live"
+
+
+def worker_alias(worker_id: str) -> str:
+    """String key: the alias a user gave the worker (UI/API); it wins over the worker's own
+    ``--name`` and outlives re-registration (no expiry)."""
+    return f"{PREFIX}:worker:{worker_id}:alias"
+
+
+WORKERS_SEEN = f"{PREFIX}:workers:seen"
+"""Sorted set: worker id → Unix time (s) of its last heartbeat (kept when the worker is offline)."""
+
+# ---- ARQ's own keys (fixed by arq 0.28, arq/constants.py; listed here so every name is in one
+# place: tests check they match arq's constants) ------------------------------------------------
+
+ARQ_ABORT = "arq:abort"
+"""Sorted set: job id → time an abort was asked (every ARQ worker polls it)."""
+
+
+def arq_job(job_id: str) -> str:
+    """String key: the serialized (JSON) ARQ job; deleted when the job finishes."""
+    return f"arq:job:{job_id}"
+
+
+def arq_in_progress(job_id: str) -> str:
+    """String key: set while an ARQ worker runs the job."""
+    return f"arq:in-progress:{job_id}"
+
+
+def arq_result(job_id: str) -> str:
+    """String key: the ARQ result of a finished job (kept for the worker's keep_result)."""
+    return f"arq:result:{job_id}"
