@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-unit lint bench bench-fleet clean
+.PHONY: install demo test test-unit lint bench bench-fleet clean redis-server
 
 $(STAMP): pyproject.toml uv.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,8 +17,18 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/servetune demo
 
-test: $(STAMP)
+# The fleet's tests start their own redis-server: install Debian's package when it is missing
+# (as root with apt-get, as on a fresh CI machine), else say how.
+test: $(STAMP) redis-server
 	$(BIN)/pytest
+
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; \
+	  else \
+	    echo "the fleet tests need redis-server on PATH: sudo apt-get install redis-server (Debian/Ubuntu), brew install redis (macOS)" >&2; exit 1; \
+	  fi; }
 
 test-unit: $(STAMP)
 	$(BIN)/pytest tests/unit

@@ -30,7 +30,9 @@ from servetune.core.metrics import format_warning
 from servetune.core.spec import StudySpec
 from servetune.core.study import Trial, TrialRole, TrialState, format_params
 from servetune.errors import ServetuneError, SpecInvalid
+from servetune.manager.cli import register as register_manager_commands
 from servetune.settings import Settings
+from servetune.worker.cli import worker_cmd
 
 log = logging.getLogger("servetune")
 
@@ -341,6 +343,10 @@ def validate(spec: Annotated[Path, typer.Argument(help="Study spec (YAML or JSON
     )
     for note in parsed.notes():
         console.print(f"[yellow]note[/]: {escape(str(note))}", highlight=False, soft_wrap=True)
+    from servetune.dryrun import parallel_notes
+
+    for kind, text in parallel_notes(parsed):
+        console.print(f"[yellow]{kind}[/]: {escape(text)}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -386,7 +392,7 @@ def _execute(settings: Settings, store: Any, study: Any, verbose: bool) -> Any:
         return _run_async(run_study(settings, store, study, console))
     except asyncio.CancelledError as e:
         err_console.print(
-            f"[yellow]cancelled[/]: the running trial was recorded as cancelled. "
+            f"[yellow]cancelled[/]: the running trial(s) were recorded as cancelled. "
             f"Continue with: servetune resume {study.name}"
         )
         raise typer.Exit(signal_exit_code(e)) from None
@@ -489,13 +495,15 @@ def _check_host(spec: StudySpec, study: str) -> None:
 
 def _print_dry_run(spec: StudySpec, count: int) -> None:
     """Print ``dryrun.plan``: per candidate its role, params, command and pre-flight verdict."""
-    from servetune.dryrun import plan
+    from servetune.dryrun import parallel_notes, plan
 
     try:
         planned = plan(spec, count)
     except (ServetuneError, ValueError) as e:
         raise _fail(str(e)) from None
     console.print(f"dry run: the first {len(planned)} candidate(s); nothing is started or saved")
+    for kind, text in parallel_notes(spec):
+        console.print(f"[yellow]{kind}[/]: {escape(text)}", highlight=False, soft_wrap=True)
     for p in planned:
         params = ", ".join(f"{k}={v}" for k, v in sorted(p.params.items())) or "engine defaults"
         console.print(f"\n[bold]trial {p.number}[/] ({p.role.value}): {params}", highlight=False)
@@ -1332,3 +1340,7 @@ def main() -> None:
         raise
     except (ServetuneError, OSError, KeyboardInterrupt) as e:
         sys.exit(_user_error_exit_code(e))
+
+
+app.command("worker")(worker_cmd)
+register_manager_commands(app)

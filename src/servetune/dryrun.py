@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from servetune.core.spec import StudySpec
+from servetune.core.spec import KubernetesDeploymentSpec, StudySpec
 from servetune.core.strategies.base import make_strategy
 from servetune.core.study import Params, TrialRole
 from servetune.deploy.base import Deployment
@@ -85,3 +85,38 @@ def plan(spec: StudySpec, count: int) -> list[PlannedTrial]:
             cmd = launch = f"(no command: {e})"
         out.append(PlannedTrial(number, role, params, cmd, problems, launch))
     return out
+
+
+def parallel_notes(spec: StudySpec) -> list[tuple[str, str]]:
+    """What ``validate`` and ``run --dry-run`` say about ``budget.parallel``, as (``"note"`` or
+    ``"warning"``, text) pairs (empty when 1).
+
+    When > 1: how many trials run at once, and, for a deployment on this host (local or
+    docker), a warning that trials in flight at once share its CPU, so each one's measurement
+    is disturbed by the others: the outside-load check (``deployment.max_outside_cpu_fraction``)
+    flags such a trial and re-runs it once unless the limit allows the load.
+    """
+    n = spec.budget.parallel
+    if n <= 1:
+        return []
+    notes = [
+        (
+            "note",
+            f"budget.parallel {n}: up to {n} trials run at once (the baseline runs alone "
+            "first; each confirm round runs its trials together)",
+        )
+    ]
+    if not isinstance(spec.deployment, KubernetesDeploymentSpec):
+        limit = spec.deployment.max_outside_cpu_fraction
+        notes.append(
+            (
+                "warning",
+                f"with a {spec.deployment.kind} deployment the {n} trials in flight share "
+                "this host's CPU (each waits until its engine's threads fit the cores), so their "
+                "measurements disturb each other: the outside-load check will flag and re-run "
+                "a trial measured while the others used more than "
+                f"deployment.max_outside_cpu_fraction = {limit:g} of the CPU; raise that limit "
+                "to accept it, or run the trials on separate hosts through a manager and workers",
+            )
+        )
+    return notes

@@ -116,19 +116,29 @@ def read_document(path: Path) -> dict[str, Any]:
                 )
             ]
         )
+    return parse_document(raw.decode("utf-8"), str(path))
+
+
+def parse_document(text: str, where: str) -> dict[str, Any]:
+    """Parse ``text`` (YAML or JSON) into the spec mapping; ``where`` names it in problems.
+
+    The same rules as ``read_document`` after the file is read: raises SpecInvalid for invalid
+    or too deeply nested YAML/JSON (with the line), a key repeated in one mapping, or a
+    document that is not a mapping.
+    """
     try:
-        data = yaml.load(raw.decode("utf-8"), Loader=_UniqueKeyLoader)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except _DuplicateKey as e:
-        raise SpecInvalid([Problem(f"{path}:{e.again_line}:{e.again_column}", str(e))]) from None
+        raise SpecInvalid([Problem(f"{where}:{e.again_line}:{e.again_column}", str(e))]) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise SpecInvalid(
-            [Problem(str(path), f"not valid YAML/JSON{where}: {getattr(e, 'problem', e)}")]
+            [Problem(where, f"not valid YAML/JSON{at}: {getattr(e, 'problem', e)}")]
         ) from e
     except RecursionError:
         raise SpecInvalid(
-            [Problem(str(path), "not a spec: its YAML/JSON is nested too deeply to read")]
+            [Problem(where, "not a spec: its YAML/JSON is nested too deeply to read")]
         ) from None
     if not isinstance(data, dict):
         raise SpecInvalid(

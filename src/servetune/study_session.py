@@ -11,6 +11,7 @@ import fcntl
 import logging
 import os
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from rich.console import Console
@@ -37,7 +38,7 @@ from servetune.engines import get_engine
 from servetune.engines.base import Engine
 from servetune.engines.llamacpp import LlamaCppEngine
 from servetune.errors import ServetuneError, StudyBusy
-from servetune.loop import LoopEvents, StudyLoop, StudyOutcome
+from servetune.loop import LoopEvents, StudyLoop, StudyOutcome, TrialSlots
 from servetune.runner import TrialContext
 from servetune.settings import Settings
 from servetune.store.repo import LeaseOwner, StudyLease, StudyRecord, StudyStore
@@ -65,6 +66,47 @@ def _describe(t: Trial) -> str:
     return f"{head} [red]{t.state.value}[/] {kind}: {r.failure_reason}  {params}"
 
 
+class InFlightLine:
+    """The live display's description of the trials in flight, updated by the loop's events.
+
+    One trial: ``trial 3 (search): starting`` then ``trial 3: benchmarking``; several (with
+    ``budget.parallel`` > 1): ``trials 3 (benchmarking), 4 (starting)``, by trial number. Each
+    method returns the new description.
+    """
+
+    def __init__(self) -> None:
+        self._phases: dict[int, str] = {}
+        self._roles: dict[int, TrialRole] = {}
+
+    def started(self, number: int, role: TrialRole) -> str:
+        """Trial ``number`` was launched in ``role``."""
+        self._phases[number] = "starting"
+        self._roles[number] = role
+        return self.text()
+
+    def phase(self, number: int, name: str) -> str:
+        """Trial ``number`` entered phase ``name``."""
+        self._phases[number] = name
+        return self.text()
+
+    def finished(self, number: int) -> str:
+        """Trial ``number`` finished (it leaves the line)."""
+        self._phases.pop(number, None)
+        self._roles.pop(number, None)
+        return self.text()
+
+    def text(self) -> str:
+        """The description for the trials in flight now (``waiting`` when none is)."""
+        if not self._phases:
+            return "waiting"
+        if len(self._phases) == 1:
+            ((number, phase),) = self._phases.items()
+            if phase == "starting":
+                return f"trial {number} ({self._roles[number].value}): starting"
+            return f"trial {number}: {phase}"
+        return "trials " + ", ".join(f"{n} ({p})" for n, p in sorted(self._phases.items()))
+
+
 async def run_study(
     settings: Settings, store: StudyStore, study: StudyRecord, console: Console
 ) -> StudyOutcome:
@@ -77,14 +119,29 @@ async def run_study(
     process loses it (it stopped renewing long enough for another process to take over).
     """
     clean_stale_locks(settings)
+    async with holding_lease(settings, store, study.id):
+        return await _run_locked(settings, store, study, console)
+
+
+@contextlib.asynccontextmanager
+async def holding_lease(
+    settings: Settings, store: StudyStore, study_id: int
+) -> AsyncIterator[LeaseOwner]:
+    """Hold the study's lease while the ``async with`` body runs; yields the owner (this run).
+
+    Takes it (``take_study``: StudyBusy when a live process holds it), fences ``store``'s writes
+    to the study with it, renews it every ``settings.lease_ttl_s / 3`` (``_keep_lease``; losing
+    it cancels the task running the body, which then raises StudyBusy), and on exit removes the
+    fence and releases it. Both ``run_study`` and the manager's supervisor hold studies this way.
+    """
     owner = LeaseOwner(owner_id=uuid.uuid4().hex, host=settings.host_name, pid=os.getpid())
-    await asyncio.to_thread(take_study, store, study.id, owner, settings)
-    store.fence(study.id, owner.owner_id)
+    await asyncio.to_thread(take_study, store, study_id, owner, settings)
+    store.fence(study_id, owner.owner_id)
     main = asyncio.current_task()
     lost: list[StudyBusy] = []
-    renewer = asyncio.create_task(_keep_lease(store, study.id, owner, settings, main, lost))
+    renewer = asyncio.create_task(_keep_lease(store, study_id, owner, settings, main, lost))
     try:
-        return await _run_locked(settings, store, study, console)
+        yield owner
     except (asyncio.CancelledError, StudyBusy):
         if lost:  # the loop's own cancellation writes were fenced off: report the takeover
             raise lost[0] from None
@@ -93,12 +150,12 @@ async def run_study(
         renewer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await renewer
-        store.fence(study.id, None)
+        store.fence(study_id, None)
         if not lost:
             try:
-                await asyncio.to_thread(store.release_lease, study.id, owner.owner_id)
+                await asyncio.to_thread(store.release_lease, study_id, owner.owner_id)
             except ServetuneError as e:  # it lapses by itself after lease_ttl_s
-                log.warning("study %s: could not release its lease: %s", study.name, e)
+                log.warning("study %d: could not release its lease: %s", study_id, e)
 
 
 async def _keep_lease(
@@ -268,21 +325,31 @@ async def _run_locked(
         transient=True,
     ) as progress:
         task = progress.add_task("starting", total=total, completed=done)
+        flying = InFlightLine()
 
         def started(number: int, role: TrialRole, params: Params) -> None:
-            progress.update(task, description=f"trial {number} ({role.value}): starting")
+            progress.update(task, description=flying.started(number, role))
 
         def phase(number: int, name: str) -> None:
-            progress.update(task, description=f"trial {number}: {name}")
+            progress.update(task, description=flying.phase(number, name))
 
         def finished(t: Trial) -> None:
+            progress.update(task, description=flying.finished(t.number))
             progress.advance(task)
             progress.console.print(_describe(t), highlight=False)
 
         def message(text: str) -> None:
             progress.console.print(f"[dim]{text}[/]", highlight=False)
 
-        loop = StudyLoop(store, study, ctx, events=LoopEvents(started, phase, finished, message))
+        slots = TrialSlots.for_host(spec)
+        if spec.budget.parallel > 1:
+            message(
+                f"up to {spec.budget.parallel} trials at once on this host ({slots.describe()}); "
+                "each waits until its engine's threads fit"
+            )
+        loop = StudyLoop(
+            store, study, ctx, events=LoopEvents(started, phase, finished, message), slots=slots
+        )
         return await loop.run()
 
 

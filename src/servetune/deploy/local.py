@@ -139,14 +139,30 @@ class LocalRunningEngine:
 class LocalDeployment:
     """Runs engines as local processes, each in a new session (its own process group).
 
-    ``host`` is where engines bind; ``stop_timeout_s`` is the SIGTERM → SIGKILL grace. The engine
-    gets PR_SET_PDEATHSIG=SIGKILL, so it dies when the thread that started it dies: call
-    ``start`` from a long-lived thread (the event loop's).
+    ``host`` is where engines bind; ``stop_timeout_s`` is the SIGTERM → SIGKILL grace.
+
+    ``die_with_parent`` (default True; Linux only, a no-op elsewhere): the engine gets
+    PR_SET_PDEATHSIG=SIGKILL (prctl(2), set through ctypes in the child between fork and exec),
+    so the kernel kills it when its parent dies, even by SIGKILL, which no ``finally`` survives.
+    A worker relies on it: a worker killed mid-trial leaves no engine behind.
+
+    Why the thread matters: the kernel fires the death signal when the *thread* that forked the
+    child exits, not the process (prctl(2): "the parent thread"). ``start`` forks on the
+    calling thread, so it must be the event loop's, which lives as long as the process; forking
+    from ``asyncio.to_thread``'s pool would kill the engine as soon as that idle pool thread is
+    reaped, in the middle of a trial.
     """
 
-    def __init__(self, host: str = "127.0.0.1", stop_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        stop_timeout_s: float = 10.0,
+        *,
+        die_with_parent: bool = True,
+    ) -> None:
         self.host = host
         self.stop_timeout_s = stop_timeout_s
+        self.die_with_parent = die_with_parent
 
     def reserve_port(self) -> tuple[str, int]:
         """(host, a port free right now): bind port 0 on ``host``, read the port, close.
@@ -172,7 +188,7 @@ class LocalDeployment:
         log_path = Path(log_path)
         before = oom_kill_counts()
         try:
-            proc = _spawn(command, log_path)
+            proc = _spawn(command, log_path, die_with_parent=self.die_with_parent)
         except OSError as e:
             raise DeploymentError(f"cannot start {command.argv[0]!r}: {e}") from e
         logger.info("started engine pid %d: %s (log %s)", proc.pid, command.display(), log_path)
@@ -292,8 +308,11 @@ def oom_evidence(pid: int, before: Mapping[str, int]) -> str | None:
     return None
 
 
-def _spawn(command: LaunchCommand, log_path: Path) -> subprocess.Popen[bytes]:
-    """fork/exec the engine (fast, so fine on the event loop).
+def _spawn(
+    command: LaunchCommand, log_path: Path, *, die_with_parent: bool = True
+) -> subprocess.Popen[bytes]:
+    """fork/exec the engine (fast, so fine on the event loop; it must run there when
+    ``die_with_parent``, see ``LocalDeployment``).
 
     A plain Popen rather than an asyncio subprocess: its handle polls and signals from any event
     loop or thread, and nothing depends on the loop that started it still running.
@@ -307,7 +326,7 @@ def _spawn(command: LaunchCommand, log_path: Path) -> subprocess.Popen[bytes]:
             stderr=subprocess.STDOUT,
             env={**os.environ, **command.env},
             start_new_session=True,
-            preexec_fn=_pdeathsig_preexec(),
+            preexec_fn=_pdeathsig_preexec() if die_with_parent else None,
             close_fds=True,
         )
 

@@ -13,7 +13,7 @@ from typing import Literal, Protocol
 
 from servetune.core.space import SearchSpace
 from servetune.core.spec import Problem, StudySpec, Workload
-from servetune.core.study import FailureKind, Params, ParamValue
+from servetune.core.study import FailureKind, Params, ParamValue, TrialNeeds
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,12 @@ class Engine(Protocol):
         """The canonical form of ``params``: every flag the engine will run with, equivalent
         spellings made equal (e.g. llama.cpp's parallel -1 and 4 with a unified KV cache), so
         two params the engine runs identically compare equal and are measured once."""
+        ...
+
+    def needs(self, params: Params, workload: Workload) -> TrialNeeds:
+        """What one trial of ``params`` occupies on its host while it runs: CPU threads
+        (llama.cpp: its thread count) and GPUs (vLLM/SGLang: their parallel sizes); the loop's
+        ``TrialSlots`` and a manager's placement only start it where these fit."""
         ...
 
     def check_space(self, space: SearchSpace) -> list[Problem]:

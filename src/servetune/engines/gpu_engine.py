@@ -13,7 +13,7 @@ from pathlib import Path
 from servetune.core.feasibility import Direction
 from servetune.core.space import SearchSpace
 from servetune.core.spec import Problem, SglangEngineSpec, StudySpec, VllmEngineSpec, Workload
-from servetune.core.study import FailureKind, Params, ParamValue
+from servetune.core.study import FailureKind, Params, ParamValue, TrialNeeds
 from servetune.engines.base import Endpoint, FlagInfo, LaunchCommand
 from servetune.engines.flagcheck import FlagRules, check_flags, check_space
 from servetune.engines.hardware import (
@@ -75,6 +75,10 @@ class GpuEngine:
         gpus: GpuFacts,
         model: ModelFacts | None,
     ) -> list[str]:
+        raise NotImplementedError
+
+    def _gpus_used(self, flags: Mapping[str, ParamValue | None]) -> int:
+        """GPUs one server with these effective flags occupies (from its parallel sizes)."""
         raise NotImplementedError
 
     # ---- facts --------------------------------------------------------------------------------
@@ -165,6 +169,12 @@ class GpuEngine:
         reason come from the log, so ``params`` is not needed to keep them from repeating it."""
         c = self.classify(log_text, returncode)
         return c.kind, c.reason
+
+    def needs(self, params: Params, workload: Workload) -> TrialNeeds:
+        """What one trial of ``params`` occupies: the GPUs its parallel sizes use (``_gpus_used``
+        over catalogue defaults < engine.flags < params) and one CPU thread (the host side of
+        a GPU server is not counted). ``workload`` does not change it."""
+        return TrialNeeds(cpu_threads=1, gpus=self._gpus_used(self.effective_flags(params)))
 
     def effective_params(self, params: Params, workload: Workload) -> Params:
         """Every flag the engine runs with (catalogue defaults < engine.flags < params, aliases

@@ -7,14 +7,14 @@ as ``StoreError`` (what was being done, where) and every missing study as ``Stud
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Literal, get_args
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -40,6 +40,12 @@ interrupted (the process stopped), cancelled (the user stopped it). Any may be r
 
 STUDY_STATUSES: tuple[str, ...] = get_args(StudyStatus)
 
+Executor = Literal["local", "manager"]
+"""Who runs a study's trials: local (``servetune run`` in its own process) or manager (the
+manager places them on workers over Redis, and resumes the study when it restarts)."""
+
+EXECUTORS: tuple[str, ...] = get_args(Executor)
+
 
 class StudyRecord(BaseModel):
     """A study as stored: identity, validated spec, status and, once finished, the verdict."""
@@ -63,6 +69,10 @@ class StudyRecord(BaseModel):
     engine_kind: str = Field(description="The engine's kind, e.g. llamacpp.")
     lease: StudyLease | None = Field(
         default=None, description="Who owns the study now (live or lapsed); None when free."
+    )
+    executor: Executor = Field(
+        default="local",
+        description="Who runs its trials: local (servetune run) or manager (workers over Redis).",
     )
 
 
@@ -177,6 +187,7 @@ def _study_record(row: StudyRow) -> StudyRecord:
         verdict=row.verdict,
         engine_kind=row.engine_kind,
         lease=_lease(row),
+        executor=row.executor,  # validated by pydantic
     )
 
 
@@ -309,14 +320,23 @@ class StudyStore:
         return StudyNotFound(f"no study {ref!r} in {self.url}; {hint}")
 
     # ---- studies -------------------------------------------------------------------------
-    def create_study(self, name: str, spec: StudySpec, spec_source: dict[str, Any]) -> StudyRecord:
+    def create_study(
+        self,
+        name: str,
+        spec: StudySpec,
+        spec_source: dict[str, Any],
+        executor: Executor = "local",
+    ) -> StudyRecord:
         """Store a new study named ``name`` with status running.
 
-        ``spec_source`` is the document the user wrote (kept for export). Raises StudyExists
-        when the name is taken (the message suggests ``servetune resume NAME``), SpecInvalid
-        for a name breaking ``check_study_name`` (the one rule for study names), StoreError
-        otherwise.
+        ``spec_source`` is the document the user wrote (kept for export); ``executor`` says who
+        runs its trials ("local" or "manager"). Raises StudyExists when the name is taken (the
+        message suggests ``servetune resume NAME``), SpecInvalid for a name breaking
+        ``check_study_name`` (the one rule for study names), ValueError for an unknown
+        executor, StoreError otherwise.
         """
+        if executor not in EXECUTORS:
+            raise ValueError(f"unknown executor {executor!r}; use one of {', '.join(EXECUTORS)}")
         try:
             check_study_name(name)
         except ValueError as e:
@@ -334,6 +354,7 @@ class StudyStore:
             verdict=None,
             created_at=_now(),
             finished_at=None,
+            executor=executor,
         )
         try:
             with self._tx(f"creating study {name!r}") as s:
@@ -576,9 +597,11 @@ class StudyStore:
         """Store the result of a trial in one transaction, committed on return; the saved Trial.
 
         Sets state, failure kind, feasible, first objective value, the result JSON and
-        ``finished_at`` (``result.finished_at``, else now). Finishing an already finished trial
-        replaces its result (ingestion is idempotent). Raises ValueError when ``result.state``
-        is not a finished state, StoreError for an unknown trial or a database failure.
+        ``finished_at`` (``result.finished_at``, else now). Idempotent: a trial that is already
+        finished keeps its stored outcome, which is returned unchanged (a redelivered or late
+        result never overwrites or duplicates; logged at INFO). Raises ValueError when
+        ``result.state`` is not a finished state, StoreError for an unknown trial or a database
+        failure.
         """
         if not result.state.is_finished():
             raise ValueError(
@@ -589,13 +612,17 @@ class StudyStore:
             if row is None:
                 raise StoreError(f"no trial with id {trial_id} in {self.url}")
             self._owned_row(s, row.study_id)
-            if row.state != TrialState.RUNNING.value:
-                log.warning(
-                    "trial %d of study %d was already %s; replacing its result",
+            if TrialState(row.state).is_finished():
+                same = row.result == result.model_dump(mode="json")  # e.g. stored by an ingester
+                log.log(
+                    logging.DEBUG if same else logging.INFO,
+                    "trial %d of study %d is already %s; keeping that outcome, not the new %s",
                     row.number,
                     row.study_id,
                     row.state,
+                    result.state.value,
                 )
+                return _trial(row)
             _apply_result(row, result)
             s.flush()
             return _trial(row)
@@ -625,10 +652,14 @@ class StudyStore:
             ).all()
             return [(n, pid, pgid) for n, pid, pgid in rows if pid is not None and pgid is not None]
 
-    def interrupt_running(self, study_id: int, reason: str) -> list[Trial]:
+    def interrupt_running(
+        self, study_id: int, reason: str, keep: Collection[int] = ()
+    ) -> list[Trial]:
         """Mark every RUNNING trial of the study FAIL (interrupted) with ``reason``; those trials.
 
-        Used on resume, after the engines they left were killed. Finished trials are untouched.
+        Used on resume, after the engines they left were killed. Finished trials are untouched,
+        and so are the RUNNING trials whose ids are in ``keep`` (still running elsewhere, e.g.
+        on a worker, and adopted by the loop).
         """
         with self._tx(f"marking the running trials of study {study_id} interrupted") as s:
             self._owned_row(s, study_id)
@@ -637,6 +668,8 @@ class StudyStore:
                 .where(TrialRow.study_id == study_id, TrialRow.state == TrialState.RUNNING.value)
                 .order_by(TrialRow.number)
             ).all()
+            kept = set(keep)
+            rows = [r for r in rows if r.id not in kept]
             now = _now()
             for row in rows:
                 _apply_result(
@@ -658,3 +691,64 @@ class StudyStore:
             self._study_row(s, study_id)
             top = s.scalar(select(func.max(TrialRow.number)).where(TrialRow.study_id == study_id))
             return 0 if top is None else top + 1
+
+    # ---- the fleet (manager API) ---------------------------------------------------------
+    def list_trials(self, study_id: int) -> list[Trial]:
+        """Every trial of the study, by number (the same as ``trials``).
+
+        Raises StudyNotFound for an unknown study.
+        """
+        return self.trials(study_id)
+
+    def set_trial_worker(self, trial_id: int, worker_id: str) -> None:
+        """Record that worker ``worker_id`` runs (or ran) the trial with id ``trial_id``.
+
+        A trial placed again on another worker keeps the last one. Raises ValueError for an
+        empty worker id, StoreError for an unknown trial, StudyBusy when this store is fenced
+        for the study and lost its lease.
+        """
+        if not worker_id or len(worker_id) > 64:
+            raise ValueError(f"worker_id must have 1 to 64 characters, not {worker_id!r}")
+        with self._tx(f"recording the worker of trial id {trial_id}") as s:
+            row = s.get(TrialRow, trial_id)
+            if row is None:
+                raise StoreError(f"no trial with id {trial_id} in {self.url}")
+            self._owned_row(s, row.study_id)
+            row.worker_id = worker_id
+
+    def trial_workers(self, study_id: int) -> dict[int, str]:
+        """``{trial id: worker id}`` for the study's trials that ran on a worker.
+
+        Trials run in the study's own process are absent. Raises StudyNotFound for an unknown
+        study.
+        """
+        with self._tx(f"reading the workers of study {study_id}") as s:
+            self._study_row(s, study_id)
+            rows = s.execute(
+                select(TrialRow.id, TrialRow.worker_id).where(
+                    TrialRow.study_id == study_id, TrialRow.worker_id.is_not(None)
+                )
+            ).all()
+            return {tid: wid for tid, wid in rows if wid is not None}
+
+    def delete_study(self, study_id: int) -> None:
+        """Delete the study and all its trials, in one transaction.
+
+        Raises StudyBusy when a live lease is held on it (a process is running it: cancel it
+        first, or wait for the lease to lapse), StudyNotFound for an unknown study.
+        """
+        with self._tx(f"deleting study {study_id}") as s:
+            row = s.get(StudyRow, study_id, with_for_update=True)
+            if row is None:
+                raise self._not_found(s, study_id)
+            lease = _lease(row)
+            if lease is not None and lease.is_live():
+                raise StudyBusy(
+                    f"study {row.name} is being run by {lease.describe()}; cancel it first, "
+                    "then delete it"
+                )
+            s.execute(delete(TrialRow).where(TrialRow.study_id == study_id))
+            s.delete(row)
+            name = row.name
+        self._fences.pop(study_id, None)
+        log.info("study %s (id %d) deleted", name, study_id)

@@ -100,6 +100,12 @@ class StudyRow(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(
         comment="The lease is free for anyone to take after this (UTC)"
     )
+    executor: Mapped[str] = mapped_column(
+        String(16),
+        default="local",
+        server_default="local",
+        comment="Who runs its trials: local (servetune run) or manager (workers over Redis)",
+    )
 
 
 class TrialRow(Base):
@@ -136,3 +142,6 @@ class TrialRow(Base):
     created_at: Mapped[datetime]
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    worker_id: Mapped[str | None] = mapped_column(
+        String(64), comment="Worker that ran the trial (null: run in the study's own process)"
+    )

@@ -81,6 +81,14 @@ class Strategy(Protocol):
         """
         ...
 
+    def add_pending(self, params: Mapping[str, ParamValue]) -> Suggestion | None:
+        """Record ``params``, already running (a trial adopted from a worker on resume), as a
+        pending proposal, exactly as if ``ask`` had returned it: a grid does not propose it,
+        a sampler sees it as running; tell its outcome with the returned token. None, recording
+        nothing, when ``params`` is not a point of the space (e.g. the baseline's ``{}``).
+        """
+        ...
+
 
 def make_strategy(spec: StudySpec) -> Strategy:
     """The strategy ``spec.strategy.kind`` names, over ``spec.space`` with the spec's seed.
@@ -363,3 +371,9 @@ class HistoryStrategy:
         """Add a stored trial to the history (see ``Strategy.replay``); False when ``params`` are
         not a point of the space (e.g. the baseline's ``{}``)."""
         return self._history.replay(params, state, values, slo_miss, failure_kind) is not None
+
+    def add_pending(self, params: Mapping[str, ParamValue]) -> Suggestion | None:
+        """Record running ``params`` as pending (see ``Strategy.add_pending``); None when they
+        are not a point of the space."""
+        point = canonical_params(self._history.space, params)
+        return self._history.issue(point) if point is not None else None

@@ -117,7 +117,8 @@ def nsga2_population(max_trials: int) -> int:
 class OptunaStrategy(HistoryStrategy):
     """Proposals from an Optuna sampler, checked against the space's constraints and the history.
 
-    ``kind``: ``random`` (RandomSampler), ``tpe`` (multivariate TPESampler), ``gp`` (GPSampler;
+    ``kind``: ``random`` (RandomSampler), ``tpe`` (multivariate TPESampler with
+    ``constant_liar``, for proposals made while other trials run), ``gp`` (GPSampler;
     needs torch and scipy), ``nsga2`` (NSGAIISampler with ``population_size``; None = Optuna's
     50). ``directions`` has one ``maximize``/``minimize`` per objective term. ``n_startup_trials``
     (tpe, gp) None = Optuna's default.
@@ -267,7 +268,9 @@ class OptunaStrategy(HistoryStrategy):
         if self._kind == "random":
             return RandomSampler(seed=seed)
         if self._kind == "tpe":
-            return TPESampler(seed=seed, multivariate=True, **startup)
+            # constant_liar: the pending (RUNNING) trials count as the worst value seen, so
+            # proposals made while other trials run spread out instead of piling up
+            return TPESampler(seed=seed, multivariate=True, constant_liar=True, **startup)
         if self._kind == "gp":
             return optuna.samplers.GPSampler(seed=seed, **startup)
         if self._population_size is None:

@@ -13,9 +13,11 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import psutil
+
 from servetune.core.space import SearchSpace
 from servetune.core.spec import LlamaCppEngineSpec, Problem, StudySpec, Workload
-from servetune.core.study import FailureKind, Params, ParamValue
+from servetune.core.study import FailureKind, Params, ParamValue, TrialNeeds
 from servetune.engines.base import Endpoint, FlagInfo, LaunchCommand
 from servetune.engines.llamacpp.classify import classify_llamacpp_log
 from servetune.engines.llamacpp.flags import (
@@ -41,6 +43,18 @@ from servetune.engines.llamacpp.preflight import (
     slot_layout,
 )
 from servetune.errors import EngineNotFound
+
+
+def default_threads() -> int:
+    """The thread count llama-server uses when ``--threads`` is unset or -1: the host's physical
+    cores (llama.cpp common/common.cpp ``cpu_get_num_math`` → ``cpu_get_num_physical_cores``,
+    which counts distinct sibling sets under /sys/devices/system/cpu; psutil reads the same),
+    capped at the logical cores ``os.cpu_count()``; the logical count when psutil cannot tell.
+    Hybrid Intel CPUs (llama.cpp counts only their performance cores) are not special-cased:
+    the larger count only makes the scheduler more careful."""
+    logical = os.cpu_count() or 1
+    physical = psutil.cpu_count(logical=False) or logical
+    return max(1, min(physical, logical))
 
 
 class LlamaCppEngine:
@@ -294,6 +308,23 @@ class LlamaCppEngine:
             f"ctx-size to ≥ {need}, or lower parallel to {max(1, serves)}, or lower "
             "workload.concurrency"
         ]
+
+    def needs(self, params: Params, workload: Workload) -> TrialNeeds:
+        """CPU threads one llama-server with ``params`` (over engine.flags and the defaults)
+        keeps busy: the larger of ``threads`` and ``threads-batch`` (prompt processing; unset =
+        ``threads``), where unset or -1 is llama-server's own default (``default_threads``),
+        capped at this host's logical cores (``os.cpu_count()``). No GPU is counted (a llama.cpp
+        trial offloading layers shares whatever GPU the host has). ``workload`` is unused."""
+        f = self.effective_flags(params)
+        cores = os.cpu_count() or 1
+
+        def count(name: str, fallback: int) -> int:
+            v = _as_int(f.get(name))
+            return v if v is not None and v >= 1 else fallback
+
+        threads = count("threads", default_threads())
+        batch = count("threads-batch", threads)
+        return TrialNeeds(cpu_threads=max(1, min(max(threads, batch), cores)))
 
     def effective_params(self, params: Params, workload: Workload) -> Params:
         """The canonical form of ``params``: every flag llama-server will run with (defaults,

@@ -45,6 +45,10 @@ class SglangEngine(GpuEngine):
     ) -> list[str]:
         return preflight.check(flags_, workload, gpus, model, self.spec.env)
 
+    def _gpus_used(self, flags_: Mapping[str, ParamValue | None]) -> int:
+        """tp × pp (× dp unless enable-dp-attention) (preflight.gpus_used)."""
+        return preflight.gpus_used(flags_)
+
     def classify(self, log_text: str, returncode: int | None) -> Classification:
         """See classify.classify_sglang_log (with this release's CUDA graph flag)."""
         return classify.classify_sglang_log(log_text, returncode, flags.graph_flag(self.rules))

@@ -23,6 +23,16 @@ from servetune.engines.hardware import GpuFacts, ModelFacts
 ENGINE = "SGLang"
 
 
+def gpus_used(flags: Mapping[str, ParamValue | None]) -> int:
+    """GPUs one SGLang server occupies: tp-size × pp-size × dp-size, or tp-size × pp-size with
+    enable-dp-attention (the data-parallel attention groups share tp's GPUs;
+    sglang/srt/server_args.py); unset or non-integral sizes count as 1."""
+    tp = max(1, as_int(flags.get("tp-size")) or 1)
+    pp = max(1, as_int(flags.get("pp-size")) or 1)
+    dp = max(1, as_int(flags.get("dp-size")) or 1)
+    return tp * pp if flags.get("enable-dp-attention") is True else tp * pp * dp
+
+
 def check(
     flags: Mapping[str, ParamValue | None],
     workload: Workload,
@@ -51,7 +61,7 @@ def check(
     dp = as_int(flags.get("dp-size")) or 1
     ep = as_int(flags.get("ep-size")) or 1
     dp_attention = flags.get("enable-dp-attention") is True
-    used = tp * pp if dp_attention else tp * pp * dp
+    used = gpus_used(flags)
     what = f"tp-size {tp} × pp-size {pp}" + (
         " (dp attention shares tp's GPUs)" if dp_attention else f" × dp-size {dp}"
     )

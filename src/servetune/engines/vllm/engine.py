@@ -42,6 +42,10 @@ class VllmEngine(GpuEngine):
     ) -> list[str]:
         return preflight.check(flags_, workload, gpus, model, self.spec.env)
 
+    def _gpus_used(self, flags_: Mapping[str, ParamValue | None]) -> int:
+        """tensor × pipeline × data parallel sizes (preflight.gpus_used)."""
+        return preflight.gpus_used(flags_)
+
     def classify(self, log_text: str, returncode: int | None) -> Classification:
         """See classify.classify_vllm_log."""
         return classify.classify_vllm_log(log_text, returncode)

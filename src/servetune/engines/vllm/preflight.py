@@ -23,6 +23,16 @@ from servetune.engines.hardware import GpuFacts, ModelFacts
 ENGINE = "vLLM"
 
 
+def gpus_used(flags: Mapping[str, ParamValue | None]) -> int:
+    """GPUs one vLLM server occupies: tensor-parallel-size × pipeline-parallel-size ×
+    data-parallel-size (vllm/config/parallel.py ``ParallelConfig.world_size`` × the data-parallel
+    replicas, each on its own GPUs); unset or non-integral sizes count as 1."""
+    tp = as_int(flags.get("tensor-parallel-size")) or 1
+    pp = as_int(flags.get("pipeline-parallel-size")) or 1
+    dp = as_int(flags.get("data-parallel-size")) or 1
+    return max(1, tp) * max(1, pp) * max(1, dp)
+
+
 def check(
     flags: Mapping[str, ParamValue | None],
     workload: Workload,
@@ -54,7 +64,7 @@ def check(
     pp = as_int(flags.get("pipeline-parallel-size")) or 1
     dp = as_int(flags.get("data-parallel-size")) or 1
     reasons += gpu_count(
-        tp * pp * dp,
+        gpus_used(flags),
         gpus,
         what=f"tensor-parallel-size {tp} × pipeline-parallel-size {pp} × data-parallel-size {dp}",
     )

@@ -1,0 +1,172 @@
+"""The manager's FastAPI app: ``create_app(settings)`` with its lifespan, routes and error answers.
+
+The lifespan opens the store, Redis (``settings.redis_url`` or a private redis-server), the
+worker registry and the study supervisor, and closes them in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from servetune.errors import (
+    PathOutside,
+    RedisUnavailable,
+    ServetuneError,
+    SpecInvalid,
+    StoreError,
+    StudyBusy,
+    StudyExists,
+    StudyNotFound,
+    WorkerNotFound,
+)
+from servetune.manager import ws
+from servetune.manager.auth import BearerAuth
+from servetune.manager.deps import ManagerState, SupervisorFactory
+from servetune.manager.routes import health, studies, workers
+from servetune.manager.schemas import ProblemPublic, ProblemsBody
+from servetune.settings import Settings
+from servetune.store.repo import StudyStore
+
+log = logging.getLogger(__name__)
+
+
+def _default_supervisor(settings: Settings, store: StudyStore, r: Any) -> Any:
+    from servetune.manager.supervisor import StudySupervisor
+
+    return StudySupervisor(settings, store, r)
+
+
+@asynccontextmanager
+async def _lifespan(
+    app: FastAPI, settings: Settings, supervisor_factory: SupervisorFactory | None
+) -> AsyncIterator[None]:
+    from servetune.cluster.redis import connect, safe_url
+    from servetune.cluster.registry import Registry
+    from servetune.manager.redis_launcher import start_private_redis
+
+    store = await asyncio.to_thread(StudyStore, settings.db_url)
+    private = None
+    r = None
+    try:
+        url = settings.redis_url
+        if url is None:
+            private = await start_private_redis(settings.data_dir)
+            url = private.url
+            settings = settings.model_copy(update={"redis_url": url})
+        log.info("manager: database %s, Redis %s", store.url, safe_url(url))
+        r = await connect(url)
+        registry = Registry(r, settings)
+        supervisor = (supervisor_factory or _default_supervisor)(settings, store, r)
+        await supervisor.start()
+        app.state.manager = ManagerState(
+            settings=settings, store=store, redis=r, registry=registry, supervisor=supervisor
+        )
+        try:
+            yield
+        finally:
+            await supervisor.stop()
+    finally:
+        if r is not None:
+            await r.aclose()
+        if private is not None:
+            await private.stop()
+        store.close()
+
+
+def _problems_response(detail: str, problems: list[ProblemPublic]) -> JSONResponse:
+    body = ProblemsBody(detail=detail, problems=problems)
+    return JSONResponse(status_code=422, content=body.model_dump(mode="json"))
+
+
+def _error(status: int, e: BaseException) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"detail": str(e) or type(e).__name__})
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Map the error tree to HTTP answers: every error body is ``{"detail": …}`` (JSON)."""
+
+    async def spec_invalid(request: Request, e: Exception) -> JSONResponse:
+        assert isinstance(e, SpecInvalid)
+        problems = [ProblemPublic.of(p) for p in e.problems]
+        what = "spec" if request.url.path.rstrip("/") == "/api/studies" else "request"
+        return _problems_response(f"the {what} has {len(problems)} problem(s)", problems)
+
+    async def bad_request(request: Request, e: Exception) -> JSONResponse:
+        assert isinstance(e, RequestValidationError)
+        problems = []
+        for err in e.errors():
+            loc = [str(x) for x in err.get("loc", ()) if x not in ("body", "query", "path")]
+            problems.append(
+                ProblemPublic(field=".".join(loc) or "(body)", message=str(err.get("msg", "")))
+            )
+        return _problems_response(f"the request has {len(problems)} problem(s)", problems)
+
+    async def servetune_error(request: Request, e: Exception) -> JSONResponse:
+        if isinstance(e, StudyNotFound | WorkerNotFound):
+            return _error(404, e)
+        if isinstance(e, StudyExists | StudyBusy):
+            return _error(409, e)
+        if isinstance(e, PathOutside):
+            return _error(422, e)
+        if isinstance(e, StoreError | RedisUnavailable):
+            log.error("%s %s: %s", request.method, request.url.path, e)
+            return _error(503, e)
+        return _error(400, e)
+
+    async def redis_error(request: Request, e: Exception) -> JSONResponse:
+        log.error("%s %s: Redis failed: %s", request.method, request.url.path, e)
+        return JSONResponse(
+            status_code=503, content={"detail": f"Redis is unavailable ({type(e).__name__})"}
+        )
+
+    app.add_exception_handler(SpecInvalid, spec_invalid)
+    app.add_exception_handler(RequestValidationError, bad_request)
+    app.add_exception_handler(ServetuneError, servetune_error)
+    app.add_exception_handler(redis.RedisError, redis_error)
+
+
+def create_app(
+    settings: Settings, *, supervisor_factory: SupervisorFactory | None = None
+) -> FastAPI:
+    """The manager's FastAPI app for ``settings``; OpenAPI at /openapi.json, docs at /docs.
+
+    ``supervisor_factory(settings, store, redis)`` builds the study supervisor (default:
+    manager/supervisor.py's StudySupervisor); tests pass their own. With
+    ``settings.api_token`` every /api and /ws request needs ``Authorization: Bearer <token>``
+    (or the WebSocket subprotocol ``bearer.<token>``). Nothing is opened until the app starts
+    (its lifespan): the store, Redis (a private redis-server when ``settings.redis_url`` is
+    None; raises RedisNotInstalled when none is on PATH), the registry and the supervisor.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with _lifespan(app, settings, supervisor_factory):
+            yield
+
+    app = FastAPI(
+        title="servetune manager",
+        summary="Runs tuning studies on workers over Redis; live trials and worker logs.",
+        version="1",
+        lifespan=lifespan,
+        responses={401: {"description": "Missing or wrong bearer token."}}
+        if settings.api_token
+        else None,
+    )
+    _install_error_handlers(app)
+    app.include_router(studies.router)
+    app.include_router(studies.assets)
+    app.include_router(workers.router)
+    app.include_router(health.router)
+    app.include_router(ws.router)
+    if settings.api_token is not None:
+        app.add_middleware(BearerAuth, token=settings.api_token)
+    return app

@@ -1,0 +1,274 @@
+"""The `servetune manager` and `servetune submit` commands (registered on the main typer app).
+
+This module never imports servetune.cli (so manager and worker stay independent through it);
+user errors raised here are printed by the main app like every other command's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from servetune.core.spec import Problem
+from servetune.errors import ServetuneError, SpecInvalid
+
+log = logging.getLogger(__name__)
+
+FINAL_STATUSES = ("finished", "failed", "cancelled", "interrupted")
+
+FOLLOW_RETRIES = 20
+"""Reconnections `submit` tries in a row when the live view drops (a manager restarting)."""
+FOLLOW_RETRY_MAX_S = 2.0
+"""Longest pause between two reconnections, s (about 35 s of retries in all)."""
+
+TokenFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--token-file",
+        help="File holding the API bearer token (default: SERVETUNE_API_TOKEN).",
+        dir_okay=False,
+    ),
+]
+
+
+class ManagerUnreachable(ServetuneError):
+    """`servetune submit` could not talk to the manager (connection, auth or protocol)."""
+
+
+def _read_token(path: Path | None) -> Any:
+    """The token of ``--token-file`` (stripped), else SERVETUNE_API_TOKEN, as a SecretStr."""
+    from pydantic import SecretStr
+
+    from servetune.settings import Settings
+
+    if path is None:
+        return Settings().api_token
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise ServetuneError(f"--token-file {path}: {e.strerror or e}") from e
+    if not token:
+        raise ServetuneError(f"--token-file {path} is empty; write the token in it")
+    return SecretStr(token)
+
+
+def _log_to_stderr(verbose: bool) -> None:
+    """One line per record on stderr (a service's log goes to its supervisor: systemd, docker)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("httpx", "httpcore", "alembic", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def manager(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8400,
+    db: Annotated[
+        str | None,
+        typer.Option("--db", help="Database URL (default: SQLite file in the data directory)."),
+    ] = None,
+    redis_url: Annotated[
+        str | None,
+        typer.Option(
+            "--redis",
+            help="Redis URL (redis://[:password@]host:port/db, rediss:// for TLS); default: a "
+            "private redis-server started and stopped with the manager.",
+        ),
+    ] = None,
+    token_file: TokenFileOption = None,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Log debug lines.")] = False,
+) -> None:
+    """Run the manager: REST API and WebSockets (docs at /docs), studies run on workers."""
+    import uvicorn
+
+    from servetune.manager.app import create_app
+    from servetune.manager.auth import check_bind
+    from servetune.manager.redis_launcher import INSTALL_HINT, RedisNotInstalled
+    from servetune.settings import Settings
+
+    overrides: dict[str, Any] = {}
+    if db:
+        overrides["db_url"] = db
+    if redis_url:
+        overrides["redis_url"] = redis_url
+    if token_file is not None:
+        overrides["api_token"] = _read_token(token_file)
+    settings = Settings(**overrides)
+    check_bind(host, settings.api_token)
+    if settings.redis_url is None and shutil.which("redis-server") is None:
+        raise RedisNotInstalled(f"no redis-server on PATH: {INSTALL_HINT}")
+    _log_to_stderr(verbose)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        access_log=False,  # access lines could carry query strings; the token is never logged
+        log_config=None,
+        ws_ping_interval=20.0,
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    shown = f"[{host}]" if ":" in host else host
+    log.info("manager on http://%s:%d (API docs at /docs)", shown, port)
+    asyncio.run(server.serve())
+    if not server.started:
+        raise ServetuneError("the manager did not start; see the lines above for why")
+
+
+def _headers(token: Any) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token.get_secret_value()}"} if token is not None else {}
+
+
+def _answer_error(status: int, body: Any, base: str) -> ServetuneError:
+    detail = body.get("detail") if isinstance(body, dict) else None
+    if status == 401:
+        return ManagerUnreachable(
+            f"the manager at {base} needs its API token: pass --token-file or set "
+            "SERVETUNE_API_TOKEN"
+        )
+    return ManagerUnreachable(f"the manager at {base} answered {status}: {detail or body}")
+
+
+def _create(base: str, document: dict[str, Any], name: str | None, token: Any) -> dict[str, Any]:
+    """POST the spec; the created study (dict). Raises SpecInvalid on 422, ManagerUnreachable."""
+    import httpx
+    import yaml
+
+    payload = {"spec_yaml": yaml.safe_dump(document, sort_keys=False), "name": name}
+    try:
+        answer = httpx.post(
+            f"{base}/api/studies", json=payload, headers=_headers(token), timeout=60
+        )
+    except httpx.HTTPError as e:
+        raise ManagerUnreachable(
+            f"cannot reach the manager at {base}: {e}; is `servetune manager` running there?"
+        ) from e
+    try:
+        body = answer.json()
+    except ValueError:
+        body = answer.text[:300]
+    if answer.status_code == 422 and isinstance(body, dict) and "problems" in body:
+        problems = [
+            Problem(p["field"], p["message"] + (f"; {p['fix']}" if p.get("fix") else ""))
+            for p in body["problems"]
+        ]
+        raise SpecInvalid(problems)
+    if answer.status_code != 201:
+        raise _answer_error(answer.status_code, body, base)
+    assert isinstance(body, dict)
+    return body
+
+
+async def _follow(base: str, study_id: int, token: Any, console: Console) -> str:
+    """Print each trial as it finishes (the lines `run` prints) until the study ends; its status."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus, WebSocketException
+
+    from servetune.core.study import Trial, TrialState
+    from servetune.study_session import _describe
+
+    printed: set[int] = set()
+    status = "running"
+
+    def show(raw: dict[str, Any]) -> None:
+        trial = Trial.model_validate(raw)
+        if trial.state in (TrialState.RUNNING, TrialState.WAITING) or trial.number in printed:
+            return
+        printed.add(trial.number)
+        console.print(_describe(trial), highlight=False)
+
+    url = "ws" + base.removeprefix("http") + f"/ws/studies/{study_id}"
+    failures = 0
+    while True:
+        try:
+            async with connect(url, additional_headers=_headers(token), max_size=None) as ws:
+                async for text in ws:
+                    message = json.loads(text)
+                    kind = message.get("type")
+                    if kind == "snapshot":
+                        failures = 0  # connected again: a fresh budget of retries
+                        for raw in message.get("trials", []):
+                            show(raw)
+                        status = message["study"]["status"]
+                    elif kind == "trial":
+                        show(message["trial"])
+                    elif kind == "study":
+                        status = message.get("status", status)
+                    if status in FINAL_STATUSES:
+                        return status
+            lost = "the manager closed it while the study is not running there"
+        except InvalidStatus as e:
+            if e.response.status_code < 500:
+                raise _answer_error(e.response.status_code, {}, base) from e
+            lost = f"HTTP {e.response.status_code}"
+        except (OSError, WebSocketException) as e:
+            lost = str(e) or type(e).__name__
+        failures += 1
+        if failures > FOLLOW_RETRIES:
+            raise ManagerUnreachable(
+                f"lost the live view of study {study_id} at {base} ({lost}) and could not get "
+                f"it back; the study goes on there: {base}/api/studies/{study_id}"
+            )
+        console.print(f"[dim]live view lost ({escape(lost)}); reconnecting…[/]", highlight=False)
+        await asyncio.sleep(min(FOLLOW_RETRY_MAX_S, 0.25 * 2**failures))
+
+
+def submit(
+    spec: Annotated[Path, typer.Argument(help="Study spec (YAML or JSON).")],
+    manager_url: Annotated[
+        str, typer.Option("--manager", help="Base URL of the manager, e.g. http://host:8400.")
+    ],
+    name: Annotated[
+        str | None, typer.Option(help="Study name (default: from the spec, else generated).")
+    ] = None,
+    token_file: TokenFileOption = None,
+) -> None:
+    """Create a study on a manager from SPEC and follow it live, with the lines `run` prints.
+
+    Exit status: 0 finished, 1 failed or cancelled, 2 an invalid spec, 130 Ctrl-C (the study
+    keeps running on the manager).
+    """
+    from servetune.specfile import read_document, resolve_paths
+
+    base = manager_url.rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        raise typer.BadParameter(f"{manager_url!r}: give http://host:port", param_hint="--manager")
+    token = _read_token(token_file)
+    document = resolve_paths(read_document(spec), spec.resolve().parent)
+    study = _create(base, document, name, token)
+    console = Console()
+    console.print(f"study [bold]{escape(study['name'])}[/] (id {study['id']}) on {base}")
+    try:
+        status = asyncio.run(_follow(base, study["id"], token, console))
+    except KeyboardInterrupt:
+        console.print(
+            f"[yellow]stopped following[/]: study {escape(study['name'])} keeps running on the "
+            f"manager; see it at {base}/api/studies/{study['id']} (live: "
+            f"/ws/studies/{study['id']}), cancel it with POST {base}/api/studies/{study['id']}/cancel",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(130) from None
+    console.print(f"study {escape(study['name'])}: {status}", highlight=False)
+    console.print(f"report: {base}/api/studies/{study['id']}/report", highlight=False)
+    if status != "finished":
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `manager` and `submit` to the main command line ``app``."""
+    app.command("manager")(manager)
+    app.command("submit")(submit)

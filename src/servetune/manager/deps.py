@@ -1,0 +1,97 @@
+"""What the manager's routes depend on: the state the lifespan opens, and FastAPI dependencies.
+
+Routes take ``StoreDep``, ``SupervisorDep``, ``RegistryDep``, ``RedisDep`` and call them; they
+never touch SQL or Redis themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Protocol
+
+from fastapi import Depends, Request
+from starlette.requests import HTTPConnection
+
+from servetune.settings import Settings
+from servetune.store.repo import StudyStore
+
+
+class Supervisor(Protocol):
+    """What the manager needs from the study supervisor (manager/supervisor.py StudySupervisor)."""
+
+    async def start(self) -> None:
+        """Start: resume the manager's studies whose owner is gone."""
+
+    async def stop(self) -> None:
+        """Stop every study loop (trials keep their lease until it lapses)."""
+
+    async def submit(self, study_id: int) -> None:
+        """Take the study's lease and run its loop in a task."""
+
+    async def cancel(self, study_id: int) -> None:
+        """Abort the study's jobs; its trials end cancelled."""
+
+    async def resume(self, study_id: int) -> None:
+        """Run a stopped study again."""
+
+    def running(self) -> set[int]:
+        """Ids of the studies whose loop runs here now."""
+        ...
+
+    def subscribe(self, study_id: int) -> AsyncIterator[dict[str, Any]]:
+        """Live changes of the study: trial, study status and phase messages."""
+        ...
+
+
+SupervisorFactory = Callable[[Settings, StudyStore, Any], Supervisor]
+"""Builds the supervisor from (settings, store, redis.asyncio.Redis); tests pass their own."""
+
+
+@dataclass
+class ManagerState:
+    """Everything the lifespan opened, kept on ``app.state.manager``."""
+
+    settings: Settings
+    """The settings, with ``redis_url`` set to the Redis in use (private one included)."""
+    store: StudyStore
+    redis: Any
+    """redis.asyncio.Redis (bytes responses) from cluster.redis.connect."""
+    registry: Any
+    """cluster.registry.Registry on ``redis``."""
+    supervisor: Supervisor
+    ws_ping_s: float = 20.0
+    """Keep-alive ping period of the log WebSocket, s."""
+
+
+def manager_state(conn: HTTPConnection) -> ManagerState:
+    """The running manager's state (set by the lifespan)."""
+    state: ManagerState = conn.app.state.manager
+    return state
+
+
+def _store(request: Request) -> StudyStore:
+    return manager_state(request).store
+
+
+def _supervisor(request: Request) -> Supervisor:
+    return manager_state(request).supervisor
+
+
+def _registry(request: Request) -> Any:
+    return manager_state(request).registry
+
+
+def _redis(request: Request) -> Any:
+    return manager_state(request).redis
+
+
+def _settings(request: Request) -> Settings:
+    return manager_state(request).settings
+
+
+StoreDep = Annotated[StudyStore, Depends(_store)]
+SupervisorDep = Annotated[Supervisor, Depends(_supervisor)]
+RegistryDep = Annotated[Any, Depends(_registry)]
+RedisDep = Annotated[Any, Depends(_redis)]
+SettingsDep = Annotated[Settings, Depends(_settings)]

@@ -1,0 +1,165 @@
+"""The manager's WebSockets: a study's live trial changes, and a worker's live log lines.
+
+Both close cleanly when the client goes away (the pub/sub subscription is released at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable
+from typing import Any
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from pydantic import ValidationError
+
+from servetune.cluster import keys
+from servetune.cluster.models import LogRecord
+from servetune.cluster.tasks import cancel_and_wait
+from servetune.errors import StudyNotFound
+from servetune.manager.auth import SUBPROTOCOL_PREFIX
+from servetune.manager.deps import ManagerState, manager_state
+from servetune.manager.schemas import StudyPublic, TrialPublic
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["websockets"])
+
+CLOSE_NOT_FOUND = 4404
+"""Close code when the study does not exist (the reason says so)."""
+
+
+async def _accept(ws: WebSocket) -> None:
+    """Accept, choosing the ``bearer.…`` subprotocol when the client offered it (browsers fail
+    a connection whose offered subprotocol is not chosen)."""
+    offered = [p for p in ws.scope.get("subprotocols") or [] if p.startswith(SUBPROTOCOL_PREFIX)]
+    await ws.accept(subprotocol=offered[0] if offered else None)
+
+
+async def _until_disconnect(ws: WebSocket, work: Awaitable[None]) -> None:
+    """Run ``work`` until it ends or the client disconnects, whichever comes first.
+
+    Once the client is gone, errors of ``work`` (a send on the closed socket) are dropped;
+    otherwise they propagate.
+    """
+
+    async def wait_disconnect() -> None:
+        while True:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+
+    worker = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(wait_disconnect())
+    try:
+        await asyncio.wait([worker, watcher], return_when=asyncio.FIRST_COMPLETED)
+        if worker.done() and not watcher.done():
+            exc = worker.exception()
+            if exc is not None and not isinstance(exc, WebSocketDisconnect):
+                raise exc
+    finally:
+        await cancel_and_wait((worker, watcher), 5.0, grace_s=0.5)
+
+
+def _snapshot(state: ManagerState, study_id: int) -> dict[str, Any]:
+    store = state.store
+    record = store.get_study(study_id)
+    workers = store.trial_workers(study_id)
+    trials = [
+        TrialPublic(**dict(t), worker_id=workers.get(t.id) if t.id else None)
+        for t in store.list_trials(study_id)
+    ]
+    return {
+        "type": "snapshot",
+        "study": StudyPublic.of(record, state.supervisor.running()).model_dump(mode="json"),
+        "trials": [t.model_dump(mode="json") for t in trials],
+    }
+
+
+FINAL_STATUSES = ("finished", "failed", "cancelled", "interrupted")
+"""Study statuses after which the study's live stream closes (1000)."""
+
+
+@router.websocket("/ws/studies/{study_id}")
+async def study_updates(ws: WebSocket, study_id: int) -> None:
+    """First ``{"type": "snapshot", "study": …, "trials": […]}``, then the supervisor's live
+    messages (``trial``, ``phase``, ``study``…) as they happen, until a ``study`` message with
+    a final status; then a normal close. A study not running here gets the snapshot and a
+    normal close; an unknown one a close with code 4404."""
+    state = manager_state(ws)
+    await _accept(ws)
+    updates = state.supervisor.subscribe(study_id)
+    try:
+        try:
+            await anext(aiter(updates))  # the stored status: subscribed from here on
+            snapshot = await asyncio.to_thread(_snapshot, state, study_id)
+        except (StudyNotFound, StopAsyncIteration) as e:
+            await ws.close(code=CLOSE_NOT_FOUND, reason=str(e)[:120] or "no such study")
+            return
+        await ws.send_json(snapshot)
+        if study_id not in state.supervisor.running():
+            await ws.close()
+            return
+
+        async def forward() -> None:
+            async for message in updates:
+                await ws.send_json(message)
+                if message.get("type") == "study" and message.get("status") in FINAL_STATUSES:
+                    break
+            await ws.close()  # the study ended: a normal close (1000)
+
+        await _until_disconnect(ws, forward())
+    finally:
+        aclose = getattr(updates, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
+
+
+def _records(data: bytes | str) -> list[dict[str, Any]]:
+    """The log records of one live-channel message (a JSON list), checked against LogRecord."""
+    try:
+        raw = json.loads(data)
+        items = raw if isinstance(raw, list) else [raw]
+        return [LogRecord.model_validate(item).model_dump(mode="json") for item in items]
+    except (ValueError, ValidationError) as e:
+        log.warning("dropped a live log message that is not a list of log records: %s", e)
+        return []
+
+
+@router.websocket("/ws/workers/{worker_id}/logs")
+async def worker_logs(ws: WebSocket, worker_id: str) -> None:
+    """First ``{"type": "logs", "records": [recent…]}``, then one ``logs`` message per batch
+    shipped by the worker, and ``{"type": "ping"}`` every 20 s while quiet."""
+    from servetune.cluster.logs import read_logs
+
+    state = manager_state(ws)
+    await _accept(ws)
+    pubsub = state.redis.pubsub()
+    try:
+        await pubsub.subscribe(keys.worker_logs_live(worker_id))
+        recent = await read_logs(state.redis, worker_id)
+        await ws.send_json({"type": "logs", "records": [r.model_dump(mode="json") for r in recent]})
+
+        async def forward() -> None:
+            loop = asyncio.get_running_loop()
+            last_sent = loop.time()
+            while True:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if message is not None and message.get("type") == "message":
+                    records = _records(message["data"])
+                    if records:
+                        await ws.send_json({"type": "logs", "records": records})
+                        last_sent = loop.time()
+                if loop.time() - last_sent >= state.ws_ping_s:
+                    await ws.send_json({"type": "ping"})
+                    last_sent = loop.time()
+
+        await _until_disconnect(ws, forward())
+    finally:
+        with contextlib.suppress(Exception):
+            await pubsub.unsubscribe()
+        with contextlib.suppress(Exception):
+            await pubsub.aclose()

@@ -1,0 +1,586 @@
+"""The manager's dispatch over a private Redis: StudySupervisor, RemoteRunner and Ingestor.
+
+Workers here are scripted in the test with the cluster APIs (a real ARQ Worker on the worker's
+queue, real heartbeats in the Registry, real events on the stream); one runs ``run_trial`` on
+the tiny llama.cpp model as a worker does, the others answer as a test needs (hang, hand back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from arq.worker import func
+
+from servetune.bench.builtin import BuiltinClient
+from servetune.cluster import keys
+from servetune.cluster.events import EventReader, send_event
+from servetune.cluster.models import (
+    Heartbeat,
+    RunningTrial,
+    TrialEvent,
+    TrialEventKind,
+    TrialJob,
+    WorkerInfo,
+    utc_now,
+)
+from servetune.cluster.queue import JOB_FUNCTION, arq_pool, worker_settings
+from servetune.cluster.redis import connect
+from servetune.cluster.registry import Registry
+from servetune.core.spec import StudySpec
+from servetune.core.study import FailureKind, TrialResult, TrialRole, TrialState
+from servetune.deploy.local import LocalDeployment
+from servetune.engines import get_engine
+from servetune.errors import StudyBusy
+from servetune.manager.dispatch import RemoteRunner
+from servetune.manager.ingest import Ingestor
+from servetune.manager.supervisor import StudySupervisor
+from servetune.runner import TrialContext, run_trial
+from servetune.settings import Settings
+from servetune.store.repo import LeaseOwner, StudyStore
+from servetune.study_session import build_deployment
+from tests.integration.study_helpers import small_spec
+from tests.redis_server import RedisServer
+
+pytestmark = pytest.mark.integration
+
+HEARTBEAT_S = 0.3
+
+Behaviour = Callable[["ScriptedWorker", TrialJob], Awaitable[TrialResult | None]]
+"""What a scripted worker does with a job: the result to send (None: send nothing)."""
+
+
+def failed(reason: str = "scripted") -> TrialResult:
+    """A quick finished trial that counts for the budget (the scripted workers' default)."""
+    return TrialResult(
+        state=TrialState.FAIL, failure_kind=FailureKind.BENCHMARK_FAILED, failure_reason=reason
+    )
+
+
+async def answer(worker: ScriptedWorker, job: TrialJob) -> TrialResult | None:
+    await asyncio.sleep(0.05)
+    return failed(f"ran on {worker.worker_id}")
+
+
+async def hang(worker: ScriptedWorker, job: TrialJob) -> TrialResult | None:
+    await asyncio.Event().wait()
+    return None
+
+
+async def real_trial(worker: ScriptedWorker, job: TrialJob) -> TrialResult | None:
+    """What a worker does: ``run_trial`` with the job's spec on a local deployment."""
+    spec = job.spec
+    engine = get_engine(spec.engine)
+    log_dir = worker.data_dir / "logs" / job.study_name
+    log_dir.mkdir(parents=True, exist_ok=True)
+    ctx = TrialContext(
+        spec=spec,
+        engine=engine,
+        deployment=LocalDeployment(host="127.0.0.1", stop_timeout_s=5),
+        client=BuiltinClient.for_spec(spec),
+        log_dir=log_dir,
+        label=job.study_name,
+        study_id=job.study_id,
+        trial_id=job.trial_id,
+    )
+    return await run_trial(ctx, job.params, job.number)
+
+
+class ScriptedWorker:
+    """A worker written with the cluster APIs: registers, heartbeats with its running jobs,
+    pops jobs from its queue with a real ARQ Worker and reports STARTED, then RESULT (or
+    cancelled when ARQ aborts the job)."""
+
+    def __init__(
+        self, url: str, settings: Settings, worker_id: str, behave: Behaviour, data_dir: Path
+    ) -> None:
+        self.url = url
+        self.settings = settings
+        self.worker_id = worker_id
+        self.behave = behave
+        self.data_dir = data_dir
+        self.jobs: list[TrialJob] = []
+        self.aborted: list[str] = []
+        self.running: dict[str, RunningTrial] = {}
+        self.beating = True
+        self.info = WorkerInfo(
+            id=worker_id,
+            hostname=f"host-{worker_id}",
+            pid=os.getpid(),
+            version="test",
+            engines=["llamacpp"],
+            deployments=["local"],
+            cpu_count=4,
+            memory_total_gib=8.0,
+            max_parallel=1,
+            started_at=utc_now(),
+        )
+
+    async def __aenter__(self) -> ScriptedWorker:
+        self.r = await connect(self.url)
+        self.registry = Registry(self.r, self.settings)
+        await self.registry.register(self.info)
+        await self.beat()
+        self.pool = await arq_pool(self.url)
+        fn = func(self._job, name=JOB_FUNCTION)  # type: ignore[arg-type]
+        self.arq = worker_settings(self.pool, self.worker_id, [fn], max_jobs=1)
+        self.tasks = [asyncio.create_task(self._beats()), asyncio.create_task(self.arq.async_run())]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.arq.close()
+        await self.r.aclose()
+
+    async def beat(self) -> None:
+        running = list(self.running.values())
+        await self.registry.beat(
+            Heartbeat(worker_id=self.worker_id, sent_at=utc_now(), running=running)
+        )
+
+    async def _beats(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            if self.beating:
+                await self.beat()
+
+    async def send(self, job: TrialJob, kind: TrialEventKind, **fields: Any) -> None:
+        event = TrialEvent(
+            kind=kind,
+            job_id=job.job_id,
+            study_id=job.study_id,
+            trial_id=job.trial_id,
+            number=job.number,
+            attempt=job.attempt,
+            worker_id=self.worker_id,
+            **fields,
+        )
+        await send_event(self.r, event)
+
+    async def _job(self, ctx: dict[str, Any], payload: dict[str, Any]) -> None:
+        job = TrialJob.model_validate(payload)
+        self.jobs.append(job)
+        self.running[job.job_id] = RunningTrial(
+            job_id=job.job_id,
+            study_id=job.study_id,
+            trial_id=job.trial_id,
+            number=job.number,
+            started_at=utc_now(),
+        )
+        try:
+            await self.send(job, TrialEventKind.STARTED, pid=12345)
+            result = await self.behave(self, job)
+            if result is not None:
+                await self.send(job, TrialEventKind.RESULT, result=result)
+        except asyncio.CancelledError:
+            self.aborted.append(job.job_id)
+            cancelled = TrialResult(
+                state=TrialState.FAIL,
+                failure_kind=FailureKind.CANCELLED,
+                failure_reason="aborted by the manager",
+            )
+            await self.send(job, TrialEventKind.RESULT, result=cancelled)
+            raise
+        finally:
+            self.running.pop(job.job_id, None)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, private_redis: RedisServer) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "data",
+        db_url=f"sqlite:///{tmp_path / 'studies.db'}",
+        redis_url=private_redis.url,
+        heartbeat_s=HEARTBEAT_S,
+        lease_ttl_s=3.0,
+        host_name="manager-a",
+    )
+
+
+@pytest.fixture
+def store(settings: Settings) -> Iterator[StudyStore]:
+    s = StudyStore(settings.db_url)
+    yield s
+    s.close()
+
+
+def run(settings: Settings, body: Callable[[aioredis.Redis], Awaitable[None]]) -> None:
+    """Run ``body(r)`` in a fresh event loop with a client of the test's private Redis."""
+
+    async def main() -> None:
+        assert settings.redis_url is not None
+        r = await connect(settings.redis_url)
+        try:
+            await body(r)
+        finally:
+            await r.aclose()
+
+    asyncio.run(main())
+
+
+@contextlib.asynccontextmanager
+async def workers(
+    settings: Settings, tmp_path: Path, **behaviours: Behaviour
+) -> AsyncIterator[dict[str, ScriptedWorker]]:
+    assert settings.redis_url is not None
+    async with contextlib.AsyncExitStack() as stack:
+        started = {}
+        for wid, behave in behaviours.items():
+            w = ScriptedWorker(settings.redis_url, settings, wid, behave, tmp_path / wid)
+            started[wid] = await stack.enter_async_context(w)
+        yield started
+
+
+@contextlib.asynccontextmanager
+async def supervisor(
+    settings: Settings, store: StudyStore, r: aioredis.Redis
+) -> AsyncIterator[StudySupervisor]:
+    sup = StudySupervisor(settings, store, r)
+    await sup.start()
+    try:
+        yield sup
+    finally:
+        await sup.stop()
+
+
+def create(store: StudyStore, spec_doc: dict[str, Any], name: str) -> int:
+    spec = StudySpec.model_validate(spec_doc)
+    return store.create_study(name, spec, spec_doc, executor="manager").id
+
+
+async def wait_until(done: Callable[[], bool], timeout_s: float = 10) -> None:
+    """Poll ``done()`` every 50 ms; TimeoutError after ``timeout_s``."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            if done():
+                return
+            await asyncio.sleep(0.05)
+
+
+async def finished(sup: StudySupervisor, study_id: int, timeout_s: float = 60) -> None:
+    await wait_until(lambda: study_id not in sup.running(), timeout_s)
+
+
+def event(kind: TrialEventKind, trial_id: int, study_id: int, **fields: Any) -> TrialEvent:
+    return TrialEvent(
+        kind=kind,
+        job_id=f"trial-{trial_id}-1",
+        study_id=study_id,
+        trial_id=trial_id,
+        number=0,
+        worker_id="w1",
+        **fields,
+    )
+
+
+async def pending(r: aioredis.Redis) -> int:
+    info = await r.xpending(keys.EVENTS, keys.EVENTS_GROUP)
+    return int(info["pending"])
+
+
+# ---- the Ingestor ----------------------------------------------------------------------------
+def test_a_redelivered_result_is_stored_once(
+    settings: Settings, store: StudyStore, tiny_model: Any
+) -> None:
+    async def body(r: aioredis.Redis) -> None:
+        study_id = create(store, small_spec(tiny_model), "twice")
+        trial = store.add_trial(study_id, 0, TrialRole.BASELINE, {})
+        assert trial.id is not None
+        first = failed("the first delivery")
+        await send_event(r, event(TrialEventKind.RESULT, trial.id, study_id, result=first))
+        await send_event(
+            r, event(TrialEventKind.RESULT, trial.id, study_id, result=failed("again"))
+        )
+        ingestor = Ingestor(store, EventReader(r, "manager@a"), runner=None)
+        assert await ingestor.drain() == 2
+        [stored] = store.trials(study_id)
+        assert stored.result is not None and stored.result.failure_reason == "the first delivery"
+        assert await pending(r) == 0
+
+    run(settings, body)
+
+
+def test_a_manager_killed_before_its_ack_stores_the_result_once(
+    settings: Settings, store: StudyStore, tiny_model: Any
+) -> None:
+    async def body(r: aioredis.Redis) -> None:
+        study_id = create(store, small_spec(tiny_model), "restart")
+        trial = store.add_trial(study_id, 0, TrialRole.BASELINE, {})
+        assert trial.id is not None
+        result = failed("measured while the manager restarted")
+        await send_event(r, event(TrialEventKind.RESULT, trial.id, study_id, result=result))
+        # the first manager read the entry and committed it, then died before acknowledging it
+        [(_entry, got, _raw)] = await EventReader(r, "manager@a").read(block_ms=100)
+        assert got is not None and got.result is not None
+        store.finish_trial(trial.id, got.result)
+        assert await pending(r) == 1
+        # the restarted manager (same consumer name) reads its pending entries first
+        restarted = Ingestor(store, EventReader(r, "manager@a"), runner=None)
+        assert await restarted.drain() == 1
+        assert await pending(r) == 0
+        assert [t.result for t in store.trials(study_id)] == [store.trials(study_id)[0].result]
+        assert store.trials(study_id)[0].state is TrialState.FAIL
+
+    run(settings, body)
+
+
+def test_a_database_error_leaves_the_entry_unacknowledged(
+    settings: Settings, store: StudyStore, tiny_model: Any
+) -> None:
+    async def body(r: aioredis.Redis) -> None:
+        study_id = create(store, small_spec(tiny_model), "dberror")
+        await send_event(r, event(TrialEventKind.RESULT, 999, study_id, result=failed()))
+        ingestor = Ingestor(store, EventReader(r, "manager@a"), runner=None)
+        await ingestor.step(block_ms=100)
+        assert await pending(r) == 1  # no such trial: not stored, so not acknowledged
+
+    run(settings, body)
+
+
+def test_a_rejected_job_fails_its_trial_with_the_reason(
+    settings: Settings, store: StudyStore, tiny_model: Any
+) -> None:
+    async def body(r: aioredis.Redis) -> None:
+        study_id = create(store, small_spec(tiny_model), "rejected")
+        trial = store.add_trial(study_id, 0, TrialRole.BASELINE, {})
+        assert trial.id is not None
+        why = "payload.params: Input should be a valid dictionary"
+        await send_event(r, event(TrialEventKind.REJECTED, trial.id, study_id, reason=why))
+        await Ingestor(store, EventReader(r, "manager@a"), runner=None).drain()
+        [stored] = store.trials(study_id)
+        assert stored.failure_kind is FailureKind.UNKNOWN
+        assert stored.result is not None and why in (stored.result.failure_reason or "")
+
+    run(settings, body)
+
+
+# ---- the RemoteRunner ------------------------------------------------------------------------
+async def _run_one(
+    settings: Settings, store: StudyStore, r: aioredis.Redis, spec_doc: dict[str, Any], name: str
+) -> tuple[int, TrialResult]:
+    """Run one trial through a RemoteRunner fed by an Ingestor; (trial id, result)."""
+    study_id = create(store, spec_doc, name)
+    study = store.get_study(study_id)
+    trial = store.add_trial(study_id, 0, TrialRole.BASELINE, {})
+    assert trial.id is not None
+    assert settings.redis_url is not None
+    pool = await arq_pool(settings.redis_url)
+    runner = RemoteRunner(store, pool, Registry(r, settings), settings)
+    ingestor = Ingestor(store, EventReader(r, "manager@a"), runner)
+    reading = asyncio.create_task(ingestor.run(block_ms=100))
+    engine = get_engine(study.spec.engine)
+    ctx = TrialContext(
+        spec=study.spec,
+        engine=engine,
+        deployment=build_deployment(study.spec, engine, name),
+        client=BuiltinClient.for_spec(study.spec),
+        log_dir=settings.data_dir,
+        label=name,
+        study_id=study_id,
+        trial_id=trial.id,
+    )
+    try:
+        async with asyncio.timeout(30):
+            return trial.id, await runner(ctx, {}, 0)
+    finally:
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+        await pool.aclose()
+
+
+def test_a_lost_worker_s_trial_is_retried_on_another(
+    settings: Settings, store: StudyStore, tiny_model: Any, tmp_path: Path
+) -> None:
+    async def body(r: aioredis.Redis) -> None:
+        async with workers(settings, tmp_path, a=hang) as ws:
+            ws["a"].beating = False  # it stops heartbeating mid-trial: offline after 3 beats
+            async with workers(settings, tmp_path, b=answer):
+                trial_id, result = await _run_one(
+                    settings, store, r, small_spec(tiny_model), "lost"
+                )
+        assert result.failure_reason == "ran on b"
+        assert [j.job_id for j in ws["a"].jobs] == [f"trial-{trial_id}-1"]
+        assert store.trial_workers(store.get_study("lost").id) == {trial_id: "b"}
+
+    run(settings, body)
+
+
+def test_a_trial_lost_twice_fails_worker_lost(
+    settings: Settings, store: StudyStore, tiny_model: Any, tmp_path: Path
+) -> None:
+    async def body(r: aioredis.Redis) -> None:
+        async def vanish(worker: ScriptedWorker, job: TrialJob) -> TrialResult | None:
+            return None  # the job ends without a result, as if the worker was restarted
+
+        async with workers(settings, tmp_path, a=vanish):
+            _, result = await _run_one(settings, store, r, small_spec(tiny_model), "lost2")
+        assert result.failure_kind is FailureKind.WORKER_LOST
+        assert "vanished" in (result.failure_reason or "")
+
+    run(settings, body)
+
+
+def test_a_handed_back_trial_is_placed_again(
+    settings: Settings, store: StudyStore, tiny_model: Any, tmp_path: Path
+) -> None:
+    async def body(r: aioredis.Redis) -> None:
+        async def hand_back_once(worker: ScriptedWorker, job: TrialJob) -> TrialResult | None:
+            if len(worker.jobs) == 1:
+                await worker.send(job, TrialEventKind.HANDED_BACK, reason="SIGTERM")
+                return None
+            return await answer(worker, job)
+
+        async with workers(settings, tmp_path, a=hand_back_once) as ws:
+            trial_id, result = await _run_one(settings, store, r, small_spec(tiny_model), "back")
+        assert result.failure_reason == "ran on a"
+        assert [j.job_id for j in ws["a"].jobs] == [f"trial-{trial_id}-1", f"trial-{trial_id}-1.1"]
+
+    run(settings, body)
+
+
+def test_a_trial_waits_for_a_worker_that_fits(
+    settings: Settings,
+    store: StudyStore,
+    tiny_model: Any,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def body(r: aioredis.Redis) -> None:
+        async def late_worker() -> None:
+            await asyncio.sleep(0.5)
+            async with workers(settings, tmp_path, late=answer):
+                await asyncio.sleep(3)
+
+        arriving = asyncio.create_task(late_worker())
+        _, result = await _run_one(settings, store, r, small_spec(tiny_model), "waits")
+        arriving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await arriving
+        assert result.failure_reason == "ran on late"
+
+    caplog.set_level("INFO", logger="servetune.manager.dispatch")
+    run(settings, body)
+    waits = [m for m in caplog.messages if "waiting for a worker with" in m]
+    assert len(waits) == 1, waits  # said once, not at every poll
+    assert "CPU thread" in waits[0] and "free (engine llamacpp, deployment local)" in waits[0]
+
+
+# ---- the StudySupervisor ---------------------------------------------------------------------
+def test_a_study_runs_on_two_workers_in_parallel(
+    settings: Settings, store: StudyStore, tiny_model: Any, tmp_path: Path
+) -> None:
+    async def body(r: aioredis.Redis) -> None:
+        doc = small_spec(tiny_model, trials=3)
+        doc["budget"]["parallel"] = 2
+        study_id = create(store, doc, "fleet")
+        async with (
+            workers(settings, tmp_path, a=real_trial, b=real_trial) as ws,
+            supervisor(settings, store, r) as sup,
+        ):
+            live = sup.subscribe(study_id)
+            assert await anext(live) == {"type": "study", "status": "running"}
+            await sup.submit(study_id)
+            await finished(sup, study_id, timeout_s=90)
+            seen = []
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1):
+                    async for message in live:
+                        seen.append(message)
+            await live.aclose()
+        trials = store.trials(study_id)
+        assert store.get_study(study_id).status == "finished"
+        assert len(trials) == 3 and all(t.state is TrialState.COMPLETE for t in trials)
+        assert set(store.trial_workers(study_id).values()) == {"a", "b"}
+        assert sum(len(w.jobs) for w in ws.values()) == 3
+        kinds = {m["type"] for m in seen}
+        assert {"trial", "phase", "study"} <= kinds
+        assert seen[-1] == {"type": "study", "status": "finished"}
+
+    run(settings, body)
+
+
+def test_a_held_lease_makes_submit_say_busy(
+    settings: Settings, store: StudyStore, tiny_model: Any
+) -> None:
+    async def body(r: aioredis.Redis) -> None:
+        study_id = create(store, small_spec(tiny_model), "held")
+        other = LeaseOwner(owner_id="cli-run", host="another-host", pid=1)
+        store.acquire_lease(study_id, other, ttl_s=60)
+        async with supervisor(settings, store, r) as sup:
+            with pytest.raises(StudyBusy, match="another-host"):
+                await sup.submit(study_id)
+            with pytest.raises(StudyBusy):
+                await sup.resume(study_id)
+            assert sup.running() == set()
+
+    run(settings, body)
+
+
+def test_cancel_aborts_the_job_on_the_worker(
+    settings: Settings, store: StudyStore, tiny_model: Any, tmp_path: Path
+) -> None:
+    async def body(r: aioredis.Redis) -> None:
+        study_id = create(store, small_spec(tiny_model), "cancel")
+        async with workers(settings, tmp_path, a=hang) as ws, supervisor(settings, store, r) as sup:
+            await sup.submit(study_id)
+            await wait_until(lambda: bool(ws["a"].running))
+            async with asyncio.timeout(10):
+                await sup.cancel(study_id)
+            assert study_id not in sup.running()
+            assert ws["a"].aborted == [ws["a"].jobs[0].job_id]
+        [trial] = store.trials(study_id)
+        assert trial.failure_kind is FailureKind.CANCELLED
+        assert store.get_study(study_id).status == "cancelled"
+
+    run(settings, body)
+
+
+@pytest.mark.parametrize("meanwhile", ["finished", "still running"])
+def test_a_restarted_manager_resumes_without_running_a_trial_twice(
+    settings: Settings, store: StudyStore, tiny_model: Any, tmp_path: Path, meanwhile: str
+) -> None:
+    """The manager stops mid-trial; the trial finishes while it is down (its RESULT is
+    ingested at the next start) or still runs when it returns (adopted): either way it is run
+    once, stored once, and the resumed study finishes."""
+
+    async def body(r: aioredis.Redis) -> None:
+        release = asyncio.Event()
+
+        async def slow(worker: ScriptedWorker, job: TrialJob) -> TrialResult | None:
+            if job.number == 0:
+                await release.wait()
+            return await answer(worker, job)
+
+        study_id = create(store, small_spec(tiny_model, trials=2), "restart")
+        async with workers(settings, tmp_path, a=slow) as ws:
+            async with supervisor(settings, store, r) as first:
+                await first.submit(study_id)
+                await wait_until(lambda: bool(ws["a"].running))
+            # the manager is down: its study is still running, and so is the trial
+            assert store.get_study(study_id).status == "running"
+            assert store.get_study(study_id).lease is None
+            if meanwhile == "finished":
+                release.set()
+                await wait_until(lambda: not ws["a"].running)
+            async with supervisor(settings, store, r) as second:
+                assert study_id in second.running()  # resumed at start
+                release.set()
+                await finished(second, study_id)
+        trials = store.trials(study_id)
+        assert store.get_study(study_id).status == "finished"
+        assert [t.number for t in trials] == [0, 1]
+        assert trials[0].failure_kind is FailureKind.BENCHMARK_FAILED  # measured, not interrupted
+        assert len(ws["a"].jobs) == 2  # trial 0 was not run again
+
+    run(settings, body)
