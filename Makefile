@@ -40,7 +40,7 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 # PEERS=/tmp/peers (a virtualenv holding aiperf and guidellm) adds the side-by-side comparison.
-bench: $(STAMP)
+bench: $(STAMP) redis-server
 	$(BIN)/python bench/bench_client.py
 	$(BIN)/python bench/bench_overhead.py
 	$(BIN)/python bench/bench_logs.py
@@ -49,7 +49,7 @@ bench: $(STAMP)
 
 # The demo study locally and on a manager + 2 local workers, at parallel 1 and 2 (well over
 # 5 min on 2 cores, so not in `bench`). FLEET_ARGS="--max-trials 6" shortens it.
-bench-fleet: $(STAMP)
+bench-fleet: $(STAMP) redis-server
 	$(BIN)/python bench/bench_fleet_demo.py $(FLEET_ARGS)
 
 clean:
