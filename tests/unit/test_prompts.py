@@ -114,3 +114,31 @@ def test_truncation_in_tokenizer_json_does_not_cap_the_count(tmp_path: Path) -> 
     prompts = build(tmp_path, 100, 2)
     tok.no_truncation()
     assert [len(tok.encode(p.text).ids) for p in prompts] == [100, 100]
+
+
+def test_building_many_prompts_leaves_the_event_loop_free_and_matches_one_by_one(
+    tokenizer: tuple[Tokenizer, Path],
+) -> None:
+    """A worker's event loop (heartbeat-free, but it sends events and polls aborts) keeps
+    running while a benchmark prebuilds its prompts with a local tokenizer."""
+    _, d = tokenizer
+
+    async def main() -> tuple[list[Prompt], list[Prompt], int]:
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        ticker = asyncio.create_task(tick())
+        await asyncio.sleep(0)
+        bulk = await PromptBuilder.from_tokenizer(d, 128).build(40)
+        ticker.cancel()
+        single = PromptBuilder.from_tokenizer(d, 128)
+        return bulk, [await single.prompt(i) for i in range(40)], ticks
+
+    bulk, one_by_one, ticks = asyncio.run(main())
+    assert bulk == one_by_one
+    assert ticks > 10  # the loop ran on while the prompts were being built

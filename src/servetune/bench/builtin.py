@@ -409,8 +409,9 @@ class BuiltinClient:
         request failures are never raised, they are records with an ``error_kind``.
         """
         if prompts is not None:
+            # a tokenizer loads off the event loop (a real tokenizer.json takes 0.1-1 s to parse)
             counter: TokenCounter = (
-                HfTokenCounter(self.tokenizer)
+                await asyncio.to_thread(HfTokenCounter, self.tokenizer)
                 if self.tokenizer is not None
                 else ServerTokenCounter(endpoint.base_url, endpoint.model)
             )
@@ -421,8 +422,11 @@ class BuiltinClient:
         if self.tokenizer is not None:
             key = (workload.input_tokens, workload.seed)
             if key not in self._builders:
-                self._builders[key] = PromptBuilder.from_tokenizer(
-                    self.tokenizer, workload.input_tokens, seed=workload.seed
+                self._builders[key] = await asyncio.to_thread(
+                    PromptBuilder.from_tokenizer,
+                    self.tokenizer,
+                    workload.input_tokens,
+                    seed=workload.seed,
                 )
             builder = self._builders[key]
             return await self._run(endpoint, workload, builder, on_progress, builder.counter)

@@ -120,6 +120,8 @@ class _Outage:
     def __init__(self, pool: redis.ConnectionPool | redis.asyncio.ConnectionPool) -> None:
         self.pool = pool
         self.since: float | None = None
+        # a caller that reports outages itself (the worker's heartbeat thread) turns these down
+        self.level = logging.WARNING if getattr(pool, "log_outages", True) else logging.DEBUG
 
     def failed(self, error: Exception) -> None:
         # redis-py's AuthenticationError is a ConnectionError the retry would repeat in vain
@@ -127,7 +129,8 @@ class _Outage:
             raise error
         if self.since is None:
             self.since = time.monotonic()
-            logger.warning(
+            logger.log(
+                self.level,
                 "Redis at %s is unreachable (%s): retrying for up to ~%.0f s",
                 _pool_url(self.pool),
                 error,
@@ -136,7 +139,8 @@ class _Outage:
 
     def done(self) -> None:
         if self.since is not None:
-            logger.info(
+            logger.log(
+                min(self.level, logging.INFO),
                 "Redis at %s is reachable again after %.1f s",
                 _pool_url(self.pool),
                 time.monotonic() - self.since,
@@ -168,6 +172,9 @@ class _ReconnectingPool(redis.asyncio.ConnectionPool):
 
 class _ReconnectingSyncPool(redis.ConnectionPool):
     """The synchronous twin of ``_ReconnectingPool``."""
+
+    log_outages = True
+    """False: its outage lines are logged at DEBUG (the caller reports outages itself)."""
 
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         get = super().get_connection
@@ -226,12 +233,29 @@ def connect(
     return client
 
 
-def connect_sync(url: str, *, retry_for_s: float = 30.0) -> redis.Redis:
-    """The synchronous twin of ``connect`` (for threads such as the log handler's shipper)."""
+def connect_sync(
+    url: str,
+    *,
+    retry_for_s: float = 30.0,
+    socket_timeout_s: float | None = None,
+    log_outages: bool = True,
+) -> redis.Redis:
+    """The synchronous twin of ``connect`` (for threads such as the log handler's shipper).
+
+    ``socket_timeout_s``: the longest wait for one connect or reply, s (default
+    ``SOCKET_CONNECT_TIMEOUT_S`` / ``SOCKET_TIMEOUT_S``). ``log_outages=False`` logs the
+    "unreachable" and "reachable again" lines at DEBUG, for a caller that reports outages itself.
+    Raises RedisUnavailable when ``url`` is not a Redis URL.
+    """
+    options = client_options(retry_for_s, sync=True)
+    if socket_timeout_s is not None:
+        options["socket_timeout"] = socket_timeout_s
+        options["socket_connect_timeout"] = min(SOCKET_CONNECT_TIMEOUT_S, socket_timeout_s)
     try:
-        pool = _ReconnectingSyncPool.from_url(url, **client_options(retry_for_s, sync=True))
+        pool = _ReconnectingSyncPool.from_url(url, **options)
     except ValueError as e:
         raise _bad_url(url, e) from e
+    pool.log_outages = log_outages
     client = redis.Redis(connection_pool=pool)
     client.auto_close_connection_pool = True
     return client

@@ -10,9 +10,12 @@ import logging
 import math
 from collections.abc import Awaitable
 from datetime import UTC, datetime
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
+import redis
 import redis.asyncio
+import redis.asyncio.client
+import redis.client
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from servetune.cluster import keys
@@ -99,24 +102,47 @@ class Registry:
         empty), SADD ``keys.WORKERS``, the last-seen time, and SET NX the info given to
         ``register`` (a no-op unless Redis lost it). Raises RedisUnavailable.
         """
-        info = self._registered.get(hb.worker_id)
-        seen_s = hb.sent_at.timestamp()
         with redis_errors(self.r, f"recording a heartbeat of worker {hb.worker_id}"):
             async with self.r.pipeline(transaction=True) as pipe:
-                pipe.set(
-                    keys.heartbeat(hb.worker_id), hb.model_dump_json(), px=self.heartbeat_ttl_ms
-                )
-                if hb.gpus:
-                    sample = GpuSample(at=hb.sent_at, gpus=hb.gpus)
-                    history = keys.gpu_history(hb.worker_id)
-                    pipe.lpush(history, sample.model_dump_json())
-                    pipe.ltrim(history, 0, self.settings.gpu_history_len - 1)
-                pipe.sadd(keys.WORKERS, hb.worker_id)
-                pipe.zadd(keys.WORKERS_SEEN, {hb.worker_id: seen_s})
-                if info is not None:
-                    pipe.set(keys.worker_info(hb.worker_id), info.model_dump_json(), nx=True)
+                restoring = self._queue_beat(pipe, hb)
                 replies = await pipe.execute()
-        restored = info is not None and bool(replies[-1])
+        return self._beat_recorded(hb, replies, restoring)
+
+    def beat_sync(self, client: redis.Redis, hb: Heartbeat) -> bool:
+        """``beat`` through the synchronous client ``client`` (same keys, TTL and transaction),
+        for a heartbeat thread that must not wait for the worker's event loop.
+
+        ``client`` must talk to the same Redis as the registry's own (``connect_sync`` on the
+        same URL). Safe to call from another thread than the one running the event loop.
+        Returns True when the info had to be stored again. Raises RedisUnavailable.
+        """
+        doing = f"recording a heartbeat of worker {hb.worker_id}"
+        with redis_errors(client, doing), client.pipeline(transaction=True) as pipe:
+            restoring = self._queue_beat(pipe, hb)
+            replies = pipe.execute()
+        return self._beat_recorded(hb, replies, restoring)
+
+    def _queue_beat(
+        self, pipe: redis.client.Pipeline | redis.asyncio.client.Pipeline, hb: Heartbeat
+    ) -> bool:
+        """Queue the commands of one heartbeat on ``pipe`` (sync or asyncio: queuing does not
+        wait). True when the last one is the SET NX of the info (the worker registered here)."""
+        info = self._registered.get(hb.worker_id)
+        pipe.set(keys.heartbeat(hb.worker_id), hb.model_dump_json(), px=self.heartbeat_ttl_ms)
+        if hb.gpus:
+            sample = GpuSample(at=hb.sent_at, gpus=hb.gpus)
+            history = keys.gpu_history(hb.worker_id)
+            pipe.lpush(history, sample.model_dump_json())
+            pipe.ltrim(history, 0, self.settings.gpu_history_len - 1)
+        pipe.sadd(keys.WORKERS, hb.worker_id)
+        pipe.zadd(keys.WORKERS_SEEN, {hb.worker_id: hb.sent_at.timestamp()})
+        if info is not None:
+            pipe.set(keys.worker_info(hb.worker_id), info.model_dump_json(), nx=True)
+        return info is not None
+
+    @staticmethod
+    def _beat_recorded(hb: Heartbeat, replies: list[Any], restoring: bool) -> bool:
+        restored = restoring and bool(replies[-1])
         if restored:
             logger.warning(
                 "worker %s's registration was missing (Redis restarted without its data?): "

@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import functools
 import logging
 import os
 import re
@@ -20,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from servetune.engines.base import LaunchCommand
 from servetune.errors import DeploymentError
@@ -32,12 +34,11 @@ _PR_SET_PDEATHSIG = 1
 _POLL_S = 0.05
 
 
-def _pdeathsig_preexec() -> Callable[[], None] | None:
-    """A preexec_fn that asks the kernel to SIGKILL the child when its parent dies (Linux only).
-
-    Everything is looked up before fork: the child runs only the prctl call and a getppid check
-    (the parent may already be gone by the time prctl runs; then the child exits at once).
-    """
+@functools.cache
+def _prctl() -> Any:
+    """libc's ``prctl`` through ctypes (None off Linux or when libc has none); looked up once:
+    ``find_library`` runs ``ldconfig -p`` in a subprocess, which cost every engine launch a
+    fork and exec on the event loop."""
     if not sys.platform.startswith("linux"):
         return None
     libc_name = ctypes.util.find_library("c") or "libc.so.6"
@@ -48,6 +49,18 @@ def _pdeathsig_preexec() -> Callable[[], None] | None:
         return None
     prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
     prctl.restype = ctypes.c_int
+    return prctl
+
+
+def _pdeathsig_preexec() -> Callable[[], None] | None:
+    """A preexec_fn that asks the kernel to SIGKILL the child when its parent dies (Linux only).
+
+    Everything is looked up before fork: the child runs only the prctl call and a getppid check
+    (the parent may already be gone by the time prctl runs; then the child exits at once).
+    """
+    prctl = _prctl()
+    if prctl is None:
+        return None
     parent = os.getpid()
     sigkill = int(signal.SIGKILL)
 

@@ -54,7 +54,9 @@ async def wait_ready(
     t0 = time.monotonic()
     deadline = t0 + timeout_s
     last = "no answer yet"
-    async with httpx.AsyncClient() as client:
+    # built off the event loop: its default TLS context loads the CA bundle (~0.1 s measured)
+    client = await asyncio.to_thread(httpx.AsyncClient)
+    async with client:
         health_url = endpoint.base_url + engine.health_path
         while True:
             _check_alive(running, classify)

@@ -40,6 +40,7 @@ from servetune.runner import TrialContext, run_trial
 from servetune.settings import Settings
 from servetune.study_session import build_deployment
 from servetune.worker import ENGINE_LOGGER
+from servetune.worker.heartbeat import TrialsSnapshot
 
 log = logging.getLogger(__name__)
 engine_log = logging.getLogger(ENGINE_LOGGER)
@@ -88,6 +89,8 @@ class WorkerRuntime:
     records the process groups of the engines running now (``record_engines``), so the next
     incarnation of this worker kills them if this one is SIGKILLed (``main.kill_leftover_engines``).
     ``draining`` is set on SIGTERM: running jobs are handed back, none is started.
+    ``trials`` is what the heartbeat thread reads: ``publish_trials`` refreshes it whenever
+    ``running`` or ``draining`` changes (the thread never touches ``running`` itself).
     """
 
     settings: Settings
@@ -98,10 +101,15 @@ class WorkerRuntime:
     draining: bool = False
     stopped_by: str = "SIGTERM"
     senders: set[asyncio.Task[None]] = field(default_factory=set)
+    trials: TrialsSnapshot = field(default_factory=TrialsSnapshot)
 
     def running_trials(self) -> list[RunningTrial]:
         """Every trial in progress, for the heartbeat."""
         return [r.as_running_trial() for r in self.running.values()]
+
+    def publish_trials(self) -> None:
+        """Hand the running trials and the draining flag to the heartbeat thread (``trials``)."""
+        self.trials.publish(self.running_trials(), self.draining)
 
     def record_engines(self) -> None:
         """Write the process groups of every live local engine to ``engines_file`` (atomically).
@@ -131,6 +139,7 @@ class WorkerRuntime:
         HANDED_BACK. Returns how many jobs were cancelled."""
         self.draining = True
         self.stopped_by = stopped_by
+        self.publish_trials()
         count = 0
         for running in self.running.values():
             running.handing_back = True
@@ -286,6 +295,7 @@ async def run_trial_job(ctx: dict[str, Any], payload: Any) -> dict[str, Any]:
         await outbox.close()
         return {"outcome": "handed_back", "trial_id": job.trial_id}
     rt.running[job.job_id] = running
+    rt.publish_trials()
     context = log_context(
         study_id=job.study_id,
         trial_id=job.trial_id,
@@ -344,6 +354,7 @@ async def run_trial_job(ctx: dict[str, Any], payload: Any) -> dict[str, Any]:
             with contextlib.suppress(Exception):
                 await asyncio.shield(tailer.stop())
         rt.running.pop(job.job_id, None)
+        rt.publish_trials()
         rt.record_engines()
         await outbox.close()
 

@@ -31,7 +31,7 @@ from redis.exceptions import RedisError
 
 from servetune.cluster import queue
 from servetune.cluster.logs import RedisLogHandler
-from servetune.cluster.models import GPUInfo, Heartbeat, WorkerInfo, utc_now
+from servetune.cluster.models import GPUInfo, WorkerInfo, utc_now
 from servetune.cluster.redis import connect, safe_url, translate
 from servetune.cluster.registry import Registry
 from servetune.cluster.tasks import cancel_and_wait
@@ -40,6 +40,7 @@ from servetune.deploy.local import kill_process_group
 from servetune.errors import RedisUnavailable, ServetuneError
 from servetune.settings import Settings, path_under
 from servetune.worker.gpu import host_facts, read_gpus
+from servetune.worker.heartbeat import HeartbeatThread
 from servetune.worker.jobs import CTX_KEY, WorkerRuntime, run_trial_job
 
 log = logging.getLogger(__name__)
@@ -301,42 +302,10 @@ class _Worker:
     info: WorkerInfo
     registry: Registry
     runtime: WorkerRuntime
+    heart: HeartbeatThread
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     signals: list[int] = field(default_factory=list)
     hurry: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def heartbeat(self, gpus: list[GPUInfo]) -> Heartbeat:
-        _, _, available_gib = host_facts()
-        try:
-            load = os.getloadavg()[0] / (os.cpu_count() or 1)
-        except OSError:  # pragma: no cover - no load average on this platform
-            load = None
-        return Heartbeat(
-            worker_id=self.info.id,
-            sent_at=utc_now(),
-            running=self.runtime.running_trials(),
-            gpus=gpus,
-            memory_available_gib=available_gib,
-            cpu_load_fraction=load,
-            draining=self.runtime.draining,
-        )
-
-    async def beat_once(self) -> None:
-        gpus = await asyncio.to_thread(read_gpus)
-        await self.registry.beat(self.heartbeat(gpus))
-
-    async def beat_forever(self) -> None:
-        """Beat every ``heartbeat_s``; a failed beat (Redis down) is logged and the next one
-        tries again (``Registry.beat`` re-registers a worker Redis forgot)."""
-        task = asyncio.current_task()
-        while True:
-            try:
-                await self.beat_once()
-            except (ServetuneError, RedisError, OSError) as e:
-                log.warning("heartbeat failed: %s", e)
-            if task is not None and task.cancelling():
-                return  # a cancellation the retrying Redis client swallowed mid-command
-            await asyncio.sleep(self.settings.heartbeat_s)
 
     def on_signal(self, signum: int) -> None:
         """First SIGTERM/SIGINT: stop (hand running trials back). A second one: stop waiting
@@ -436,7 +405,9 @@ async def _serve_as(settings: Settings, url: str, r: Any, name: str, max_paralle
         runtime = WorkerRuntime(
             settings=settings, worker_id=worker_id, redis=r, engines_file=record
         )
-        worker = _Worker(settings, url, info, Registry(r, settings), runtime)
+        registry = Registry(r, settings)
+        heart = HeartbeatThread(registry, url, worker_id, runtime.trials, settings)
+        worker = _Worker(settings, url, info, registry, runtime, heart)
         return await _run(worker, max_parallel)
     finally:
         root.removeHandler(handler)
@@ -447,10 +418,11 @@ async def _run(worker: _Worker, max_parallel: int) -> int:
     info, runtime = worker.info, worker.runtime
     try:
         await worker.registry.register(info)
-        await worker.beat_once()
+        await asyncio.to_thread(worker.heart.beat_once)
         pool = await queue.arq_pool(worker.url)
     except (ServetuneError, RedisError) as e:
         log.error("registering worker %s failed: %s", info.id, e)
+        worker.heart.stop(0)  # not started: closes its client
         return 1
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -469,7 +441,8 @@ async def _run(worker: _Worker, max_parallel: int) -> int:
         max_parallel,
     )
     print(f"worker {info.id} ready", file=sys.stderr, flush=True)
-    beats = asyncio.create_task(worker.beat_forever(), name="heartbeat")
+    # its own thread and Redis client: a trial blocking this loop must not stop the beats
+    worker.heart.start()
     jobs = asyncio.create_task(_take_jobs(arq_worker), name="arq worker")
     stopped = asyncio.create_task(worker.stop.wait())
     try:
@@ -482,9 +455,10 @@ async def _run(worker: _Worker, max_parallel: int) -> int:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        await cancel_and_wait({beats, jobs, stopped}, STOP_WAIT_S, grace_s=0.2)
+        await cancel_and_wait({jobs, stopped}, STOP_WAIT_S, grace_s=0.2)
+        await asyncio.to_thread(worker.heart.stop, STOP_WAIT_S)
         await _within(arq_worker.close(), STOP_WAIT_S)
-        # offline now, not 3 beats later
+        # offline now, not 3 beats later (the heartbeat thread has ended: no beat comes after)
         await _within(worker.registry.mark_offline(info.id), STOP_WAIT_S)
         log.info("worker %s stopped", info.id)
 
