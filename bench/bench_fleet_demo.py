@@ -213,14 +213,25 @@ def _trials_json(client: httpx.Client, study_id: int) -> list[dict[str, Any]]:
     return list(body)
 
 
+def _cores_of(index: int, workers: int) -> str:
+    """The ``--cpus`` list of worker ``index`` (0-based) when this host's usable cores are split
+    evenly between ``workers`` workers (each gets at least one)."""
+    cores = sorted(os.sched_getaffinity(0))
+    share = max(1, len(cores) // workers)
+    mine = cores[index * share : (index + 1) * share] or cores[-1:]
+    return ",".join(map(str, mine))
+
+
 def run_fleet(
     work: Path,
     docs: dict[int, dict[str, Any]],
     workers: int,
     timeout_s: float,
+    pin: bool = False,
 ) -> list[dict[str, Any]]:
     """Start a private Redis, ``servetune manager`` and ``workers`` × ``servetune worker
-    --max-parallel 1``; submit each spec of ``docs`` (parallel → spec) in turn over REST and time
+    --max-parallel 1`` (with ``pin``, worker n gets its own core(s) with ``--cpus``, so workers
+    sharing this host do not share cores); submit each spec of ``docs`` (parallel → spec) in turn over REST and time
     it from POST to a terminal status. Raises BenchError when a part fails."""
     folder = work / "fleet"
     folder.mkdir(parents=True, exist_ok=True)
@@ -243,6 +254,8 @@ def run_fleet(
                 log_path = folder / f"worker-w{n}.log"
                 argv = _servetune("worker", "--redis", redis_server.url, "--name", f"w{n}")
                 argv += ["--max-parallel", "1"]
+                if pin:
+                    argv += ["--cpus", _cores_of(n - 1, workers)]
                 procs[f"worker w{n}"] = (
                     stack.enter_context(_process(argv, _env(folder / f"w{n}"), log_path)),
                     log_path,
@@ -356,6 +369,11 @@ def main() -> None:
         type=Path,
         help="keep the model (reused) and each run's logs and databases (run-<UTC time>/) here",
     )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="give each local worker its own share of the cores (servetune worker --cpus)",
+    )
     parser.add_argument("--output", type=Path, help="write every figure as JSON to this file")
     args = parser.parse_args()
     if args.max_trials < 2:
@@ -392,7 +410,7 @@ def main() -> None:
                 results.append(run_local(work, doc, parallel, args.timeout_s))
                 print(f"  done: local parallel {parallel} in {results[-1]['wall_s']:.1f} s")
             docs = {p: spec_for(base, p, args.max_outside_cpu_fraction) for p in (1, 2)}
-            results += run_fleet(work, docs, args.workers, args.timeout_s)
+            results += run_fleet(work, docs, args.workers, args.timeout_s, pin=args.pin)
         except BenchError as e:
             sys.exit(f"bench_fleet_demo: {e}")
     print_table(results, meta)

@@ -89,6 +89,15 @@ def worker_cmd(
             "(default: SERVETUNE_DATA_DIR or the user data directory).",
         ),
     ] = None,
+    cpus: Annotated[
+        str | None,
+        typer.Option(
+            "--cpus",
+            help="CPU cores this worker and its engines may use, as taskset writes them "
+            "(0-3 or 0,2,4); its capacity is their count. Default: every core this process may "
+            "use. Give each of several workers on one host its own cores.",
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log INFO to stderr.")] = False,
 ) -> None:
     """Run a worker: take trials from the fleet's Redis queue and run them on this host.
@@ -97,6 +106,7 @@ def worker_cmd(
     manager (engines stopped). Exit status 0 after a stop, 1 when Redis cannot be reached, 2 for
     bad options.
     """
+    from servetune.worker.gpu import parse_cpu_list, pin_cpus
     from servetune.worker.main import check_name, run_worker
 
     overrides: dict[str, object] = {}
@@ -122,6 +132,11 @@ def worker_cmd(
         check_name(name)
     except ValueError as e:
         raise _fail(str(e), 2) from None
+    if cpus is not None:
+        try:
+            pin_cpus(parse_cpu_list(cpus))
+        except ValueError as e:
+            raise _fail(f"--cpus: {e}", 2) from None
     setup_worker_logging(settings, name, verbose)
     code = asyncio.run(run_worker(settings, name, max_parallel))
     raise typer.Exit(code)

@@ -6,6 +6,7 @@ Reading never raises: a host without an NVIDIA driver (or without the library) h
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import psutil
@@ -123,4 +124,72 @@ def host_facts() -> tuple[int, float, float]:
     psutil defines it (what can be given to processes without swapping).
     """
     memory = psutil.virtual_memory()
-    return (psutil.cpu_count(logical=True) or 1, _gib(memory.total), _gib(memory.available))
+    return (usable_cpu_count(), _gib(memory.total), _gib(memory.available))
+
+
+def usable_cpu_count() -> int:
+    """The logical cores this process may run on (its CPU affinity, e.g. set by ``taskset`` or
+    ``servetune worker --cpus``), else all of the host's; at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity on this platform
+        return psutil.cpu_count(logical=True) or 1
+
+
+MAX_CPU_INDEX = 65_535
+"""Largest core number ``parse_cpu_list`` accepts."""
+
+
+def parse_cpu_list(text: str) -> set[int]:
+    """Core numbers from a list as ``taskset -c`` writes it: ``0-3``, ``0,2,4``, ``0-1,6``.
+
+    Raises ValueError naming the bad part (empty list, not a number, a range that runs
+    backwards, a core above ``MAX_CPU_INDEX``).
+    """
+    cores: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        low, dash, high = part.partition("-")
+        try:
+            first, last = int(low), int(high if dash else low)
+        except ValueError:
+            raise ValueError(
+                f"{part!r} is not a core number or range; write e.g. 0-3 or 0,2,4"
+            ) from None
+        if first < 0 or last < first or last > MAX_CPU_INDEX:
+            raise ValueError(f"{part!r} is not a range of core numbers (0 ≤ first ≤ last)")
+        cores.update(range(first, last + 1))
+    if not cores:
+        raise ValueError("no core given; write e.g. 0-3 or 0,2,4")
+    return cores
+
+
+def pin_cpus(cores: set[int]) -> None:
+    """Restrict this process (and the engines it starts, which inherit it) to ``cores``.
+
+    Raises ValueError when the host has none of them or the platform cannot pin processes.
+    """
+    try:
+        available = os.sched_getaffinity(0)
+    except (AttributeError, OSError) as e:
+        raise ValueError(f"this platform cannot pin a process to cores ({e})") from None
+    missing = sorted(cores - available)
+    if missing:
+        raise ValueError(
+            f"core(s) {', '.join(map(str, missing[:8]))} are not available to this process "
+            f"(it may use {_compact(available)})"
+        )
+    os.sched_setaffinity(0, cores)
+
+
+def _compact(cores: set[int]) -> str:
+    ordered = sorted(cores)
+    parts: list[str] = []
+    start = prev = ordered[0]
+    for c in [*ordered[1:], -2]:
+        if c == prev + 1:
+            prev = c
+            continue
+        parts.append(f"{start}-{prev}" if prev > start else str(start))
+        start = prev = c
+    return ",".join(parts)
