@@ -229,7 +229,8 @@ class Ingestor:
 
 
 def _result_of(event: TrialEvent) -> TrialResult:
-    """The outcome a RESULT or REJECTED event reports (a RESULT without one is FAIL unknown)."""
+    """The outcome a RESULT or REJECTED event reports (a RESULT without one is FAIL unknown,
+    ``synthesized``: a measured result of the trial that arrives later replaces it)."""
     if event.kind is TrialEventKind.RESULT and event.result is not None:
         return event.result
     if event.kind is TrialEventKind.REJECTED:
@@ -241,6 +242,7 @@ def _result_of(event: TrialEvent) -> TrialResult:
         failure_kind=FailureKind.UNKNOWN,
         failure_reason=reason,
         finished_at=event.at,
+        synthesized=event.kind is TrialEventKind.RESULT,  # nothing measured: made up here
     )
 
 
