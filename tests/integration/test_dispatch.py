@@ -431,7 +431,40 @@ def test_a_trial_lost_twice_fails_worker_lost(
     run(settings, body)
 
 
-def test_a_handed_back_trial_is_placed_again(
+def test_a_handed_back_trial_runs_on_another_worker_as_the_same_attempt(
+    settings: Settings, store: StudyStore, tiny_model: Any, tmp_path: Path
+) -> None:
+    async def body(r: aioredis.Redis) -> None:
+        async def hand_back(worker: ScriptedWorker, job: TrialJob) -> TrialResult | None:
+            await worker.send(job, TrialEventKind.HANDED_BACK, reason="SIGTERM")
+            return None  # a stopping worker that still heartbeats (not yet marked draining)
+
+        later: dict[str, ScriptedWorker] = {}
+        done = asyncio.Event()
+
+        async def second_worker(a: ScriptedWorker) -> None:
+            await wait_until(lambda: len(a.jobs) == 1 and not a.running)
+            await asyncio.sleep(3 * HEARTBEAT_S)  # meanwhile only the stopping worker is there
+            async with workers(settings, tmp_path, b=answer) as ws:
+                later.update(ws)
+                await done.wait()
+
+        async def trial() -> tuple[int, TrialResult]:
+            try:
+                return await _run_one(settings, store, r, small_spec(tiny_model), "back2")
+            finally:
+                done.set()
+
+        async with workers(settings, tmp_path, a=hand_back) as ws:
+            (trial_id, result), _ = await asyncio.gather(trial(), second_worker(ws["a"]))
+        assert result.failure_reason == "ran on b"
+        assert [j.job_id for j in ws["a"].jobs] == [f"trial-{trial_id}-1"]
+        assert [(j.job_id, j.attempt) for j in later["b"].jobs] == [(f"trial-{trial_id}-1.1", 1)]
+
+    run(settings, body)
+
+
+def test_a_handed_back_trial_waits_for_its_only_worker_to_restart(
     settings: Settings, store: StudyStore, tiny_model: Any, tmp_path: Path
 ) -> None:
     async def body(r: aioredis.Redis) -> None:
@@ -441,10 +474,117 @@ def test_a_handed_back_trial_is_placed_again(
                 return None
             return await answer(worker, job)
 
+        async def restart(w: ScriptedWorker) -> None:
+            await wait_until(lambda: len(w.jobs) == 1 and not w.running)
+            await asyncio.sleep(4 * HEARTBEAT_S)  # several placement polls: not placed there
+            assert len(w.jobs) == 1
+            w.info = w.info.model_copy(update={"started_at": utc_now()})  # a new process
+            await w.registry.register(w.info)
+
         async with workers(settings, tmp_path, a=hand_back_once) as ws:
-            trial_id, result = await _run_one(settings, store, r, small_spec(tiny_model), "back")
+            (trial_id, result), _ = await asyncio.gather(
+                _run_one(settings, store, r, small_spec(tiny_model), "back"), restart(ws["a"])
+            )
         assert result.failure_reason == "ran on a"
-        assert [j.job_id for j in ws["a"].jobs] == [f"trial-{trial_id}-1", f"trial-{trial_id}-1.1"]
+        jobs = [(j.job_id, j.attempt) for j in ws["a"].jobs]
+        assert jobs == [(f"trial-{trial_id}-1", 1), (f"trial-{trial_id}-1.1", 1)]
+
+    run(settings, body)
+
+
+# ---- a measured result beats one the manager made up -----------------------------------------
+def measured(note: str = "measured") -> TrialResult:
+    """A COMPLETE result as a worker sends it."""
+    return TrialResult(
+        state=TrialState.COMPLETE, feasible=True, objective_values=[42.0], notes=[note]
+    )
+
+
+def test_a_late_result_of_attempt_1_wins_while_attempt_2_runs(
+    settings: Settings, store: StudyStore, tiny_model: Any, tmp_path: Path
+) -> None:
+    async def body(r: aioredis.Redis) -> None:
+        async def slow(worker: ScriptedWorker, job: TrialJob) -> TrialResult | None:
+            worker.beating = False  # so slow it misses heartbeats: declared lost
+            await wait_until(lambda: bool(ws["b"].running), timeout_s=20)
+            return measured("attempt 1")
+
+        async with workers(settings, tmp_path, a=slow, b=hang) as ws:
+            trial_id, result = await _run_one(settings, store, r, small_spec(tiny_model), "late")
+            await wait_until(lambda: bool(ws["b"].aborted))
+        assert result == measured("attempt 1")
+        assert ws["b"].aborted == [f"trial-{trial_id}-2"]
+        [stored] = store.trials(store.get_study("late").id)
+        assert stored.state is TrialState.COMPLETE and stored.result == measured("attempt 1")
+
+    run(settings, body)
+
+
+class Published:
+    """A LivePublisher that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.payloads: list[dict[str, Any]] = []
+
+    async def publish(self, study_id: int, payload: dict[str, Any]) -> None:
+        self.payloads.append(payload)
+
+
+def test_a_result_after_worker_lost_replaces_the_manager_s_fail(
+    settings: Settings,
+    store: StudyStore,
+    tiny_model: Any,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def body(r: aioredis.Redis) -> None:
+        async def vanish(worker: ScriptedWorker, job: TrialJob) -> TrialResult | None:
+            return None
+
+        async with workers(settings, tmp_path, a=vanish):
+            trial_id, lost = await _run_one(settings, store, r, small_spec(tiny_model), "lost")
+        assert lost.failure_kind is FailureKind.WORKER_LOST and lost.synthesized
+        store.finish_trial(trial_id, lost)  # what the loop saves
+        study_id = store.get_study("lost").id
+        late = event(TrialEventKind.RESULT, trial_id, study_id, result=measured("first"))
+        later = event(TrialEventKind.RESULT, trial_id, study_id, result=measured("second"))
+        await send_event(r, late)
+        await send_event(r, later)
+        live = Published()
+        await Ingestor(store, EventReader(r, "manager@a"), None, live).drain()
+        [stored] = store.trials(study_id)
+        assert stored.state is TrialState.COMPLETE and stored.result is not None
+        assert stored.result.objective_values == [42.0] and not stored.result.synthesized
+        first, note = stored.result.notes  # the first measured result stays
+        assert first == "first"
+        assert "after the manager had declared the trial lost" in note
+        assert "worker_lost" in note and "trial-" in note
+        assert live.payloads[0]["trial"]["state"] == "COMPLETE"
+        assert await pending(r) == 0
+
+    caplog.set_level("WARNING", logger="servetune.manager.ingest")
+    run(settings, body)
+    assert any("replaces the stored FAIL worker_lost" in m for m in caplog.messages)
+
+
+def test_a_late_result_after_a_user_cancel_keeps_the_cancel(
+    settings: Settings, store: StudyStore, tiny_model: Any
+) -> None:
+    async def body(r: aioredis.Redis) -> None:
+        study_id = create(store, small_spec(tiny_model), "cancelled")
+        trial = store.add_trial(study_id, 0, TrialRole.BASELINE, {})
+        assert trial.id is not None
+        cancel = TrialResult(
+            state=TrialState.FAIL,
+            failure_kind=FailureKind.CANCELLED,
+            failure_reason="study cancelled by the user",
+        )
+        store.finish_trial(trial.id, cancel)
+        await send_event(r, event(TrialEventKind.RESULT, trial.id, study_id, result=measured()))
+        await Ingestor(store, EventReader(r, "manager@a"), runner=None).drain()
+        [stored] = store.trials(study_id)
+        assert stored.result == cancel
+        assert store.replace_synthesized_result(trial.id, measured()) is None
 
     run(settings, body)
 

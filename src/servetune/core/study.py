@@ -161,6 +161,13 @@ class TrialResult(BaseModel):
         default_factory=list,
         description="Why its numbers may mislead: every level's warnings, then outside_load.",
     )
+    synthesized: bool = Field(
+        default=False,
+        description=(
+            "True when the manager made this outcome up (FAIL worker_lost): no worker measured "
+            "it, so a result a worker measured that arrives later replaces it."
+        ),
+    )
 
 
 class Trial(BaseModel):

@@ -152,6 +152,19 @@ class _Flight:
     placements: int = 0
     job: TrialJob | None = None
     signals: asyncio.Queue[_Signal] = field(default_factory=asyncio.Queue)
+    incarnation: _Incarnation | None = None
+
+
+_Incarnation = tuple[int, datetime]
+"""One run of a worker process: its ``(pid, started_at)`` from ``WorkerInfo``."""
+
+
+class _Resolved(Exception):
+    """Internal: a result of an earlier placement arrived while the trial waited for a worker."""
+
+    def __init__(self, result: TrialResult) -> None:
+        self.result = result
+        super().__init__("resolved while waiting for a worker")
 
 
 @dataclass
@@ -182,8 +195,12 @@ class RemoteRunner:
     Every ``settings.heartbeat_s`` it checks the worker: offline in the registry (three missed
     heartbeats) or the job missing from its queue and its heartbeat for ``VANISHED_CHECKS``
     checks → the trial is placed once more (attempt 2, on another worker when one fits), and
-    after a second loss it ends FAIL ``worker_lost`` with the reasons. A HANDED_BACK trial is
-    placed again at once (not counted as a loss). Cancelled: the job is aborted, the worker's
+    after a second loss it ends FAIL ``worker_lost`` with the reasons (``synthesized=True``: a
+    result a worker measured later replaces it, see ``Ingestor``). A RESULT of any placement
+    of the trial resolves it (the first one stored wins) and the job still running for it is
+    aborted. A HANDED_BACK trial is placed again at once, on another worker when one fits, and
+    never counts as an attempt; the worker that handed it back (it is stopping) gets no trial
+    until it registers again as a new process (another ``pid`` or ``started_at``). Cancelled: the job is aborted, the worker's
     cancelled RESULT awaited for up to ``ABORT_WAIT_S``, and CancelledError re-raised. While
     Redis is unreachable (RedisUnavailable) the trial keeps waiting and the call is retried at
     the next heartbeat: an outage never fails a trial by itself.
@@ -201,6 +218,8 @@ class RemoteRunner:
         self._placed: dict[str, dict[int, TrialNeeds]] = {}
         self._detached: set[int] = set()
         self._room = asyncio.Event()
+        self._incarnations: dict[str, _Incarnation] = {}
+        self._stopping: dict[str, _Incarnation] = {}
 
     # ---- the Runner ----------------------------------------------------------------------
     async def __call__(self, ctx: TrialContext, params: Params, number: int) -> TrialResult:
@@ -241,6 +260,7 @@ class RemoteRunner:
         if not running_trials:
             return adopted
         workers = await self.registry.workers()
+        self._remember(workers)
         for trial in running_trials:
             if trial.id is None or trial.study_id is None or trial.state is not TrialState.RUNNING:
                 continue
@@ -263,6 +283,7 @@ class RemoteRunner:
                 needs=needs,
                 attempt=attempt,
                 placements=1,
+                incarnation=self._incarnations.get(worker_id),
             )
             flight.job = TrialJob(
                 job_id=job_id,
@@ -329,10 +350,12 @@ class RemoteRunner:
         losses: list[WorkerLost] = []
         try:
             while True:
-                if flight.job is None:
-                    await self._enqueue(flight, avoid={lost.worker_id for lost in losses})
                 try:
+                    if flight.job is None:
+                        await self._enqueue(flight, avoid={lost.worker_id for lost in losses})
                     return await self._watch(flight)
+                except _Resolved as done:
+                    return done.result
                 except WorkerLost as e:
                     losses.append(e)
                     self._unplace(flight)
@@ -342,6 +365,7 @@ class RemoteRunner:
                             state=TrialState.FAIL,
                             failure_kind=FailureKind.WORKER_LOST,
                             failure_reason="; then ".join(lost.reason for lost in losses),
+                            synthesized=True,
                         )
                     log.warning(
                         "study %s trial %d: %s; placing it again (attempt 2)",
@@ -411,6 +435,11 @@ class RemoteRunner:
                 log.warning("listing workers failed (retrying): %s", e)
                 workers = []
             raise_if_cancelled()
+            self._remember(workers)
+            workers = [w for w in workers if not self._is_stopping(w)]
+            early = _queued_result(flight)
+            if early is not None:
+                raise _Resolved(early)
             placed = {w: list(n.values()) for w, n in self._placed.items()}
             worker_id = place(
                 flight.needs,
@@ -422,6 +451,7 @@ class RemoteRunner:
             )
             if worker_id is not None:
                 self._placed.setdefault(worker_id, {})[flight.trial_id] = flight.needs
+                flight.incarnation = self._incarnations.get(worker_id)
                 return worker_id
             if not waiting:
                 log.info(
@@ -434,6 +464,24 @@ class RemoteRunner:
                 waiting = True
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._room.wait(), timeout=self._poll_s())
+
+    def _remember(self, workers: Sequence[WorkerStatus]) -> None:
+        """Note which process each listed worker runs as now (for ``_is_stopping``)."""
+        for w in workers:
+            self._incarnations[w.info.id] = (w.info.pid, w.info.started_at)
+
+    def _is_stopping(self, status: WorkerStatus) -> bool:
+        """True while ``status`` is the same process that handed a trial back (it is stopping);
+        a worker that registered again since (a new process) is forgiven."""
+        wid = status.info.id
+        stopping = self._stopping.get(wid)
+        if stopping is None:
+            return False
+        if stopping == (status.info.pid, status.info.started_at):
+            return True
+        del self._stopping[wid]
+        log.info("worker %s registered again; it takes trials again", wid)
+        return False
 
     def _poll_s(self) -> float:
         return min(self.settings.heartbeat_s, 1.0)
@@ -467,16 +515,28 @@ class RemoteRunner:
                 continue
             if signal.result is not None:
                 if signal.job_id != job.job_id:  # an earlier placement finished after all
+                    log.warning(
+                        "study %s trial %d: job %s delivered its result after it was placed "
+                        "again; keeping that result and aborting job %s on worker %s",
+                        flight.study_name,
+                        flight.number,
+                        signal.job_id,
+                        job.job_id,
+                        job.worker_id,
+                    )
                     await self._abort_job(job)
                 return signal.result
             if signal.kind == "handed_back":
                 log.warning(
-                    "study %s trial %d: worker %s handed it back (%s); placing it again",
+                    "study %s trial %d: worker %s handed it back (%s); placing it again, "
+                    "not on that worker until it registers again",
                     flight.study_name,
                     flight.number,
                     job.worker_id,
                     signal.reason,
                 )
+                if flight.incarnation is not None:
+                    self._stopping[job.worker_id] = flight.incarnation
                 self._unplace(flight)
                 await self._enqueue(flight, avoid={job.worker_id})
                 seen = _Seen()
@@ -572,6 +632,15 @@ class RemoteRunner:
             pass  # the worker's RESULT says how it ended
         except ServetuneError as e:
             log.warning("aborting job %s on worker %s failed: %s", job.job_id, job.worker_id, e)
+
+
+def _queued_result(flight: _Flight) -> TrialResult | None:
+    """The first result signalled to ``flight`` while it had no job (others are dropped)."""
+    while not flight.signals.empty():
+        signal = flight.signals.get_nowait()
+        if signal.result is not None:
+            return signal.result
+    return None
 
 
 def _attempt_of(job_id: str) -> int:

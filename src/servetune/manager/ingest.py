@@ -12,7 +12,7 @@ from typing import Any, Protocol
 from servetune.cluster.events import EventReader
 from servetune.cluster.models import TrialEvent, TrialEventKind
 from servetune.cluster.tasks import raise_if_cancelled
-from servetune.core.study import FailureKind, TrialResult, TrialState
+from servetune.core.study import FailureKind, Trial, TrialResult, TrialState
 from servetune.errors import ServetuneError, StudyBusy, StudyNotFound
 from servetune.manager.dispatch import RemoteRunner
 from servetune.store.repo import StudyStore
@@ -35,7 +35,11 @@ class Ingestor:
     """Reads ``TrialEvent`` entries with ``reader`` and applies them, then acknowledges them.
 
     - RESULT → ``store.finish_trial`` (the first stored outcome wins: a redelivered RESULT never
-      overwrites or duplicates) → ack → ``runner.resolve`` → a live ``{"type": "trial"}``.
+      overwrites or duplicates) → ack → ``runner.resolve`` → a live ``{"type": "trial"}``. One
+      exception: a measured result replaces an outcome the manager made up
+      (``TrialResult.synthesized``, the FAIL ``worker_lost`` of a worker declared lost that was
+      only slow), through ``store.replace_synthesized_result``, with a note saying so, logged
+      at WARNING. A user's cancel and any earlier measured result are kept.
     - REJECTED (the worker refused the payload) → the trial FAIL ``unknown`` with the reason, like
       a RESULT.
     - STARTED → ``store.set_trial_worker`` (the engine pid stays on its host: it is only shown,
@@ -155,9 +159,15 @@ class Ingestor:
         and, for a result, the trial's stored outcome."""
         kind = event.kind
         if kind in (TrialEventKind.RESULT, TrialEventKind.REJECTED):
-            saved = await asyncio.to_thread(
-                self.store.finish_trial, event.trial_id, _result_of(event)
-            )
+            result = _result_of(event)
+            saved = await asyncio.to_thread(self.store.finish_trial, event.trial_id, result)
+            if (
+                kind is TrialEventKind.RESULT
+                and saved.result is not None
+                and saved.result.synthesized
+                and not result.synthesized
+            ):
+                saved = await self._replace(event, saved, result)
             log.info(
                 "study %d trial %d: %s from worker %s (%s)",
                 event.study_id,
@@ -181,6 +191,33 @@ class Ingestor:
             return _phase(event, "handed back"), None
         return None, None
 
+    async def _replace(self, event: TrialEvent, saved: Trial, result: TrialResult) -> Trial:
+        """Store ``result`` (measured) over ``saved``'s made-up outcome; the trial as stored."""
+        old = saved.result
+        assert old is not None
+        kind = old.failure_kind.value if old.failure_kind else old.state.value
+        note = (
+            f"measured by worker {event.worker_id} (job {event.job_id}) after the manager had "
+            f"declared the trial lost; it replaces the manager's FAIL {kind}: "
+            f"{old.failure_reason or 'no reason given'}"
+        )
+        measured = result.model_copy(update={"notes": [*result.notes, note]})
+        replaced = await asyncio.to_thread(
+            self.store.replace_synthesized_result, event.trial_id, measured
+        )
+        if replaced is None:  # stored otherwise meanwhile (another manager): keep that
+            return saved
+        log.warning(
+            "study %d trial %d: %s measured by worker %s arrived after the trial was declared "
+            "lost; it replaces the stored FAIL %s",
+            event.study_id,
+            event.number,
+            result.state.value,
+            event.worker_id,
+            kind,
+        )
+        return replaced
+
     async def _study_gone(self, study_id: int) -> bool:
         try:
             await asyncio.to_thread(self.store.get_study, study_id)
@@ -192,7 +229,8 @@ class Ingestor:
 
 
 def _result_of(event: TrialEvent) -> TrialResult:
-    """The outcome a RESULT or REJECTED event reports (a RESULT without one is FAIL unknown)."""
+    """The outcome a RESULT or REJECTED event reports (a RESULT without one is FAIL unknown,
+    ``synthesized``: a measured result of the trial that arrives later replaces it)."""
     if event.kind is TrialEventKind.RESULT and event.result is not None:
         return event.result
     if event.kind is TrialEventKind.REJECTED:
@@ -204,6 +242,7 @@ def _result_of(event: TrialEvent) -> TrialResult:
         failure_kind=FailureKind.UNKNOWN,
         failure_reason=reason,
         finished_at=event.at,
+        synthesized=event.kind is TrialEventKind.RESULT,  # nothing measured: made up here
     )
 
 

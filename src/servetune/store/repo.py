@@ -627,6 +627,38 @@ class StudyStore:
             s.flush()
             return _trial(row)
 
+    def replace_synthesized_result(self, trial_id: int, result: TrialResult) -> Trial | None:
+        """Replace an outcome the manager made up with ``result``, measured by a worker.
+
+        Only a stored FAIL whose result has ``synthesized=True`` (the manager's FAIL
+        ``worker_lost``: no worker measured it) is replaced, in one transaction under the same
+        lease fence as ``finish_trial``; the saved Trial is returned. Anything else stored (a
+        real result, a cancel, a trial still RUNNING) is kept and None is returned. Raises
+        ValueError when ``result`` is not finished or is itself synthesized, StoreError for an
+        unknown trial or a database failure, StudyBusy when fenced and the lease was lost.
+        """
+        if not result.state.is_finished():
+            raise ValueError(
+                f"a trial finishes as COMPLETE, PRUNED or FAIL, not {result.state.value}"
+            )
+        if result.synthesized:
+            raise ValueError("only a measured result (synthesized=False) replaces a made-up one")
+        with self._tx(f"replacing the made-up result of trial id {trial_id}") as s:
+            row = s.get(TrialRow, trial_id)
+            if row is None:
+                raise StoreError(f"no trial with id {trial_id} in {self.url}")
+            self._owned_row(s, row.study_id)
+            stored = TrialResult.model_validate(row.result) if row.result is not None else None
+            if (
+                TrialState(row.state) is not TrialState.FAIL
+                or stored is None
+                or not stored.synthesized
+            ):
+                return None
+            _apply_result(row, result)
+            s.flush()
+            return _trial(row)
+
     def trials(self, study_id: int) -> list[Trial]:
         """Every trial of the study, by number. Raises StudyNotFound for an unknown study."""
         with self._tx(f"reading the trials of study {study_id}") as s:
