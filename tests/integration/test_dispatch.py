@@ -30,9 +30,10 @@ from servetune.cluster.models import (
     WorkerInfo,
     utc_now,
 )
-from servetune.cluster.queue import JOB_FUNCTION, arq_pool, worker_settings
+from servetune.cluster.queue import JOB_FUNCTION, arq_pool, close_worker, worker_settings
 from servetune.cluster.redis import connect
 from servetune.cluster.registry import Registry
+from servetune.cluster.tasks import cancel_and_wait
 from servetune.core.spec import StudySpec
 from servetune.core.study import FailureKind, TrialResult, TrialRole, TrialState
 from servetune.deploy.local import LocalDeployment
@@ -134,12 +135,8 @@ class ScriptedWorker:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        await self.arq.close()
+        await cancel_and_wait(self.tasks, 30, grace_s=1)
+        await close_worker(self.arq)
         await self.r.aclose()
 
     async def beat(self) -> None:
@@ -393,9 +390,7 @@ async def _run_one(
         async with asyncio.timeout(30):
             return trial.id, await runner(ctx, {}, 0)
     finally:
-        reading.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reading
+        await cancel_and_wait({reading}, 30, grace_s=1)
         await pool.aclose()
 
 
@@ -604,9 +599,7 @@ def test_a_trial_waits_for_a_worker_that_fits(
 
         arriving = asyncio.create_task(late_worker())
         _, result = await _run_one(settings, store, r, small_spec(tiny_model), "waits")
-        arriving.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await arriving
+        await cancel_and_wait({arriving}, 30, grace_s=1)
         assert result.failure_reason == "ran on late"
 
     caplog.set_level("INFO", logger="servetune.manager.dispatch")

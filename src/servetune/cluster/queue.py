@@ -24,6 +24,7 @@ from redis.exceptions import RedisError, WatchError
 from servetune.cluster import keys
 from servetune.cluster.models import TrialJob
 from servetune.cluster.redis import connect, redis_errors, safe_url, translate
+from servetune.cluster.tasks import cancel_and_wait
 from servetune.errors import PayloadRefused
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "RemoteJobError",
     "abort_trial",
     "arq_pool",
+    "CLOSE_WAIT_S",
     "close_worker",
     "enqueue_trial",
     "forget_job",
@@ -52,6 +54,8 @@ FUNCTION_TIMEOUT_S = 30 * 24 * 3600.0
 """ARQ's own timeout of a job, s: 30 days, i.e. none; the job enforces ``TrialJob.timeout_s``."""
 KEEP_RESULT_S = 3600.0
 """How long ARQ keeps a finished job's result in Redis, s (results travel on the events stream)."""
+CLOSE_WAIT_S = 30.0
+"""How long ``close_worker`` waits for the poll loop, then for the running jobs, to end, s."""
 POLL_DELAY_S = 0.2
 """How often an ARQ worker polls its queue and the abort set, s (bounds the delay of an abort)."""
 
@@ -317,14 +321,11 @@ async def close_worker(worker: Worker) -> None:
     ``close()``, a DeprecationWarning (an error under ``-W error``).
     """
     worker.allow_pick_jobs = False
+    # cancel_and_wait, not gather: a cancellation swallowed inside a Redis call (cluster.tasks)
+    # would otherwise keep the poll loop or a job running, and this await, forever
     if worker.main_task is not None:
-        worker.main_task.cancel()
-    running = list(worker.tasks.values())
-    for task in running:
-        task.cancel()
-    await asyncio.gather(*running, return_exceptions=True)
-    if worker.main_task is not None:
-        await asyncio.gather(worker.main_task, return_exceptions=True)
+        await cancel_and_wait({worker.main_task}, CLOSE_WAIT_S, grace_s=1.0)
+    await cancel_and_wait(list(worker.tasks.values()), CLOSE_WAIT_S)
     with contextlib.suppress(RedisError):
         await worker.pool.delete(worker.health_check_key)
     await worker.pool.aclose()
