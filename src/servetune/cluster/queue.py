@@ -28,6 +28,7 @@ from servetune.cluster.tasks import cancel_and_wait
 from servetune.errors import PayloadRefused
 
 __all__ = [
+    "CLOSE_WAIT_S",
     "FUNCTION_TIMEOUT_S",
     "JOB_FUNCTION",
     "JSON_DESERIALIZER",
@@ -38,7 +39,6 @@ __all__ = [
     "RemoteJobError",
     "abort_trial",
     "arq_pool",
-    "CLOSE_WAIT_S",
     "close_worker",
     "enqueue_trial",
     "forget_job",
