@@ -72,6 +72,50 @@ def _log_to_stderr(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+PREFLIGHT_REDIS_S = 5.0
+"""How long the manager's start-up check of --redis retries an unreachable Redis, s."""
+STARTUP_FAILED = 3
+"""Exit status of a manager that could not start (uvicorn's for a failed start-up)."""
+
+
+async def _ping_redis(url: str) -> None:
+    """Connect to ``url`` and PING it; raises RedisUnavailable (masked URL, the fix)."""
+    from redis.exceptions import RedisError
+
+    from servetune.cluster.redis import connect, safe_url, translate
+
+    r = connect(url, retry_for_s=PREFLIGHT_REDIS_S)
+    try:
+        await r.ping()
+    except RedisError as e:
+        raise translate(e, safe_url(url), "starting the manager") from e
+    finally:
+        await r.aclose()
+
+
+def _preflight(settings: Any) -> None:
+    """Open the database and PING ``--redis`` before uvicorn starts, so a bad option is one line.
+
+    Prints ``error: --db …`` / ``error: --redis …`` with the fix on stderr and raises
+    ``typer.Exit(STARTUP_FAILED)``; a private Redis (no --redis) is checked by its own start.
+    """
+    from servetune.errors import RedisUnavailable, StoreError
+    from servetune.store.repo import StudyStore
+
+    try:
+        StudyStore(settings.db_url).close()
+    except StoreError as e:
+        print(f"error: --db (or SERVETUNE_DB_URL): {e}", file=sys.stderr)
+        raise typer.Exit(STARTUP_FAILED) from None
+    if settings.redis_url is None:
+        return
+    try:
+        asyncio.run(_ping_redis(settings.redis_url))
+    except RedisUnavailable as e:
+        print(f"error: --redis (or SERVETUNE_REDIS_URL): {e}", file=sys.stderr)
+        raise typer.Exit(STARTUP_FAILED) from None
+
+
 def manager(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8400,
@@ -109,6 +153,7 @@ def manager(
     check_bind(host, settings.api_token)
     if settings.redis_url is None and shutil.which("redis-server") is None:
         raise RedisNotInstalled(f"no redis-server on PATH: {INSTALL_HINT}")
+    _preflight(settings)
     _log_to_stderr(verbose)
     app = create_app(settings)
     config = uvicorn.Config(
