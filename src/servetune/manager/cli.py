@@ -61,8 +61,26 @@ def _read_token(path: Path | None) -> Any:
     return SecretStr(token)
 
 
-def _log_to_stderr(verbose: bool) -> None:
-    """One line per record on stderr (a service's log goes to its supervisor: systemd, docker)."""
+def _secrets_of(settings: Any) -> list[str]:
+    """The literal secrets of ``settings`` a log must never show: the API token, URL passwords."""
+    from urllib.parse import urlsplit
+
+    found = [settings.api_token.get_secret_value()] if settings.api_token is not None else []
+    for url in (settings.redis_url, settings.db_url):
+        try:
+            password = urlsplit(url).password if url else None
+        except ValueError:
+            password = None
+        if password:
+            found.append(password)
+    return found
+
+
+def _log_to_stderr(verbose: bool, secrets: list[str] | None = None) -> None:
+    """One line per record on stderr (a service's log goes to its supervisor: systemd, docker);
+    ``secrets``, bearer credentials and URL passwords are masked in every record."""
+    from servetune.redact import install_secret_filter
+
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
@@ -70,6 +88,7 @@ def _log_to_stderr(verbose: bool) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("httpx", "httpcore", "alembic", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    install_secret_filter(secrets or [])
 
 
 PREFLIGHT_REDIS_S = 5.0
@@ -154,7 +173,7 @@ def manager(
     if settings.redis_url is None and shutil.which("redis-server") is None:
         raise RedisNotInstalled(f"no redis-server on PATH: {INSTALL_HINT}")
     _preflight(settings)
-    _log_to_stderr(verbose)
+    _log_to_stderr(verbose, _secrets_of(settings))
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -292,6 +311,9 @@ def submit(
     if not base.startswith(("http://", "https://")):
         raise typer.BadParameter(f"{manager_url!r}: give http://host:port", param_hint="--manager")
     token = _read_token(token_file)
+    from servetune.redact import install_secret_filter
+
+    install_secret_filter([token.get_secret_value()] if token is not None else [])
     document = resolve_paths(read_document(spec), spec.resolve().parent)
     study = _create(base, document, name, token)
     console = Console()
