@@ -1,4 +1,4 @@
-"""The manager's private redis-server: loopback only, a password, no files elsewhere, gone with it.
+"""The manager's private redis-server: loopback only, a password, files only in DATA_DIR/redis.
 
 Real redis-server processes; each test starts its own.
 """
@@ -26,7 +26,8 @@ def test_private_redis_needs_its_password_and_stops(tmp_path: Path) -> None:
             client = redis.Redis.from_url(private.url)
             assert client.ping()
             assert client.config_get("save")["save"] == ""
-            assert client.config_get("appendonly")["appendonly"] == "no"
+            assert client.config_get("appendonly")["appendonly"] == "yes"
+            assert client.config_get("appendfsync")["appendfsync"] == "everysec"
             client.close()
             port = int(private.url.rsplit(":", 1)[1].split("/")[0])
             anonymous = redis.Redis(host="127.0.0.1", port=port)
@@ -41,7 +42,8 @@ def test_private_redis_needs_its_password_and_stops(tmp_path: Path) -> None:
             await private.stop()
         assert private.proc.poll() is not None
         assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["redis"]
-        assert [p.name for p in (tmp_path / "data" / "redis").iterdir()] == ["redis.log"]
+        names = sorted(p.name for p in (tmp_path / "data" / "redis").iterdir())
+        assert names == ["appendonlydir", "redis.log", "url"]
 
     asyncio.run(scenario())
 

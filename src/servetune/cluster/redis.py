@@ -30,6 +30,7 @@ __all__ = [
     "client_url",
     "connect",
     "connect_sync",
+    "is_auth_error",
     "redis_errors",
     "retries_for",
     "safe_url",
@@ -88,12 +89,58 @@ def retries_for(retry_for_s: float) -> int:
     return max(1, retries)
 
 
+def is_auth_error(error: BaseException) -> bool:
+    """True for a refused authentication (AUTH failed, NOAUTH, WRONGPASS): never worth a retry.
+
+    redis-py raises these as ``AuthenticationError``, a ``ConnectionError`` subclass, so a
+    retry on connection errors would otherwise repeat them until its budget is spent.
+    """
+    if isinstance(error, AuthenticationError):
+        return True
+    return isinstance(error, RedisError) and str(error).startswith(("NOAUTH", "WRONGPASS"))
+
+
+class _SyncRetry(SyncRetry):
+    """redis-py's Retry that gives up at once on a refused authentication (``is_auth_error``).
+
+    redis-py uses the same Retry for commands, health-check PINGs and (here) pool hand-outs, so
+    this one rule covers them all.
+    """
+
+    def call_with_retry(self, do: Any, fail: Any) -> Any:
+        """``do()`` retried on connection errors; an authentication error is raised at once."""
+
+        def fail_fast(error: Exception) -> None:
+            if is_auth_error(error):
+                raise error
+            fail(error)
+
+        return super().call_with_retry(do, fail_fast)
+
+
+class _AsyncRetry(AsyncRetry):
+    """The asyncio twin of ``_SyncRetry``."""
+
+    async def call_with_retry(self, do: Any, fail: Any) -> Any:
+        """``await do()`` retried on connection errors; an authentication error is raised at once."""
+
+        async def fail_fast(error: Exception) -> None:
+            if is_auth_error(error):
+                raise error
+            await fail(error)
+
+        return await super().call_with_retry(do, fail_fast)
+
+
 def client_options(retry_for_s: float = 30.0, *, sync: bool = False) -> dict[str, Any]:
     """The keyword arguments ``connect`` gives redis-py's ``from_url`` (retry, backoff, timeouts,
-    health checks, bytes responses); for clients of other classes built on redis-py (ARQ's)."""
+    health checks, bytes responses); for clients of other classes built on redis-py (ARQ's).
+
+    The retry never repeats a refused authentication (``is_auth_error``): it fails at once.
+    """
     backoff = ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S)
     retries = retries_for(retry_for_s)
-    retry = SyncRetry(backoff, retries) if sync else AsyncRetry(backoff, retries)
+    retry = _SyncRetry(backoff, retries) if sync else _AsyncRetry(backoff, retries)
     return {
         "decode_responses": False,
         "retry": retry,
@@ -125,7 +172,7 @@ class _Outage:
 
     def failed(self, error: Exception) -> None:
         # redis-py's AuthenticationError is a ConnectionError the retry would repeat in vain
-        if isinstance(error, AuthenticationError):
+        if is_auth_error(error):
             raise error
         if self.since is None:
             self.since = time.monotonic()
@@ -274,7 +321,7 @@ def translate(error: RedisError, url: str, doing: str) -> RedisUnavailable:
     timed out, after the client's retries), or the error Redis answered.
     """
     text = str(error)
-    if isinstance(error, AuthenticationError) or text.startswith(("NOAUTH", "WRONGPASS")):
+    if is_auth_error(error):
         return RedisUnavailable(
             f"Redis at {url} refused to authenticate while {doing} ({text}): put the password "
             "in the URL (redis://:PASSWORD@host:port/0) and check it matches redis-server's "

@@ -7,15 +7,18 @@ worker registry and the study supervisor, and closes them in reverse order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import redis
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.requests import HTTPConnection
+from starlette.websockets import WebSocketState
 
 from servetune.errors import (
     PathOutside,
@@ -91,8 +94,44 @@ def _error(status: int, e: BaseException) -> JSONResponse:
     return JSONResponse(status_code=status, content={"detail": str(e) or type(e).__name__})
 
 
+CLOSE_INTERNAL_ERROR = 1011
+"""WebSocket close code when a handler failed (Redis or the store down); the reason says why."""
+CLOSE_REASON_MAX_BYTES = 123
+"""Longest close reason a WebSocket close frame carries, bytes (RFC 6455)."""
+
+Handler = Any
+
+
+def _for_websockets_too(handler: Handler) -> Handler:
+    """``handler`` (made for HTTP requests) that also serves a WebSocket scope: there the error
+    is logged and the socket closed with ``CLOSE_INTERNAL_ERROR`` and the answer's detail as
+    the reason (accepted first if needed, so the client gets that reason), nothing returned."""
+
+    async def both(conn: HTTPConnection, e: Exception) -> JSONResponse | None:
+        if conn.scope["type"] != "websocket":
+            answer: JSONResponse = await handler(conn, e)
+            return answer
+        assert isinstance(conn, WebSocket)
+        log.error("WebSocket %s: %s: %s", conn.url.path, type(e).__name__, e)
+        reason = (str(e) or type(e).__name__).encode()[:CLOSE_REASON_MAX_BYTES]
+        with contextlib.suppress(RuntimeError, OSError):  # the client may be gone already
+            if conn.client_state == WebSocketState.CONNECTING:
+                await conn.accept()
+            if conn.client_state == WebSocketState.CONNECTED:
+                await conn.close(
+                    code=CLOSE_INTERNAL_ERROR, reason=reason.decode("utf-8", errors="ignore")
+                )
+        return None
+
+    return both
+
+
 def _install_error_handlers(app: FastAPI) -> None:
-    """Map the error tree to HTTP answers: every error body is ``{"detail": …}`` (JSON)."""
+    """Map the error tree to HTTP answers: every error body is ``{"detail": …}`` (JSON).
+
+    On a WebSocket (``/ws/…``) every one of them closes the socket with code 1011 and the
+    error as the reason instead (``_for_websockets_too``).
+    """
 
     async def spec_invalid(request: Request, e: Exception) -> JSONResponse:
         assert isinstance(e, SpecInvalid)
@@ -128,10 +167,10 @@ def _install_error_handlers(app: FastAPI) -> None:
             status_code=503, content={"detail": f"Redis is unavailable ({type(e).__name__})"}
         )
 
-    app.add_exception_handler(SpecInvalid, spec_invalid)
-    app.add_exception_handler(RequestValidationError, bad_request)
-    app.add_exception_handler(ServetuneError, servetune_error)
-    app.add_exception_handler(redis.RedisError, redis_error)
+    app.add_exception_handler(SpecInvalid, _for_websockets_too(spec_invalid))
+    app.add_exception_handler(RequestValidationError, _for_websockets_too(bad_request))
+    app.add_exception_handler(ServetuneError, _for_websockets_too(servetune_error))
+    app.add_exception_handler(redis.RedisError, _for_websockets_too(redis_error))
 
 
 def create_app(

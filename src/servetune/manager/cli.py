@@ -61,8 +61,26 @@ def _read_token(path: Path | None) -> Any:
     return SecretStr(token)
 
 
-def _log_to_stderr(verbose: bool) -> None:
-    """One line per record on stderr (a service's log goes to its supervisor: systemd, docker)."""
+def _secrets_of(settings: Any) -> list[str]:
+    """The literal secrets of ``settings`` a log must never show: the API token, URL passwords."""
+    from urllib.parse import urlsplit
+
+    found = [settings.api_token.get_secret_value()] if settings.api_token is not None else []
+    for url in (settings.redis_url, settings.db_url):
+        try:
+            password = urlsplit(url).password if url else None
+        except ValueError:
+            password = None
+        if password:
+            found.append(password)
+    return found
+
+
+def _log_to_stderr(verbose: bool, secrets: list[str] | None = None) -> None:
+    """One line per record on stderr (a service's log goes to its supervisor: systemd, docker);
+    ``secrets``, bearer credentials and URL passwords are masked in every record."""
+    from servetune.redact import install_secret_filter
+
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
@@ -70,6 +88,51 @@ def _log_to_stderr(verbose: bool) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("httpx", "httpcore", "alembic", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    install_secret_filter(secrets or [])
+
+
+PREFLIGHT_REDIS_S = 5.0
+"""How long the manager's start-up check of --redis retries an unreachable Redis, s."""
+STARTUP_FAILED = 3
+"""Exit status of a manager that could not start (uvicorn's for a failed start-up)."""
+
+
+async def _ping_redis(url: str) -> None:
+    """Connect to ``url`` and PING it; raises RedisUnavailable (masked URL, the fix)."""
+    from redis.exceptions import RedisError
+
+    from servetune.cluster.redis import connect, safe_url, translate
+
+    r = connect(url, retry_for_s=PREFLIGHT_REDIS_S)
+    try:
+        await r.ping()
+    except RedisError as e:
+        raise translate(e, safe_url(url), "starting the manager") from e
+    finally:
+        await r.aclose()
+
+
+def _preflight(settings: Any) -> None:
+    """Open the database and PING ``--redis`` before uvicorn starts, so a bad option is one line.
+
+    Prints ``error: --db …`` / ``error: --redis …`` with the fix on stderr and raises
+    ``typer.Exit(STARTUP_FAILED)``; a private Redis (no --redis) is checked by its own start.
+    """
+    from servetune.errors import RedisUnavailable, StoreError
+    from servetune.store.repo import StudyStore
+
+    try:
+        StudyStore(settings.db_url).close()
+    except StoreError as e:
+        print(f"error: --db (or SERVETUNE_DB_URL): {e}", file=sys.stderr)
+        raise typer.Exit(STARTUP_FAILED) from None
+    if settings.redis_url is None:
+        return
+    try:
+        asyncio.run(_ping_redis(settings.redis_url))
+    except RedisUnavailable as e:
+        print(f"error: --redis (or SERVETUNE_REDIS_URL): {e}", file=sys.stderr)
+        raise typer.Exit(STARTUP_FAILED) from None
 
 
 def manager(
@@ -109,7 +172,8 @@ def manager(
     check_bind(host, settings.api_token)
     if settings.redis_url is None and shutil.which("redis-server") is None:
         raise RedisNotInstalled(f"no redis-server on PATH: {INSTALL_HINT}")
-    _log_to_stderr(verbose)
+    _preflight(settings)
+    _log_to_stderr(verbose, _secrets_of(settings))
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -247,6 +311,9 @@ def submit(
     if not base.startswith(("http://", "https://")):
         raise typer.BadParameter(f"{manager_url!r}: give http://host:port", param_hint="--manager")
     token = _read_token(token_file)
+    from servetune.redact import install_secret_filter
+
+    install_secret_filter([token.get_secret_value()] if token is not None else [])
     document = resolve_paths(read_document(spec), spec.resolve().parent)
     study = _create(base, document, name, token)
     console = Console()

@@ -1,7 +1,9 @@
-"""A private redis-server for a manager started without --redis: a child on a free loopback port.
+"""A private redis-server for a manager started without --redis: a child on a loopback port.
 
-It listens on 127.0.0.1 only, requires a random password, keeps no data on disk, and dies with
-the manager (``stop()``, and PR_SET_PDEATHSIG on Linux when the manager is killed).
+It listens on 127.0.0.1 only, requires a random password, and dies with the manager (``stop()``,
+and PR_SET_PDEATHSIG on Linux when the manager is killed); its port and password are kept in
+DATA_DIR/redis/url and its data in an append-only file there, so a restarted manager brings back
+the same URL (workers stay connected) and the queued jobs and results (nothing is lost).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import redis.asyncio
 
@@ -60,7 +63,6 @@ class PrivateRedis:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             await asyncio.to_thread(self.proc.wait, timeout_s)
-        (self.folder / "url").unlink(missing_ok=True)
         log.info("private redis-server (pid %d) stopped", self.proc.pid)
 
 
@@ -68,6 +70,30 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _port_is_free(port: int) -> bool:
+    """True when nothing listens on 127.0.0.1:``port`` (a bind succeeds)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _previous(url_file: Path) -> tuple[int, str] | None:
+    """The (port, password) of the URL a previous start left in ``url_file``, or None when
+    there is none or it does not parse (then a fresh port and password are chosen)."""
+    try:
+        parts = urlsplit(url_file.read_text(encoding="utf-8").strip())
+        port, password = parts.port, parts.password
+    except (OSError, ValueError):
+        return None
+    if parts.scheme != "redis" or parts.hostname != "127.0.0.1" or not port or not password:
+        return None
+    return port, password
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -95,11 +121,14 @@ def _spawn(argv: list[str], config: str) -> subprocess.Popen[bytes]:
 
 
 async def start_private_redis(data_dir: Path) -> PrivateRedis:
-    """Start ``redis-server`` on a free 127.0.0.1 port with a random password; the running one.
+    """Start ``redis-server`` on 127.0.0.1 with a password; the running one.
 
-    Its working folder is ``data_dir/redis`` (its log ``redis.log`` there, and ``url``: the URL
-    with the password, mode 0600, for workers on this host); persistence is off (no RDB, no
-    AOF), so nothing is written elsewhere. Raises RedisNotInstalled when
+    Its working folder is ``data_dir/redis``: its log ``redis.log``, its append-only file
+    (``appendonlydir``; appendfsync everysec, no RDB snapshots), and ``url``: the URL with the
+    password, mode 0600, for workers on this host. A later start reuses that URL's port and
+    password, so workers pointed at it reconnect by themselves and the jobs and results queued
+    meanwhile are still there; only when something else holds that port is a new one chosen
+    (logged as a warning: restart the workers with the new URL). Raises RedisNotInstalled when
     redis-server is not on PATH (the message says how to install it or to pass --redis), and
     RedisStartFailed when it exits or does not answer PING within ``START_TIMEOUT_S``.
     """
@@ -108,8 +137,21 @@ async def start_private_redis(data_dir: Path) -> PrivateRedis:
         raise RedisNotInstalled(f"no redis-server on PATH: {INSTALL_HINT}")
     folder = data_dir / "redis"
     folder.mkdir(parents=True, exist_ok=True)
-    password = secrets.token_urlsafe(24)
-    port = _free_port()
+    url_file = folder / "url"
+    previous = _previous(url_file)
+    if previous is None:
+        port, password = _free_port(), secrets.token_urlsafe(24)
+    else:
+        port, password = previous
+        if not _port_is_free(port):
+            port = _free_port()
+            log.warning(
+                "port %d of the previous private redis-server is taken by something else: "
+                "using port %d; restart the workers with the new URL in %s",
+                previous[0],
+                port,
+                url_file,
+            )
     argv = [binary, "-"]  # the configuration comes on stdin: the password never shows in ps
     config = "\n".join(
         [
@@ -118,7 +160,8 @@ async def start_private_redis(data_dir: Path) -> PrivateRedis:
             "protected-mode yes",
             f'requirepass "{password}"',
             'save ""',
-            "appendonly no",
+            "appendonly yes",
+            "appendfsync everysec",
             f'dir "{folder}"',
             f'logfile "{folder / "redis.log"}"',
             "",
@@ -148,8 +191,8 @@ async def start_private_redis(data_dir: Path) -> PrivateRedis:
             await asyncio.sleep(0.05)
     finally:
         await client.aclose()
-    url_file = folder / "url"
     fd = os.open(url_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a file left by an older version may have other bits
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(url + "\n")
     log.info(

@@ -6,15 +6,18 @@ Registered on the main typer app by one line at the end of ``servetune/cli.py``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import logging.handlers
 import sys
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 import typer
 from pydantic import ValidationError
 
+from servetune.redact import install_secret_filter
 from servetune.settings import Settings
 from servetune.worker import ENGINE_LOGGER
 
@@ -52,6 +55,10 @@ def setup_worker_logging(settings: Settings, name: str | None, verbose: bool) ->
     root.addHandler(sh)
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    password = None
+    with contextlib.suppress(ValueError):
+        password = urlsplit(settings.redis_url).password if settings.redis_url else None
+    install_secret_filter([password] if password else [])
     return path
 
 
