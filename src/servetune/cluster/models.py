@@ -102,7 +102,9 @@ class GpuSample(_Message):
 class TrialJob(_Message):
     """The payload of one ARQ job: everything a worker needs to run one trial with ``run_trial``."""
 
-    job_id: str = Field(description="ARQ job id: trial-<trial_id>-<attempt>.")
+    job_id: str = Field(
+        description="ARQ job id, new for every placement: trial-<trial_id>-<attempt>[.<n>]-<8 hex>."
+    )
     study_id: int = Field(description="Database id of the study.")
     study_name: str = Field(description="Study name (log folder and log lines).")
     trial_id: int = Field(description="Database id of the trial (results are ingested by it).")
