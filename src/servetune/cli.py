@@ -29,7 +29,7 @@ from typer.core import TyperGroup
 from servetune.core.metrics import format_warning
 from servetune.core.spec import StudySpec
 from servetune.core.study import Trial, TrialRole, TrialState, format_params
-from servetune.errors import ServetuneError, SpecInvalid
+from servetune.errors import ServetuneError, SpecInvalid, check_resumable
 from servetune.manager.cli import register as register_manager_commands
 from servetune.settings import Settings
 from servetune.worker.cli import worker_cmd
@@ -531,6 +531,7 @@ def resume(
     try:
         store = StudyStore(settings.db_url)
         record = store.get_study(study)
+        check_resumable(record.name, record.status)
         kept = [t for t in store.trials(record.id) if t.state.is_finished()]
     except ServetuneError as e:
         raise _fail(str(e)) from None

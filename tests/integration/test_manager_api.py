@@ -88,7 +88,17 @@ def test_study_lifecycle_over_rest(client: TestClient, tiny_model: ModelFiles) -
     again = client.post("/api/studies", json={"spec": doc})
     assert again.status_code == 409 and "already exists" in again.json()["detail"]
 
-    assert client.post(f"/api/studies/{study['id']}/cancel").status_code == 409  # not running
+    finished = client.get(f"/api/studies/{study['id']}").json()
+    cancel = client.post(f"/api/studies/{study['id']}/cancel")
+    assert cancel.status_code == 409
+    assert (
+        cancel.json()["detail"]
+        == "study api-study is not running (status finished); nothing to cancel"
+    )
+    resume = client.post(f"/api/studies/{study['id']}/resume")
+    assert resume.status_code == 409
+    assert resume.json()["detail"] == "study api-study already finished; nothing to resume"
+    assert client.get(f"/api/studies/{study['id']}").json() == finished  # nothing written
     assert client.delete(f"/api/studies/{study['id']}").status_code == 204
     gone = client.get(f"/api/studies/{study['id']}")
     assert gone.status_code == 404 and "no study" in gone.json()["detail"]

@@ -26,6 +26,7 @@ from servetune.errors import (
     StudyBusy,
     StudyExists,
     StudyNotFound,
+    StudyNotResumable,
     WorkerNotFound,
 )
 from servetune.manager import ws
@@ -113,7 +114,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def servetune_error(request: Request, e: Exception) -> JSONResponse:
         if isinstance(e, StudyNotFound | WorkerNotFound):
             return _error(404, e)
-        if isinstance(e, StudyExists | StudyBusy):
+        if isinstance(e, StudyExists | StudyBusy | StudyNotResumable):
             return _error(409, e)
         if isinstance(e, PathOutside):
             return _error(422, e)

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Path, Response
 from fastapi.responses import FileResponse, HTMLResponse
 
 from servetune.core.spec import Problem
-from servetune.errors import SpecInvalid, StudyBusy
+from servetune.errors import SpecInvalid, StudyBusy, StudyNotResumable, check_resumable
 from servetune.manager.deps import SettingsDep, StoreDep, SupervisorDep
 from servetune.manager.schemas import (
     ErrorBody,
@@ -104,9 +104,13 @@ async def read_study(study_id: StudyId, store: StoreDep, supervisor: SupervisorD
 async def cancel_study(
     study_id: StudyId, store: StoreDep, supervisor: SupervisorDep
 ) -> StudyPublic:
-    """Abort the study's jobs on the workers; its running trials end cancelled (409 when this
-    manager is not running it)."""
+    """Abort the study's jobs on the workers; its running trials end cancelled (409, nothing
+    written, when the study is not running, or runs on another manager)."""
     record = await asyncio.to_thread(store.get_study, study_id)
+    if record.status != "running":
+        raise StudyNotResumable(
+            f"study {record.name} is not running (status {record.status}); nothing to cancel"
+        )
     if study_id not in supervisor.running():
         raise StudyBusy(
             f"study {record.name} is {record.status} and not running on this manager; "
@@ -124,10 +128,12 @@ async def cancel_study(
 async def resume_study(
     study_id: StudyId, store: StoreDep, supervisor: SupervisorDep
 ) -> StudyPublic:
-    """Run the study again from where it stopped (409 when it runs already, here or elsewhere)."""
+    """Run the study again from where it stopped (409 when it runs already, here or elsewhere,
+    or already finished: its verdict is final, like `servetune resume`)."""
     record = await asyncio.to_thread(store.get_study, study_id)
     if study_id in supervisor.running():
         raise StudyBusy(f"study {record.name} is already running on this manager")
+    check_resumable(record.name, record.status)
     await supervisor.resume(study_id)
     return await _public(store, supervisor, study_id)
 
