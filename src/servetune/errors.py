@@ -63,6 +63,10 @@ def check_resumable(name: str, status: str) -> None:
         raise StudyNotResumable(f"study {name} already finished; nothing to resume")
 
 
+class WorkerAliasTaken(ServetuneError):
+    """Another known worker already has the alias asked for; the message names it."""
+
+
 class PathOutside(ServetuneError):
     """A path built from a name (study name, file name) would leave the directory it belongs in."""
 

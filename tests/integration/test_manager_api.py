@@ -231,6 +231,21 @@ def test_workers_counts_alias_gpu_history_and_logs(client: TestClient) -> None:
     history = client.get("/api/workers/w-idle/gpu-history").json()["items"]
     assert history and history[0]["gpus"][0]["name"] == "NVIDIA H200"
     assert client.patch("/api/workers/w-x", json={"alias": "a"}).status_code == 404
+    for bad_alias, says in (
+        ("a\nb", "control character '\\n'"),
+        ("", "alias is empty"),
+        (" rack 3", "starts or ends with a space"),
+        ("x" * 101, "at most 100"),
+    ):
+        refused = client.patch("/api/workers/w-busy", json={"alias": bad_alias})
+        assert refused.status_code == 422, refused.text
+        [problem] = refused.json()["problems"]
+        assert problem["field"] == "alias" and says in problem["message"], problem
+    taken = client.patch("/api/workers/w-busy", json={"alias": "Rack 3"})
+    assert taken.status_code == 409 and "taken by worker w-idle" in taken.json()["detail"]
+    assert client.get("/api/workers/w-busy").json()["info"]["alias"] is None  # unchanged
+    cleared = client.patch("/api/workers/w-idle", json={"alias": None})
+    assert cleared.status_code == 200 and cleared.json()["info"]["alias"] is None
 
     # logs: a record shipped before the WebSocket opens comes first, a later one live
     handler = RedisLogHandler(manager.settings.redis_url, "w-idle", manager.settings)

@@ -27,6 +27,7 @@ from servetune.errors import (
     StudyExists,
     StudyNotFound,
     StudyNotResumable,
+    WorkerAliasTaken,
     WorkerNotFound,
 )
 from servetune.manager import ws
@@ -114,7 +115,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def servetune_error(request: Request, e: Exception) -> JSONResponse:
         if isinstance(e, StudyNotFound | WorkerNotFound):
             return _error(404, e)
-        if isinstance(e, StudyExists | StudyBusy | StudyNotResumable):
+        if isinstance(e, StudyExists | StudyBusy | StudyNotResumable | WorkerAliasTaken):
             return _error(409, e)
         if isinstance(e, PathOutside):
             return _error(422, e)
