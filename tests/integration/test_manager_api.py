@@ -132,11 +132,28 @@ def test_an_invalid_spec_gets_every_problem_like_validate(
 
 
 def test_unknown_ids_are_404_with_a_message(client: TestClient) -> None:
-    for path in ("/api/studies/4242", "/api/studies/4242/trials", "/api/workers/nope"):
+    for path in (
+        "/api/studies/4242",
+        "/api/studies/4242/trials",
+        "/api/workers/nope",
+        "/api/workers/nope/logs",
+        "/api/workers/nope/gpu-history",
+    ):
         answer = client.get(path)
         assert answer.status_code == 404, path
         assert answer.json()["detail"]
     assert client.get("/api/studies/0").status_code == 422
+    # a WebSocket refuses a bad id or query with a reason, not a bare 403
+    refusals = {
+        "/ws/studies/abc": "study id 'abc' is not a number",
+        "/ws/workers/nope/logs?level=loud": "level: 'loud' is not a log level",
+        "/ws/workers/nope/logs?since=2026-01-01T00:00:00": "write e.g. 2026-01-01T12:00:00Z",
+        "/ws/workers/nope/logs?since=2026-01-01T00:00:00 00:00": "is not a time with a zone",
+    }
+    for path, says in refusals.items():
+        with client.websocket_connect(path) as ws, pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+        assert closed.value.code == 1008 and says in closed.value.reason, (path, closed.value)
 
 
 def test_a_study_streams_its_trials_over_the_websocket(
@@ -256,14 +273,17 @@ def test_workers_counts_alias_gpu_history_and_logs(client: TestClient) -> None:
     try:
         shipped.warning("engine warming up")
         wait_for(lambda: client.get("/api/workers/w-idle/logs").json()["items"])
-        items = client.get("/api/workers/w-idle/logs", params={"level": "WARNING"}).json()["items"]
+        items = client.get("/api/workers/w-idle/logs", params={"level": "warning"}).json()["items"]
         assert [r["message"] for r in items] == ["engine warming up"]
-        with client.websocket_connect("/ws/workers/w-idle/logs") as ws:
+        shipped.info("engine ready")  # below WARNING: not sent to a level=Warning socket
+        wait_for(lambda: len(client.get("/api/workers/w-idle/logs").json()["items"]) == 2)
+        with client.websocket_connect("/ws/workers/w-idle/logs?level=Warning") as ws:
             recent = ws.receive_json()
             assert recent["type"] == "logs"
             assert [r["message"] for r in recent["records"]] == ["engine warming up"]
             written = time.monotonic()
-            shipped.info("trial 3 started")
+            shipped.info("trial 3 is warming up")  # filtered out: below WARNING
+            shipped.warning("trial 3 started")
             live = ws.receive_json()
             while live["type"] == "ping":
                 live = ws.receive_json()
