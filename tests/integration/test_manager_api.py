@@ -17,6 +17,7 @@ import yaml
 from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
+from servetune.cluster import keys
 from servetune.cluster.models import GPUInfo, Heartbeat, RunningTrial, WorkerInfo, utc_now
 from servetune.errors import SpecInvalid
 from servetune.manager.app import create_app
@@ -99,7 +100,29 @@ def test_study_lifecycle_over_rest(client: TestClient, tiny_model: ModelFiles) -
     assert resume.status_code == 409
     assert resume.json()["detail"] == "study api-study already finished; nothing to resume"
     assert client.get(f"/api/studies/{study['id']}").json() == finished  # nothing written
+
+    # a job of the study still queued on a worker, and a stored result: delete removes both
+    # (a later study reusing these SQLite ids must not meet them); another trial's are kept
+    r = state(client).redis
+    client.portal.call(state(client).registry.register, worker_info("w-q"))  # type: ignore[union-attr]
+    ours, theirs = f"trial-{trials[0]['id']}-1-0123abcd", "trial-999-1-0123abcd"
+
+    async def leftovers() -> None:
+        for job_id in (ours, theirs):
+            await r.zadd(keys.queue("w-q"), {job_id: 1})
+            await r.set(keys.arq_job(job_id), b"payload")
+            await r.set(keys.arq_result(job_id), b"result")
+
+    async def left() -> list[Any]:
+        return [
+            await r.zrange(keys.queue("w-q"), 0, -1),
+            await r.exists(keys.arq_job(ours), keys.arq_result(ours)),
+            await r.exists(keys.arq_job(theirs), keys.arq_result(theirs)),
+        ]
+
+    client.portal.call(leftovers)  # type: ignore[union-attr]
     assert client.delete(f"/api/studies/{study['id']}").status_code == 204
+    assert client.portal.call(left) == [[theirs.encode()], 0, 2]  # type: ignore[union-attr]
     gone = client.get(f"/api/studies/{study['id']}")
     assert gone.status_code == 404 and "no study" in gone.json()["detail"]
 
