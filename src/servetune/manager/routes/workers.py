@@ -19,6 +19,7 @@ from servetune.manager.schemas import (
     ErrorBody,
     GpuHistory,
     LogList,
+    ProblemsBody,
     WorkerList,
     WorkerPublic,
     WorkerUpdate,
@@ -36,6 +37,8 @@ SINCE_HELP = (
 )
 
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody}}
+_BAD_INPUT: dict[int | str, dict[str, Any]] = {422: {"model": ProblemsBody}}
+_CONFLICT: dict[int | str, dict[str, Any]] = {409: {"model": ErrorBody}}
 
 
 async def _status(registry: Any, worker_id: str) -> Any:
@@ -63,7 +66,11 @@ async def read_worker(worker_id: WorkerId, registry: RegistryDep) -> WorkerPubli
     return WorkerPublic.of(await _status(registry, worker_id))
 
 
-@router.patch("/{worker_id}", responses=_NOT_FOUND, summary="Rename a worker")
+@router.patch(
+    "/{worker_id}",
+    responses={**_NOT_FOUND, **_BAD_INPUT, **_CONFLICT},
+    summary="Rename a worker",
+)
 async def update_worker(
     worker_id: WorkerId, body: WorkerUpdate, registry: RegistryDep
 ) -> WorkerPublic:
@@ -83,7 +90,11 @@ async def read_gpu_history(
     return GpuHistory(items=await registry.gpu_history(worker_id, limit))
 
 
-@router.get("/{worker_id}/logs", responses=_NOT_FOUND, summary="A worker's recent log records")
+@router.get(
+    "/{worker_id}/logs",
+    responses={**_NOT_FOUND, **_BAD_INPUT},
+    summary="A worker's recent log records",
+)
 async def read_logs(
     worker_id: WorkerId,
     redis: RedisDep,
