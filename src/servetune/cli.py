@@ -28,9 +28,10 @@ from typer.core import TyperGroup
 
 from servetune.core.metrics import format_warning
 from servetune.core.spec import StudySpec
-from servetune.core.study import Trial, TrialRole, TrialState, format_params
-from servetune.errors import ServetuneError, SpecInvalid
+from servetune.core.study import Trial, TrialRole, format_params
+from servetune.errors import ServetuneError, SpecInvalid, check_resumable
 from servetune.manager.cli import register as register_manager_commands
+from servetune.outcome import print_outcome, stand_in_note
 from servetune.settings import Settings
 from servetune.worker.cli import worker_cmd
 
@@ -453,7 +454,7 @@ def run(
         raise _fail(str(e)) from None
     console.print(f"study [bold]{study.name}[/] (id {study.id}) in {store.url}")
     outcome = _execute(settings, store, study, verbose)
-    _print_outcome(outcome, settings)
+    print_outcome(outcome, settings, out=console)
 
 
 def _check_host(spec: StudySpec, study: str) -> None:
@@ -531,6 +532,7 @@ def resume(
     try:
         store = StudyStore(settings.db_url)
         record = store.get_study(study)
+        check_resumable(record.name, record.status)
         kept = [t for t in store.trials(record.id) if t.state.is_finished()]
     except ServetuneError as e:
         raise _fail(str(e)) from None
@@ -539,7 +541,7 @@ def resume(
         "kept, not re-run"
     )
     outcome = _execute(settings, store, record, verbose)
-    _print_outcome(outcome, settings)
+    print_outcome(outcome, settings, out=console)
 
 
 @app.command()
@@ -570,103 +572,7 @@ def demo(
     study = store.create_study(_study_name(spec), spec, doc)
     console.print(f"spec written to {spec_path}; study [bold]{study.name}[/] (id {study.id})")
     outcome = _execute(settings, store, study, verbose)
-    _print_outcome(outcome, settings)
-
-
-def _print_outcome(outcome: Any, settings: Settings) -> None:
-    from servetune.core.scoring import infeasible_reason, mean_metric, runs_of
-    from servetune.engines import get_engine
-    from servetune.report.html import write_report
-
-    spec: StudySpec = outcome.study.spec
-    best: Trial | None = outcome.best
-    base: Trial | None = outcome.baseline
-    chosen: Trial | None = outcome.recommended
-    console.rule(f"study {outcome.study.name}")
-    counts: dict[str, int] = {}
-    for t in outcome.trials:
-        counts[t.state.value] = counts.get(t.state.value, 0) + 1
-    console.print("trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
-    report_path = settings.report_path(outcome.study.name)
-    write_report(outcome.study, outcome.trials, report_path, plotly_dir=settings.reports_dir)
-    if best is None or chosen is None:
-        if outcome.recommendation and any(t.state is TrialState.COMPLETE for t in outcome.trials):
-            console.print(f"[red]nothing to recommend[/]: {escape(outcome.recommendation)}")
-        else:
-            console.print(
-                "[red]no trial completed[/]: see `servetune show` for each failure's reason"
-            )
-        console.print(f"report: {report_path}")
-        raise typer.Exit(1)
-    why = infeasible_reason(chosen)
-    feasible = "feasible" if why is None else f"[red]{escape(why)}[/]"
-    what = "engine defaults" if chosen.role is TrialRole.BASELINE else "best params"
-    console.print(
-        f"{what} (trial {chosen.number}, {feasible}): {format_params(chosen.params)}",
-        highlight=False,
-    )
-    for w in chosen.result.warnings if chosen.result else []:
-        console.print(f"[yellow]warning {escape(format_warning(w))}[/]", highlight=False)
-    if best.number != chosen.number:
-        console.print(
-            f"best candidate trial {best.number} ({format_params(best.params)}) was not kept",
-            highlight=False,
-        )
-    if base is not None and base.number != best.number:
-        # every run of the defaults; the candidate's fresh repeats when there are any (its
-        # search run was picked as the best of a noisy search, so it is biased upwards)
-        base_runs = runs_of(base, outcome.trials)
-        best_runs = runs_of(best, outcome.trials)[1:] or [best]
-        fresh = best_runs[0] is not best
-        table = Table(
-            "metric",
-            f"engine defaults (trial {base.number})",
-            f"best candidate (trial {best.number})",
-            "change",
-            caption=(
-                f"medians of {len(base_runs)} run(s) of the defaults and {len(best_runs)} fresh "
-                f"repeat(s) of trial {best.number}"
-                if fresh
-                else f"medians of {len(base_runs)} run(s) of the defaults and trial "
-                f"{best.number}'s search run (not repeated)"
-            )
-            + ", at the last load level",
-        )
-        for name in (
-            "output_tokens_per_s",
-            "ttft_ms.p99",
-            "ttft_ms.p50",
-            "tpot_ms.p50",
-            "requests_per_s",
-        ):
-            b = mean_metric(base_runs, name, median=True)
-            v = mean_metric(best_runs, name, median=True)
-            change = f"{(v / b - 1) * 100:+.1f} %" if b and v is not None else "-"
-            table.add_row(
-                name,
-                f"{b:.1f}" if b is not None else "-",
-                f"{v:.1f}" if v is not None else "-",
-                change,
-            )
-        console.print(table)
-    if outcome.verdict is not None:
-        head = "repeats" if outcome.verdict.repeats else "not confirmed"
-        console.print(f"[bold]{head}[/]: {outcome.verdict.summary}", highlight=False)
-    if outcome.noise_pct is not None:
-        console.print(
-            f"run-to-run spread: {outcome.noise_pct:.1f} % (differences inside it are ties)",
-            highlight=False,
-        )
-    if outcome.recommendation:
-        style = "green" if chosen.feasible else "yellow"
-        console.print(f"[bold {style}]verdict[/]: {outcome.recommendation}", highlight=False)
-    if outcome.front:
-        console.print("Pareto front: trials " + ", ".join(str(t.number) for t in outcome.front))
-    cmd = get_engine(spec.engine).user_command(chosen.params)
-    console.print("[bold]launch command[/] (your llama.cpp build):")
-    console.print(cmd.display(), soft_wrap=True, highlight=False)
-    console.print(_stand_in_note(spec), soft_wrap=True, highlight=False)
-    console.print(f"report: {report_path}")
+    print_outcome(outcome, settings, out=console)
 
 
 # ---- inspecting studies ------------------------------------------------------------------
@@ -720,15 +626,6 @@ def _user_argv(record: Any, best: Trial | None) -> list[str] | None:
     from servetune.engines import get_engine
 
     return get_engine(record.spec.engine).user_command(best.params).argv if best else None
-
-
-def _stand_in_note(spec: Any) -> str:
-    """For llama.cpp: how to try the command here with the wheel's stand-in (else empty)."""
-    if spec.engine.kind != "llamacpp":
-        return ""
-    from servetune.engines.llamacpp.launch import STAND_IN_NOTE
-
-    return STAND_IN_NOTE
 
 
 def _status(record: Any, db: str | None) -> str:
@@ -900,7 +797,7 @@ def export(
         err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     if fmt == "command":
         sys.stdout.write(cmd.display() + "\n")
-        err_console.print(_stand_in_note(record.spec), highlight=False, soft_wrap=True)
+        err_console.print(stand_in_note(record.spec), highlight=False, soft_wrap=True)
     elif fmt == "json":
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
     else:  # the JSON document as YAML: the same keys and values, whatever their Python types

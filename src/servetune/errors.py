@@ -51,6 +51,22 @@ class StudyBusy(ServetuneError):
     """Another live process holds the study's lease; the message names its host, pid and expiry."""
 
 
+class StudyNotResumable(ServetuneError):
+    """The study's status forbids the request: cancelling a study that is not running, or
+    resuming one that already finished. Nothing was written; the message says why."""
+
+
+def check_resumable(name: str, status: str) -> None:
+    """Raise StudyNotResumable when a study named ``name`` with ``status`` cannot be resumed
+    (it finished: its verdict is final, so a resume would only rewrite it)."""
+    if status == "finished":
+        raise StudyNotResumable(f"study {name} already finished; nothing to resume")
+
+
+class WorkerAliasTaken(ServetuneError):
+    """Another known worker already has the alias asked for; the message names it."""
+
+
 class PathOutside(ServetuneError):
     """A path built from a name (study name, file name) would leave the directory it belongs in."""
 

@@ -73,6 +73,37 @@ class StudyOutcome:
     noise_pct: float | None = None
     objective_measured: bool = True
 
+    @classmethod
+    def of_stored(cls, study: StudyRecord, trials: list[Trial]) -> StudyOutcome:
+        """The outcome of a finished ``study`` as stored (its ``verdict`` record, written by
+        ``StudyLoop.run``) and its ``trials`` (by number), e.g. read back from a manager's
+        API. Trials the record names but ``trials`` lacks read as None; a study without a
+        verdict record (not finished) has no best, recommendation nor verdict."""
+        from servetune.core.scoring import Verdict
+
+        stored = study.verdict or {}
+        by_number = {t.number: t for t in trials}
+
+        def trial(key: str) -> Trial | None:
+            number = stored.get(key)
+            return by_number.get(number) if isinstance(number, int) else None
+
+        verdict = stored.get("verdict")
+        noise = stored.get("noise_pct")
+        return cls(
+            study=study,
+            trials=trials,
+            best=trial("best_trial"),
+            baseline=trial("baseline_trial") or _baseline(trials),
+            front=[by_number[n] for n in stored.get("pareto_front") or [] if n in by_number],
+            verdict=Verdict.model_validate(verdict) if verdict else None,
+            recommended=trial("recommended_trial"),
+            recommendation=str(stored.get("recommendation") or ""),
+            candidates=tuple(stored.get("candidates") or ()),
+            noise_pct=float(noise) if isinstance(noise, int | float) else None,
+            objective_measured=stored.get("objective_measured") is not False,
+        )
+
 
 _NOT_MEASURED = frozenset({FailureKind.INTERRUPTED, FailureKind.CANCELLED})
 

@@ -193,6 +193,10 @@ def test_submit_creates_a_study_on_the_manager_and_follows_it_to_the_end(
     assert len(trials) == 3
     for t in trials:  # the same trial lines as `servetune run`
         assert f"trial {t['number']:>2} {t['role']}" in out.stdout, out.stdout
+    # and the same end: the verdict, the best params and the launch command, then the report
+    assert "verdict: " in out.stdout and "launch command" in out.stdout, out.stdout
+    assert "llama-server" in out.stdout, out.stdout
+    assert out.stdout.rstrip().endswith(f"/api/studies/{study['id']}/report"), out.stdout
 
 
 def test_a_worker_killed_mid_trial_leaves_no_engine_and_its_trial_is_retried_or_lost(

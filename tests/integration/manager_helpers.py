@@ -30,11 +30,24 @@ class ScriptedSupervisor:
 
     Trial 0 completes without metrics (a PRUNED run), trial 1 fails with benchmark_failed;
     the study then ends ``finished`` (``final_status``). ``go`` is set at once unless
-    ``hold`` is True, so a test can subscribe first.
+    ``hold`` is True, so a test can subscribe first. With ``recommend``, trial 0 completes
+    instead (feasible, objective 42) and the stored verdict record recommends it, as
+    ``StudyLoop`` stores one when the defaults win.
     """
 
-    def __init__(self, settings: Settings, store: StudyStore, r: Any, *, hold: bool = False):
+    RECOMMENDATION = "keep the engine defaults: no candidate beat them (scripted)"
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: StudyStore,
+        r: Any,
+        *,
+        hold: bool = False,
+        recommend: bool = False,
+    ):
         self.store = store
+        self.recommend = recommend
         self.go = asyncio.Event()
         if not hold:
             self.go.set()
@@ -99,8 +112,13 @@ class ScriptedSupervisor:
 
     async def _run(self, study_id: int) -> None:
         await self.go.wait()
+        first = (
+            TrialResult(state=TrialState.COMPLETE, feasible=True, objective_values=[42.0])
+            if self.recommend
+            else TrialResult(state=TrialState.PRUNED, failure_reason="pruned by the script")
+        )
         results = [
-            TrialResult(state=TrialState.PRUNED, failure_reason="pruned by the script"),
+            first,
             TrialResult(
                 state=TrialState.FAIL,
                 failure_kind=FailureKind.BENCHMARK_FAILED,
@@ -121,7 +139,28 @@ class ScriptedSupervisor:
             self._publish(study_id, {"type": "phase", "trial_id": trial.id, "phase": "benchmark"})
             done = await asyncio.to_thread(self.store.finish_trial, trial.id, result)
             self._publish(study_id, {"type": "trial", "trial": done.model_dump(mode="json")})
-        await asyncio.to_thread(self.store.set_study_status, study_id, self.final_status)  # type: ignore[arg-type]
+        verdict = (
+            {
+                "best_trial": 0,
+                "baseline_trial": 0,
+                "recommended_trial": 0,
+                "recommendation": self.RECOMMENDATION,
+                "candidates": [],
+                "noise_pct": 1.5,
+                "objective_measured": True,
+                "pareto_front": [],
+                "verdict": None,
+                "summary": None,
+            }
+            if self.recommend and self.final_status == "finished"
+            else None
+        )
+        await asyncio.to_thread(
+            self.store.set_study_status,
+            study_id,
+            self.final_status,  # type: ignore[arg-type]
+            verdict,
+        )
         self._running.discard(study_id)
         self._publish(study_id, {"type": "study", "status": self.final_status})
 

@@ -353,6 +353,17 @@ def test_the_log_rotates_and_a_full_log_disk_is_said_once(studies: Path, tmp_pat
     locks.mkdir()
     for i in range(3):
         (locks / f"study-{i:016x}.lock").write_text("123")
+    before = servetune(tmp_path, "show", "met", "--json").stdout
+    refused = cli(tmp_path, "resume", "met")
+    assert refused.returncode == 1, refused.stderr  # finished: its verdict is final
+    assert "study met already finished; nothing to resume" in refused.stderr, refused.stderr
+    assert servetune(tmp_path, "show", "met", "--json").stdout == before  # nothing rewritten
+
+    def interrupted() -> None:  # as after a kill: resumable (the finished trials are kept)
+        with sqlite3.connect(tmp_path / "studies.db") as db:
+            db.execute("UPDATE studies SET status = 'interrupted' WHERE name = 'met'")
+
+    interrupted()
     out = cli(tmp_path, "resume", "met", env={"SERVETUNE_LOG_MAX_BYTES": "4096"})
     assert out.returncode == 0, out.stderr
     assert (logs / "servetune.log.1").stat().st_size == 5000  # rotated, not grown forever
@@ -361,6 +372,7 @@ def test_the_log_rotates_and_a_full_log_disk_is_said_once(studies: Path, tmp_pat
 
     (logs / "servetune.log").unlink()
     (logs / "servetune.log").symlink_to("/dev/full")  # every write: ENOSPC
+    interrupted()
     out = cli(tmp_path, "resume", "met", "-v")
     assert out.returncode == 0, out.stderr
     assert "Traceback" not in out.stderr and "Logging error" not in out.stderr, out.stderr

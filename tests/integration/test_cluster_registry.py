@@ -18,7 +18,7 @@ import redis.asyncio
 from servetune.cluster.models import GPUInfo, Heartbeat, RunningTrial, WorkerInfo, utc_now
 from servetune.cluster.redis import connect
 from servetune.cluster.registry import Registry
-from servetune.errors import WorkerNotFound
+from servetune.errors import WorkerAliasTaken, WorkerNotFound
 from servetune.settings import Settings
 from tests.redis_server import RedisServer
 
@@ -157,7 +157,9 @@ def test_an_alias_set_by_the_user_outlives_re_registration_and_can_be_cleared(
     async def scenario(registry: Registry) -> list[str | None]:
         await registry.register(_info(alias="own-name"))
         await registry.beat(_beat())
-        renamed = await registry.set_alias("w1", "  rack-2 left  ")
+        with pytest.raises(ValueError, match="starts or ends with a space"):
+            await registry.set_alias("w1", "  rack-2 left  ")  # refused, not silently changed
+        renamed = await registry.set_alias("w1", "rack-2 left")
         names = [renamed.info.alias]
         await registry.register(_info(alias="own-name"))  # the worker restarted
         names.append((await registry.workers())[0].info.alias)
@@ -167,6 +169,9 @@ def test_an_alias_set_by_the_user_outlives_re_registration_and_can_be_cleared(
             await registry.set_alias("nobody", "x")
         with pytest.raises(ValueError, match="alias"):
             await registry.set_alias("w1", "x" * 101)
+        await registry.register(_info("w2", alias="other"))
+        with pytest.raises(WorkerAliasTaken, match="taken by worker w2"):
+            await registry.set_alias("w1", "OTHER")
         return names
 
     assert _run(private_redis.url, tmp_path, scenario) == ["rack-2 left", "rack-2 left", "own-name"]

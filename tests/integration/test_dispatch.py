@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -268,6 +269,13 @@ async def finished(sup: StudySupervisor, study_id: int, timeout_s: float = 60) -
     await wait_until(lambda: study_id not in sup.running(), timeout_s)
 
 
+def placed(job_id: str) -> str:
+    """A job id without its random tail: ``trial-<trial_id>-<attempt>[.<n>]``."""
+    head, tail = job_id.rsplit("-", 1)
+    assert len(tail) == 8 and int(tail, 16) >= 0, job_id
+    return head
+
+
 def event(kind: TrialEventKind, trial_id: int, study_id: int, **fields: Any) -> TrialEvent:
     return TrialEvent(
         kind=kind,
@@ -336,10 +344,14 @@ def test_a_database_error_leaves_the_entry_unacknowledged(
 ) -> None:
     async def body(r: aioredis.Redis) -> None:
         study_id = create(store, small_spec(tiny_model), "dberror")
-        await send_event(r, event(TrialEventKind.RESULT, 999, study_id, result=failed()))
+        trial = store.add_trial(study_id, 0, TrialRole.BASELINE, {})
+        assert trial.id is not None
+        with sqlite3.connect(settings.db_url.removeprefix("sqlite:///")) as db:
+            db.execute("DROP TABLE trials")  # a real database failure, not a missing row
+        await send_event(r, event(TrialEventKind.RESULT, trial.id, study_id, result=failed()))
         ingestor = Ingestor(store, EventReader(r, "manager@a"), runner=None)
         await ingestor.step(block_ms=100)
-        assert await pending(r) == 1  # no such trial: not stored, so not acknowledged
+        assert await pending(r) == 1  # not stored, so not acknowledged: retried later
 
     run(settings, body)
 
@@ -405,7 +417,7 @@ def test_a_lost_worker_s_trial_is_retried_on_another(
                     settings, store, r, small_spec(tiny_model), "lost"
                 )
         assert result.failure_reason == "ran on b"
-        assert [j.job_id for j in ws["a"].jobs] == [f"trial-{trial_id}-1"]
+        assert [placed(j.job_id) for j in ws["a"].jobs] == [f"trial-{trial_id}-1"]
         assert store.trial_workers(store.get_study("lost").id) == {trial_id: "b"}
 
     run(settings, body)
@@ -453,8 +465,10 @@ def test_a_handed_back_trial_runs_on_another_worker_as_the_same_attempt(
         async with workers(settings, tmp_path, a=hand_back) as ws:
             (trial_id, result), _ = await asyncio.gather(trial(), second_worker(ws["a"]))
         assert result.failure_reason == "ran on b"
-        assert [j.job_id for j in ws["a"].jobs] == [f"trial-{trial_id}-1"]
-        assert [(j.job_id, j.attempt) for j in later["b"].jobs] == [(f"trial-{trial_id}-1.1", 1)]
+        assert [placed(j.job_id) for j in ws["a"].jobs] == [f"trial-{trial_id}-1"]
+        assert [(placed(j.job_id), j.attempt) for j in later["b"].jobs] == [
+            (f"trial-{trial_id}-1.1", 1)
+        ]
 
     run(settings, body)
 
@@ -481,7 +495,7 @@ def test_a_handed_back_trial_waits_for_its_only_worker_to_restart(
                 _run_one(settings, store, r, small_spec(tiny_model), "back"), restart(ws["a"])
             )
         assert result.failure_reason == "ran on a"
-        jobs = [(j.job_id, j.attempt) for j in ws["a"].jobs]
+        jobs = [(placed(j.job_id), j.attempt) for j in ws["a"].jobs]
         assert jobs == [(f"trial-{trial_id}-1", 1), (f"trial-{trial_id}-1.1", 1)]
 
     run(settings, body)
@@ -508,7 +522,7 @@ def test_a_late_result_of_attempt_1_wins_while_attempt_2_runs(
             trial_id, result = await _run_one(settings, store, r, small_spec(tiny_model), "late")
             await wait_until(lambda: bool(ws["b"].aborted))
         assert result == measured("attempt 1")
-        assert ws["b"].aborted == [f"trial-{trial_id}-2"]
+        assert [placed(j) for j in ws["b"].aborted] == [f"trial-{trial_id}-2"]
         [stored] = store.trials(store.get_study("late").id)
         assert stored.state is TrialState.COMPLETE and stored.result == measured("attempt 1")
 
@@ -639,6 +653,72 @@ def test_a_study_runs_on_two_workers_in_parallel(
         kinds = {m["type"] for m in seen}
         assert {"trial", "phase", "study"} <= kinds
         assert seen[-1] == {"type": "study", "status": "finished"}
+
+    run(settings, body)
+
+
+def test_a_study_reusing_a_deleted_study_s_ids_runs_every_trial(
+    settings: Settings, store: StudyStore, tiny_model: Any, tmp_path: Path
+) -> None:
+    """SQLite hands a deleted study's ids (study and trials) out again: the new study's jobs
+    must not meet the old ones' ARQ keys, and the old study's events must not touch it."""
+
+    async def body(r: aioredis.Redis) -> None:
+        doc = small_spec(tiny_model, trials=2)
+        async with (
+            workers(settings, tmp_path, a=answer) as ws,
+            supervisor(settings, store, r) as sup,
+        ):
+            first = create(store, doc, "first")
+            await sup.submit(first)
+            await finished(sup, first)
+            old_trials = [t.id for t in store.trials(first)]
+            old = ws["a"].jobs[0]
+            store.delete_study(first)
+            second = create(store, doc, "second")
+            assert second == first  # the precondition: SQLite reused the id
+            # a late event of the deleted study's job names the same ids: it must be dropped
+            await send_event(
+                r,
+                TrialEvent(
+                    kind=TrialEventKind.RESULT,
+                    job_id=old.job_id,
+                    study_id=first,
+                    trial_id=old.trial_id,
+                    number=old.number,
+                    worker_id="a",
+                    result=measured("of the deleted study"),
+                ),
+            )
+            await asyncio.sleep(0.5)  # read (and dropped) while the new study has no trials
+            await sup.submit(second)
+            await finished(sup, second)
+        trials = store.trials(second)
+        assert [t.id for t in trials] == old_trials  # the trial ids were reused too
+        assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
+        assert all(t.failure_kind is FailureKind.BENCHMARK_FAILED for t in trials), trials
+        assert all(t.result and t.result.failure_reason == "ran on a" for t in trials)
+        ids = [j.job_id for j in ws["a"].jobs]
+        assert len(ids) == 4 and len(set(ids)) == 4  # every trial ran, each job id new
+
+    run(settings, body)
+
+
+def test_an_event_of_another_job_is_not_applied_to_a_trial_in_flight(
+    settings: Settings, store: StudyStore, tiny_model: Any, tmp_path: Path
+) -> None:
+    async def body(r: aioredis.Redis) -> None:
+        async def stray_first(worker: ScriptedWorker, job: TrialJob) -> TrialResult | None:
+            other = job.model_copy(update={"job_id": f"trial-{job.trial_id}-1-0badc0de"})
+            await worker.send(other, TrialEventKind.RESULT, result=measured("stray"))
+            await asyncio.sleep(3 * HEARTBEAT_S)
+            return failed("the real one")
+
+        async with workers(settings, tmp_path, a=stray_first):
+            _, result = await _run_one(settings, store, r, small_spec(tiny_model), "s")
+        assert result.failure_reason == "the real one"
+        [stored] = store.trials(store.get_study("s").id)
+        assert stored.result is not None and stored.result.failure_reason == "the real one"
 
     run(settings, body)
 

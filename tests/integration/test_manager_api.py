@@ -17,6 +17,7 @@ import yaml
 from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
+from servetune.cluster import keys
 from servetune.cluster.models import GPUInfo, Heartbeat, RunningTrial, WorkerInfo, utc_now
 from servetune.errors import SpecInvalid
 from servetune.manager.app import create_app
@@ -88,8 +89,40 @@ def test_study_lifecycle_over_rest(client: TestClient, tiny_model: ModelFiles) -
     again = client.post("/api/studies", json={"spec": doc})
     assert again.status_code == 409 and "already exists" in again.json()["detail"]
 
-    assert client.post(f"/api/studies/{study['id']}/cancel").status_code == 409  # not running
+    finished = client.get(f"/api/studies/{study['id']}").json()
+    cancel = client.post(f"/api/studies/{study['id']}/cancel")
+    assert cancel.status_code == 409
+    assert (
+        cancel.json()["detail"]
+        == "study api-study is not running (status finished); nothing to cancel"
+    )
+    resume = client.post(f"/api/studies/{study['id']}/resume")
+    assert resume.status_code == 409
+    assert resume.json()["detail"] == "study api-study already finished; nothing to resume"
+    assert client.get(f"/api/studies/{study['id']}").json() == finished  # nothing written
+
+    # a job of the study still queued on a worker, and a stored result: delete removes both
+    # (a later study reusing these SQLite ids must not meet them); another trial's are kept
+    r = state(client).redis
+    client.portal.call(state(client).registry.register, worker_info("w-q"))  # type: ignore[union-attr]
+    ours, theirs = f"trial-{trials[0]['id']}-1-0123abcd", "trial-999-1-0123abcd"
+
+    async def leftovers() -> None:
+        for job_id in (ours, theirs):
+            await r.zadd(keys.queue("w-q"), {job_id: 1})
+            await r.set(keys.arq_job(job_id), b"payload")
+            await r.set(keys.arq_result(job_id), b"result")
+
+    async def left() -> list[Any]:
+        return [
+            await r.zrange(keys.queue("w-q"), 0, -1),
+            await r.exists(keys.arq_job(ours), keys.arq_result(ours)),
+            await r.exists(keys.arq_job(theirs), keys.arq_result(theirs)),
+        ]
+
+    client.portal.call(leftovers)  # type: ignore[union-attr]
     assert client.delete(f"/api/studies/{study['id']}").status_code == 204
+    assert client.portal.call(left) == [[theirs.encode()], 0, 2]  # type: ignore[union-attr]
     gone = client.get(f"/api/studies/{study['id']}")
     assert gone.status_code == 404 and "no study" in gone.json()["detail"]
 
@@ -122,11 +155,28 @@ def test_an_invalid_spec_gets_every_problem_like_validate(
 
 
 def test_unknown_ids_are_404_with_a_message(client: TestClient) -> None:
-    for path in ("/api/studies/4242", "/api/studies/4242/trials", "/api/workers/nope"):
+    for path in (
+        "/api/studies/4242",
+        "/api/studies/4242/trials",
+        "/api/workers/nope",
+        "/api/workers/nope/logs",
+        "/api/workers/nope/gpu-history",
+    ):
         answer = client.get(path)
         assert answer.status_code == 404, path
         assert answer.json()["detail"]
     assert client.get("/api/studies/0").status_code == 422
+    # a WebSocket refuses a bad id or query with a reason, not a bare 403
+    refusals = {
+        "/ws/studies/abc": "study id 'abc' is not a number",
+        "/ws/workers/nope/logs?level=loud": "level: 'loud' is not a log level",
+        "/ws/workers/nope/logs?since=2026-01-01T00:00:00": "write e.g. 2026-01-01T12:00:00Z",
+        "/ws/workers/nope/logs?since=2026-01-01T00:00:00 00:00": "is not a time with a zone",
+    }
+    for path, says in refusals.items():
+        with client.websocket_connect(path) as ws, pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+        assert closed.value.code == 1008 and says in closed.value.reason, (path, closed.value)
 
 
 def test_a_study_streams_its_trials_over_the_websocket(
@@ -221,6 +271,21 @@ def test_workers_counts_alias_gpu_history_and_logs(client: TestClient) -> None:
     history = client.get("/api/workers/w-idle/gpu-history").json()["items"]
     assert history and history[0]["gpus"][0]["name"] == "NVIDIA H200"
     assert client.patch("/api/workers/w-x", json={"alias": "a"}).status_code == 404
+    for bad_alias, says in (
+        ("a\nb", "control character '\\n'"),
+        ("", "alias is empty"),
+        (" rack 3", "starts or ends with a space"),
+        ("x" * 101, "at most 100"),
+    ):
+        refused = client.patch("/api/workers/w-busy", json={"alias": bad_alias})
+        assert refused.status_code == 422, refused.text
+        [problem] = refused.json()["problems"]
+        assert problem["field"] == "alias" and says in problem["message"], problem
+    taken = client.patch("/api/workers/w-busy", json={"alias": "Rack 3"})
+    assert taken.status_code == 409 and "taken by worker w-idle" in taken.json()["detail"]
+    assert client.get("/api/workers/w-busy").json()["info"]["alias"] is None  # unchanged
+    cleared = client.patch("/api/workers/w-idle", json={"alias": None})
+    assert cleared.status_code == 200 and cleared.json()["info"]["alias"] is None
 
     # logs: a record shipped before the WebSocket opens comes first, a later one live
     handler = RedisLogHandler(manager.settings.redis_url, "w-idle", manager.settings)
@@ -231,14 +296,17 @@ def test_workers_counts_alias_gpu_history_and_logs(client: TestClient) -> None:
     try:
         shipped.warning("engine warming up")
         wait_for(lambda: client.get("/api/workers/w-idle/logs").json()["items"])
-        items = client.get("/api/workers/w-idle/logs", params={"level": "WARNING"}).json()["items"]
+        items = client.get("/api/workers/w-idle/logs", params={"level": "warning"}).json()["items"]
         assert [r["message"] for r in items] == ["engine warming up"]
-        with client.websocket_connect("/ws/workers/w-idle/logs") as ws:
+        shipped.info("engine ready")  # below WARNING: not sent to a level=Warning socket
+        wait_for(lambda: len(client.get("/api/workers/w-idle/logs").json()["items"]) == 2)
+        with client.websocket_connect("/ws/workers/w-idle/logs?level=Warning") as ws:
             recent = ws.receive_json()
             assert recent["type"] == "logs"
             assert [r["message"] for r in recent["records"]] == ["engine warming up"]
             written = time.monotonic()
-            shipped.info("trial 3 started")
+            shipped.info("trial 3 is warming up")  # filtered out: below WARNING
+            shipped.warning("trial 3 started")
             live = ws.receive_json()
             while live["type"] == "ping":
                 live = ws.receive_json()

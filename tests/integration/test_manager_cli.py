@@ -31,7 +31,7 @@ def test_submit_creates_the_study_and_follows_it_to_the_end(
     tmp_path: Path, private_redis: RedisServer, tiny_model: ModelFiles
 ) -> None:
     settings = manager_settings(tmp_path, private_redis.url, api_token=TOKEN)
-    app = create_app(settings, supervisor_factory=ScriptedSupervisor)
+    app = create_app(settings, supervisor_factory=lambda *a: ScriptedSupervisor(*a, recommend=True))
     spec = write_spec(tmp_path / "spec.yaml", small_spec(tiny_model))
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
@@ -45,9 +45,31 @@ def test_submit_creates_the_study_and_follows_it_to_the_end(
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].startswith("study remote (id 1) on http://127.0.0.1:")
-    assert any(line.startswith("trial  0 baseline PRUNED") for line in lines), done.stdout
+    assert any(line.startswith("trial  0 baseline COMPLETE") for line in lines), done.stdout
     assert any("trial  1 search" in line and "benchmark_failed" in line for line in lines)
-    assert "study remote: finished" in done.stdout
+    # then what `run` prints at the end, from the study as the manager stored it
+    end = lines[lines.index("study remote: finished") + 1 :]
+    assert "trials: 1 COMPLETE, 1 FAIL" in end, done.stdout
+    assert "engine defaults (trial 0, feasible): threads=1" in end, done.stdout
+    assert "run-to-run spread: 1.5 % (differences inside it are ties)" in end
+    assert f"verdict: {ScriptedSupervisor.RECOMMENDATION}" in end
+    launch = end.index("launch command (your llama.cpp build):")
+    assert "llama-server" in end[launch + 1] and "--threads 1" in end[launch + 1], done.stdout
+    assert end[-1] == f"report: {url}/api/studies/1/report"
+
+
+def test_submit_of_a_study_with_nothing_to_recommend_ends_like_run(
+    tmp_path: Path, private_redis: RedisServer, tiny_model: ModelFiles
+) -> None:
+    settings = manager_settings(tmp_path, private_redis.url)
+    app = create_app(settings, supervisor_factory=ScriptedSupervisor)
+    spec = write_spec(tmp_path / "spec.yaml", small_spec(tiny_model))
+    with live_server(app) as url:
+        done = servetune(tmp_path, "submit", str(spec), "--manager", url, "--name", "none")
+    assert done.returncode == 1, done.stderr  # as `servetune run` when nothing completed
+    end = done.stdout.split("study none: finished", 1)[1]
+    assert "no trial completed: see `servetune show` for each failure's reason" in end
+    assert end.strip().endswith(f"report: {url}/api/studies/1/report")
 
 
 def test_submit_prints_the_problems_exactly_like_validate(
@@ -184,7 +206,7 @@ def test_submit_follows_the_study_through_a_manager_restart(
     built: list[ScriptedSupervisor] = []
 
     def first_held(*args: Any) -> ScriptedSupervisor:
-        built.append(ScriptedSupervisor(*args, hold=not built))  # the restarted one runs
+        built.append(ScriptedSupervisor(*args, hold=not built, recommend=True))  # restarted: runs
         return built[-1]
 
     app = create_app(manager_settings(tmp_path, private_redis.url), supervisor_factory=first_held)

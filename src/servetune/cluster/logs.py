@@ -420,6 +420,12 @@ def parse_live(payload: bytes | str) -> list[LogRecord]:
 # ---- reading -------------------------------------------------------------------------------
 
 
+def level_no(level: str | int | None) -> int | None:
+    """The numeric level of ``level`` (a name in any case, or a number; None stays None).
+    Raises ValueError starting ``level:`` and listing the names for an unknown one."""
+    return _level_no(level)
+
+
 def _level_no(level: str | int | None) -> int | None:
     if level is None:
         return None

@@ -50,6 +50,32 @@ class GPUInfo(_Message):
     power_w: float | None = Field(default=None, ge=0, description="Power draw, W.")
 
 
+ALIAS_MAX_CHARS = 100
+"""The longest alias a worker may have, characters."""
+
+
+def check_alias(alias: str | None) -> str | None:
+    """``alias`` when it is a valid worker alias (None clears one): 1-100 printable characters,
+    no control characters, no space at either end. Raises ValueError naming ``alias`` and the
+    fix; uniqueness among workers is checked by ``Registry.set_alias``."""
+    if alias is None:
+        return None
+    if not alias:
+        raise ValueError("alias is empty; give 1-100 printable characters, or null to clear it")
+    if len(alias) > ALIAS_MAX_CHARS:
+        raise ValueError(
+            f"alias has {len(alias)} characters; use at most {ALIAS_MAX_CHARS} (or null to clear)"
+        )
+    if not alias.isprintable():
+        bad = next(c for c in alias if not c.isprintable())
+        raise ValueError(
+            f"alias {alias!r} holds the control character {bad!r}; use printable characters only"
+        )
+    if alias != alias.strip():
+        raise ValueError(f"alias {alias!r} starts or ends with a space; remove it")
+    return alias
+
+
 class WorkerInfo(_Message):
     """What a worker says about itself when it registers (static while it runs)."""
 
@@ -102,7 +128,9 @@ class GpuSample(_Message):
 class TrialJob(_Message):
     """The payload of one ARQ job: everything a worker needs to run one trial with ``run_trial``."""
 
-    job_id: str = Field(description="ARQ job id: trial-<trial_id>-<attempt>.")
+    job_id: str = Field(
+        description="ARQ job id, new for every placement: trial-<trial_id>-<attempt>[.<n>]-<8 hex>."
+    )
     study_id: int = Field(description="Database id of the study.")
     study_name: str = Field(description="Study name (log folder and log lines).")
     trial_id: int = Field(description="Database id of the trial (results are ingested by it).")

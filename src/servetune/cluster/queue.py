@@ -12,9 +12,10 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, Literal, cast
 
+import redis.asyncio
 from arq import Worker
 from arq.connections import ArqRedis
 from arq.jobs import Job, JobStatus
@@ -264,6 +265,36 @@ async def forget_job(pool: ArqRedis, job_id: str, worker_id: str) -> None:
             pipe.delete(keys.arq_job(job_id), keys.arq_in_progress(job_id))
             await pipe.execute()
     logger.info("forgot job %s of worker %s", job_id, worker_id)
+
+
+async def forget_trial_jobs(
+    r: redis.asyncio.Redis, trial_ids: Collection[int], worker_ids: Collection[str]
+) -> list[str]:
+    """Remove the queued (not started) jobs of ``trial_ids`` from the queues of ``worker_ids``
+    with their payloads, and the stored ARQ results of every job of those trials: for a
+    deleted study, so nothing of it runs or lingers. A job a worker already started is left
+    to finish (its events are dropped by the manager). The ids of the jobs taken out of a
+    queue; raises RedisUnavailable."""
+    prefixes = tuple(f"trial-{tid}-" for tid in trial_ids)
+    removed: list[str] = []
+    if not prefixes:
+        return removed
+    with redis_errors(r, "removing a deleted study's jobs"):
+        for worker_id in worker_ids:
+            queue = keys.queue(worker_id)
+            for member in await r.zrange(queue, 0, -1):
+                job_id = member.decode() if isinstance(member, bytes) else str(member)
+                if job_id.startswith(prefixes) and await _remove_if_not_started(
+                    cast(ArqRedis, r), job_id, queue
+                ):
+                    removed.append(job_id)
+        for prefix in prefixes:
+            stale = [k async for k in r.scan_iter(match=keys.arq_result(prefix) + "*")]
+            if stale:
+                await r.delete(*stale)
+    if removed:
+        logger.info("removed %d queued job(s) of deleted trials: %s", len(removed), removed)
+    return removed
 
 
 def worker_settings(

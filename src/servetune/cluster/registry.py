@@ -19,9 +19,9 @@ import redis.client
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from servetune.cluster import keys
-from servetune.cluster.models import GpuSample, Heartbeat, UtcDatetime, WorkerInfo
+from servetune.cluster.models import GpuSample, Heartbeat, UtcDatetime, WorkerInfo, check_alias
 from servetune.cluster.redis import redis_errors
-from servetune.errors import WorkerNotFound
+from servetune.errors import WorkerAliasTaken, WorkerNotFound
 from servetune.settings import Settings
 
 __all__ = ["MISSED_BEATS", "Registry", "WorkerState", "WorkerStatus"]
@@ -245,22 +245,28 @@ class Registry:
         return samples
 
     async def set_alias(self, worker_id: str, alias: str | None) -> WorkerStatus:
-        """Give worker ``worker_id`` the alias ``alias`` (None or "" clears it, back to the worker's
+        """Give worker ``worker_id`` the alias ``alias`` (None clears it, back to the worker's
         own ``--name``); kept in ``keys.worker_alias``, so it outlives re-registration.
 
-        Raises WorkerNotFound for an unknown worker, ValueError when ``alias`` is too long
-        (WorkerInfo.alias: at most 100 characters), RedisUnavailable.
+        Raises WorkerNotFound for an unknown worker, ValueError when ``alias`` breaks the rule
+        of ``check_alias`` (1-100 printable characters, no space at either end),
+        WorkerAliasTaken when another known worker is called so (case-insensitively),
+        RedisUnavailable.
         """
-        alias = alias.strip() if alias is not None else None
+        alias = check_alias(alias)
         status = await self.worker(worker_id)
         if status is None:
             raise WorkerNotFound(
                 f"no worker {worker_id!r} is registered; GET /api/workers lists the ids"
             )
-        try:
-            WorkerInfo.model_validate({**status.info.model_dump(), "alias": alias or None})
-        except ValidationError as e:
-            raise ValueError(f"alias: {e.errors()[0]['msg']} (use at most 100 characters)") from e
+        if alias is not None:
+            for other in await self.workers():
+                taken = other.info.alias
+                if other.info.id != worker_id and taken and taken.casefold() == alias.casefold():
+                    raise WorkerAliasTaken(
+                        f"alias {alias!r} is taken by worker {other.info.id}; choose another "
+                        "(or rename that worker first)"
+                    )
         with redis_errors(self.r, f"renaming worker {worker_id}"):
             if alias:
                 await self.r.set(keys.worker_alias(worker_id), alias)

@@ -29,6 +29,8 @@ from servetune.errors import (
     StudyBusy,
     StudyExists,
     StudyNotFound,
+    StudyNotResumable,
+    WorkerAliasTaken,
     WorkerNotFound,
 )
 from servetune.manager import ws
@@ -152,7 +154,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def servetune_error(request: Request, e: Exception) -> JSONResponse:
         if isinstance(e, StudyNotFound | WorkerNotFound):
             return _error(404, e)
-        if isinstance(e, StudyExists | StudyBusy):
+        if isinstance(e, StudyExists | StudyBusy | StudyNotResumable | WorkerAliasTaken):
             return _error(409, e)
         if isinstance(e, PathOutside):
             return _error(422, e)

@@ -236,6 +236,35 @@ def _create(base: str, document: dict[str, Any], name: str | None, token: Any) -
     return body
 
 
+def _read_outcome(base: str, study_id: int, token: Any) -> tuple[Any, list[Any]]:
+    """The finished study as stored on the manager: (StudyRecord, its Trials by number), from
+    GET /api/studies/{id} and /trials. Raises ManagerUnreachable, or what ``_answer_error``
+    makes of an error answer."""
+    import httpx
+
+    from servetune.core.study import Trial
+    from servetune.store.repo import StudyRecord
+
+    answers = []
+    for path in (f"/api/studies/{study_id}", f"/api/studies/{study_id}/trials"):
+        try:
+            answer = httpx.get(f"{base}{path}", headers=_headers(token), timeout=60)
+        except httpx.HTTPError as e:
+            raise ManagerUnreachable(f"cannot reach the manager at {base}: {e}") from e
+        if answer.status_code != 200:
+            raise _answer_error(answer.status_code, answer.text[:300], base)
+        answers.append(answer.json())
+    study, trials = answers
+    record = StudyRecord.model_validate(
+        {k: v for k, v in study.items() if k in StudyRecord.model_fields}
+    )
+    stored = [
+        Trial.model_validate({k: v for k, v in t.items() if k in Trial.model_fields})
+        for t in trials["items"]
+    ]
+    return record, stored
+
+
 async def _follow(base: str, study_id: int, token: Any, console: Console) -> str:
     """Print each trial as it finishes (the lines `run` prints) until the study ends; its status."""
     from websockets.asyncio.client import connect
@@ -302,8 +331,10 @@ def submit(
 ) -> None:
     """Create a study on a manager from SPEC and follow it live, with the lines `run` prints.
 
-    Exit status: 0 finished, 1 failed or cancelled, 2 an invalid spec, 130 Ctrl-C (the study
-    keeps running on the manager).
+    Once it finished, prints what `run` prints: the verdict, the recommendation, the best params
+    and the launch command (``servetune.outcome.print_stored_outcome``), then the report's URL.
+    Exit status: 0 finished, 1 failed, cancelled or nothing to recommend (like `run`), 2 an
+    invalid spec, 130 Ctrl-C (the study keeps running on the manager).
     """
     from servetune.specfile import read_document, resolve_paths
 
@@ -330,9 +361,14 @@ def submit(
         )
         raise typer.Exit(130) from None
     console.print(f"study {escape(study['name'])}: {status}", highlight=False)
-    console.print(f"report: {base}/api/studies/{study['id']}/report", highlight=False)
+    report = f"{base}/api/studies/{study['id']}/report"
     if status != "finished":
+        console.print(f"report: {report}", highlight=False)
         raise typer.Exit(1)
+    from servetune.outcome import print_stored_outcome
+
+    record, trials = _read_outcome(base, study["id"], token)
+    print_stored_outcome(record, trials, report, out=console)
 
 
 def register(app: typer.Typer) -> None:

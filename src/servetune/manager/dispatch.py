@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import secrets
 from collections.abc import Awaitable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -16,8 +17,10 @@ from typing import Literal
 
 from arq.connections import ArqRedis
 
+from servetune.cluster import keys
 from servetune.cluster.models import TrialEvent, TrialJob
 from servetune.cluster.queue import abort_trial, enqueue_trial, forget_job, job_state
+from servetune.cluster.redis import redis_errors
 from servetune.cluster.registry import Registry, WorkerStatus
 from servetune.cluster.tasks import raise_if_cancelled
 from servetune.core.spec import StudySpec, Workload
@@ -151,6 +154,8 @@ class _Flight:
     attempt: int = 1
     placements: int = 0
     job: TrialJob | None = None
+    job_ids: set[str] = field(default_factory=set)
+    """Every job id this runner placed (or adopted) for the trial: their events are its own."""
     signals: asyncio.Queue[_Signal] = field(default_factory=asyncio.Queue)
     incarnation: _Incarnation | None = None
 
@@ -190,7 +195,9 @@ class RemoteRunner:
     ``store`` records which worker runs a trial; ``pool`` is an ``ArqRedis`` with the JSON
     serializer; ``registry`` says which workers are online and what they have. Each call places
     the trial (``place``, waiting while no worker fits), enqueues a ``TrialJob``
-    (``job_id = trial-<trial_id>-<attempt>``, a hand-back adds ``.<n>``; ``timeout_s`` =
+    (``job_id = trial-<trial_id>-<attempt>[.<n>]-<8 random hex>``: a hand-back adds ``.<n>``,
+    and the random tail makes every placement's id new, never one a deleted study's trial with
+    the same database id used before, see ``new_job_id``; ``timeout_s`` =
     ``job_timeout_s(spec)``), and awaits the RESULT the ``Ingestor`` hands to ``resolve``.
     Every ``settings.heartbeat_s`` it checks the worker: offline in the registry (three missed
     heartbeats) or the job missing from its queue and its heartbeat for ``VANISHED_CHECKS``
@@ -284,6 +291,7 @@ class RemoteRunner:
                 attempt=attempt,
                 placements=1,
                 incarnation=self._incarnations.get(worker_id),
+                job_ids={job_id},
             )
             flight.job = TrialJob(
                 job_id=job_id,
@@ -315,22 +323,39 @@ class RemoteRunner:
                 for r in w.last_heartbeat.running:
                     if r.trial_id == trial_id:
                         return r.job_id, w.info.id
+        prefix = f"trial-{trial_id}-"
+        started_key = keys.arq_in_progress("")
         for w in workers:
             if w.state == "offline":
                 continue
-            for attempt in (1, 2):
-                for suffix in ("", ".1", ".2", ".3"):
-                    job_id = f"trial-{trial_id}-{attempt}{suffix}"
-                    state = await job_state(self.pool, job_id, w.info.id)
-                    if state in ("queued", "in_progress"):
-                        return job_id, w.info.id
+            with redis_errors(self.pool, f"listing the jobs of trial id {trial_id}"):
+                queued = await self.pool.zrange(keys.queue(w.info.id), 0, -1)
+                started = [k async for k in self.pool.scan_iter(match=f"{started_key}{prefix}*")]
+            candidates = [_text(m) for m in queued] + [
+                _text(k).removeprefix(started_key) for k in started
+            ]
+            for job_id in candidates:
+                if not job_id.startswith(prefix):
+                    continue
+                if await job_state(self.pool, job_id, w.info.id) in ("queued", "in_progress"):
+                    return job_id, w.info.id
         return None
 
     # ---- what the Ingestor reports ---------------------------------------------------------
+    def owns(self, event: TrialEvent) -> bool | None:
+        """Whether ``event`` belongs to a trial in flight here: True when its study and job id
+        are ones this runner placed for the trial (any attempt), False when the trial is in
+        flight but the event is not of it (another study's job that reused the id), None
+        when the trial is not in flight here (the caller checks the database then)."""
+        flight = self._flights.get(event.trial_id)
+        if flight is None:
+            return None
+        return event.study_id == flight.study_id and event.job_id in flight.job_ids
+
     def resolve(self, event: TrialEvent, result: TrialResult) -> bool:
         """The trial's result is stored: wake its caller. True when a call was waiting for it."""
         flight = self._flights.get(event.trial_id)
-        if flight is None:
+        if flight is None or not self.owns(event):
             return False
         flight.signals.put_nowait(_Signal("result", event.job_id, result=result))
         return True
@@ -339,6 +364,8 @@ class RemoteRunner:
         """The worker gave the trial back (SIGTERM): place it again. True when it was waited for."""
         flight = self._flights.get(event.trial_id)
         if flight is None or flight.job is None or flight.job.job_id != event.job_id:
+            return False
+        if event.study_id != flight.study_id:
             return False
         reason = event.reason or "the worker is stopping"
         flight.signals.put_nowait(_Signal("handed_back", event.job_id, reason=reason))
@@ -389,7 +416,7 @@ class RemoteRunner:
         flight.placements += 1
         suffix = f".{flight.placements - 1}" if flight.placements > 1 else ""
         job = TrialJob(
-            job_id=f"trial-{flight.trial_id}-{flight.attempt}{suffix}",
+            job_id=new_job_id(flight.trial_id, flight.attempt, suffix),
             study_id=flight.study_id,
             study_name=flight.study_name,
             trial_id=flight.trial_id,
@@ -402,6 +429,7 @@ class RemoteRunner:
             worker_id=worker_id,
         )
         flight.job = job
+        flight.job_ids.add(job.job_id)
         while True:
             try:
                 await enqueue_trial(self.pool, job)
@@ -643,9 +671,23 @@ def _queued_result(flight: _Flight) -> TrialResult | None:
     return None
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def new_job_id(trial_id: int, attempt: int, suffix: str = "") -> str:
+    """A job id never used before: ``trial-<trial_id>-<attempt><suffix>-<8 random hex>``.
+
+    ``suffix`` is ``.<n>`` for the n-th hand-back of an attempt, else empty. The random tail
+    (32 bits) keeps a new study whose database ids repeat a deleted one's (SQLite reuses them)
+    from meeting that study's ARQ job and result keys still in Redis.
+    """
+    return f"trial-{trial_id}-{attempt}{suffix}-{secrets.token_hex(4)}"
+
+
 def _attempt_of(job_id: str) -> int:
-    """The attempt number in ``trial-<id>-<attempt>[.<n>]`` (1 when unreadable)."""
+    """The attempt number in ``trial-<id>-<attempt>[.<n>][-<hex>]`` (1 when unreadable)."""
     try:
-        return max(1, int(job_id.rsplit("-", 1)[1].split(".")[0]))
+        return max(1, int(job_id.split("-")[2].split(".")[0]))
     except (IndexError, ValueError):
         return 1

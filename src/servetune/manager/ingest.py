@@ -46,6 +46,10 @@ class Ingestor:
       live, never recorded for the local recovery to kill) → ack → a live ``{"type": "phase"}``.
     - PHASE → ack → a live ``{"type": "phase"}``; HANDED_BACK → ack → ``runner.handed_back``.
 
+    An event is applied only to the trial it was meant for: its ``study_id`` (and number) must
+    be the trial's, and for a trial in flight here its ``job_id`` one this manager placed for
+    it (any attempt: a late result of an earlier attempt stays valid); others are logged and
+    dropped (acknowledged), see ``RemoteRunner.owns``.
     Results of studies not running in this process are stored all the same (the manager was
     down). A database error leaves the entry unacknowledged and retried (backing off up to
     ``RETRY_MAX_S``); an entry of a deleted study is acknowledged and dropped. ``supervisor``
@@ -119,7 +123,8 @@ class Ingestor:
 
     async def _apply(self, entry_id: str, event: TrialEvent) -> None:
         try:
-            live, result = await self._store(event)
+            stray = await self._stray(event)
+            live, result = (None, None) if stray else await self._store(event)
         except StudyBusy as e:  # another manager owns the study now: leave it to them
             log.warning(
                 "event %s of trial id %d left unacknowledged: %s", entry_id, event.trial_id, e
@@ -145,6 +150,8 @@ class Ingestor:
             self._retry.append((entry_id, event))
             return
         await self.reader.ack(entry_id)
+        if stray:
+            return
         self.ingested += 1
         if self.runner is not None:
             if event.kind is TrialEventKind.HANDED_BACK:
@@ -153,6 +160,30 @@ class Ingestor:
                 self.runner.resolve(event, result)
         if live is not None and self.supervisor is not None:
             await self.supervisor.publish(event.study_id, live)
+
+    async def _stray(self, event: TrialEvent) -> bool:
+        """True (logged at WARNING) when ``event`` is not of the trial it names: the trial is
+        in flight here under jobs other than ``event.job_id``, or belongs to another study or
+        is gone (a deleted study's late job whose database ids were reused). Raises
+        ServetuneError when the database cannot be read."""
+        owns = self.runner.owns(event) if self.runner is not None else None
+        if owns is None:
+            trial = await asyncio.to_thread(self.store.find_trial, event.trial_id)
+            owns = (
+                trial is not None
+                and trial.study_id == event.study_id
+                and trial.number == event.number
+            )
+        if not owns:
+            log.warning(
+                "dropping the %s event of job %s (study id %d, trial id %d): it is not a job "
+                "of that trial (a deleted study's, whose ids were reused?)",
+                event.kind.value,
+                event.job_id,
+                event.study_id,
+                event.trial_id,
+            )
+        return not owns
 
     async def _store(self, event: TrialEvent) -> tuple[dict[str, Any] | None, TrialResult | None]:
         """Write what ``event`` says to the database; the live message to publish after the ack

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
-from servetune.cluster.models import GpuSample, Heartbeat, LogRecord, WorkerInfo
+from servetune.cluster.models import GpuSample, Heartbeat, LogRecord, WorkerInfo, check_alias
 from servetune.core.spec import Problem, StudySpec
 from servetune.core.study import Trial
 from servetune.store.repo import Executor, StudyRecord, StudyStatus, UnreadableStudy
@@ -167,8 +167,15 @@ class WorkerUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     alias: str | None = Field(
-        max_length=100, description="The name to show for the worker; null clears it."
+        description="The name to show for the worker: 1-100 printable characters, no control "
+        "characters, no space at either end, unique among known workers (409 names the one "
+        "that has it). null clears it (the worker's own --name shows again)."
     )
+
+    @field_validator("alias")
+    @classmethod
+    def _valid_alias(cls, alias: str | None) -> str | None:
+        return check_alias(alias)
 
 
 class GpuHistory(BaseModel):

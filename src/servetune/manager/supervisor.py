@@ -24,7 +24,7 @@ from servetune.cluster.registry import Registry
 from servetune.cluster.tasks import cancel_and_wait, raise_if_cancelled
 from servetune.core.study import Params, Trial, TrialRole, TrialState
 from servetune.engines import get_engine
-from servetune.errors import ServetuneError, StudyBusy
+from servetune.errors import ServetuneError, StudyBusy, check_resumable
 from servetune.loop import LoopEvents, StudyLoop
 from servetune.manager.dispatch import RemoteRunner
 from servetune.manager.ingest import Ingestor
@@ -145,7 +145,10 @@ class StudySupervisor:
             raise ServetuneError(f"study {study.name} ended before it started")
 
     async def resume(self, study_id: int) -> None:
-        """Run a stopped (cancelled, interrupted, failed or finished) study again: ``submit``."""
+        """Run a stopped (cancelled, interrupted or failed) study again: ``submit``. Raises
+        StudyNotResumable for a finished study (nothing written)."""
+        study = await asyncio.to_thread(self.store.get_study, study_id)
+        check_resumable(study.name, study.status)
         await self.submit(study_id)
 
     async def cancel(self, study_id: int) -> None:

@@ -10,10 +10,11 @@ import contextlib
 import json
 import logging
 from collections.abc import Awaitable
+from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
-from pydantic import ValidationError
+from pydantic import AwareDatetime, TypeAdapter, ValidationError
 
 from servetune.cluster import keys
 from servetune.cluster.models import LogRecord
@@ -29,6 +30,18 @@ router = APIRouter(tags=["websockets"])
 
 CLOSE_NOT_FOUND = 4404
 """Close code when the study does not exist (the reason says so)."""
+CLOSE_BAD_REQUEST = 1008
+"""Close code (policy violation) for a bad path or query value; the reason names it and the fix."""
+REASON_MAX_BYTES = 123
+"""The longest close reason a WebSocket close frame carries, bytes (UTF-8)."""
+
+_AWARE = TypeAdapter(AwareDatetime)
+
+
+async def _refuse(ws: WebSocket, reason: str) -> None:
+    """Close an accepted socket with ``CLOSE_BAD_REQUEST`` and ``reason`` (cut to fit)."""
+    cut = reason.encode()[:REASON_MAX_BYTES].decode(errors="ignore")
+    await ws.close(code=CLOSE_BAD_REQUEST, reason=cut)
 
 
 async def _accept(ws: WebSocket) -> None:
@@ -82,14 +95,21 @@ FINAL_STATUSES = ("finished", "failed", "cancelled", "interrupted")
 """Study statuses after which the study's live stream closes (1000)."""
 
 
-@router.websocket("/ws/studies/{study_id}")
-async def study_updates(ws: WebSocket, study_id: int) -> None:
+@router.websocket("/ws/studies/{study_ref}")
+async def study_updates(ws: WebSocket, study_ref: str) -> None:
     """First ``{"type": "snapshot", "study": …, "trials": […]}``, then the supervisor's live
     messages (``trial``, ``phase``, ``study``…) as they happen, until a ``study`` message with
     a final status; then a normal close. A study not running here gets the snapshot and a
-    normal close; an unknown one a close with code 4404."""
+    normal close; an unknown one a close with code 4404; an id that is not a number a close
+    with code 1008 and the reason."""
     state = manager_state(ws)
     await _accept(ws)
+    if not study_ref.isascii() or not study_ref.isdigit() or len(study_ref) > 18:
+        await _refuse(
+            ws, f"study id {study_ref[:40]!r} is not a number; GET /api/studies lists ids"
+        )
+        return
+    study_id = int(study_ref)
     updates = state.supervisor.subscribe(study_id)
     try:
         try:
@@ -132,15 +152,42 @@ def _records(data: bytes | str) -> list[dict[str, Any]]:
 @router.websocket("/ws/workers/{worker_id}/logs")
 async def worker_logs(ws: WebSocket, worker_id: str) -> None:
     """First ``{"type": "logs", "records": [recent…]}``, then one ``logs`` message per batch
-    shipped by the worker, and ``{"type": "ping"}`` every 20 s while quiet."""
-    from servetune.cluster.logs import read_logs
+    shipped by the worker, and ``{"type": "ping"}`` every 20 s while quiet.
+
+    Query ``level`` (DEBUG … CRITICAL, any case) and ``since`` (an aware ISO time: write ``Z``
+    or ``%2B00:00`` for +00:00) filter the recent and the live records as on
+    GET /api/workers/{id}/logs; a bad value closes the socket with code 1008 and the reason.
+    """
+    from servetune.cluster.logs import level_no, read_logs
 
     state = manager_state(ws)
     await _accept(ws)
+    level = ws.query_params.get("level")
+    since_text = ws.query_params.get("since")
+    try:
+        min_level = level_no(level)
+        since: datetime | None = None
+        if since_text is not None:
+            try:
+                since = _AWARE.validate_python(since_text)
+            except ValidationError as e:
+                raise ValueError(
+                    f"since: {since_text[:40]!r} is not a time with a zone; write e.g. "
+                    "2026-01-01T12:00:00Z (Z or %2B00:00 for +00:00)"
+                ) from e
+    except ValueError as e:
+        await _refuse(ws, str(e))
+        return
+
+    def wanted(record: dict[str, Any]) -> bool:
+        if min_level is not None and int(record["levelno"]) < min_level:
+            return False
+        return since is None or datetime.fromisoformat(record["at"]) >= since
+
     pubsub = state.redis.pubsub()
     try:
         await pubsub.subscribe(keys.worker_logs_live(worker_id))
-        recent = await read_logs(state.redis, worker_id)
+        recent = await read_logs(state.redis, worker_id, level=level, since=since)
         await ws.send_json({"type": "logs", "records": [r.model_dump(mode="json") for r in recent]})
 
         async def forward() -> None:
@@ -149,7 +196,7 @@ async def worker_logs(ws: WebSocket, worker_id: str) -> None:
             while True:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                 if message is not None and message.get("type") == "message":
-                    records = _records(message["data"])
+                    records = [r for r in _records(message["data"]) if wanted(r)]
                     if records:
                         await ws.send_json({"type": "logs", "records": records})
                         last_sent = loop.time()

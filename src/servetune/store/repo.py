@@ -659,6 +659,13 @@ class StudyStore:
             s.flush()
             return _trial(row)
 
+    def find_trial(self, trial_id: int) -> Trial | None:
+        """The trial with database id ``trial_id`` (its ``study_id`` says whose), or None when
+        there is none (never created, or its study was deleted). Raises StoreError."""
+        with self._tx(f"reading trial id {trial_id}") as s:
+            row = s.get(TrialRow, trial_id)
+            return None if row is None else _trial(row)
+
     def trials(self, study_id: int) -> list[Trial]:
         """Every trial of the study, by number. Raises StudyNotFound for an unknown study."""
         with self._tx(f"reading the trials of study {study_id}") as s:

@@ -14,8 +14,14 @@ from fastapi import APIRouter, Path, Response
 from fastapi.responses import FileResponse, HTMLResponse
 
 from servetune.core.spec import Problem
-from servetune.errors import SpecInvalid, StudyBusy
-from servetune.manager.deps import SettingsDep, StoreDep, SupervisorDep
+from servetune.errors import (
+    ServetuneError,
+    SpecInvalid,
+    StudyBusy,
+    StudyNotResumable,
+    check_resumable,
+)
+from servetune.manager.deps import RedisDep, RegistryDep, SettingsDep, StoreDep, SupervisorDep
 from servetune.manager.schemas import (
     ErrorBody,
     ProblemsBody,
@@ -104,9 +110,13 @@ async def read_study(study_id: StudyId, store: StoreDep, supervisor: SupervisorD
 async def cancel_study(
     study_id: StudyId, store: StoreDep, supervisor: SupervisorDep
 ) -> StudyPublic:
-    """Abort the study's jobs on the workers; its running trials end cancelled (409 when this
-    manager is not running it)."""
+    """Abort the study's jobs on the workers; its running trials end cancelled (409, nothing
+    written, when the study is not running, or runs on another manager)."""
     record = await asyncio.to_thread(store.get_study, study_id)
+    if record.status != "running":
+        raise StudyNotResumable(
+            f"study {record.name} is not running (status {record.status}); nothing to cancel"
+        )
     if study_id not in supervisor.running():
         raise StudyBusy(
             f"study {record.name} is {record.status} and not running on this manager; "
@@ -124,10 +134,12 @@ async def cancel_study(
 async def resume_study(
     study_id: StudyId, store: StoreDep, supervisor: SupervisorDep
 ) -> StudyPublic:
-    """Run the study again from where it stopped (409 when it runs already, here or elsewhere)."""
+    """Run the study again from where it stopped (409 when it runs already, here or elsewhere,
+    or already finished: its verdict is final, like `servetune resume`)."""
     record = await asyncio.to_thread(store.get_study, study_id)
     if study_id in supervisor.running():
         raise StudyBusy(f"study {record.name} is already running on this manager")
+    check_resumable(record.name, record.status)
     await supervisor.resume(study_id)
     return await _public(store, supervisor, study_id)
 
@@ -138,12 +150,28 @@ async def resume_study(
     responses={**_NOT_FOUND, **_CONFLICT},
     summary="Delete a study and its trials",
 )
-async def delete_study(study_id: StudyId, store: StoreDep, supervisor: SupervisorDep) -> Response:
-    """Delete the study and every trial of it (409 while it runs: cancel it first)."""
+async def delete_study(
+    study_id: StudyId,
+    store: StoreDep,
+    supervisor: SupervisorDep,
+    redis: RedisDep,
+    registry: RegistryDep,
+) -> Response:
+    """Delete the study and every trial of it (409 while it runs: cancel it first); its jobs
+    still queued on workers are removed, and its stored job results (best effort: a Redis
+    failure is logged, the study is deleted all the same)."""
+    from servetune.cluster.queue import forget_trial_jobs
+
     record = await asyncio.to_thread(store.get_study, study_id)
     if study_id in supervisor.running():
         raise StudyBusy(f"study {record.name} is running on this manager; cancel it first")
+    trials = await asyncio.to_thread(store.trials, study_id)
     await asyncio.to_thread(store.delete_study, study_id)
+    try:
+        workers = [w.info.id for w in await registry.workers()]
+        await forget_trial_jobs(redis, [t.id for t in trials if t.id is not None], workers)
+    except ServetuneError as e:
+        log.warning("study %s deleted, but its jobs in Redis were not removed: %s", record.name, e)
     return Response(status_code=204)
 
 

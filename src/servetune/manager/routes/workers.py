@@ -5,7 +5,7 @@ Workers come from the registry in Redis (cluster/registry.py), logs from cluster
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
 from pydantic import AwareDatetime
@@ -19,6 +19,7 @@ from servetune.manager.schemas import (
     ErrorBody,
     GpuHistory,
     LogList,
+    ProblemsBody,
     WorkerList,
     WorkerPublic,
     WorkerUpdate,
@@ -29,9 +30,15 @@ router = APIRouter(prefix="/api/workers", tags=["workers"])
 WorkerId = Annotated[
     str, Path(min_length=1, max_length=64, description="Worker id (see GET /api/workers).")
 ]
-LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+LEVEL_HELP = "Only this level and above: DEBUG, INFO, WARNING, ERROR or CRITICAL (any case)."
+SINCE_HELP = (
+    "Only records at or after this time, with a zone, e.g. 2026-01-01T12:00:00Z; write Z or "
+    "%2B00:00 for +00:00 (a bare + in a URL reads as a space)."
+)
 
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody}}
+_BAD_INPUT: dict[int | str, dict[str, Any]] = {422: {"model": ProblemsBody}}
+_CONFLICT: dict[int | str, dict[str, Any]] = {409: {"model": ErrorBody}}
 
 
 async def _status(registry: Any, worker_id: str) -> Any:
@@ -59,7 +66,11 @@ async def read_worker(worker_id: WorkerId, registry: RegistryDep) -> WorkerPubli
     return WorkerPublic.of(await _status(registry, worker_id))
 
 
-@router.patch("/{worker_id}", responses=_NOT_FOUND, summary="Rename a worker")
+@router.patch(
+    "/{worker_id}",
+    responses={**_NOT_FOUND, **_BAD_INPUT, **_CONFLICT},
+    summary="Rename a worker",
+)
 async def update_worker(
     worker_id: WorkerId, body: WorkerUpdate, registry: RegistryDep
 ) -> WorkerPublic:
@@ -79,22 +90,27 @@ async def read_gpu_history(
     return GpuHistory(items=await registry.gpu_history(worker_id, limit))
 
 
-@router.get("/{worker_id}/logs", summary="A worker's recent log records")
+@router.get(
+    "/{worker_id}/logs",
+    responses={**_NOT_FOUND, **_BAD_INPUT},
+    summary="A worker's recent log records",
+)
 async def read_logs(
     worker_id: WorkerId,
     redis: RedisDep,
+    registry: RegistryDep,
     limit: Annotated[
         int, Query(ge=1, le=READ_LIMIT_MAX, description="Most records returned.")
     ] = 200,
-    level: Annotated[LogLevel | None, Query(description="Only this level and above.")] = None,
-    since: Annotated[
-        AwareDatetime | None, Query(description="Only records after this time (with a zone).")
-    ] = None,
+    level: Annotated[str | None, Query(max_length=20, description=LEVEL_HELP)] = None,
+    since: Annotated[AwareDatetime | None, Query(description=SINCE_HELP)] = None,
     trial: Annotated[
         int | None, Query(ge=1, le=2**31 - 1, description="Only records of this trial id.")
     ] = None,
 ) -> LogList:
-    """The worker's last records, oldest first (kept in Redis: the newest ones, for a day)."""
+    """The worker's last records, oldest first (kept in Redis: the newest ones, for a day);
+    404 for a worker that is not registered, like GET /api/workers/{id}."""
+    await _status(registry, worker_id)
     try:
         records = await read_worker_logs(
             redis, worker_id, limit=limit, level=level, since=since, trial_id=trial
