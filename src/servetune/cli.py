@@ -532,10 +532,14 @@ def resume(
     try:
         store = StudyStore(settings.db_url)
         record = store.get_study(study)
-        check_resumable(record.name, record.status)
         kept = [t for t in store.trials(record.id) if t.state.is_finished()]
     except ServetuneError as e:
         raise _fail(str(e)) from None
+    try:
+        check_resumable(record.name, record.status)
+    except ServetuneError as e:  # a finished study: nothing to do, and nothing is rewritten
+        console.print(f"{e}; `servetune show {record.name}` shows its result")
+        raise typer.Exit(0) from None
     console.print(
         f"resuming study [bold]{record.name}[/] (id {record.id}): {len(kept)} finished trial(s) "
         "kept, not re-run"
