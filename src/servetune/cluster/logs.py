@@ -439,6 +439,21 @@ def _level_no(level: str | int | None) -> int | None:
     return number
 
 
+def passes(
+    record: LogRecord,
+    min_level: int | None = None,
+    since: datetime | None = None,
+    trial_id: int | None = None,
+) -> bool:
+    """Whether ``record`` passes the log filters: level at least ``min_level`` (a number, see
+    ``level_no``), written at or after ``since`` (aware), of trial ``trial_id``; None = any."""
+    if min_level is not None and record.levelno < min_level:
+        return False
+    if since is not None and record.at < since:
+        return False
+    return trial_id is None or record.trial_id == trial_id
+
+
 async def read_logs(
     r: redis.asyncio.Redis,
     worker_id: str,
@@ -483,11 +498,7 @@ async def read_logs(
                 continue
             if stop_before is not None and record.at < stop_before:
                 return found[::-1]
-            if min_level is not None and record.levelno < min_level:
-                continue
-            if since is not None and record.at < since:
-                continue
-            if trial_id is not None and record.trial_id != trial_id:
+            if not passes(record, min_level, since, trial_id):
                 continue
             found.append(record)
             if len(found) == limit:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Awaitable
 from datetime import datetime
@@ -17,6 +16,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import AwareDatetime, TypeAdapter, ValidationError
 
 from servetune.cluster import keys
+from servetune.cluster.logs import level_no, parse_live, passes, read_logs
 from servetune.cluster.models import LogRecord
 from servetune.cluster.tasks import cancel_and_wait
 from servetune.errors import StudyNotFound
@@ -138,13 +138,12 @@ async def study_updates(ws: WebSocket, study_ref: str) -> None:
                 await aclose()
 
 
-def _records(data: bytes | str) -> list[dict[str, Any]]:
-    """The log records of one live-channel message (a JSON list), checked against LogRecord."""
+def _records(data: bytes | str) -> list[LogRecord]:
+    """The log records of one live-channel message (``parse_live``); [] for one that is not a
+    JSON list of log records (logged)."""
     try:
-        raw = json.loads(data)
-        items = raw if isinstance(raw, list) else [raw]
-        return [LogRecord.model_validate(item).model_dump(mode="json") for item in items]
-    except (ValueError, ValidationError) as e:
+        return parse_live(data)
+    except ValidationError as e:
         log.warning("dropped a live log message that is not a list of log records: %s", e)
         return []
 
@@ -158,7 +157,6 @@ async def worker_logs(ws: WebSocket, worker_id: str) -> None:
     or ``%2B00:00`` for +00:00) filter the recent and the live records as on
     GET /api/workers/{id}/logs; a bad value closes the socket with code 1008 and the reason.
     """
-    from servetune.cluster.logs import level_no, read_logs
 
     state = manager_state(ws)
     await _accept(ws)
@@ -179,11 +177,6 @@ async def worker_logs(ws: WebSocket, worker_id: str) -> None:
         await _refuse(ws, str(e))
         return
 
-    def wanted(record: dict[str, Any]) -> bool:
-        if min_level is not None and int(record["levelno"]) < min_level:
-            return False
-        return since is None or datetime.fromisoformat(record["at"]) >= since
-
     pubsub = state.redis.pubsub()
     try:
         await pubsub.subscribe(keys.worker_logs_live(worker_id))
@@ -196,7 +189,11 @@ async def worker_logs(ws: WebSocket, worker_id: str) -> None:
             while True:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                 if message is not None and message.get("type") == "message":
-                    records = [r for r in _records(message["data"]) if wanted(r)]
+                    records = [
+                        r.model_dump(mode="json")
+                        for r in _records(message["data"])
+                        if passes(r, min_level, since)
+                    ]
                     if records:
                         await ws.send_json({"type": "logs", "records": records})
                         last_sent = loop.time()
