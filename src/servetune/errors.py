@@ -14,13 +14,18 @@ ServetuneError
 ├── BenchmarkError       the benchmark could not run at all (not a failed request)
 ├── RedisUnavailable     Redis cannot be reached, refused the password or failed a command
 ├── PayloadRefused       a queue payload that is not JSON (a pickle?) was refused unread
-└── WorkerNotFound       no worker with that id is registered
+├── WorkerNotFound       no worker with that id is registered
+├── SlotNotFound         no worker slot with that id or name
+├── SlotExists           a worker slot with that name is already saved
+├── SlotBusy             a deploy or restore of that slot is already running
+└── DeployFailed         a deploy/restore step failed: category, suggestion, logs
 """
 
 from __future__ import annotations
 
 from servetune.core.spec import Problem
 from servetune.core.study import FailureKind
+from servetune.remote.models import Category
 
 
 class ServetuneError(Exception):
@@ -109,3 +114,39 @@ class PayloadRefused(ServetuneError):
 
 class WorkerNotFound(ServetuneError):
     """No worker with that id is registered in Redis."""
+
+
+class SlotNotFound(ServetuneError):
+    """No worker slot with that id or name."""
+
+
+class SlotExists(ServetuneError):
+    """A worker slot with that name is already saved; the message says how to change it."""
+
+
+class SlotBusy(ServetuneError):
+    """A deploy or restore of that slot is running now; the message says to wait for it."""
+
+
+class DeployFailed(ServetuneError):
+    """A deploy or restore step failed.
+
+    ``category`` is the stable code (``remote.models.Category``), ``suggestion`` one line on how
+    to fix it, specific to what was found, ``logs`` the tail of the failing command's output
+    (secrets removed), ``step`` the step that failed.
+    """
+
+    def __init__(
+        self,
+        category: Category,
+        message: str,
+        suggestion: str,
+        *,
+        step: str = "",
+        logs: list[str] | None = None,
+    ) -> None:
+        self.category = category
+        self.suggestion = suggestion
+        self.step = step
+        self.logs = list(logs or [])
+        super().__init__(message)

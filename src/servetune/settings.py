@@ -143,6 +143,33 @@ class Settings(BaseSettings):
         "are dropped and counted (never blocking the caller).",
     )
 
+    # ---- worker slots (deploying workers over SSH) --------------------------------------
+    manager_ssh: str | None = Field(
+        default=None,
+        max_length=300,
+        description="The manager's sshd as deployed workers reach it, [user@]host[:port]: their "
+        "Redis tunnel (redis_via=forward) goes there. A slot may override it.",
+    )
+    authorized_keys_path: Path = Field(
+        default_factory=lambda: Path.home() / ".ssh" / "authorized_keys",
+        description="The authorized_keys file of the manager's sshd where deploy adds each "
+        "worker's tunnel key (restricted to forwarding to Redis only) and delete removes it.",
+    )
+    package_index_url: str = Field(
+        default="https://pypi.org/simple",
+        description="Package index the remotes install from when online (probed from the remote "
+        "first; --offline auto falls back to a shipped wheelhouse when it does not answer).",
+    )
+    ssh_connect_timeout_s: float = Field(
+        default=10.0, gt=0, le=300, description="ssh ConnectTimeout for every deploy call, s."
+    )
+    deploy_install_timeout_s: float = Field(
+        default=1800.0, gt=0, description="Longest a remote install (or wheelhouse build) runs, s."
+    )
+    register_timeout_s: float = Field(
+        default=120.0, gt=0, description="How long a deploy waits for its worker to register, s."
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _defaults(cls, data: Any) -> Any:
@@ -160,6 +187,16 @@ class Settings(BaseSettings):
     def logs_dir(self) -> Path:
         """Where trial engine logs and servetune's own log go: ``<data_dir>/logs``."""
         return self.data_dir / "logs"
+
+    @property
+    def ssh_dir(self) -> Path:
+        """servetune's own ssh files (known_hosts, generated configs): ``<data_dir>/ssh``."""
+        return self.data_dir / "ssh"
+
+    @property
+    def wheelhouse_dir(self) -> Path:
+        """Built wheels and offline wheelhouses, per target: ``<data_dir>/wheelhouse``."""
+        return self.data_dir / "wheelhouse"
 
     @property
     def reports_dir(self) -> Path:
