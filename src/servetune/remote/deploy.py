@@ -203,6 +203,22 @@ class _Run:
         """A path under the install directory on the remote."""
         return "/".join([self.install_dir.rstrip("/"), *parts])
 
+    def found(self, **more: str | None) -> dict[str, str]:
+        """What is known of the host, for ``diagnose.failure``'s suggestion, plus ``more``."""
+        values: dict[str, str | None] = {
+            "host": self.facts.hostname if self.facts is not None else None,
+            "install_dir": self.install_dir,
+            "python": self.facts.python_executable if self.facts else self.slot.python,
+        }
+        if self.resolved is not None:
+            values.update(
+                host=self.resolved.hostname,
+                port=str(self.resolved.port),
+                user=self.resolved.user,
+            )
+        values.update(more)
+        return {k: v for k, v in values.items() if v}
+
 
 class Deployer:
     """Deploys, restores and removes workers of worker slots.
@@ -297,10 +313,11 @@ class Deployer:
             return self._failure(run, e)
         except Exception as e:  # never raised out of deploy/restore: reported
             log.exception("%s of slot %s failed unexpectedly", run.action, run.slot.name)
-            failed = DeployFailed(
+            failed = diagnose.failure(
                 Category.UNKNOWN,
                 f"{run.action} of {run.slot.name} failed: {type(e).__name__}: {e}",
-                diagnose.SUGGESTIONS[Category.UNKNOWN],
+                step=run.steps[-1].name if run.steps else "",
+                **run.found(reason=f"{type(e).__name__}: {e}"),
             )
             return self._failure(run, failed)
 
@@ -325,11 +342,11 @@ class Deployer:
             raise
         except Exception as e:
             log.exception("step %s of %s %s failed", name, run.action, run.slot.name)
-            failed = DeployFailed(
+            failed = diagnose.failure(
                 Category.UNKNOWN,
                 f"{name}: {type(e).__name__}: {e}",
-                diagnose.SUGGESTIONS[Category.UNKNOWN],
                 step=name,
+                **run.found(reason=f"{type(e).__name__}: {e}"),
             )
             run.steps.append(
                 DeployStep(
@@ -455,19 +472,21 @@ class Deployer:
             elif facts.index_reachable is False:
                 why = facts.index_error or "no answer"
                 if mode == OfflineMode.NEVER:
-                    raise DeployFailed(
+                    raise diagnose.failure(
                         Category.INDEX_UNREACHABLE,
                         f"{facts.hostname} cannot reach the package index {url}: {why}",
-                        f"open {facts.hostname}'s way to {url} (proxy, firewall, DNS), set "
-                        "package_index_url to a mirror it reaches, or deploy with --offline "
-                        "auto (or always) to ship a wheelhouse built on the manager",
                         step="bundle",
+                        **run.found(index_url=url, reason=why, offline=mode.value),
                     )
                 run.offline = True
                 warning = (
                     Category.INDEX_UNREACHABLE,
-                    f"{facts.hostname} cannot reach {url} ({why}): installing offline from a "
-                    "wheelhouse built on the manager; use --offline always to skip the probe",
+                    diagnose.failure(
+                        Category.INDEX_UNREACHABLE,
+                        "",
+                        step="bundle",
+                        **run.found(index_url=url, reason=why, offline=mode.value),
+                    ).suggestion,
                 )
             else:
                 run.offline = False
@@ -522,14 +541,21 @@ class Deployer:
             detail = f"{run.bundle.dir.name} → {remote_dir} by {'rsync' if use_rsync else 'tar'}"
             if use_rsync:
                 return _Outcome(detail=detail)
-            where = "the manager" if not local_rsync else run.facts.hostname
+            if not local_rsync:
+                suggestion = (
+                    "rsync is not installed on this manager: the files were sent as a tar "
+                    "stream over ssh instead (nothing to do; install rsync here for faster "
+                    "re-deploys)."
+                )
+            else:
+                suggestion = diagnose.failure(
+                    Category.RSYNC_MISSING, "", step="upload", **run.found()
+                ).suggestion
             return _Outcome(
                 detail=detail,
                 status=StepStatus.WARNING,
                 category=Category.RSYNC_MISSING,
-                suggestion=f"rsync is missing on {where}: sent a tar stream instead (works, but "
-                f"re-sends everything each time); install rsync on {where} for incremental "
-                "uploads (apt-get install rsync)",
+                suggestion=suggestion,
             )
 
         await self._step(run, "upload", step)
@@ -542,30 +568,28 @@ class Deployer:
         text = f"{result.stdout}\n{result.stderr}"
         logs = diagnose.tail(text)
         if "No space left" in text or "Disk quota exceeded" in text:
-            return DeployFailed(
+            return diagnose.failure(
                 Category.DISK_FULL,
                 f"no space left on {run.target} while copying to {remote_dir}",
-                f"free space on the file system of {run.install_dir} on {run.target} (df -h "
-                f"{run.install_dir}) or choose another --install-dir",
                 step="upload",
                 logs=logs,
+                **run.found(path=run.install_dir, free_gib="no"),
             )
         if "Permission denied" in text or "Read-only file system" in text:
-            return DeployFailed(
+            return diagnose.failure(
                 Category.PERMISSION_DENIED,
                 f"cannot write {remote_dir} on {run.target}",
-                f"make {run.install_dir} writable by {run.resolved.user if run.resolved else 'the ssh user'}"
-                " or choose another --install-dir",
                 step="upload",
                 logs=logs,
+                **run.found(path=remote_dir),
             )
-        return DeployFailed(
+        return diagnose.failure(
             Category.UNKNOWN,
             f"copying the install bundle to {run.target}:{remote_dir} failed "
             f"(exit {result.returncode})",
-            diagnose.SUGGESTIONS[Category.UNKNOWN],
             step="upload",
             logs=logs,
+            **run.found(reason=f"copying the install bundle failed (exit {result.returncode})"),
         )
 
     async def _install(self, run: _Run, *, skip_when_current: bool) -> None:
@@ -745,13 +769,29 @@ class Deployer:
                     timeout_s=self.settings.ssh_connect_timeout_s * 2 + AGENT_TIMEOUT_S,
                 )
             except DeployFailed as e:
-                last = e
                 text = f"{e} {' '.join(e.logs)}"
-                if e.category == Category.TUNNEL_FAILED and (
-                    "Address already in use" in text or "cannot listen" in text
-                ):
+                if e.category != Category.TUNNEL_FAILED:
+                    raise
+                ssh_said = [
+                    line.strip()
+                    for line in e.logs
+                    if line.strip() and not line.startswith(("debug", "Warning: Permanently"))
+                ]
+                last = diagnose.failure(
+                    Category.TUNNEL_FAILED,
+                    f"{e}" + (f": {ssh_said[-1]}" if ssh_said else ""),
+                    step="redis",
+                    logs=e.logs,
+                    **run.found(
+                        manager_ssh=f"{user}@{host}:{port}",
+                        ssh_error=" / ".join(ssh_said[-3:]) or str(e),
+                        authorized_keys=str(self.settings.authorized_keys_path),
+                        address=f"{endpoint.host}:{endpoint.port}",
+                    ),
+                )
+                if "Address already in use" in text or "cannot listen" in text:
                     continue
-                raise
+                raise last from e
             run.launch = WorkerLaunchConfig(
                 redis_url=endpoint.url_at("127.0.0.1", cfg.bind_port),
                 name=run.slot.name,
@@ -858,14 +898,24 @@ class Deployer:
                 },
             )
         except DeployFailed as e:
-            if e.category == Category.REDIS_UNREACHABLE and _is_loopback(host):
-                assert run.resolved is not None
-                e.suggestion = (
-                    f"{address} is {run.resolved.hostname}'s own loopback, not the manager's "
-                    "Redis: use --redis-via forward (the worker opens an ssh tunnel to the "
-                    "manager) or --redis-via reverse (the manager opens one to the worker)"
+            if e.category != Category.REDIS_UNREACHABLE:
+                raise
+            found = diagnose.failure(
+                Category.REDIS_UNREACHABLE,
+                str(e),
+                step="redis",
+                logs=e.logs,
+                **run.found(address=address, reason=e.logs[-1] if e.logs else str(e)),
+            )
+            if _is_loopback(host):
+                where = run.facts.hostname if run.facts else run.target
+                found.suggestion = (
+                    f"{address} is {where}'s own loopback, not the manager's Redis: use "
+                    "--redis-via forward (the worker opens an ssh tunnel to the manager) or "
+                    "--redis-via reverse (the manager opens one to the worker), or give "
+                    "redis_address as the manager's address the worker can reach"
                 )
-            raise
+            raise found from e
         run.launch = WorkerLaunchConfig(
             redis_url=endpoint.url_at(host, port),
             name=run.slot.name,
@@ -923,15 +973,14 @@ class Deployer:
                     break
                 await asyncio.sleep(REGISTER_POLL_S)
             logs = await self._worker_log_tail(run)
-            raise DeployFailed(
+            assert run.launch is not None
+            raise diagnose.failure(
                 Category.REGISTER_TIMEOUT,
                 f"worker {run.slot.name} (pid {run.pid}) on {run.target} did not register "
                 f"within {timeout_s:g} s",
-                f"read {run.path('logs', 'worker.out')} on {run.target} (tail below): usually "
-                f"the worker cannot reach Redis through {run.slot.redis_via.value}; check its "
-                "tunnel/redis_address, or raise register_timeout_s on a slow host",
                 step="register",
                 logs=logs,
+                **run.found(timeout_s=f"{timeout_s:g}", redis_url=run.launch.redis_url),
             )
 
         status: WorkerStatus = await self._step(run, "register", step)
@@ -950,13 +999,9 @@ class Deployer:
         return diagnose.tail(str(result.get("text") or ""))
 
 
-def _session_config_file(session: SshSession) -> str | None:
-    """The generated ssh config of ``session`` (set by ``resolve``), when it exposes one."""
-    for name in ("config_file", "config_path"):
-        value = getattr(session, name, None)
-        if value:
-            return str(value)
-    return None
+def _session_config_file(session: SshSession) -> str:
+    """The generated ssh config of ``session`` (BatchMode, servetune's known_hosts, …)."""
+    return str(session.config_path())
 
 
 def _dir_size_bytes(path: Any) -> int:
