@@ -569,7 +569,8 @@ class Fleet:
             self.start_manager()
             for worker in self.workers.values():
                 worker.start()
-            self.wait_workers_online(timeout_s=self.start_timeout_s)
+            if self.workers:
+                self.wait_workers_online(timeout_s=self.start_timeout_s)
         except Exception as e:
             report = self.report()
             self.close()

@@ -735,33 +735,36 @@ class Deployer:
                 step="redis",
             ) from e
         user = user or getpass.getuser()
+
+        def forward_cfg(attempt: int) -> tuple[TunnelConfig, list[str]]:
+            return _tunnel(
+                run,
+                direction="local",
+                destination=f"{user}@{host}",
+                port=port,
+                identity_file=run.path("ssh", "id_ed25519"),
+                known_hosts_file=run.path("ssh", "known_hosts"),
+                bind_port=self._bind_port(run, attempt),
+                target_host=endpoint.host,
+                target_port=endpoint.port,
+            )
+
+        forward_cfg(0)  # a path ssh would misread fails here, before any key is made
         key = await self._agent(run, "keygen", {"install_dir": run.install_dir})
         public_key = str(key["public_key"]).strip()
-        private_key = str(key.get("private_key") or run.path("ssh", "id_ed25519"))
-        if not private_key.startswith("/"):
-            private_key = run.path("ssh", "id_ed25519")
         line = keys.authorized_line(public_key, run.slot.name, endpoint.host, endpoint.port)
         await asyncio.to_thread(
             keys.add_key, self.settings.authorized_keys_path, line, run.slot.name
         )
         last: DeployFailed | None = None
         for attempt in range(TUNNEL_PORT_TRIES):
-            cfg = TunnelConfig(
-                direction="local",
-                destination=f"{user}@{host}",
-                port=port,
-                identity_file=private_key,
-                known_hosts_file=run.path("ssh", "known_hosts"),
-                bind_port=self._bind_port(run, attempt),
-                target_host=endpoint.host,
-                target_port=endpoint.port,
-            )
+            cfg, argv = forward_cfg(attempt)
             try:
                 result = await self._agent(
                     run,
                     "tunnel_check",
                     {
-                        "argv": tunnel.tunnel_argv(cfg),
+                        "argv": argv,
                         "bind_port": cfg.bind_port,
                         "password": endpoint.password,
                         "timeout_s": self.settings.ssh_connect_timeout_s + 10.0,
@@ -814,7 +817,8 @@ class Deployer:
         resolved = run.resolved
         config_file = _session_config_file(run.session)
         identity = resolved.identity_files[0] if resolved.identity_files else None
-        cfg = TunnelConfig(
+        cfg, _ = _tunnel(
+            run,
             direction="remote",
             destination=f"{resolved.user}@{resolved.hostname}",
             port=resolved.port,
@@ -997,6 +1001,23 @@ class Deployer:
             log.info("cannot read the worker's log on %s: %s", run.target, e)
             return []
         return diagnose.tail(str(result.get("text") or ""))
+
+
+def _tunnel(run: _Run, **fields: Any) -> tuple[TunnelConfig, list[str]]:
+    """The TunnelConfig of ``fields`` and its ssh argv; DeployFailed TUNNEL_FAILED naming the
+    field when ssh could misread one of its paths or names."""
+    try:
+        cfg = TunnelConfig(**fields)
+        return cfg, tunnel.tunnel_argv(cfg)
+    except ValueError as e:  # pydantic's ValidationError is a ValueError
+        raise DeployFailed(
+            Category.TUNNEL_FAILED,
+            f"the Redis tunnel of slot {run.slot.name} cannot be set up: {e}",
+            f"the tunnel's key and known_hosts live under install_dir ({run.slot.install_dir}): "
+            "choose an install_dir made of letters, digits and ._/+@=,- only (e.g. "
+            "~/.servetune), or use --redis-via direct",
+            step="redis",
+        ) from e
 
 
 def _session_config_file(session: SshSession) -> str:
