@@ -119,7 +119,9 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
 
 
 def failed(report: DeployReport, category: Category, step_name: str) -> None:
-    """The report says failure with ``category`` at step ``step_name`` and has a suggestion."""
+    """The report says failure with ``category`` at step ``step_name`` and has a suggestion
+    (printed: ``pytest -s`` shows what a user would read)."""
+    print(f"\n{describe(report)}")
     assert not report.success, describe(report)
     assert report.category == category, describe(report)
     assert report.suggestion, describe(report)
