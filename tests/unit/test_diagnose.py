@@ -414,3 +414,51 @@ def test_tail_removes_private_key_blocks_even_cut_ones() -> None:
 def test_tail_leaves_ssh_messages_alone() -> None:
     text = "root@h: Permission denied (publickey,password).\n-o PasswordAuthentication=no\n"
     assert tail(text) == text.splitlines()
+
+
+# ---- through a ProxyJump hop (real output of `ssh -J root@127.0.0.1:PORT ...`) ----------------
+
+JUMP_REFUSED = """\
+channel 0: open failed: connect failed: Connection refused
+stdio forwarding failed
+kex_exchange_identification: Connection closed by remote host
+Connection closed by UNKNOWN port 65535
+"""
+JUMP_UNRESOLVED = JUMP_REFUSED.replace("Connection refused", "Name or service not known")
+JUMP_TIMEOUT = (
+    "Connection timed out during banner exchange\nConnection to UNKNOWN port 65535 timed out\n"
+)
+HOP_REFUSED = (
+    "ssh: connect to host 127.0.0.1 port 1: Connection refused\n"
+    "kex_exchange_identification: Connection closed by remote host\n"
+    "Connection closed by UNKNOWN port 65535\n"
+)
+
+
+def jump_argv(port: str = "22") -> list[str]:
+    return ["ssh", "-J", "root@127.0.0.1:42222", "-p", port, "--", "root@gpu7", "x"]
+
+
+def test_jump_destination_refused_names_the_destination() -> None:
+    err = classify(JUMP_REFUSED, target="root@gpu7", argv=jump_argv("2200"))
+    assert err.category is Category.CONNECTION_REFUSED
+    assert "gpu7:2200" in err.suggestion
+    assert "UNKNOWN" not in err.suggestion
+
+
+def test_jump_destination_unresolved_names_the_destination() -> None:
+    err = classify(JUMP_UNRESOLVED, target="root@gpu7", argv=jump_argv())
+    assert err.category is Category.NAME_NOT_RESOLVED
+    assert "gpu7" in err.suggestion and "jump host" in err.suggestion
+
+
+def test_jump_destination_timeout_names_the_destination() -> None:
+    err = classify(JUMP_TIMEOUT, target="root@gpu7", argv=jump_argv())
+    assert err.category is Category.CONNECTION_TIMEOUT
+    assert "gpu7:22" in err.suggestion and "UNKNOWN" not in err.suggestion
+
+
+def test_jump_hop_refused_names_the_hop() -> None:
+    err = classify(HOP_REFUSED, target="root@gpu7", argv=jump_argv())
+    assert err.category is Category.CONNECTION_REFUSED
+    assert "127.0.0.1:1" in err.suggestion

@@ -314,6 +314,13 @@ _AUTH = re.compile(r"^(?:(\S+?)@)?(\S+?): Permission denied \(([^)]*)\)", re.M)
 _TOO_MANY = re.compile(r"Received disconnect from (\S+) port (\d+):\d+: Too many authentication")
 _CONNECT = re.compile(r"connect to host (\S+) port (\d+): (.+?)\s*$", re.M)
 _TIMED_OUT = re.compile(r"Connection to (\S+) port (\d+) timed out")
+_JUMP_OPEN = re.compile(r"open failed: connect failed: (.+?)\s*$", re.M)
+_RESOLVE_REASONS = (
+    "Name or service not known",
+    "Temporary failure in name resolution",
+    "No address associated with hostname",
+    "nodename nor servname",
+)
 _RESOLVE = re.compile(r"Could not resolve hostname (\S+?): (.+?)\s*$", re.M)
 _TRIED_KEY = re.compile(r"(?:Offering public key|Will attempt key|Trying private key): (\S+)")
 _NOT_FOUND_127 = (
@@ -508,6 +515,12 @@ def classify_ssh(result: CommandResult, *, target: str) -> DeployFailed | None:
             assert too_many is not None
             found["host"], found["port"] = too_many.group(1), too_many.group(2)
             methods = "publickey"
+        if found["host"] != host:  # refused by a ProxyJump hop: its port is in -J
+            for hop in ",".join(opts.get("proxyjump", [])).split(","):
+                h_user, h_host, h_port = _split_target(hop.strip())
+                if h_host == found["host"]:
+                    found["port"] = h_port or "22"
+                    found["user"] = found["user"] or h_user
         keys = _unique([*_TRIED_KEY.findall(stderr), *opts.get("identityfile", [])])
         if keys:
             found["identity_files"] = ", ".join(keys)
@@ -544,7 +557,31 @@ def classify_ssh(result: CommandResult, *, target: str) -> DeployFailed | None:
                 address=c_host,
                 reason=reason,
             )
+    match = _JUMP_OPEN.search(stderr)
+    if match:  # the ProxyJump hop could not reach the destination: ssh names no host itself
+        reason = match.group(1)
+        via = f"{target} (through the jump host)"
+        if reason.startswith("Connection refused"):
+            return fail(Category.CONNECTION_REFUSED, f"{via} refused the connection", reason=reason)
+        if "timed out" in reason.lower():
+            return fail(Category.CONNECTION_TIMEOUT, f"connecting to {via} timed out")
+        if any(reason.startswith(r) for r in _RESOLVE_REASONS):
+            return fail(
+                Category.NAME_NOT_RESOLVED,
+                f"the jump host cannot resolve {host}: {reason}",
+                name=host,
+                reason=f"on the jump host: {reason}",
+            )
+        if any(reason.startswith(r) for r in _NO_ROUTE_REASONS):
+            return fail(
+                Category.NO_ROUTE,
+                f"the jump host has no route to {host}: {reason}",
+                address=host,
+                reason=f"from the jump host: {reason}",
+            )
     match = _TIMED_OUT.search(stderr)
+    if match and match.group(1) == "UNKNOWN":  # through a jump host: ssh does not know the name
+        match = None
     if match or "timed out" in stderr.lower():
         found = {"host": match.group(1), "port": match.group(2)} if match else {}
         where = f"{found.get('host', host)}:{found.get('port', port)}"
