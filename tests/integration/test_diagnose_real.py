@@ -103,6 +103,25 @@ def test_closed_port_is_connection_refused(tmp_path: Path, client_key: Path) -> 
     assert "systemctl status ssh" in err.suggestion
 
 
+def test_rsync_to_a_closed_port_is_connection_refused(tmp_path: Path) -> None:
+    config, _ = write_config(tmp_path / "ssh")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "wheel.txt").write_text("x")
+    port = str(free_port())
+    argv = [
+        "rsync", "-a", "-s", "-e", f"ssh -F {config} -p {port}",
+        f"{tmp_path / 'src'}/", "root@127.0.0.1:/tmp/servetune-never/",
+    ]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=20, check=False)  # noqa: S603
+    result = CommandResult(
+        argv=argv, returncode=done.returncode, stdout=done.stdout, stderr=done.stderr,
+        duration_s=0.1,
+    )  # fmt: skip
+    err = classified(result, "root@127.0.0.1")
+    assert err.category is Category.CONNECTION_REFUSED, result.stderr
+    assert f"127.0.0.1:{port}" in err.suggestion
+
+
 def test_dropped_packets_are_connection_timeout(
     tmp_path: Path, drop_host: tuple[NetnsHost, str]
 ) -> None:

@@ -462,3 +462,46 @@ def test_jump_hop_refused_names_the_hop() -> None:
     err = classify(HOP_REFUSED, target="root@gpu7", argv=jump_argv())
     assert err.category is Category.CONNECTION_REFUSED
     assert "127.0.0.1:1" in err.suggestion
+
+
+def test_too_many_authentication_failures_is_auth_refused_with_the_keys() -> None:
+    stderr = (
+        "Received disconnect from 127.0.0.1 port 42222:2: Too many authentication failures\n"
+        "Disconnected from 127.0.0.1 port 42222\n"
+    )  # real: sshd MaxAuthTries 2, three wrong -i keys
+    argv = ["ssh", "-p", "42222", "-i", "/k/w1", "-i", "/k/w2", "-i", "/k/w3", "--", "root@h", "x"]
+    err = classify(stderr, target="root@127.0.0.1", argv=argv)
+    assert err.category is Category.AUTH_REFUSED
+    assert "/k/w1, /k/w2, /k/w3" in err.suggestion
+    assert "ssh-copy-id -i /k/w1.pub -p 42222 root@127.0.0.1" in err.suggestion
+
+
+# ---- rsync -e "ssh ..." (real rsync 3.2 / OpenSSH 9.2 output) --------------------------------
+
+RSYNC_REFUSED = """\
+ssh: connect to host 127.0.0.1 port 1: Connection refused
+rsync: connection unexpectedly closed (0 bytes received so far) [sender]
+rsync error: unexplained error (code 255) at io.c(285) [sender=3.5.0]
+"""
+RSYNC_REMOTE_MISSING = """\
+bash: rsync9: command not found
+rsync: connection unexpectedly closed (0 bytes received so far) [sender]
+rsync error: error in rsync protocol data stream (code 12) at io.c(285) [sender=3.5.0]
+"""
+
+
+def rsync_argv(tmp_path: Path) -> list[str]:
+    cfg = tmp_path / "t.conf"
+    cfg.write_text(f"Host *\n  UserKnownHostsFile {KH}\n")
+    return ["rsync", "-a", "-s", "-e", f"ssh -F {cfg} -p 1 -i /k/id", "src/", "root@127.0.0.1:/d/"]
+
+
+def test_rsync_ssh_failure_is_classified_from_its_e_option(tmp_path: Path) -> None:
+    err = classify(RSYNC_REFUSED, argv=rsync_argv(tmp_path))
+    assert err.category is Category.CONNECTION_REFUSED
+    assert "127.0.0.1:1" in err.suggestion
+
+
+def test_rsync_own_failure_is_not_an_ssh_failure(tmp_path: Path) -> None:
+    result = ssh_result(RSYNC_REMOTE_MISSING, returncode=12, argv=rsync_argv(tmp_path))
+    assert classify_ssh(result, target="root@127.0.0.1") is None

@@ -341,6 +341,13 @@ _NO_ROUTE_REASONS = (
 def _options(argv: list[str]) -> dict[str, list[str]]:
     """ssh options (lowercase name → values, in order) from ``argv`` and its ``-F`` file."""
     opts: dict[str, list[str]] = {}
+    if argv and Path(argv[0]).name == "rsync":  # its ssh is the -e / --rsh command
+        for j, arg in enumerate(argv):
+            if arg in ("-e", "--rsh") and j + 1 < len(argv):
+                return _options(shlex.split(argv[j + 1]))
+            if arg.startswith("--rsh="):
+                return _options(shlex.split(arg.removeprefix("--rsh=")))
+        return opts
     flag_names = {"-p": "port", "-i": "identityfile", "-l": "user", "-J": "proxyjump"}
     config: str | None = None
     i = 1
@@ -426,10 +433,13 @@ def classify_ssh(result: CommandResult, *, target: str) -> DeployFailed | None:
     auth_refused, connection_refused, connection_timeout, name_not_resolved, no_route (exit
     255); python_missing (exit 127, or 126: the remote shell could not run the interpreter);
     step_timeout (``timed_out``); unknown for any other exit 255, with ssh's last line.
+    An rsync ``result`` (``rsync -e "ssh -F cfg ..."``, exit 12 or 255) is read the same way,
+    its ssh options taken from ``-e``; it gives None when ssh itself did not fail.
     The step of the returned error is ''; the caller sets it or uses ``failure`` itself.
     """
     if result.returncode == 0 and not result.timed_out:
         return None
+    rsync = bool(result.argv) and Path(result.argv[0]).name == "rsync"
     opts = _options(result.argv)
     t_user, t_host, t_port = _split_target(target)
     port = _first(opts, "port") or t_port or "22"
@@ -452,7 +462,7 @@ def classify_ssh(result: CommandResult, *, target: str) -> DeployFailed | None:
             timeout_s=f"{result.duration_s:.0f}",
             reason="timed out",
         )
-    if result.returncode in (126, 127):
+    if result.returncode in (126, 127) and not rsync:
         for pattern in _NOT_FOUND_127:
             match = pattern.search(stderr)
             if match:
@@ -467,8 +477,8 @@ def classify_ssh(result: CommandResult, *, target: str) -> DeployFailed | None:
             python=python,
             reason=last,
         )
-    if result.returncode != 255:
-        return None
+    if result.returncode != 255 and not (rsync and result.returncode == 12):
+        return None  # rsync: 12 is "protocol stream" (its ssh failed, or the remote's rsync)
 
     if _CHANGED.search(stderr):
         found: dict[str, str] = {}
@@ -599,6 +609,8 @@ def classify_ssh(result: CommandResult, *, target: str) -> DeployFailed | None:
             name=match.group(1),
             reason=match.group(2),
         )
+    if rsync:
+        return None  # not ssh's own failure: the caller reports rsync's
     return fail(Category.UNKNOWN, f"ssh to {target} failed: {last}", reason=last)
 
 
