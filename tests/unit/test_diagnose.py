@@ -505,3 +505,25 @@ def test_rsync_ssh_failure_is_classified_from_its_e_option(tmp_path: Path) -> No
 def test_rsync_own_failure_is_not_an_ssh_failure(tmp_path: Path) -> None:
     result = ssh_result(RSYNC_REMOTE_MISSING, returncode=12, argv=rsync_argv(tmp_path))
     assert classify_ssh(result, target="root@127.0.0.1") is None
+
+
+def test_agent_disk_full_prefers_the_free_figure() -> None:
+    error = {"kind": "disk_full", "message": "needs 2.0 GiB, /srv has 0.3 GiB free"}
+    err = from_agent_error(error, step="prepare", target="h1")
+    assert "/srv on h1 has 0.3 GiB free" in err.suggestion
+
+
+def test_agent_python_too_old_names_the_interpreter_path() -> None:
+    error = {
+        "kind": "python_too_old",
+        "message": "Python 3.9.2 at /usr/bin/python3 is older than 3.11",
+    }
+    err = from_agent_error(error, step="preflight", target="h1")
+    assert err.suggestion.startswith("/usr/bin/python3 on h1 is Python 3.9.2")
+
+
+def test_tail_removes_a_private_key_inside_json() -> None:
+    line = '{"ok": true, "result": {"private_key": "-----BEGIN OPENSSH PRIVATE KEY-----\\nb3Bl\\nQyNT\\n-----END OPENSSH PRIVATE KEY-----\\n", "x": 1}}'
+    out = "\n".join(tail(line))
+    assert "b3Bl" not in out and "QyNT" not in out
+    assert '"x": 1' in out

@@ -617,6 +617,7 @@ def classify_ssh(result: CommandResult, *, target: str) -> DeployFailed | None:
 # ---- agent errors -----------------------------------------------------------------------------
 
 _VERSION = re.compile(r"\b(\d+\.\d+(?:\.\d+)?)\b")
+_GIB_FREE = re.compile(r"(\d+(?:\.\d+)?)\s*GiB (?:free|available|left)")
 _GIB = re.compile(r"(\d+(?:\.\d+)?)\s*GiB")
 _PATH = re.compile(r"(?:^|[\s'\"(:])((?:/|~/)[^\s'\":,;)]*)")
 _HOST_PORT = re.compile(r"\b((?:\[[0-9A-Fa-f:]+\]|[A-Za-z0-9._-]+):\d{1,5})\b")
@@ -654,12 +655,13 @@ def from_agent_error(error: Mapping[str, object], *, step: str, target: str) -> 
             found.setdefault("found_version", versions[0])
         if len(versions) > 1:
             found.setdefault("min_version", versions[1])
-    if category in (Category.DISK_FULL, Category.PERMISSION_DENIED, Category.MODULE_NOT_FOUND):
-        path = _PATH.search(message)
-        if path:
-            found.setdefault("path", path.group(1))
+    path = _PATH.search(message)
+    if path and category in (Category.DISK_FULL, Category.PERMISSION_DENIED):
+        found.setdefault("path", path.group(1))
+    if path and category in (Category.PYTHON_TOO_OLD, Category.PYTHON_MISSING):
+        found.setdefault("python", path.group(1))
     if category is Category.DISK_FULL:
-        gib = _GIB.search(message)
+        gib = _GIB_FREE.search(message) or _GIB.search(message)
         if gib:
             found.setdefault("free_gib", gib.group(1))
     if category in (Category.REDIS_UNREACHABLE, Category.TUNNEL_FAILED):
