@@ -527,3 +527,10 @@ def test_tail_removes_a_private_key_inside_json() -> None:
     out = "\n".join(tail(line))
     assert "b3Bl" not in out and "QyNT" not in out
     assert '"x": 1' in out
+
+
+def test_tunnel_error_quoted_in_the_suggestion_has_no_password() -> None:
+    err = failure(
+        Category.TUNNEL_FAILED, "tunnel down", step="redis", ssh_error="AUTH hunter2 failed"
+    )
+    assert "hunter2" not in err.suggestion

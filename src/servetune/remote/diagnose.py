@@ -231,8 +231,8 @@ def failure(
     suggestion = SUGGESTIONS.get(category, SUGGESTIONS[Category.UNKNOWN])
     return DeployFailed(
         category,
-        redact(message),
-        redact(suggestion.format_map(_enrich(values))),
+        _remove_secrets(message),
+        _remove_secrets(suggestion.format_map(_enrich(values))),
         step=step,
         logs=logs,
     )
