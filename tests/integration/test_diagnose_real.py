@@ -9,6 +9,7 @@ policy in a ``Host *`` block.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
 from collections.abc import Iterator
@@ -135,9 +136,14 @@ def test_dropped_packets_are_connection_timeout(
     assert "firewall" in err.suggestion
 
 
-def test_unresolvable_name_is_name_not_resolved(tmp_path: Path) -> None:
+@pytest.mark.parametrize("isolated", [False, True], ids=["root-namespace", "no-network"])
+def test_unresolvable_name_is_name_not_resolved(tmp_path: Path, isolated: bool) -> None:
+    """In the root namespace the resolver answers NXDOMAIN; in a namespace with no network it
+    cannot ask at all ("Temporary failure in name resolution")."""
     config, _ = write_config(tmp_path)
-    result = run_ssh(config, "root@gpu-host.x.invalid")
+    with contextlib.ExitStack() as stack:
+        host = stack.enter_context(netns_host()) if isolated else None
+        result = run_ssh(config, "root@gpu-host.x.invalid", netns=host)
     err = classified(result, "root@gpu-host.x.invalid")
     assert err.category is Category.NAME_NOT_RESOLVED, result.stderr
     assert "gpu-host.x.invalid" in err.suggestion

@@ -534,3 +534,9 @@ def test_tunnel_error_quoted_in_the_suggestion_has_no_password() -> None:
         Category.TUNNEL_FAILED, "tunnel down", step="redis", ssh_error="AUTH hunter2 failed"
     )
     assert "hunter2" not in err.suggestion
+
+
+def test_a_silent_ssh_failure_says_what_hides_the_error() -> None:
+    err = classify("", argv=["ssh", "-q", "-p", "1", "--", "root@127.0.0.1", "x"])
+    assert err.category is Category.UNKNOWN
+    assert "-q / LogLevel QUIET hides its errors" in err.suggestion

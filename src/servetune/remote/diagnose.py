@@ -611,6 +611,14 @@ def classify_ssh(result: CommandResult, *, target: str) -> DeployFailed | None:
         )
     if rsync:
         return None  # not ssh's own failure: the caller reports rsync's
+    if not lines:
+        quiet = "-q" in result.argv or _first(opts, "loglevel").lower() == "quiet"
+        last = (
+            "ssh exited with 255 and printed nothing: -q / LogLevel QUIET hides its errors, "
+            "drop it from the ssh command and deploy again to see why"
+            if quiet
+            else "ssh exited with 255 and printed nothing"
+        )
     return fail(Category.UNKNOWN, f"ssh to {target} failed: {last}", reason=last)
 
 
