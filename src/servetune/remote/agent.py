@@ -433,7 +433,12 @@ def untar(params: Dict[str, Any]) -> Dict[str, Any]:
                     _replace_path(target)
                     os.symlink(link, target)
                 elif member.islnk():
-                    source_path = _member_target(root, member.linkname)
+                    try:
+                        source_path = _member_target(root, member.linkname)
+                    except AgentError as exc:
+                        raise AgentError(
+                            "unknown", "refused tar member %r (hard link): %s" % (member.name, exc)
+                        ) from None
                     if not _inside(root, os.path.realpath(source_path)):
                         raise AgentError(
                             "unknown",
