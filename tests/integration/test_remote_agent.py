@@ -587,3 +587,121 @@ def test_a_worker_that_exits_at_once_is_worker_start_failed_with_its_log(
 def test_start_without_an_install_is_worker_start_failed(tmp_path: Path) -> None:
     err = error(start(tmp_path), Category.WORKER_START_FAILED)
     assert "not installed" in err["message"]
+
+
+# --- install (offline, with the manager's own uv; no network) -------------------------------
+
+
+def make_wheel(
+    folder: Path, name: str, version: str, files: dict[str, str], requires: str = ""
+) -> Path:
+    """A minimal valid pure-python wheel (METADATA, WHEEL, RECORD with hashes)."""
+    import base64
+    import hashlib
+    import zipfile
+
+    dist_info = f"{name}-{version}.dist-info"
+    metadata = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+    if requires:
+        metadata += f"Requires-Dist: {requires}\n"
+    contents = {
+        **files,
+        f"{dist_info}/METADATA": metadata,
+        f"{dist_info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    for path, text in contents.items():
+        digest = hashlib.sha256(text.encode()).digest()
+        b64 = base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+        record.append(f"{path},sha256={b64},{len(text.encode())}")
+    record.append(f"{dist_info}/RECORD,,")
+    contents[f"{dist_info}/RECORD"] = "\n".join(record) + "\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    wheel = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for path, text in contents.items():
+            zf.writestr(path, text)
+    return wheel
+
+
+MANAGER_UV = shutil.which("uv") or str(Path(sys.executable).parent / "uv")
+
+
+def install_params(install_dir: Path, wheel: Path, uv: str) -> dict[str, Any]:
+    return {
+        "install_dir": str(install_dir),
+        "python": SYSTEM_PYTHON,
+        "wheel": str(wheel),
+        "uv": uv,
+        "constraints": None,
+        "wheelhouse": str(wheel.parent),
+        "index_url": None,
+        "timeout_s": 60,
+    }
+
+
+@pytest.mark.skipif(not os.access(MANAGER_UV, os.X_OK), reason="no uv next to the test's python")
+def test_install_offline_from_a_wheelhouse_then_import(tmp_path: Path) -> None:
+    files = {"servetune/__init__.py": "VERSION = 'test'\n"}
+    wheel = make_wheel(tmp_path / "wheelhouse", "servetune", "0.0.1", files)
+    install_dir = tmp_path / "install"
+    result = ok(run_agent("install", install_params(install_dir, wheel, MANAGER_UV)))
+    assert result["version"] == "0.0.1"
+    assert 0 < result["seconds"] < 60
+    venv_python = install_dir / "venv" / "bin" / "python"
+    check = [str(venv_python), "-c", "import servetune; print(servetune.VERSION)"]
+    assert subprocess.run(check, capture_output=True, text=True, check=True).stdout == "test\n"  # noqa: S603
+    assert "--offline" in (install_dir / "logs" / "install.log").read_text()
+
+
+@pytest.mark.skipif(not os.access(MANAGER_UV, os.X_OK), reason="no uv next to the test's python")
+def test_install_with_a_uv_wheel_extracts_uv(tmp_path: Path) -> None:
+    import zipfile
+
+    uv_wheel = tmp_path / "uv-0.0.0-py3-none-manylinux_2_17_x86_64.whl"
+    with zipfile.ZipFile(uv_wheel, "w") as zf:  # stored: the binary is big, the test fast
+        zf.write(MANAGER_UV, "uv-0.0.0.data/scripts/uv")
+    wheel = make_wheel(tmp_path / "wheelhouse", "servetune", "0.0.3", {"servetune/__init__.py": ""})
+    install_dir = tmp_path / "install"
+    result = ok(run_agent("install", install_params(install_dir, wheel, str(uv_wheel))))
+    assert result["version"] == "0.0.3"
+    assert os.access(install_dir / "bin" / "uv", os.X_OK)
+
+
+@pytest.mark.skipif(not os.access(MANAGER_UV, os.X_OK), reason="no uv next to the test's python")
+def test_install_missing_dependency_is_install_failed_with_the_log(tmp_path: Path) -> None:
+    files = {"servetune/__init__.py": ""}
+    wheel = make_wheel(
+        tmp_path / "wheelhouse", "servetune", "0.0.1", files, "not-in-the-wheelhouse"
+    )
+    err = error(
+        run_agent("install", install_params(tmp_path / "install", wheel, MANAGER_UV)),
+        Category.INSTALL_FAILED,
+    )
+    assert "uv pip install" in err["message"]
+    assert "not-in-the-wheelhouse" in err["detail"]
+
+
+@pytest.mark.skipif(not os.access(MANAGER_UV, os.X_OK), reason="no uv next to the test's python")
+def test_install_of_a_wheel_without_the_module_is_module_not_found(tmp_path: Path) -> None:
+    wheel = make_wheel(tmp_path / "wheelhouse", "servetune", "0.0.2", {"other/__init__.py": ""})
+    err = error(
+        run_agent("install", install_params(tmp_path / "install", wheel, MANAGER_UV)),
+        Category.MODULE_NOT_FOUND,
+    )
+    assert "ModuleNotFoundError" in err["detail"] and "servetune" in err["detail"]
+
+
+@needs_root
+@pytest.mark.skipif(not os.access(MANAGER_UV, os.X_OK), reason="no uv next to the test's python")
+def test_install_on_a_full_disk_is_disk_full(tmp_path: Path) -> None:
+    wheel = make_wheel(tmp_path / "wheelhouse", "servetune", "0.0.1", {"servetune/__init__.py": ""})
+    with tmpfs(tmp_path / "small", size="1m") as mount:
+        (mount / "install" / "logs").mkdir(parents=True)
+        with contextlib.suppress(OSError), (mount / "filler").open("wb") as filler:
+            filler.write(b"\0" * 2 * 1024 * 1024)
+        err = error(
+            run_agent("install", install_params(mount / "install", wheel, MANAGER_UV)),
+            Category.DISK_FULL,
+        )
+        assert "no space left" in err["message"].lower()

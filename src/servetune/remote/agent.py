@@ -483,6 +483,10 @@ def install(params: Dict[str, Any]) -> Dict[str, Any]:
     wheelhouse = _path(params, "wheelhouse") if params.get("wheelhouse") else None
     index_url = _param(params, "index_url", str, optional=True)
     timeout_s = _number(params, "timeout_s", 1800)
+    try:
+        os.makedirs(os.path.join(install_dir, "logs"), mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise _os_error(exc, "creating %s" % install_dir) from None
     if uv.endswith(".whl"):
         uv = _uv_from_wheel(uv, os.path.join(install_dir, "bin"))
     venv = os.path.join(install_dir, "venv")
