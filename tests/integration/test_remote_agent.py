@@ -345,9 +345,10 @@ def test_untar_refuses_a_member_written_through_an_earlier_symlink(tmp_path: Pat
 # --- keygen, write_file ---------------------------------------------------------------------
 
 
-def test_keygen_makes_one_key_and_reuses_it(tmp_path: Path) -> None:
-    first = ok(run_agent("keygen", {"install_dir": str(tmp_path)}))
-    second = ok(run_agent("keygen", {"install_dir": str(tmp_path)}))
+@pytest.mark.parametrize("python", INTERPRETERS)
+def test_keygen_makes_one_key_and_reuses_it(python: str, tmp_path: Path) -> None:
+    first = ok(run_agent("keygen", {"install_dir": str(tmp_path)}, python=python))
+    second = ok(run_agent("keygen", {"install_dir": str(tmp_path)}, python=python))
     assert first == second
     assert first["public_key"].startswith("ssh-ed25519 ")
     private = Path(first["private_key"])
@@ -358,13 +359,15 @@ def test_keygen_makes_one_key_and_reuses_it(tmp_path: Path) -> None:
     ].split()[:2]
 
 
-def test_write_file_is_created_with_its_mode(tmp_path: Path) -> None:
+@pytest.mark.parametrize("python", INTERPRETERS)
+def test_write_file_is_created_with_its_mode(python: str, tmp_path: Path) -> None:
     path = tmp_path / "conf" / "worker.json"
     path.parent.mkdir()
     path.write_text("old")
     path.chmod(0o644)
     content = '{"redis_url": "redis://:s3cret@127.0.0.1:6379/0"}\n'
-    result = ok(run_agent("write_file", {"path": str(path), "content": content, "mode": 0o600}))
+    params = {"path": str(path), "content": content, "mode": 0o600}
+    result = ok(run_agent("write_file", params, python=python))
     assert result == {"path": str(path)}
     assert path.read_text() == content
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -384,10 +387,12 @@ def redis_with_password(tmp_path: Path) -> Iterator[RedisServer]:
         server.kill()
 
 
-def test_redis_probe_authenticates_and_pings(redis_with_password: RedisServer) -> None:
+@pytest.mark.parametrize("python", INTERPRETERS)
+def test_redis_probe_authenticates_and_pings(python: str, redis_with_password: RedisServer) -> None:
     params = {"host": "127.0.0.1", "port": redis_with_password.port, "timeout_s": 5}
     password = redis_with_password.password
-    assert ok(run_agent("redis_probe", {**params, "password": password})) == {"reply": "PONG"}
+    reply = run_agent("redis_probe", {**params, "password": password}, python=python)
+    assert ok(reply) == {"reply": "PONG"}
     err = error(
         run_agent("redis_probe", {**params, "password": "wrong"}), Category.REDIS_UNREACHABLE
     )
@@ -430,7 +435,7 @@ def test_tunnel_check_reports_the_tunnels_stderr_when_it_exits() -> None:
 SLEEPER = """#!{python}
 import os, subprocess, sys, time
 # a child in the same process group, as an engine started by the worker would be
-child = subprocess.Popen(["sleep", "300"])
+child = subprocess.Popen({child})
 with open(os.path.join(os.path.dirname(__file__), "..", "..", "child.pid"), "w") as f:
     f.write(str(child.pid))
 print("worker started", sys.argv[1:], flush=True)
@@ -445,11 +450,13 @@ sys.exit(2)
 """
 
 
-def fake_install(root: Path, script: str, extra: str = "") -> Path:
-    """An install dir whose venv/bin/servetune is ``script`` (a python program)."""
+def fake_install(root: Path, script: str, extra: str = "", child: list[str] | None = None) -> Path:
+    """An install dir whose venv/bin/servetune is ``script`` (a python program); SLEEPER starts
+    ``child`` (default ``sleep 300``) in its process group and runs ``extra`` before sleeping."""
     exe = root / "venv" / "bin" / "servetune"
     exe.parent.mkdir(parents=True)
-    exe.write_text(script.format(python=SYSTEM_PYTHON, extra=extra))
+    child = child or ["sleep", "300"]
+    exe.write_text(script.format(python=SYSTEM_PYTHON, extra=extra, child=repr(child)))
     exe.chmod(0o755)
     (root / "worker.json").write_text("{}")
     return root
@@ -496,20 +503,20 @@ def installs(tmp_path: Path) -> Iterator[list[Path]]:
                 os.kill(pid, signal.SIGKILL)
 
 
-def start(install_dir: Path, **extra: Any) -> dict[str, Any]:
+def start(install_dir: Path, python: str = SYSTEM_PYTHON, **extra: Any) -> dict[str, Any]:
     config = str(install_dir / "worker.json")
-    return run_agent(
-        "start_worker", {"install_dir": str(install_dir), "config_path": config, **extra}
-    )
+    params = {"install_dir": str(install_dir), "config_path": config, **extra}
+    return run_agent("start_worker", params, python=python)
 
 
+@pytest.mark.parametrize("python", INTERPRETERS)
 def test_a_started_worker_outlives_the_agent_and_is_stopped_with_its_group(
-    tmp_path: Path, installs: list[Path]
+    python: str, tmp_path: Path, installs: list[Path]
 ) -> None:
     install_dir = fake_install(tmp_path / "st", SLEEPER)
     installs.append(install_dir)
     began = time.monotonic()
-    pid = ok(start(install_dir, wait_s=1))["pid"]
+    pid = ok(start(install_dir, wait_s=1, python=python))["pid"]
     # the agent returned (its stdout pipe closed) while the worker runs: nothing of the worker
     # holds the channel, so ssh would not wait for it either
     assert time.monotonic() - began < 10
@@ -520,11 +527,12 @@ def test_a_started_worker_outlives_the_agent_and_is_stopped_with_its_group(
     child = int((install_dir / "child.pid").read_text())
     assert alive(child)
 
-    assert ok(run_agent("status", {"install_dir": str(install_dir)})) == {
+    assert ok(run_agent("status", {"install_dir": str(install_dir)}, python=python)) == {
         "running": True,
         "pids": [pid],
     }
-    stopped = ok(run_agent("stop_worker", {"install_dir": str(install_dir), "grace_s": 5}))
+    params = {"install_dir": str(install_dir), "grace_s": 5}
+    stopped = ok(run_agent("stop_worker", params, python=python))
     assert stopped == {"stopped": [pid]}
     assert not alive(pid) and not alive(child)  # the whole process group
     assert not (install_dir / "worker.pid").exists()
@@ -556,6 +564,26 @@ def test_stop_kills_a_worker_that_ignores_sigterm(tmp_path: Path, installs: list
     ] == [pid]
     assert time.monotonic() - began < 10
     assert not alive(pid)
+
+
+def test_stop_also_kills_what_the_worker_left_in_its_group(
+    tmp_path: Path, installs: list[Path]
+) -> None:
+    stubborn = [
+        SYSTEM_PYTHON,
+        "-c",
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(300)",
+    ]
+    install_dir = fake_install(tmp_path / "st", SLEEPER, child=stubborn)
+    installs.append(install_dir)
+    pid = ok(start(install_dir, wait_s=1))["pid"]
+    child = int((install_dir / "child.pid").read_text())
+    ok(run_agent("stop_worker", {"install_dir": str(install_dir), "grace_s": 2}))
+    assert not alive(pid)
+    deadline = time.monotonic() + 5
+    while alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(child)
 
 
 def test_status_and_stop_touch_only_this_installs_worker(

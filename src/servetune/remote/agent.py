@@ -799,32 +799,34 @@ def status(params: Dict[str, Any]) -> Dict[str, Any]:
 def _stop(install_dir: str, grace_s: float) -> List[int]:
     pids = _worker_pids(install_dir)
     groups = set()
-    own_group = os.getpgrp()
     for pid in pids:
         try:
             group = os.getpgid(pid)
         except OSError:
             continue
-        groups.add(group if group != own_group else -pid)  # never our own group
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+        # a worker start_worker started leads its own group (its engines are in it); one started
+        # some other way may share a group with a shell or with us: then only the process itself
+        groups.add(pid if group == pid else -pid)
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        # SIGKILL goes to the groups even when the workers are gone: what they started and left
+        # behind (an engine ignoring SIGTERM) is in their group
         for group in groups:
             with contextlib.suppress(OSError):
                 if group > 0:
                     os.killpg(group, sig)
                 else:
                     os.kill(-group, sig)
-        deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 5.0)
+        deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline and _worker_pids(install_dir):
             time.sleep(0.1)
-        if not _worker_pids(install_dir):
-            break
     with contextlib.suppress(OSError):
         os.unlink(os.path.join(install_dir, "worker.pid"))
     return pids
 
 
 def stop_worker(params: Dict[str, Any]) -> Dict[str, Any]:
-    """SIGTERM this install's worker process groups, SIGKILL after ``grace_s``: {stopped}."""
+    """SIGTERM this install's worker process groups, wait up to ``grace_s`` (default 10) for the
+    workers to exit, then SIGKILL the groups (leftovers included): {stopped: [pids]}."""
     install_dir = _path(params, "install_dir")
     grace_s = _number(params, "grace_s", 10)
     return {"stopped": _stop(install_dir, grace_s)}
