@@ -12,6 +12,7 @@ import http.server
 import io
 import os
 import platform
+import shlex
 import shutil
 import signal
 import socket
@@ -30,6 +31,7 @@ import pytest
 from servetune.remote.agent import BOOTSTRAP, parse_reply, request_line
 from servetune.remote.models import Category, RemoteFacts
 from tests.redis_server import RedisServer, free_port
+from tests.sshd import SshServer, ssh_server
 
 pytestmark = pytest.mark.integration
 
@@ -733,3 +735,56 @@ def test_install_on_a_full_disk_is_disk_full(tmp_path: Path) -> None:
             Category.DISK_FULL,
         )
         assert "no space left" in err["message"].lower()
+
+
+# --- through a real sshd: the remote shell, the channel, the session's end ------------------
+
+
+def ssh_argv(server: SshServer, key: Path, known_hosts: Path, remote_command: str) -> list[str]:
+    return [
+        "ssh",
+        "-p",
+        str(server.port),
+        "-i",
+        str(key),
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=accept-new",
+        "-o",
+        f"UserKnownHostsFile={known_hosts}",
+        "-o",
+        "IdentitiesOnly=yes",
+        f"root@{server.address}",
+        remote_command,
+    ]
+
+
+@needs_root
+def test_a_worker_started_over_ssh_survives_the_session_and_its_sshd(
+    tmp_path: Path, installs: list[Path], client_key: Path
+) -> None:
+    install_dir = fake_install(tmp_path / "over ssh; $(touch pwned)", SLEEPER)  # travels as JSON
+    installs.append(install_dir)
+    remote_command = shlex.join([SYSTEM_PYTHON, "-I", "-c", BOOTSTRAP])  # all ssh ever sends
+    params = {"install_dir": str(install_dir), "config_path": str(install_dir / "worker.json")}
+    with ssh_server(tmp_path / "sshd") as server:
+        server.authorize(Path(f"{client_key}.pub"))
+        began = time.monotonic()
+        proc = subprocess.run(  # noqa: S603
+            ssh_argv(server, client_key, tmp_path / "known_hosts", remote_command),
+            input=request_line("start_worker", {**params, "wait_s": 1}),
+            capture_output=True,
+            timeout=30,  # ssh would wait 300 s if the worker held the channel
+            check=False,
+        )
+        assert time.monotonic() - began < 20
+        pid = ok(parse_reply(proc.stdout.decode()))["pid"]
+        assert proc.returncode == 0, proc.stderr.decode()
+        time.sleep(0.5)
+        assert alive(pid)  # no SIGHUP/SIGPIPE when the session closed
+    assert alive(pid)  # nor when sshd and its sessions were stopped
+    assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
+    assert ok(run_agent("stop_worker", {"install_dir": str(install_dir), "grace_s": 5}))[
+        "stopped"
+    ] == [pid]
