@@ -50,7 +50,9 @@ BOOTSTRAP = (
 )
 """The one-line program run as ``<python> -I -c BOOTSTRAP`` on the remote (it holds no user
 value). It reads one JSON request line from stdin and execs the agent source it carries; an
-interpreter older than 3.6 gets a ``python_too_old`` reply without compiling the agent."""
+interpreter older than 3.6 gets a ``python_too_old`` reply without compiling the agent. Python 2
+never gets this far: it refuses ``-I`` ("Unknown option: -I", exit 2, no reply line), which the
+manager must read as python_too_old too."""
 
 
 def agent_source() -> str:
