@@ -31,6 +31,12 @@ KEY_TYPES = (
 _PUBLIC_KEY = re.compile(r"^(?P<type>[a-z0-9@.-]+) (?P<blob>[A-Za-z0-9+/]+={0,2})(?: [^\r\n]*)?$")
 _HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]{1,253})$")
 
+NO_LISTEN = "none.invalid:1"
+"""The one ``-R`` listen a tunnel key may ask for: ``port-forwarding`` re-enables ``-R`` too, and
+authorized_keys has no ``permitlisten="none"``; a single permitlisten on port 1 of a name that
+never resolves (RFC 6761) refuses every other remote forward (port 1 is privileged: only a root
+login could bind it, on loopback, with GatewayPorts no)."""
+
 COMMENT_PREFIX = "servetune-slot:"
 """A slot's line ends with ``servetune-slot:<name>``: how add/remove find it."""
 
@@ -63,8 +69,11 @@ def check_public_key(public_key: str) -> str:
 
 def authorized_line(public_key: str, slot_name: str, permit_host: str, permit_port: int) -> str:
     """The authorized_keys line letting ``public_key`` forward to ``permit_host:permit_port``
-    only: ``restrict,port-forwarding,permitopen="h:p",command="/bin/false" <key>
-    servetune-slot:<name>`` (no shell, pty, agent or X11; any command runs /bin/false). Raises
+    only: ``restrict,port-forwarding,permitopen="h:p",permitlisten="none.invalid:1",
+    command="/bin/false" <key> servetune-slot:<name>`` (no shell, pty, agent or X11; any command
+    runs /bin/false; no ``-R`` but the useless ``NO_LISTEN``). Unix-socket forwards are not
+    covered by permitopen/permitlisten: set ``AllowStreamLocalForwarding no`` in the manager's
+    sshd_config to refuse ``-R /path`` for these keys too. Raises
     ValueError naming the field for a bad key, slot name, host or port."""
     key = check_public_key(public_key)
     check_slot_name(slot_name)
@@ -76,7 +85,8 @@ def authorized_line(public_key: str, slot_name: str, permit_host: str, permit_po
     if not 1 <= permit_port <= 65535:
         raise ValueError(f"permit_port {permit_port}: give a TCP port, 1-65535 (Redis: 6379)")
     options = (
-        f'restrict,port-forwarding,permitopen="{permit_host}:{permit_port}",command="/bin/false"'
+        f'restrict,port-forwarding,permitopen="{permit_host}:{permit_port}",'
+        f'permitlisten="{NO_LISTEN}",command="/bin/false"'
     )
     return f"{options} {key} {COMMENT_PREFIX}{slot_name}"
 

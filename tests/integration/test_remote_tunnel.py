@@ -1,0 +1,393 @@
+"""The Redis tunnel for real: a real sshd, a real redis-server, the restricted authorized_keys
+line, the supervised ssh (restart after kill, nothing left after stop), the worker's
+``--config`` with its tunnel, and the manager's detached reverse tunnel."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Literal
+
+import psutil
+import pytest
+import redis
+
+from servetune.cluster import keys as redis_keys
+from servetune.remote.keys import add_key, authorized_line
+from servetune.remote.models import TunnelConfig, WorkerLaunchConfig
+from servetune.remote.tunnel import (
+    TunnelSupervisor,
+    detached_running,
+    stop_detached,
+    tunnel_argv,
+)
+from servetune.settings import Settings
+from tests.integration.study_helpers import cli_env
+from tests.integration.tunnel_helpers import KeyPair, MiniSshd, client_files, make_key
+from tests.redis_server import RedisServer, free_port
+from tests.redis_server import redis_server as start_redis
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def sshd(tmp_path: Path) -> Iterator[MiniSshd]:
+    server = MiniSshd(tmp_path / "sshd")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis", password="s3cret-pw")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture
+def worker_key(tmp_path: Path) -> KeyPair:
+    return make_key(tmp_path / "worker-ssh")
+
+
+def _cfg(
+    tmp_path: Path,
+    sshd: MiniSshd,
+    key: KeyPair,
+    target_port: int,
+    *,
+    direction: Literal["local", "remote"] = "local",
+    bind_port: int | None = None,
+) -> TunnelConfig:
+    config, known_hosts = client_files(tmp_path / "client")
+    return TunnelConfig(
+        direction=direction,
+        destination="root@127.0.0.1",
+        port=sshd.port,
+        identity_file=str(key.private),
+        config_file=str(config),
+        known_hosts_file=str(known_hosts),
+        bind_port=bind_port or free_port(),
+        target_host="127.0.0.1",
+        target_port=target_port,
+        keepalive_s=2,
+    )
+
+
+def _ping(port: int, password: str = "s3cret-pw") -> bool:
+    try:
+        client = redis.Redis(host="127.0.0.1", port=port, password=password, socket_timeout=3)
+        with client:
+            return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+def _wait(predicate: Callable[[], object], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return bool(predicate())
+
+
+@contextlib.contextmanager
+def _ssh(argv: list[str]) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(  # noqa: S603 - argv list from tunnel_argv
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def _ssh_processes(argv: list[str]) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        with contextlib.suppress(psutil.Error):
+            if p.info["cmdline"] == argv and p.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(p)
+    return found
+
+
+# ---- the restricted authorized_keys line, against a real sshd ---------------------------------
+
+
+def test_restricted_key_forwards_to_redis_only(
+    tmp_path: Path, sshd: MiniSshd, redis_server: RedisServer, worker_key: KeyPair
+) -> None:
+    line = authorized_line(worker_key.public, "gpu-1", "127.0.0.1", redis_server.port)
+    add_key(sshd.authorized_keys, line, "gpu-1")
+    cfg = _cfg(tmp_path, sshd, worker_key, redis_server.port)
+
+    # the forward to Redis works
+    with _ssh(tunnel_argv(cfg)):
+        assert _wait(lambda: _ping(cfg.bind_port), 15), sshd.log()
+
+    # no shell: a command runs /bin/false instead
+    base = tunnel_argv(cfg)
+    login = [a for a in base[: base.index("-L")] if a != "-N"]
+    done = subprocess.run(  # noqa: S603 - argv list
+        [*login, "--", cfg.destination, "touch", str(tmp_path / "marker")],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert not (tmp_path / "marker").exists()
+
+    # and no forward to another port, even one that listens
+    with start_redis(tmp_path / "other", password="s3cret-pw") as other:
+        assert _ping(other.port)  # it answers directly
+        other_cfg = cfg.model_copy(update={"target_port": other.port, "bind_port": free_port()})
+        with _ssh(tunnel_argv(other_cfg)) as proc:
+            time.sleep(1.5)
+            assert proc.poll() is None  # ssh listens locally ...
+            assert not _ping(other_cfg.bind_port)  # ... the server refuses the channel
+
+    # nor a reverse forward
+    reverse = cfg.model_copy(update={"direction": "remote", "bind_port": free_port()})
+    with _ssh(tunnel_argv(reverse)) as proc:
+        assert proc.wait(20) != 0  # ExitOnForwardFailure: the server refused -R
+
+
+# ---- the supervisor ---------------------------------------------------------------------------
+
+
+def test_supervisor_restarts_a_killed_ssh_and_stop_leaves_none(
+    tmp_path: Path,
+    sshd: MiniSshd,
+    redis_server: RedisServer,
+    worker_key: KeyPair,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    asyncio.run(_restarts_a_killed_ssh(tmp_path, sshd, redis_server, worker_key, caplog))
+
+
+async def _restarts_a_killed_ssh(
+    tmp_path: Path,
+    sshd: MiniSshd,
+    redis_server: RedisServer,
+    worker_key: KeyPair,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    line = authorized_line(worker_key.public, "gpu-1", "127.0.0.1", redis_server.port)
+    add_key(sshd.authorized_keys, line, "gpu-1")
+    cfg = _cfg(tmp_path, sshd, worker_key, redis_server.port)
+    supervisor = TunnelSupervisor(cfg)
+    supervisor.start()
+    try:
+        await supervisor.wait_ready(20)
+        assert await asyncio.to_thread(_ping, cfg.bind_port)
+        first = supervisor.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        await asyncio.sleep(0.3)
+        await supervisor.wait_ready(20)
+        assert supervisor.pid not in (None, first)
+        assert supervisor.restarts == 1
+        assert await asyncio.to_thread(_ping, cfg.bind_port)
+        assert "exited with status -9" in caplog.text
+    finally:
+        await supervisor.stop()
+    assert supervisor.pid is None
+    assert _ssh_processes(supervisor.argv) == []
+    assert not await asyncio.to_thread(_ping, cfg.bind_port)
+
+
+def test_supervisor_reports_why_the_tunnel_is_not_ready(
+    tmp_path: Path, sshd: MiniSshd, redis_server: RedisServer, worker_key: KeyPair
+) -> None:
+    asyncio.run(_not_ready(tmp_path, sshd, redis_server, worker_key))
+
+
+async def _not_ready(
+    tmp_path: Path, sshd: MiniSshd, redis_server: RedisServer, worker_key: KeyPair
+) -> None:
+    # the key is not in authorized_keys: ssh keeps failing; wait_ready says so with ssh's words
+    from servetune.remote.tunnel import TunnelFailed
+
+    cfg = _cfg(tmp_path, sshd, worker_key, redis_server.port)
+    supervisor = TunnelSupervisor(cfg)
+    supervisor.start()
+    try:
+        with pytest.raises(TunnelFailed, match=f"127.0.0.1:{cfg.bind_port}") as failed:
+            await supervisor.wait_ready(3)
+    finally:
+        await supervisor.stop()
+    assert any("Permission denied" in line for line in failed.value.logs + supervisor.stderr_tail())
+    assert _ssh_processes(supervisor.argv) == []
+
+
+def test_supervisor_reverse_tunnel_is_ready_when_the_server_accepted_it(
+    tmp_path: Path, sshd: MiniSshd, redis_server: RedisServer
+) -> None:
+    manager_key = make_key(tmp_path / "manager-ssh")
+    sshd.authorized_keys.write_text(manager_key.public + "\n")
+    cfg = _cfg(tmp_path, sshd, manager_key, redis_server.port, direction="remote")
+
+    async def go() -> bool:
+        supervisor = TunnelSupervisor(cfg)
+        supervisor.start()
+        try:
+            await supervisor.wait_ready(20)
+            return await asyncio.to_thread(_ping, cfg.bind_port)
+        finally:
+            await supervisor.stop()
+
+    assert asyncio.run(go())  # the -R port is on the sshd's host: this one
+    assert _ssh_processes(tunnel_argv(cfg)) == []
+
+
+# ---- servetune worker --config ----------------------------------------------------------------
+
+
+def _write_launch(path: Path, launch: WorkerLaunchConfig, mode: int) -> None:
+    path.write_text(launch.model_dump_json())
+    path.chmod(mode)
+
+
+def _servetune(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(  # noqa: S603 - argv list of our own CLI
+        [sys.executable, "-m", "servetune", *args],
+        capture_output=True,
+        text=True,
+        env=cli_env(tmp_path),
+        timeout=60,
+        check=False,
+    )
+
+
+def test_worker_config_readable_by_others_or_mixed_with_options_is_refused(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "worker.json"
+    launch = WorkerLaunchConfig(
+        redis_url="redis://:pw@127.0.0.1:1/0", name="gpu-1", data_dir=str(tmp_path / "d")
+    )
+    _write_launch(path, launch, 0o644)
+    done = _servetune(tmp_path, "worker", "--config", str(path))
+    assert done.returncode == 2
+    assert f"chmod 600 {path}" in done.stderr
+    path.chmod(0o600)
+    done = _servetune(tmp_path, "worker", "--config", str(path), "--name", "x")
+    assert done.returncode == 2
+    assert "--name" in done.stderr and "--config" in done.stderr
+
+
+def test_worker_with_a_tunnel_config_registers_through_sshd(
+    tmp_path: Path, sshd: MiniSshd, redis_server: RedisServer, worker_key: KeyPair
+) -> None:
+    line = authorized_line(worker_key.public, "gpu-1", "127.0.0.1", redis_server.port)
+    add_key(sshd.authorized_keys, line, "gpu-1")
+    cfg = _cfg(tmp_path, sshd, worker_key, redis_server.port)
+    data_dir = tmp_path / "wdata"
+    launch = WorkerLaunchConfig(
+        redis_url=f"redis://:s3cret-pw@127.0.0.1:{cfg.bind_port}/0",
+        name="gpu-1",
+        data_dir=str(data_dir),
+        tunnel=cfg,
+    )
+    path = tmp_path / "worker.json"
+    _write_launch(path, launch, 0o600)
+    err_path = tmp_path / "worker.stderr"
+    argv = [
+        sys.executable,
+        "-m",
+        "servetune",
+        "worker",
+        "--config",
+        str(path),
+        "--heartbeat-s",
+        "1",
+    ]
+    with err_path.open("wb") as err:
+        proc = subprocess.Popen(  # noqa: S603 - argv list of our own CLI
+            argv, stdout=subprocess.DEVNULL, stderr=err, env=cli_env(tmp_path)
+        )
+    try:
+        assert _wait(lambda: "ready" in err_path.read_text() or proc.poll() is not None, 60)
+        assert proc.poll() is None, err_path.read_text()
+        worker_id = json.loads((data_dir / "worker-gpu-1.json").read_text())["id"]
+        with redis_server.client() as r:
+            assert r.sismember(redis_keys.WORKERS, worker_id)
+            info = json.loads(r.get(redis_keys.worker_info(worker_id)) or "{}")
+        assert info["alias"] == "gpu-1"
+        tunnel_ssh = [p for p in psutil.Process(proc.pid).children() if p.name() == "ssh"]
+        assert len(tunnel_ssh) == 1
+        assert os.getpgid(tunnel_ssh[0].pid) == os.getpgid(proc.pid)  # dies with the group
+        assert "s3cret-pw" not in err_path.read_text()
+        worker_log = (data_dir / "logs" / "worker-gpu-1.log").read_text()
+        assert "Redis tunnel to root@127.0.0.1 ready" in worker_log
+        assert "s3cret-pw" not in worker_log
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, err_path.read_text()
+        assert not tunnel_ssh[0].is_running() or tunnel_ssh[0].status() == psutil.STATUS_ZOMBIE
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(os.getpgid(proc.pid), signal.SIGKILL)
+            proc.wait(10)
+
+
+# ---- the manager's detached reverse tunnel ----------------------------------------------------
+
+
+def test_detached_reverse_tunnel_survives_its_caller_and_stops(
+    tmp_path: Path, sshd: MiniSshd, redis_server: RedisServer
+) -> None:
+    manager_key = make_key(tmp_path / "manager-ssh")
+    sshd.authorized_keys.write_text(manager_key.public + "\n")  # the user's own, unrestricted
+    cfg = _cfg(tmp_path, sshd, manager_key, redis_server.port, direction="remote")
+    settings = Settings(data_dir=tmp_path / "mdata")
+    # started by a process that then exits
+    code = (
+        "import sys; from servetune.settings import Settings;"
+        "from servetune.remote.models import TunnelConfig;"
+        "from servetune.remote.tunnel import start_detached;"
+        "print(start_detached(Settings(data_dir=sys.argv[1]), 'gpu-1',"
+        " TunnelConfig.model_validate_json(sys.argv[2])))"
+    )
+    done = subprocess.run(  # noqa: S603 - argv list
+        [sys.executable, "-c", code, str(settings.data_dir), cfg.model_dump_json()],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    pid = int(done.stdout.strip())
+    try:
+        config_path = settings.data_dir / "tunnels" / "gpu-1.json"
+        assert (config_path.stat().st_mode & 0o777) == 0o600
+        assert detached_running(settings, "gpu-1")
+        assert psutil.Process(pid).cmdline()[-3:] == ["tunnel", "--config", str(config_path)]
+        # the -R port is on the sshd's host: this one
+        assert _wait(lambda: _ping(cfg.bind_port), 20), (
+            settings.data_dir / "tunnels" / "gpu-1.log"
+        ).read_text()
+        assert stop_detached(settings, "gpu-1") is True
+        assert not detached_running(settings, "gpu-1")
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        assert _ssh_processes(tunnel_argv(cfg)) == []
+        assert not config_path.exists()
+        assert stop_detached(settings, "gpu-1") is False
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
