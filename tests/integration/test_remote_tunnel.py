@@ -24,6 +24,7 @@ from servetune.cluster import keys as redis_keys
 from servetune.remote.keys import add_key, authorized_line
 from servetune.remote.models import TunnelConfig, WorkerLaunchConfig
 from servetune.remote.tunnel import (
+    TunnelFailed,
     TunnelSupervisor,
     detached_running,
     stop_detached,
@@ -222,8 +223,6 @@ async def _not_ready(
     tmp_path: Path, sshd: MiniSshd, redis_server: RedisServer, worker_key: KeyPair
 ) -> None:
     # the key is not in authorized_keys: ssh keeps failing; wait_ready says so with ssh's words
-    from servetune.remote.tunnel import TunnelFailed
-
     cfg = _cfg(tmp_path, sshd, worker_key, redis_server.port)
     supervisor = TunnelSupervisor(cfg)
     supervisor.start()
@@ -232,7 +231,7 @@ async def _not_ready(
             await supervisor.wait_ready(3)
     finally:
         await supervisor.stop()
-    assert any("Permission denied" in line for line in failed.value.logs + supervisor.stderr_tail())
+    assert any("Permission denied (publickey" in line for line in failed.value.logs)
     assert _ssh_processes(supervisor.argv) == []
 
 
@@ -345,6 +344,19 @@ def test_worker_with_a_tunnel_config_registers_through_sshd(
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(os.getpgid(proc.pid), signal.SIGKILL)
             proc.wait(10)
+
+
+def test_tunnel_command_refuses_a_bad_config_naming_the_field(tmp_path: Path) -> None:
+    path = tmp_path / "tunnel.json"
+    doc = {"direction": "remote", "destination": "-oProxyCommand=touch x", "bind_port": 1}
+    path.write_text(json.dumps({**doc, "target_host": "127.0.0.1", "target_port": 6379}))
+    done = _servetune(tmp_path, "tunnel", "--config", str(path))
+    assert done.returncode == 2
+    assert "tunnel.destination" in done.stderr
+    path.write_text(json.dumps({"direction": "remote"}))
+    done = _servetune(tmp_path, "tunnel", "--config", str(path))
+    assert done.returncode == 2
+    assert "destination: Field required" in done.stderr
 
 
 # ---- the manager's detached reverse tunnel ----------------------------------------------------

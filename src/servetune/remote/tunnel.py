@@ -26,6 +26,7 @@ import psutil
 import typer
 from pydantic import ValidationError
 
+from servetune.errors import ServetuneError
 from servetune.remote.models import TunnelConfig, check_slot_name
 from servetune.settings import Settings
 
@@ -60,8 +61,9 @@ REMOTE_READY_MARK = "remote forward success for: listen"
 """What ``ssh -v`` prints once the server accepted a ``-R`` forward (debug1)."""
 
 
-class TunnelFailed(Exception):
-    """The tunnel did not become ready in time; ``logs`` is ssh's stderr tail."""
+class TunnelFailed(ServetuneError):
+    """The tunnel did not become ready in time; ``logs`` is ssh's stderr tail (its last run's
+    when the current one has said nothing yet)."""
 
     def __init__(self, message: str, logs: list[str]) -> None:
         self.logs = logs
@@ -147,6 +149,7 @@ class TunnelSupervisor:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self._last_tail: list[str] = []
         self._remote_ready = asyncio.Event()
 
     @property
@@ -156,8 +159,9 @@ class TunnelSupervisor:
         return proc.pid if proc is not None and proc.returncode is None else None
 
     def stderr_tail(self) -> list[str]:
-        """The last lines ssh wrote on stderr (debug lines of ``-v`` left out)."""
-        return list(self._tail)
+        """The last lines the running ssh wrote on stderr, or those of the last one that exited
+        while the running one has written none (debug lines of ``-v`` left out)."""
+        return list(self._tail) or list(self._last_tail)
 
     def start(self) -> None:
         """Start supervising (no-op when already started); needs a running event loop."""
@@ -253,6 +257,7 @@ class TunnelSupervisor:
                     finally:
                         reader.cancel()
                 ran_s = time.monotonic() - started
+                self._last_tail = list(self._tail)
                 if self._stopping:
                     return
                 if ran_s >= STABLE_S:
