@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -32,21 +33,38 @@ from servetune.remote.tunnel import (
 )
 from servetune.settings import Settings
 from tests.integration.study_helpers import cli_env
-from tests.integration.tunnel_helpers import KeyPair, MiniSshd, client_files, make_key
 from tests.redis_server import RedisServer, free_port
 from tests.redis_server import redis_server as start_redis
+from tests.sshd import NetnsHost, SshServer, make_key, netns_host, ssh_server
 
 pytestmark = pytest.mark.integration
 
 
+@dataclass(frozen=True)
+class KeyPair:
+    """An ed25519 key pair: the private key's path and the public key's line."""
+
+    private: Path
+    public: str
+
+
+def new_key(folder: Path) -> KeyPair:
+    private = make_key(folder / "id_ed25519")
+    return KeyPair(private, Path(f"{private}.pub").read_text().strip())
+
+
+def client_files(folder: Path) -> tuple[Path, Path]:
+    """(an empty ssh config, a known_hosts path): the client reads nothing of the user's."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "ssh_config"
+    config.write_text("")
+    return config, folder / "known_hosts"
+
+
 @pytest.fixture
-def sshd(tmp_path: Path) -> Iterator[MiniSshd]:
-    server = MiniSshd(tmp_path / "sshd")
-    server.start()
-    try:
+def sshd(tmp_path: Path) -> Iterator[SshServer]:
+    with ssh_server(tmp_path / "sshd") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -61,12 +79,12 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 @pytest.fixture
 def worker_key(tmp_path: Path) -> KeyPair:
-    return make_key(tmp_path / "worker-ssh")
+    return new_key(tmp_path / "worker-ssh")
 
 
 def _cfg(
     tmp_path: Path,
-    sshd: MiniSshd,
+    sshd: SshServer,
     key: KeyPair,
     target_port: int,
     *,
@@ -76,7 +94,7 @@ def _cfg(
     config, known_hosts = client_files(tmp_path / "client")
     return TunnelConfig(
         direction=direction,
-        destination="root@127.0.0.1",
+        destination=f"root@{sshd.address}",
         port=sshd.port,
         identity_file=str(key.private),
         config_file=str(config),
@@ -132,7 +150,7 @@ def _ssh_processes(argv: list[str]) -> list[psutil.Process]:
 
 
 def test_restricted_key_forwards_to_redis_only(
-    tmp_path: Path, sshd: MiniSshd, redis_server: RedisServer, worker_key: KeyPair
+    tmp_path: Path, sshd: SshServer, redis_server: RedisServer, worker_key: KeyPair
 ) -> None:
     line = authorized_line(worker_key.public, "gpu-1", "127.0.0.1", redis_server.port)
     add_key(sshd.authorized_keys, line, "gpu-1")
@@ -140,7 +158,7 @@ def test_restricted_key_forwards_to_redis_only(
 
     # the forward to Redis works
     with _ssh(tunnel_argv(cfg)):
-        assert _wait(lambda: _ping(cfg.bind_port), 15), sshd.log()
+        assert _wait(lambda: _ping(cfg.bind_port), 15), sshd.log.read_text()
 
     # no shell: a command runs /bin/false instead
     base = tunnel_argv(cfg)
@@ -174,7 +192,7 @@ def test_restricted_key_forwards_to_redis_only(
 
 def test_supervisor_restarts_a_killed_ssh_and_stop_leaves_none(
     tmp_path: Path,
-    sshd: MiniSshd,
+    sshd: SshServer,
     redis_server: RedisServer,
     worker_key: KeyPair,
     caplog: pytest.LogCaptureFixture,
@@ -184,7 +202,7 @@ def test_supervisor_restarts_a_killed_ssh_and_stop_leaves_none(
 
 async def _restarts_a_killed_ssh(
     tmp_path: Path,
-    sshd: MiniSshd,
+    sshd: SshServer,
     redis_server: RedisServer,
     worker_key: KeyPair,
     caplog: pytest.LogCaptureFixture,
@@ -214,13 +232,13 @@ async def _restarts_a_killed_ssh(
 
 
 def test_supervisor_reports_why_the_tunnel_is_not_ready(
-    tmp_path: Path, sshd: MiniSshd, redis_server: RedisServer, worker_key: KeyPair
+    tmp_path: Path, sshd: SshServer, redis_server: RedisServer, worker_key: KeyPair
 ) -> None:
     asyncio.run(_not_ready(tmp_path, sshd, redis_server, worker_key))
 
 
 async def _not_ready(
-    tmp_path: Path, sshd: MiniSshd, redis_server: RedisServer, worker_key: KeyPair
+    tmp_path: Path, sshd: SshServer, redis_server: RedisServer, worker_key: KeyPair
 ) -> None:
     # the key is not in authorized_keys: ssh keeps failing; wait_ready says so with ssh's words
     cfg = _cfg(tmp_path, sshd, worker_key, redis_server.port)
@@ -236,9 +254,9 @@ async def _not_ready(
 
 
 def test_supervisor_reverse_tunnel_is_ready_when_the_server_accepted_it(
-    tmp_path: Path, sshd: MiniSshd, redis_server: RedisServer
+    tmp_path: Path, sshd: SshServer, redis_server: RedisServer
 ) -> None:
-    manager_key = make_key(tmp_path / "manager-ssh")
+    manager_key = new_key(tmp_path / "manager-ssh")
     sshd.authorized_keys.write_text(manager_key.public + "\n")
     cfg = _cfg(tmp_path, sshd, manager_key, redis_server.port, direction="remote")
 
@@ -291,59 +309,74 @@ def test_worker_config_readable_by_others_or_mixed_with_options_is_refused(
     assert "--name" in done.stderr and "--config" in done.stderr
 
 
+@pytest.fixture
+def worker_host() -> Iterator[NetnsHost]:
+    """A network namespace with no route anywhere but the root namespace's veth end."""
+    with netns_host() as host:
+        yield host
+
+
 def test_worker_with_a_tunnel_config_registers_through_sshd(
-    tmp_path: Path, sshd: MiniSshd, redis_server: RedisServer, worker_key: KeyPair
+    tmp_path: Path, worker_host: NetnsHost, redis_server: RedisServer, worker_key: KeyPair
 ) -> None:
-    line = authorized_line(worker_key.public, "gpu-1", "127.0.0.1", redis_server.port)
-    add_key(sshd.authorized_keys, line, "gpu-1")
-    cfg = _cfg(tmp_path, sshd, worker_key, redis_server.port)
-    data_dir = tmp_path / "wdata"
-    launch = WorkerLaunchConfig(
-        redis_url=f"redis://:s3cret-pw@127.0.0.1:{cfg.bind_port}/0",
-        name="gpu-1",
-        data_dir=str(data_dir),
-        tunnel=cfg,
-    )
-    path = tmp_path / "worker.json"
-    _write_launch(path, launch, 0o600)
-    err_path = tmp_path / "worker.stderr"
-    argv = [
-        sys.executable,
-        "-m",
-        "servetune",
-        "worker",
-        "--config",
-        str(path),
-        "--heartbeat-s",
-        "1",
-    ]
-    with err_path.open("wb") as err:
-        proc = subprocess.Popen(  # noqa: S603 - argv list of our own CLI
-            argv, stdout=subprocess.DEVNULL, stderr=err, env=cli_env(tmp_path)
+    # the worker runs in a namespace that cannot reach Redis (127.0.0.1 of the root namespace):
+    # only the manager's sshd on the veth's root end, through which its tunnel goes
+    with ssh_server(tmp_path / "sshd", listen=[worker_host.host_side]) as sshd:
+        line = authorized_line(worker_key.public, "gpu-1", "127.0.0.1", redis_server.port)
+        add_key(sshd.authorized_keys, line, "gpu-1")
+        cfg = _cfg(tmp_path, sshd, worker_key, redis_server.port)
+        data_dir = tmp_path / "wdata"
+        launch = WorkerLaunchConfig(
+            redis_url=f"redis://:s3cret-pw@127.0.0.1:{cfg.bind_port}/0",
+            name="gpu-1",
+            data_dir=str(data_dir),
+            tunnel=cfg,
         )
-    try:
-        assert _wait(lambda: "ready" in err_path.read_text() or proc.poll() is not None, 60)
-        assert proc.poll() is None, err_path.read_text()
-        worker_id = json.loads((data_dir / "worker-gpu-1.json").read_text())["id"]
-        with redis_server.client() as r:
-            assert r.sismember(redis_keys.WORKERS, worker_id)
-            info = json.loads(r.get(redis_keys.worker_info(worker_id)) or "{}")
-        assert info["alias"] == "gpu-1"
-        tunnel_ssh = [p for p in psutil.Process(proc.pid).children() if p.name() == "ssh"]
-        assert len(tunnel_ssh) == 1
-        assert os.getpgid(tunnel_ssh[0].pid) == os.getpgid(proc.pid)  # dies with the group
-        assert "s3cret-pw" not in err_path.read_text()
-        worker_log = (data_dir / "logs" / "worker-gpu-1.log").read_text()
-        assert "Redis tunnel to root@127.0.0.1 ready" in worker_log
-        assert "s3cret-pw" not in worker_log
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0, err_path.read_text()
-        assert not tunnel_ssh[0].is_running() or tunnel_ssh[0].status() == psutil.STATUS_ZOMBIE
-    finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(os.getpgid(proc.pid), signal.SIGKILL)
-            proc.wait(10)
+        path = tmp_path / "worker.json"
+        _write_launch(path, launch, 0o600)
+        err_path = tmp_path / "worker.stderr"
+        argv = [sys.executable, "-m", "servetune", "worker", "--config", str(path)]
+        with err_path.open("wb") as err:
+            proc = subprocess.Popen(  # noqa: S603 - argv list of our own CLI
+                worker_host.argv([*argv, "--heartbeat-s", "1"]),
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                env=cli_env(tmp_path),
+                start_new_session=True,  # as the agent starts it
+            )
+        try:
+            _check_worker(proc, err_path, data_dir, redis_server, sshd)
+        finally:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+
+def _check_worker(
+    proc: subprocess.Popen[bytes],
+    err_path: Path,
+    data_dir: Path,
+    redis_server: RedisServer,
+    sshd: SshServer,
+) -> None:
+    assert _wait(lambda: "ready" in err_path.read_text() or proc.poll() is not None, 60)
+    assert proc.poll() is None, err_path.read_text()
+    worker_id = json.loads((data_dir / "worker-gpu-1.json").read_text())["id"]
+    with redis_server.client() as r:
+        assert r.sismember(redis_keys.WORKERS, worker_id)
+        info = json.loads(r.get(redis_keys.worker_info(worker_id)) or "{}")
+    assert info["alias"] == "gpu-1"
+    tunnel_ssh = [p for p in psutil.Process(proc.pid).children() if p.name() == "ssh"]
+    assert len(tunnel_ssh) == 1
+    assert os.getpgid(tunnel_ssh[0].pid) == proc.pid  # in the worker's group: dies with it
+    assert "s3cret-pw" not in err_path.read_text()
+    worker_log = (data_dir / "logs" / "worker-gpu-1.log").read_text()
+    assert f"Redis tunnel to root@{sshd.address} ready" in worker_log
+    assert "s3cret-pw" not in worker_log
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0, err_path.read_text()
+    assert not tunnel_ssh[0].is_running() or tunnel_ssh[0].status() == psutil.STATUS_ZOMBIE
 
 
 def test_tunnel_command_refuses_a_bad_config_naming_the_field(tmp_path: Path) -> None:
@@ -363,9 +396,9 @@ def test_tunnel_command_refuses_a_bad_config_naming_the_field(tmp_path: Path) ->
 
 
 def test_detached_reverse_tunnel_survives_its_caller_and_stops(
-    tmp_path: Path, sshd: MiniSshd, redis_server: RedisServer
+    tmp_path: Path, sshd: SshServer, redis_server: RedisServer
 ) -> None:
-    manager_key = make_key(tmp_path / "manager-ssh")
+    manager_key = new_key(tmp_path / "manager-ssh")
     sshd.authorized_keys.write_text(manager_key.public + "\n")  # the user's own, unrestricted
     cfg = _cfg(tmp_path, sshd, manager_key, redis_server.port, direction="remote")
     settings = Settings(data_dir=tmp_path / "mdata")
