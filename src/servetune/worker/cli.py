@@ -71,7 +71,7 @@ def read_launch_config(path: Path) -> WorkerLaunchConfig:
         mode = path.stat().st_mode
         if mode & 0o077:
             raise ValueError(
-                f"--config {path}: readable by others (mode {mode & 0o777:o}); it holds the "
+                f"--config {path}: open to group or others (mode {mode & 0o777:o}); it holds the "
                 f"Redis password: run chmod 600 {path}"
             )
         raw = path.read_text(encoding="utf-8")
