@@ -28,6 +28,7 @@ from servetune.remote.tunnel import (
     TunnelFailed,
     TunnelSupervisor,
     detached_running,
+    start_detached,
     stop_detached,
     tunnel_argv,
 )
@@ -436,3 +437,24 @@ def test_detached_reverse_tunnel_survives_its_caller_and_stops(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
+
+
+def test_a_sigkilled_tunnel_process_leaves_no_ssh_behind(
+    tmp_path: Path, sshd: SshServer, redis_server: RedisServer
+) -> None:
+    manager_key = new_key(tmp_path / "manager-ssh")
+    sshd.authorized_keys.write_text(manager_key.public + "\n")
+    cfg = _cfg(tmp_path, sshd, manager_key, redis_server.port, direction="remote")
+    settings = Settings(data_dir=tmp_path / "mdata")
+    pid = start_detached(settings, "gpu-1", cfg)
+    try:
+        assert _wait(lambda: _ping(cfg.bind_port), 20)
+        assert len(_ssh_processes(tunnel_argv(cfg))) == 1
+        os.kill(pid, signal.SIGKILL)  # the supervisor alone, not its group
+        os.waitpid(pid, 0)
+        assert _wait(lambda: not _ssh_processes(tunnel_argv(cfg)), 10)
+        assert not detached_running(settings, "gpu-1")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        stop_detached(settings, "gpu-1")

@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import logging
 import os
 import re
@@ -19,8 +22,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import psutil
 import typer
@@ -121,6 +125,40 @@ def tunnel_argv(cfg: TunnelConfig) -> list[str]:
     return [*argv, "--", cfg.destination]
 
 
+_PR_SET_PDEATHSIG = 1
+"""prctl option: the signal the kernel sends a child when its parent thread dies (linux/prctl.h)."""
+
+
+@functools.cache
+def _prctl() -> Any:
+    """libc's prctl through ctypes, looked up once (None off Linux or when missing)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    return prctl
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn making the kernel SIGTERM ssh when the supervising process dies, even by
+    SIGKILL alone (its group may outlive it): no orphan keeps the tunnel's port bound."""
+    prctl = _prctl()
+    if prctl is None:
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
 def _port_answers(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5):
@@ -137,7 +175,8 @@ class TunnelSupervisor:
     or more). Each exit is logged (WARNING) with ssh's exit status and the tail of its stderr
     (the argv holds no secret; neither does ssh's stderr). ``await wait_ready(timeout_s)``
     returns once the forward works; ``await stop()`` ends ssh (SIGTERM, SIGKILL after 5 s) and
-    the task. Raises ValueError at construction for a config ssh could misread.
+    the task. ssh gets SIGTERM from the kernel when this process dies (PR_SET_PDEATHSIG on
+    Linux). Raises ValueError at construction for a config ssh could misread.
     """
 
     def __init__(self, cfg: TunnelConfig) -> None:
@@ -242,6 +281,7 @@ class TunnelSupervisor:
                         stdin=subprocess.DEVNULL,
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.PIPE,
+                        preexec_fn=_die_with_parent(),  # only prctl runs in the child
                     )
                 except OSError as e:
                     log.error("cannot start the ssh tunnel (%s): %s", self.argv[0], e)
