@@ -257,7 +257,14 @@ class TunnelSupervisor:
             await proc.wait()
 
     async def _read_stderr(self, stream: asyncio.StreamReader) -> None:
-        while line := await stream.readline():
+        """Read ssh's stderr to its end (never stop early: with -v a full pipe would block ssh)."""
+        while True:
+            try:
+                line = await stream.readline()
+            except ValueError:  # a line longer than the stream's limit: dropped
+                continue
+            if not line:
+                return
             text = line.decode(errors="replace").rstrip()
             if REMOTE_READY_MARK in text:
                 self._remote_ready.set()
