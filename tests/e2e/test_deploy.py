@@ -239,6 +239,7 @@ def test_restore_keeps_a_live_worker_and_brings_back_a_killed_one(stage: Stage) 
     print(f"\nRESTORE after kill -9: {back.duration_s:.1f} s\n{describe(back)}")
     assert_ok(back)
     assert step(back, "start").status == StepStatus.OK
+    assert step(back, "install").status == StepStatus.SKIPPED, "installed already: not again"
     new = worker_processes(slot.install_dir)
     assert len(new) == 1 and new[0].pid != pid, new
     assert back.worker_id == live.worker_id, "the same worker (stable id) registered again"

@@ -77,6 +77,17 @@ _MANAGER_SSH = re.compile(
     r"(?::(?P<port>[0-9]{1,5}))?$"
 )
 
+_ENRICHED = frozenset(
+    {
+        Category.PYTHON_TOO_OLD,
+        Category.MODULE_NOT_FOUND,
+        Category.INSTALL_FAILED,
+        Category.WORKER_START_FAILED,
+    }
+)
+"""Agent error categories whose suggestion ``deploy`` fills again with what it knows (the install
+directory, the interpreter, the versions)."""
+
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 
 
@@ -427,7 +438,25 @@ class Deployer:
         assert run.session is not None
         timeout = timeout_s or self.settings.ssh_connect_timeout_s + AGENT_TIMEOUT_S
         python = run.facts.python_executable if run.facts is not None else run.slot.python
-        return await run.session.run_agent(action, params, python=python, timeout_s=timeout)
+        try:
+            return await run.session.run_agent(action, params, python=python, timeout_s=timeout)
+        except DeployFailed as e:
+            if e.category not in _ENRICHED:
+                raise
+            # the agent's error knew nothing of the slot: say what this deploy knows
+            found = re.search(r"Python (\d+\.\d+(?:\.\d+)?)", str(e))
+            raise diagnose.failure(
+                e.category,
+                str(e),
+                step=e.step,
+                logs=e.logs,
+                **run.found(
+                    reason=str(e),
+                    found_version=found[1] if found else None,
+                    min_version=".".join(map(str, MIN_PYTHON)),
+                    python=python,
+                ),
+            ) from e
 
     # ---- steps -------------------------------------------------------------------------------
 
