@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 from servetune.modelgen import ModelFiles
+from servetune.remote import tunnel
 from servetune.remote.models import Category, OfflineMode, RedisVia, StepStatus, WorkerSlot
 from servetune.settings import Settings
 from tests.e2e.fleet_harness import Fleet
@@ -32,6 +33,7 @@ from tests.integration.deploy_helpers import (
     kill_install,
     make_slot,
     manager_settings,
+    remove,
     restore,
     step,
     wait_until,
@@ -139,7 +141,7 @@ def stage(tiny_model: ModelFiles, tmp_path_factory: pytest.TempPathFactory) -> I
                 redis_password=secrets.token_hex(16),
             )
         )
-        for d in ("remote-loop", "remote-netns"):
+        for d in ("remote-loop", "remote-netns", "remote-netns-rev"):
             stack.callback(kill_install, root / d)
         settings = manager_settings(
             root / "manager-side",
@@ -249,3 +251,35 @@ def test_restore_keeps_a_live_worker_and_brings_back_a_killed_one(stage: Stage) 
         if w.info.alias == "netns-1" and w.state in ("online", "busy")
     ]
     assert [w.info.pid for w in online] == [new[0].pid]
+
+
+def test_reverse_tunnel_deploy_registers_and_remove_takes_key_and_tunnel_away(
+    stage: Stage,
+) -> None:
+    """redis_via=reverse: the manager keeps ``ssh -R`` open to the no-route host (a detached
+    ``servetune tunnel``); removing the slot stops it. Removing the forward slot drops its key."""
+    slot = make_slot(
+        "netns-rev",
+        stage.remote.ssh_command(stage.key),
+        str(stage.root / "remote-netns-rev"),
+        python=OTHER_PYTHON,
+        redis_via=RedisVia.REVERSE,
+    )
+    try:
+        report = deploy(stage.settings, stage.redis_url, slot)
+        print(f"\nREVERSE DEPLOY (netns host): {report.duration_s:.1f} s\n{describe(report)}")
+        assert_ok(report)
+        assert "reverse tunnel" in step(report, "redis").detail
+        assert tunnel.detached_running(stage.settings, "netns-rev")
+        assert len(worker_processes(slot.install_dir)) == 1
+
+        remove(stage.settings, stage.redis_url, slot)
+        assert not tunnel.detached_running(stage.settings, "netns-rev")
+    finally:
+        tunnel.stop_detached(stage.settings, "netns-rev")
+        kill_install(slot.install_dir)
+
+    forward = stage.netns_slot()
+    assert "servetune-slot:netns-1" in stage.manager_sshd.authorized_keys.read_text()
+    remove(stage.settings, stage.redis_url, forward)
+    assert "servetune-slot:netns-1" not in stage.manager_sshd.authorized_keys.read_text()

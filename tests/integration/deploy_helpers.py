@@ -197,6 +197,12 @@ def kill_install(install_dir: str | Path) -> None:
     psutil.wait_procs(victims, timeout=5)
 
 
+def kill_installs(root: Path, pattern: str) -> None:
+    """``kill_install`` of every directory under ``root`` matching the glob ``pattern``."""
+    for d in root.glob(pattern):
+        kill_install(d)
+
+
 @contextlib.contextmanager
 def installs_killed(*install_dirs: str | Path) -> Iterator[None]:
     """Kill whatever each install directory started when the block ends."""

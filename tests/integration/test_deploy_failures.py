@@ -35,6 +35,7 @@ from tests.integration.deploy_helpers import (
     deploy,
     describe,
     kill_install,
+    kill_installs,
     make_slot,
     manager_settings,
     step,
@@ -107,7 +108,7 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
         redis = RedisServer(root / "redis", password=os.urandom(12).hex())
         redis.start()
         stack.callback(redis.kill)
-        stack.callback(lambda: [kill_install(d) for d in root.glob("install-*")])
+        stack.callback(kill_installs, root, "install-*")
         settings = manager_settings(
             root / "manager",
             authorized_keys_path=manager_sshd.authorized_keys,

@@ -25,6 +25,7 @@ from tests.integration.deploy_helpers import (
     deploy,
     describe,
     kill_install,
+    kill_installs,
     make_slot,
     manager_settings,
     step,
@@ -73,7 +74,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         redis = RedisServer(root / "redis", password=os.urandom(12).hex())
         redis.start()
         stack.callback(redis.kill)
-        stack.callback(lambda: [kill_install(d) for d in root.glob("inst*")])
+        stack.callback(kill_installs, root, "inst*")
         yield Site(root, key, server, redis, root / "MARKER")
 
 

@@ -214,8 +214,9 @@ class _Run:
         """A path under the install directory on the remote."""
         return "/".join([self.install_dir.rstrip("/"), *parts])
 
-    def found(self, **more: str | None) -> dict[str, str]:
-        """What is known of the host, for ``diagnose.failure``'s suggestion, plus ``more``."""
+    def found(self, **more: str | None) -> dict[str, Any]:
+        """What is known of the host, for ``diagnose.failure``'s suggestion, plus ``more``
+        (strings; None values left out)."""
         values: dict[str, str | None] = {
             "host": self.facts.hostname if self.facts is not None else None,
             "install_dir": self.install_dir,
