@@ -167,6 +167,14 @@ def _servetune_version() -> str:
         return "0+unknown"
 
 
+def _of_slot(status: WorkerStatus, slot: WorkerSlot) -> bool:
+    """Whether a registered worker is this slot's: its name (the alias it registers with) or,
+    once a user renamed it, the worker id the slot recorded."""
+    return status.info.alias == slot.name or (
+        slot.worker_id is not None and status.info.id == slot.worker_id
+    )
+
+
 def _gpu_names(status: WorkerStatus) -> list[str]:
     return [f"{g.name} ({g.memory_total_gib:.1f} GiB)" for g in status.info.gpus]
 
@@ -686,7 +694,7 @@ class Deployer:
                 return _Outcome(detail="no worker process runs")
             for status in await self.registry.workers():
                 if (
-                    status.info.alias == run.slot.name
+                    _of_slot(status, run.slot)
                     and status.info.pid in pids
                     and status.state in ("online", "busy")
                 ):
@@ -992,7 +1000,7 @@ class Deployer:
                 try:
                     for status in await self.registry.workers():
                         if (
-                            status.info.alias == run.slot.name
+                            _of_slot(status, run.slot)
                             and status.info.pid == run.pid
                             and status.state in ("online", "busy")
                         ):
