@@ -274,7 +274,7 @@ class Deployer:
             await self._bundle(run, mode)
             await self._prepare(run)
             await self._upload(run)
-            await self._install(run, skip_when_current=False)
+            await self._install(run)
             await self._stop_leftovers(run)
             return await self._launch(run)
 
@@ -309,7 +309,7 @@ class Deployer:
             else:
                 await self._prepare(run)
                 await self._upload(run)
-                await self._install(run, skip_when_current=False)
+                await self._install(run)
             return await self._launch(run)
 
         return await self._guarded(run, body)
@@ -630,12 +630,10 @@ class Deployer:
             **run.found(reason=f"copying the install bundle failed (exit {result.returncode})"),
         )
 
-    async def _install(self, run: _Run, *, skip_when_current: bool) -> None:
+    async def _install(self, run: _Run) -> None:
         async def step() -> _Outcome:
             assert run.bundle is not None and run.facts is not None
             key = self._bundle_key(run)
-            if skip_when_current and await self._installed_key(run) == key:
-                return _Outcome(detail="installed already", status=StepStatus.SKIPPED)
             bundle = run.bundle
             base = run.path("incoming", bundle.dir.name)
             result = await self._agent(
