@@ -140,7 +140,7 @@ def parse_manager_ssh(text: str) -> tuple[str | None, str, int]:
     """``[user@]host[:port]`` (``manager_ssh``) as (user or None, host, port; 22 by default).
 
     Raises ValueError naming the field and the expected form."""
-    found = _MANAGER_SSH.match(text.strip())
+    found = _MANAGER_SSH.fullmatch(text)
     port = int(found["port"]) if found and found["port"] else 22
     if found is None or not 1 <= port <= 65535:
         raise ValueError(
