@@ -97,7 +97,7 @@ def test_identity_file_tilde_is_expanded_locally() -> None:
         ("ssh -J '$(id)' host", "$(id)"),
         ("ssh -o ProxyJump=j%h host", "j%h"),
         ("ssh -- -oProxyCommand=x", "starts with '-'"),
-        ("ssh 'host", "quote"),
+        ("ssh 'host", "quotation"),
         ("ssh -p 2222", "no destination"),
         ("ssh a@b@c", "a@b@c"),
         ("ssh -o HostKeyAlgorithms='ssh-ed25519 x' host", "HostKeyAlgorithms"),
