@@ -670,15 +670,17 @@ class SshSession:
         return argv
 
     def describe(self) -> str:
-        """The target for messages: the destination as given, plus the options that change
-        where it goes (e.g. ``ubuntu@gpu-1 -p 2222``)."""
+        """The target for messages, as the user knows it: the destination, with ``:port`` when
+        the command gives one (``ubuntu@gpu-1:2222``, ``[fe80::1]:2222``)."""
         opts = self.target.options
-        extra = [
-            f"{w} {opts[i + 1]}"
-            for i, w in enumerate(opts)
-            if w in ("-p", "-J", "-l") and i + 1 < len(opts)
-        ]
-        return " ".join([self.target.destination, *extra])
+        ports = [opts[i + 1] for i, w in enumerate(opts[:-1]) if w == "-p"]
+        ports += [w.split("=", 1)[1] for w in opts if w.startswith("Port=")]
+        if not ports:
+            return self.target.destination
+        user, at, host = self.target.destination.rpartition("@")
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{user}{at}{host}:{ports[0]}"
 
     # -- ssh -G --------------------------------------------------------------------------
 
@@ -783,7 +785,13 @@ class SshSession:
     # -- pushing files -------------------------------------------------------------------
 
     async def push_dir(
-        self, local_dir: Path, remote_dir: str, *, rsync: bool, timeout_s: float
+        self,
+        local_dir: Path,
+        remote_dir: str,
+        *,
+        rsync: bool,
+        timeout_s: float,
+        python: str = "python3",
     ) -> CommandResult:
         """Copy the contents of ``local_dir`` into ``remote_dir`` (absolute or under ``~/``;
         its parent must exist on the remote). Files already there and not in ``local_dir``
@@ -791,7 +799,8 @@ class SshSession:
 
         With ``rsync`` (the remote has rsync) and rsync installed here: ``rsync -a -s -e "ssh -F
         <config> <options>"``; otherwise a tar stream made here with Python's tarfile is piped
-        into the agent's ``untar`` action (no tar binary needed on either side). The result's
+        into the agent's ``untar`` action run by the remote ``python`` (the slot's interpreter;
+        no tar binary needed on either side). The result's
         ``argv[0]`` says which ran (``rsync`` or ``ssh``). Raises ValueError for a missing
         ``local_dir`` or a bad ``remote_dir``; DeployFailed as run_agent for the tar path; for
         rsync: Category.RSYNC_MISSING when the remote has no rsync after all, else what
@@ -808,7 +817,7 @@ class SshSession:
         _, result = await self._agent_call(
             "untar",
             {"dest": remote_dir},
-            python="python3",
+            python=python,
             timeout_s=timeout_s,
             stdin_tail=_tar_stream(local_dir),
         )
@@ -836,7 +845,12 @@ class SshSession:
             return result
         target = self.describe()
         lines = result.stderr.strip().splitlines()
-        if re.search(r"rsync: (command )?not found|rsync: No such file", result.stderr):
+        if re.search(
+            r"remote command (?:not found|could not be run) \(code 12[67]\)"
+            r"|(?m:^[\w/.-]*sh:.*(?:rsync: (?:command not found|not found|Permission denied"
+            r"|No such file or directory)|command not found: rsync))",
+            result.stderr,
+        ):
             raise DeployFailed(
                 Category.RSYNC_MISSING,
                 f"rsync is not installed on {target}",
