@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import os
 import stat
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -308,3 +309,62 @@ def test_injection_in_the_ssh_command_runs_nothing(
         assert not marker.exists()
 
     asyncio.run(scenario())
+
+
+def test_a_changed_host_key_stops_the_session(
+    loopback_host: SshServer, client_key: Path, tmp_path: Path
+) -> None:
+    session = _session(loopback_host, client_key, tmp_path / "data")
+    params = {"install_dir": str(tmp_path), "index_url": None, "index_timeout_s": 1}
+    probe = {**params, "min_python": [3, 6]}
+    asyncio.run(session.run_agent("probe", probe, timeout_s=60))
+    known_hosts = tmp_path / "data" / "ssh" / "known_hosts"
+    recorded = known_hosts.read_text()
+    loopback_host.stop()
+    loopback_host.new_host_key()
+    loopback_host.start()
+    with pytest.raises(DeployFailed) as caught:
+        asyncio.run(session.run_agent("probe", probe, timeout_s=60))
+    said = str(caught.value) + "\n".join(caught.value.logs)
+    assert "REMOTE HOST IDENTIFICATION HAS CHANGED" in said
+    assert known_hosts.read_text() == recorded  # the old key stays: nothing accepted the new one
+
+
+def test_the_jump_hop_gets_servetunes_settings(
+    loopback_host: SshServer, client_key: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The jump host's ssh (run by ssh itself) reads the generated config: batch mode, and the
+    jump's host key lands in servetune's known_hosts, not in ~/.ssh/known_hosts. The key comes
+    from an ssh-agent (a -i would reach the final hop only)."""
+    socket_path = tmp_path / "agent.sock"
+    agent = subprocess.Popen(  # noqa: S603
+        ["ssh-agent", "-D", "-a", str(socket_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        for _ in range(100):
+            if socket_path.exists():
+                break
+            time.sleep(0.05)
+        env = {**os.environ, "SSH_AUTH_SOCK": str(socket_path)}
+        subprocess.run(["ssh-add", str(client_key)], env=env, check=True, capture_output=True)  # noqa: S603
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(socket_path))
+        with ssh_server(tmp_path / "final") as final:
+            final.authorize(Path(f"{client_key}.pub"))
+            jump = f"root@127.0.0.1:{loopback_host.port}"
+            command = f"ssh -J {jump} -p {final.port} root@127.0.0.1"
+            session = SshSession(parse_ssh_command(command), Settings(data_dir=tmp_path / "data"))
+            params = {"install_dir": str(tmp_path), "index_url": None, "index_timeout_s": 1}
+            facts = asyncio.run(
+                session.run_agent("probe", {**params, "min_python": [3, 6]}, timeout_s=60)
+            )
+            known_hosts = (tmp_path / "data" / "ssh" / "known_hosts").read_text()
+            assert facts["install_dir"] == str(tmp_path)
+            assert f"[127.0.0.1]:{loopback_host.port} " in known_hosts  # the jump's key
+            assert loopback_host.host_public_key().split()[1] in known_hosts
+            assert final.host_public_key().split()[1] in known_hosts
+    finally:
+        agent.kill()
+        agent.wait(timeout=5)
