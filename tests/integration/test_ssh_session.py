@@ -368,3 +368,18 @@ def test_the_jump_hop_gets_servetunes_settings(
     finally:
         agent.kill()
         agent.wait(timeout=5)
+
+
+def test_resolve_names_a_missing_or_unprotected_key_file(client_key: Path, tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data")
+    missing = SshSession(parse_ssh_command(f"ssh -i {tmp_path}/nokey root@host"), settings)
+    with pytest.raises(DeployFailed) as caught:
+        asyncio.run(missing.resolve())
+    assert caught.value.category is Category.SSH_COMMAND_INVALID
+    assert f"{tmp_path}/nokey" in str(caught.value)
+
+    client_key.chmod(0o644)
+    loose = SshSession(parse_ssh_command(f"ssh -o IdentityFile={client_key} root@host"), settings)
+    with pytest.raises(DeployFailed) as caught:
+        asyncio.run(loose.resolve())
+    assert caught.value.suggestion == f"run: chmod 600 {client_key}"

@@ -151,12 +151,20 @@ async def _run(
         # the leader has exited; kill what it left in its group (e.g. a backgrounded child)
         _kill_group(proc.pid)
     assert proc.returncode is not None
+    duration_s = time.monotonic() - started
+    logger.debug(
+        "%s exited %s after %.2f s%s",
+        argv[0],
+        proc.returncode,
+        duration_s,
+        " (timed out, group killed)" if timed_out else "",
+    )
     return CommandResult(
         argv=list(argv),
         returncode=TIMEOUT_RETURNCODE if timed_out else proc.returncode,
         stdout=out.decode("utf-8", "replace"),
         stderr=err.decode("utf-8", "replace"),
-        duration_s=time.monotonic() - started,
+        duration_s=duration_s,
         timed_out=timed_out,
     )
 
@@ -687,9 +695,11 @@ class SshSession:
     async def resolve(self) -> ResolvedTarget:
         """Run ``ssh -G`` with the slot's options and servetune's config; what ssh will use.
 
-        Raises DeployFailed (Category.SSH_COMMAND_INVALID with ssh's message) when ssh rejects
-        the options or the destination.
+        Raises DeployFailed (Category.SSH_COMMAND_INVALID) when a key file the command names
+        (-i, IdentityFile) is missing here or readable by others (ssh would skip it silently),
+        or when ssh rejects the options or the destination (with ssh's message).
         """
+        await asyncio.to_thread(self._check_key_files)
         argv = ["ssh", "-F", str(self.config_path()), *self.target.options, "-G", "--"]
         argv.append(self.target.destination)
         result = await run_command(argv, timeout_s=30.0)
@@ -716,6 +726,25 @@ class SshSession:
             proxy_jump=None if jump in (None, "none") else jump,
             strict_host_key_checking=strict,
         )
+
+    def _check_key_files(self) -> None:
+        opts = self.target.options
+        keys = [opts[i + 1] for i, w in enumerate(opts[:-1]) if w == "-i"]
+        keys += [w.split("=", 1)[1] for w in opts if w.startswith("IdentityFile=")]
+        for key in keys:
+            if "%" in key or key.lower() == "none":
+                continue  # ssh expands %-tokens itself
+            path = Path(key)
+            if not path.is_file():
+                raise _invalid(
+                    f"the key file {key} (-i) does not exist on the manager",
+                    "give the path of a private key on the manager host, e.g. -i ~/.ssh/id_ed25519",
+                )
+            if path.stat().st_mode & 0o077:
+                raise _invalid(
+                    f"the key file {key} (-i) is readable by other users: ssh refuses to use it",
+                    f"run: chmod 600 {shlex.quote(key)}",
+                )
 
     # -- the remote agent ----------------------------------------------------------------
 
@@ -887,20 +916,35 @@ async def _tar_stream(local_dir: Path) -> AsyncIterator[bytes]:
         lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
     )
 
+    unreadable: list[OSError] = []
+
     def build() -> None:
-        with os.fdopen(write_fd, "wb") as sink:
-            try:
-                with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                    for child in sorted(local_dir.iterdir()):
-                        tar.add(child, arcname=child.name, filter=_tar_filter)
-            except (BrokenPipeError, ValueError):
-                pass  # the reader went away (the remote side failed): it reports why
+        try:
+            with (
+                os.fdopen(write_fd, "wb") as sink,
+                tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar,
+            ):
+                for child in sorted(local_dir.iterdir()):
+                    tar.add(child, arcname=child.name, filter=_tar_filter)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the reader went away (the remote side failed): it reports why
+        except OSError as exc:
+            unreadable.append(exc)
 
     worker = loop.run_in_executor(None, build)
     try:
         while chunk := await reader.read(_READ_CHUNK):
+            if unreadable:
+                break
             yield chunk
         await worker
+        if unreadable:
+            raise DeployFailed(
+                Category.UNKNOWN,
+                f"cannot read what to upload from {local_dir}: {unreadable[0]}",
+                f"make every file under {local_dir} readable by the manager's user",
+                step="upload",
+            )
     finally:
         transport.close()
         with contextlib.suppress(Exception):
