@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import importlib
 import logging
 import os
 import pwd
@@ -20,12 +19,13 @@ import shutil
 import signal
 import tarfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from servetune.errors import DeployFailed
+from servetune.remote import agent, diagnose
 from servetune.remote.models import PYTHON_PATTERN, Category, CommandResult, check_remote_path
 from servetune.settings import Settings
 
@@ -758,8 +758,6 @@ class SshSession:
         stdin_tail: bytes | AsyncIterator[bytes] | None,
     ) -> tuple[dict[str, Any], CommandResult]:
         """run_agent, also returning the ssh CommandResult."""
-        agent = importlib.import_module("servetune.remote.agent")
-
         if not re.fullmatch(PYTHON_PATTERN, python):
             raise _invalid(
                 f"python {python!r} is not a command name or path (letters, digits, _ . / + -)",
@@ -830,9 +828,10 @@ class SshSession:
         <config> <options>"``; otherwise a tar stream made here with Python's tarfile is piped
         into the agent's ``untar`` action run by the remote ``python`` (the slot's interpreter;
         no tar binary needed on either side). The result's
-        ``argv[0]`` says which ran (``rsync`` or ``ssh``). Raises ValueError for a missing
-        ``local_dir`` or a bad ``remote_dir``; DeployFailed as run_agent for the tar path; for
-        rsync: Category.RSYNC_MISSING when the remote has no rsync after all, else what
+        ``argv[0]`` says which ran (``rsync`` or ``ssh``): a remote whose shell cannot run
+        rsync after all gets the tar stream (logged as a warning), so the caller can report the
+        fallback (Category.RSYNC_MISSING). Raises ValueError for a missing ``local_dir`` or a bad
+        ``remote_dir``; DeployFailed as run_agent for the tar path; for rsync: what
         ``diagnose.classify_ssh`` finds, else Category.UNKNOWN with rsync's output.
         """
         if not await asyncio.to_thread(local_dir.is_dir):
@@ -842,7 +841,10 @@ class SshSession:
         except ValueError as exc:
             raise ValueError(f"remote_dir: {exc}") from exc
         if rsync and shutil.which("rsync") is not None:
-            return await self._push_rsync(local_dir, remote_dir, timeout_s=timeout_s)
+            done = await self._push_rsync(local_dir, remote_dir, timeout_s=timeout_s)
+            if done is not None:
+                return done
+            logger.warning("rsync is missing on %s: sending a tar stream instead", self.describe())
         _, result = await self._agent_call(
             "untar",
             {"dest": remote_dir},
@@ -854,7 +856,8 @@ class SshSession:
 
     async def _push_rsync(
         self, local_dir: Path, remote_dir: str, *, timeout_s: float
-    ) -> CommandResult:
+    ) -> CommandResult | None:
+        """rsync's result; None when the remote has no rsync (its shell could not run it)."""
         if remote_dir == "~":
             remote_path = "."
         elif remote_dir.startswith("~/"):
@@ -873,21 +876,13 @@ class SshSession:
         if result.returncode == 0:
             return result
         target = self.describe()
-        lines = result.stderr.strip().splitlines()
         if re.search(
             r"remote command (?:not found|could not be run) \(code 12[67]\)"
             r"|(?m:^[\w/.-]*sh:.*(?:rsync: (?:command not found|not found|Permission denied"
             r"|No such file or directory)|command not found: rsync))",
             result.stderr,
         ):
-            raise DeployFailed(
-                Category.RSYNC_MISSING,
-                f"rsync is not installed on {target}",
-                f"install rsync on {target} (apt-get install rsync) or deploy without it "
-                "(servetune then sends a tar stream)",
-                step="upload",
-                logs=lines[-30:],
-            )
+            return None
         failure = _classify_ssh(result, target=target)
         if failure is None:
             failure = _unexplained(result, action="rsync", target=target, timeout_s=timeout_s)
@@ -951,53 +946,37 @@ async def _tar_stream(local_dir: Path) -> AsyncIterator[bytes]:
             await asyncio.wait_for(asyncio.shield(worker), 10)
 
 
-# -- failures (diagnose.py does the classifying; it lands in parallel) ----------------------------
+# -- failures ---------------------------------------------------------------------------------
 
 
 def _classify_ssh(result: CommandResult, *, target: str) -> DeployFailed | None:
-    try:
-        diagnose = importlib.import_module("servetune.remote.diagnose")
-    except ImportError:
-        return None
-    classify: Callable[..., DeployFailed | None] = diagnose.classify_ssh
-    return classify(result, target=target)
+    return diagnose.classify_ssh(result, target=target)
 
 
 def _from_agent_error(error: dict[str, Any], *, step: str, target: str) -> DeployFailed:
-    try:
-        diagnose = importlib.import_module("servetune.remote.diagnose")
-    except ImportError:
-        try:
-            category = Category(str(error.get("kind")))
-        except ValueError:
-            category = Category.UNKNOWN
-        return DeployFailed(
-            category,
-            str(error.get("message") or "the remote agent failed"),
-            f"see the log lines from {target}",
-            step=step,
-            logs=str(error.get("detail") or "").splitlines()[-30:],
-        )
-    convert: Callable[..., DeployFailed] = diagnose.from_agent_error
-    return convert(error, step=step, target=target)
+    return diagnose.from_agent_error(error, step=step, target=target)
 
 
 def _unexplained(
     result: CommandResult, *, action: str, target: str, timeout_s: float
 ) -> DeployFailed:
-    lines = (result.stderr.strip() or result.stdout.strip()).splitlines()
+    """The failure of a command that gave no agent reply and that classify_ssh did not explain."""
+    logs = diagnose.tail(result.stderr.strip() or result.stdout)
     if result.timed_out:
-        return DeployFailed(
+        return diagnose.failure(
             Category.STEP_TIMEOUT,
             f"{action} on {target} did not finish within {timeout_s:g} s",
-            f"check that {target} is reachable and not overloaded, then retry",
             step=action,
-            logs=lines[-30:],
+            logs=logs,
+            host=target,
+            timeout_s=f"{timeout_s:g}",
         )
-    return DeployFailed(
+    last = logs[-1] if logs else "no output"
+    return diagnose.failure(
         Category.UNKNOWN,
-        f"{action} on {target} failed (exit status {result.returncode}) without saying why",
-        f"run the slot's ssh command by hand to see what {target} answers",
+        f"{action} on {target} failed (exit status {result.returncode}): {last}",
         step=action,
-        logs=lines[-30:],
+        logs=logs,
+        host=target,
+        reason=f"{action} exited with status {result.returncode} ({last})",
     )
