@@ -386,3 +386,20 @@ def test_resolve_names_a_missing_or_unprotected_key_file(client_key: Path, tmp_p
     with pytest.raises(DeployFailed) as caught:
         asyncio.run(loose.resolve())
     assert caught.value.suggestion == f"run: chmod 600 {client_key}"
+
+
+def test_a_data_dir_with_a_space_works_unless_a_jump_host_needs_it(
+    loopback_host: SshServer, client_key: Path, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "Application Support" / "servetune"  # a macOS manager's data dir
+    session = _session(loopback_host, client_key, data_dir)
+    params = {"install_dir": str(tmp_path), "index_url": None, "index_timeout_s": 1}
+    asyncio.run(session.run_agent("probe", {**params, "min_python": [3, 6]}, timeout_s=60))
+    known_hosts = (data_dir / "ssh" / "known_hosts").read_text()
+    assert loopback_host.host_public_key().split()[1] in known_hosts
+
+    jumping = _session(loopback_host, client_key, data_dir, "-J", "bastion")
+    with pytest.raises(DeployFailed) as caught:
+        jumping.ssh_argv()
+    assert caught.value.category is Category.SSH_COMMAND_INVALID
+    assert "SERVETUNE_DATA_DIR" in caught.value.suggestion

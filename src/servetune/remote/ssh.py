@@ -137,8 +137,9 @@ async def _run(
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         for task in tasks:
-            if not task.cancelled() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
+            failed = None if task.cancelled() else task.exception()
+            if failed is not None:
+                raise failed
     except BaseException:
         # cancelled (or the stdin stream failed) while running: nothing of it may outlive us
         _kill_group(proc.pid)
@@ -587,9 +588,9 @@ class SshSession:
     with the same settings share it) holds a ``Host *`` block (BatchMode, ConnectTimeout,
     ServerAliveInterval, servetune's own UserKnownHostsFile and StrictHostKeyChecking,
     IdentitiesOnly when -i was given), so ProxyJump hops (which ssh runs as ``ssh -F <cfg>``)
-    get them too, and then Includes ``~/.ssh/config`` when it exists. Its path must be free of
-    shell metacharacters, since ssh writes it into the jump hop's command line: DeployFailed
-    otherwise.
+    get them too, and then Includes ``~/.ssh/config`` when it exists. With a jump host its path
+    must be free of shell metacharacters and spaces, since ssh writes it unquoted into the jump
+    hop's command line (``sh -c "exec ssh -F <cfg> ..."``): DeployFailed otherwise.
     """
 
     def __init__(self, target: SshTarget, settings: Settings) -> None:
@@ -641,19 +642,15 @@ class SshSession:
         return "\n".join(lines) + "\n"
 
     def config_path(self) -> Path:
-        """Write the generated config (once, atomically, mode 600) and return its path."""
+        """Write the generated config (once, atomically, mode 600) and return its path.
+
+        Raises DeployFailed when the slot goes through a jump host and the path holds
+        characters other than letters, digits and ``. _ / + -`` (see the class docstring)."""
         if self._config is not None and self._config.is_file():
             return self._config
         text = self.config_text()
         directory = self.settings.ssh_dir / "config"
         path = directory / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.conf"
-        if not _SHELL_SAFE_PATH.fullmatch(str(path)):
-            raise DeployFailed(
-                Category.UNKNOWN,
-                f"servetune's ssh config path {str(path)!r} has characters other than letters, "
-                "digits and . _ / + - (ssh writes it into a shell command for jump hosts)",
-                "set SERVETUNE_DATA_DIR to a plain path, e.g. /srv/servetune",
-            )
         for folder in (self.settings.ssh_dir, directory):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not path.is_file() or path.read_text() != text:
@@ -663,7 +660,20 @@ class SshSession:
                 handle.write(text)
             os.replace(temporary, path)
         self._config = path
+        opts = self.target.options
+        if "-J" in opts or any(w.startswith("ProxyJump=") for w in opts):
+            self._check_jump_safe(path)
         return path
+
+    @staticmethod
+    def _check_jump_safe(path: Path) -> None:
+        if not _SHELL_SAFE_PATH.fullmatch(str(path)):
+            raise DeployFailed(
+                Category.SSH_COMMAND_INVALID,
+                f"servetune's ssh config {str(path)!r} has characters other than letters, digits "
+                "and . _ / + -, and ssh writes its path into the shell command of a jump host",
+                "set SERVETUNE_DATA_DIR to a plain path (e.g. /srv/servetune) to use -J/ProxyJump",
+            )
 
     # -- argv -----------------------------------------------------------------------------
 
@@ -718,6 +728,8 @@ class SshSession:
         strict = values.get("stricthostkeychecking", ["accept-new"])[0]
         strict = {"true": "yes", "false": "no"}.get(strict, strict)
         jump = values.get("proxyjump", [None])[0]
+        if jump not in (None, "none"):  # also one set for this host in ~/.ssh/config
+            self._check_jump_safe(self.config_path())
         return ResolvedTarget(
             hostname=values.get("hostname", [self.target.destination])[0],
             port=int(values.get("port", ["22"])[0]),
