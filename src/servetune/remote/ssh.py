@@ -749,12 +749,12 @@ class SshSession:
             path = Path(key)
             if not path.is_file():
                 raise _invalid(
-                    f"the key file {key} (-i) does not exist on the manager",
+                    f"the key file {key} (-i/IdentityFile) does not exist on the manager",
                     "give the path of a private key on the manager host, e.g. -i ~/.ssh/id_ed25519",
                 )
             if path.stat().st_mode & 0o077:
                 raise _invalid(
-                    f"the key file {key} (-i) is readable by other users: ssh refuses to use it",
+                    f"the key file {key} (-i/IdentityFile) is readable by other users: ssh refuses it",
                     f"run: chmod 600 {shlex.quote(key)}",
                 )
 
