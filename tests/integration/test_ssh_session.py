@@ -78,9 +78,11 @@ def test_resolve_reports_port_user_identity_and_writes_the_config(
         assert config.parent == tmp_path / "data" / "ssh" / "config"
         assert stat.S_IMODE(config.stat().st_mode) == 0o600
         text = config.read_text()
-        assert text.splitlines()[1] == "Host *"
-        for line in ("BatchMode yes", "IdentitiesOnly yes", "StrictHostKeyChecking accept-new"):
-            assert f"  {line}\n" in text
+        blocks = text.split("\nHost ")
+        assert blocks[1] == "127.0.0.1\n  IdentitiesOnly yes"  # the final host only, not a jump
+        assert blocks[2].startswith("*\n")
+        for line in ("BatchMode yes", "StrictHostKeyChecking accept-new", "ConnectTimeout 10"):
+            assert f"\n  {line}\n" in blocks[2]
         assert f"  UserKnownHostsFile {tmp_path / 'data' / 'ssh' / 'known_hosts'}\n" in text
 
         strict = _session(
@@ -338,7 +340,7 @@ def test_the_jump_hop_gets_servetunes_settings(
 ) -> None:
     """The jump host's ssh (run by ssh itself) reads the generated config: batch mode, and the
     jump's host key lands in servetune's known_hosts, not in ~/.ssh/known_hosts. The key comes
-    from an ssh-agent (a -i would reach the final hop only)."""
+    from an ssh-agent for the jump (the -i reaches the final hop only, with IdentitiesOnly)."""
     socket_path = tmp_path / "agent.sock"
     agent = subprocess.Popen(  # noqa: S603
         ["ssh-agent", "-D", "-a", str(socket_path)],
@@ -356,8 +358,9 @@ def test_the_jump_hop_gets_servetunes_settings(
         monkeypatch.setenv("SSH_AUTH_SOCK", str(socket_path))
         with ssh_server(tmp_path / "final") as final:
             final.authorize(Path(f"{client_key}.pub"))
-            jump = f"root@127.0.0.1:{loopback_host.port}"
-            command = f"ssh -J {jump} -p {final.port} root@127.0.0.1"
+            jump = f"root@localhost:{loopback_host.port}"  # another name than the final host
+            # -i reaches the final host only: the jump hop logs in with the agent's key
+            command = f"ssh -J {jump} -i {client_key} -p {final.port} root@127.0.0.1"
             session = SshSession(parse_ssh_command(command), Settings(data_dir=tmp_path / "data"))
             params = {"install_dir": str(tmp_path), "index_url": None, "index_timeout_s": 1}
             facts = asyncio.run(
@@ -365,7 +368,7 @@ def test_the_jump_hop_gets_servetunes_settings(
             )
             known_hosts = (tmp_path / "data" / "ssh" / "known_hosts").read_text()
             assert facts["install_dir"] == str(tmp_path)
-            assert f"[127.0.0.1]:{loopback_host.port} " in known_hosts  # the jump's key
+            assert f"[localhost]:{loopback_host.port} " in known_hosts  # the jump's key
             assert loopback_host.host_public_key().split()[1] in known_hosts
             assert final.host_public_key().split()[1] in known_hosts
     finally:
