@@ -574,8 +574,23 @@ async def resolve_pins(
         if find_links is not None:
             argv += ["--find-links", str(find_links)]
         result = await _run(argv, timeout_s=timeout_s, cwd=tmp)
+        unusable = re.search(
+            r"Because (?:only )?([A-Za-z0-9._-]+)(?:==\S+)? "
+            r"(?:has|have) no (?:usable wheels|wheels with a matching)",
+            result.stderr,
+        )
+        if result.returncode != 0 and unusable and not _network_error(result):
+            package = unusable.group(1)
+            raise _failed(
+                f"{package} has no wheel for CPython {python_version} on {triple}",
+                f"{package} publishes no wheel for this platform; use a host with glibc (not "
+                "musl), a newer glibc or another Python version, or install online",
+                logs=_tail(result.stderr),
+            )
         _check(
-            result, f"resolving servetune's dependencies for Python {python_version} on {triple}"
+            result,
+            f"resolving servetune's dependencies for Python {python_version} on {triple}",
+            index_url=index_url,
         )
         lines = (tmp / "pins.txt").read_text().splitlines()
     skipped = {_req_name(req) for req in requirements if " @ " in req}
@@ -651,7 +666,11 @@ async def download_wheels(
             "install online",
             logs=_tail(result.stderr),
         )
-    _check(result, f"downloading wheels for CPython {python_version} on {target.triple}")
+    _check(
+        result,
+        f"downloading wheels for CPython {python_version} on {target.triple}",
+        index_url=index_url,
+    )
     return _wheels_in(dest)
 
 
@@ -714,7 +733,7 @@ def _network_error(result: CommandResult) -> bool:
     return any(marker in text for marker in _NETWORK_ERRORS)
 
 
-def _check(result: CommandResult, doing: str) -> None:
+def _check(result: CommandResult, doing: str, *, index_url: str | None = None) -> None:
     """Raise the DeployFailed that fits a failed ``result`` (nothing when it succeeded)."""
     if result.timed_out:
         raise DeployFailed(
@@ -730,7 +749,8 @@ def _check(result: CommandResult, doing: str) -> None:
     if _network_error(result):
         raise DeployFailed(
             Category.INDEX_UNREACHABLE,
-            f"{doing} failed: the manager cannot reach the package index",
+            f"{doing} failed: the manager cannot reach the package index"
+            + (f" {index_url}" if index_url else ""),
             "check the manager's network or proxy, or set package_index_url "
             "(SERVETUNE_PACKAGE_INDEX_URL) to an index the manager can reach",
             step="bundle",
