@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
@@ -384,3 +385,32 @@ def test_an_edited_source_tree_rebuilds_the_wheel(
         assert "servetune/edited_marker.py" in archive.namelist()
     with zipfile.ZipFile(first.path) as archive:
         assert "servetune/edited_marker.py" not in archive.namelist()
+
+
+def test_an_installed_servetune_ships_the_wheel_named_by_servetune_wheel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = Settings(data_dir=tmp_path / "data")
+    built = asyncio.run(servetune_wheel(settings)).path  # the wheel a user would have installed
+    monkeypatch.setattr(wheelhouse, "source_tree", lambda: None)  # as if installed from it
+    monkeypatch.delenv(wheelhouse.WHEEL_ENV, raising=False)
+    with pytest.raises(DeployFailed) as caught:
+        asyncio.run(servetune_wheel(settings))
+    assert caught.value.category is Category.INSTALL_FAILED
+    assert f"set {wheelhouse.WHEEL_ENV}=/path/to/servetune-" in caught.value.suggestion
+
+    wrong = tmp_path / "servetune-0.0.1-py3-none-any.whl"
+    shutil.copy2(built, wrong)
+    monkeypatch.setenv(wheelhouse.WHEEL_ENV, str(wrong))
+    with pytest.raises(DeployFailed) as caught:
+        asyncio.run(servetune_wheel(settings))
+    assert str(wrong) in str(caught.value) and "another version" in str(caught.value)
+
+    monkeypatch.setenv(wheelhouse.WHEEL_ENV, str(built))
+    given = asyncio.run(servetune_wheel(settings))
+    assert given.path == built
+    pins = given.constraints.splitlines()
+    # the versions installed here, for what servetune needs (not the dev tools)
+    assert f"optuna=={importlib.metadata.version('optuna')}" in pins
+    assert "xllamacpp==2026.10.11549" in pins
+    assert not [pin for pin in pins if pin.startswith(("pytest==", "mypy==", "servetune=="))]

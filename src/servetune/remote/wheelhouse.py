@@ -37,6 +37,7 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import time
 import tomllib
 from collections.abc import AsyncIterator, Iterator
@@ -547,8 +548,7 @@ async def resolve_pins(
     logs), STEP_TIMEOUT.
     """
     uv = _uv_binary()
-    work = Path(os.environ.get("TMPDIR", "/tmp"))
-    with _temp_dir(work, "servetune-resolve-") as tmp:
+    with _temp_dir("servetune-resolve-") as tmp:
         infile = tmp / "requirements.in"
         infile.write_text("".join(f"{req}\n" for req in requirements))
         argv = [
@@ -556,6 +556,10 @@ async def resolve_pins(
             "pip",
             "compile",
             str(infile),
+            # the manager's interpreter runs the resolver (no search for a matching one);
+            # markers and tags are those of --python-version and --python-platform
+            "--python",
+            sys.executable,
             "--python-version",
             python_version,
             "--python-platform",
@@ -828,10 +832,9 @@ async def _locked(path: Path) -> AsyncIterator[None]:
 
 
 @contextlib.contextmanager
-def _temp_dir(parent: Path, prefix: str) -> Iterator[Path]:
-    import tempfile
-
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+def _temp_dir(prefix: str) -> Iterator[Path]:
+    """A fresh temporary directory (under TMPDIR), removed after the block."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
     try:
         yield path
     finally:
