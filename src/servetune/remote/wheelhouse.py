@@ -763,8 +763,8 @@ def _check(result: CommandResult, doing: str, *, index_url: str | None = None) -
     first = next((ln.strip() for ln in result.stderr.splitlines() if ln.strip()), "")
     raise _failed(
         f"{doing} failed (exit {result.returncode}): {first[:300]}",
-        f"see the log lines of `{' '.join(Path(result.argv[0]).name for _ in [0])} "
-        f"{' '.join(result.argv[1:3])} …`; fix what they name and deploy again",
+        f"see the log lines of `{Path(result.argv[0]).name} {' '.join(result.argv[1:3])} …` "
+        "on the manager; fix what they name and deploy again",
         logs=_tail(result.stderr or result.stdout),
     )
 
