@@ -324,9 +324,18 @@ def test_online_bundle_ships_the_managers_uv_and_exact_versions(tmp_path: Path) 
 
     again = asyncio.run(build_bundle(settings, facts, offline=False))
     assert again.cached and again.dir == bundle.dir
+    # one built from an older source for the same target is removed by the next build; one for
+    # another target is kept
+    older = bundle.dir.with_name(
+        re.sub(r"^([^-]+)-[0-9a-f]{12}-", r"\1-000000000000-", bundle.dir.name)
+    )
+    other = bundle.dir.with_name(bundle.dir.name.replace("-online", "-offline"))
+    for copy in (older, other):
+        shutil.copytree(bundle.dir, copy)
     (bundle.dir / "uv").unlink()  # an incomplete cache entry is rebuilt, not trusted
     rebuilt = asyncio.run(build_bundle(settings, facts, offline=False))
     assert not rebuilt.cached and (rebuilt.dir / "uv").is_file()
+    assert not older.exists() and other.is_dir()
 
 
 def test_online_bundle_for_another_arch_ships_the_uv_wheel_for_it(tmp_path: Path) -> None:
@@ -414,3 +423,27 @@ def test_an_installed_servetune_ships_the_wheel_named_by_servetune_wheel(
     assert f"optuna=={importlib.metadata.version('optuna')}" in pins
     assert "xllamacpp==2026.10.11549" in pins
     assert not [pin for pin in pins if pin.startswith(("pytest==", "mypy==", "servetune=="))]
+
+
+@pytest.mark.slow
+def test_a_rebuild_after_a_source_edit_reuses_the_dependency_wheels(tmp_path: Path) -> None:
+    facts = facts_of(SYSTEM_PYTHON)
+    cached = asyncio.run(build_bundle(Settings(data_dir=TEST_CACHE), facts, offline=True))
+    # the same target's bundle from an older servetune source, in a fresh data_dir
+    settings = Settings(data_dir=tmp_path)
+    name = re.sub(r"^([^-]+)-[0-9a-f]{12}-", r"\1-000000000000-", cached.dir.name)
+    older = settings.wheelhouse_dir / name
+    shutil.copytree(cached.dir, older)
+    kept = {}
+    for wheel in [*older.glob("wheelhouse/*.whl"), next(older.glob("uv-*.whl"))]:
+        kept[wheel.name] = tmp_path / f"kept-{wheel.name}"
+        os.link(wheel, kept[wheel.name])
+
+    started = time.monotonic()
+    bundle = asyncio.run(build_bundle(settings, facts, offline=True))
+    print(f"\noffline rebuild after a source edit: {time.monotonic() - started:.1f} s")
+    assert not bundle.cached and not older.exists()  # built anew; the older one is pruned
+    shipped = [*bundle.dir.glob("wheelhouse/*.whl"), bundle.dir / bundle.uv]
+    assert sorted(w.name for w in shipped) == sorted(kept)
+    for wheel in shipped:  # the very same files: linked, not downloaded again
+        assert wheel.stat().st_ino == kept[wheel.name].stat().st_ino, wheel.name

@@ -212,15 +212,10 @@ async def build_bundle(settings: Settings, facts: RemoteFacts, *, offline: bool)
         full_version = facts.python_version
     own = await servetune_wheel(settings)
     wheel = own.path
-    key = "-".join(
-        [
-            wheel.name.split("-")[1],
-            own.digest[:12],
-            f"py{_safe(full_version)}",
-            target.triple,
-            "offline" if offline else "online",
-        ]
+    suffix = "-".join(
+        [f"py{_safe(full_version)}", target.triple, "offline" if offline else "online"]
     )
+    key = f"{wheel.name.split('-')[1]}-{own.digest[:12]}-{suffix}"
     root = settings.wheelhouse_dir
     final = root / key
     async with _locked(root / f"{key}.lock"):
@@ -235,7 +230,10 @@ async def build_bundle(settings: Settings, facts: RemoteFacts, *, offline: bool)
             shutil.copy2(wheel, work / wheel.name)
             (work / "constraints.txt").write_text(own.constraints)
             if offline:
-                uv_name = await _offline_parts(settings, work, wheel, full_version, target)
+                older = _older_bundle(root, keep=key, suffix=suffix)
+                uv_name = await _offline_parts(
+                    settings, work, wheel, full_version, target, reuse=older
+                )
             else:
                 uv_name = await _uv_for(settings, work, target, full_version)
             bundle = InstallBundle(
@@ -256,7 +254,17 @@ async def build_bundle(settings: Settings, facts: RemoteFacts, *, offline: bool)
             work.rename(final)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+        _prune_older(root, keep=key, suffix=suffix)
         return bundle
+
+
+def _prune_older(root: Path, *, keep: str, suffix: str) -> None:
+    """Remove the finished bundles for the same target (``-<suffix>``) built from another
+    servetune source (an offline one is ~100 MB; every edit of the tree makes a new one)."""
+    for path in root.glob(f"*-{suffix}"):
+        if path.name != keep and path.is_dir() and (path / BUNDLE_FILE).is_file():
+            shutil.rmtree(path, ignore_errors=True)
+            path.with_name(f"{path.name}.lock").unlink(missing_ok=True)
 
 
 def _load_bundle(path: Path) -> InstallBundle | None:
@@ -504,9 +512,18 @@ async def _uv_wheel(settings: Settings, work: Path, target: PlatformTarget, pyth
 
 
 async def _offline_parts(
-    settings: Settings, work: Path, wheel: Path, full_version: str, target: PlatformTarget
+    settings: Settings,
+    work: Path,
+    wheel: Path,
+    full_version: str,
+    target: PlatformTarget,
+    *,
+    reuse: Path | None,
 ) -> str:
-    """Fill ``work/wheelhouse`` with every dependency's wheel and ``work`` with the uv wheel."""
+    """Fill ``work/wheelhouse`` with every dependency's wheel and ``work`` with the uv wheel.
+
+    Wheels of the same name and version in ``reuse`` (the bundle this one replaces: same target,
+    older servetune source) are hard-linked (or copied) instead of downloaded again."""
     pins = await resolve_pins(
         [f"servetune @ {_file_uri(wheel)}"],
         python_version=full_version,
@@ -517,6 +534,11 @@ async def _offline_parts(
     )
     house = work / "wheelhouse"
     house.mkdir()
+    version = await _uv_version(_uv_binary())
+    if reuse is not None:
+        pins = _link_known(pins, reuse / "wheelhouse", house)
+        if not _link_known([f"uv=={version}"], reuse, work):
+            return next(p.name for p in _wheels_in(work) if p.name.startswith("uv-"))
     await download_wheels(
         pins,
         dest=house,
@@ -526,6 +548,38 @@ async def _offline_parts(
         timeout_s=settings.deploy_install_timeout_s,
     )
     return await _uv_wheel(settings, work, target, full_version)
+
+
+def _older_bundle(root: Path, *, keep: str, suffix: str) -> Path | None:
+    """The newest finished bundle for the same target (``-<suffix>``) other than ``keep``."""
+    found = [
+        p
+        for p in root.glob(f"*-{suffix}")
+        if p.name != keep and p.is_dir() and (p / BUNDLE_FILE).is_file()
+    ]
+    return max(found, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def _link_known(pins: list[str], source: Path, dest: Path) -> list[str]:
+    """Hard-link (else copy) into ``dest`` the wheels in ``source`` that match a pin
+    (``name==version``); returns the pins still to download."""
+    have: dict[tuple[str, str], Path] = {}
+    for path in _wheels_in(source):
+        parts = path.name.split("-")
+        if len(parts) >= 5:
+            have[(_req_name(parts[0]), parts[1])] = path
+    missing = []
+    for pin in pins:
+        name, _, version = pin.partition("==")
+        found = have.get((_req_name(name), version.strip()))
+        if found is None:
+            missing.append(pin)
+            continue
+        try:
+            os.link(found, dest / found.name)
+        except OSError:
+            shutil.copy2(found, dest / found.name)
+    return missing
 
 
 async def resolve_pins(
