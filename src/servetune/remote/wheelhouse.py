@@ -198,7 +198,9 @@ async def build_bundle(settings: Settings, facts: RemoteFacts, *, offline: bool)
     Online: servetune's wheel, ``constraints.txt`` and uv (the manager's own binary when the
     remote's arch and libc match the manager's, else the uv wheel for the remote's platform).
     Offline: also ``wheelhouse/`` with every dependency resolved for the remote's exact Python
-    version and platform, and the uv wheel for that platform.
+    version and platform, and the uv wheel for that platform. A new build removes the same
+    target's bundle from an older servetune source, reusing its dependency wheels (hard links).
+    Concurrent builds of one key (in this process or another) wait on a file lock.
 
     Raises DeployFailed: INSTALL_FAILED (no wheel for the platform: names the package; no way to
     build servetune's wheel; unsupported platform), INDEX_UNREACHABLE (the manager cannot reach
