@@ -35,7 +35,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -48,6 +47,7 @@ from typing import IO
 import servetune
 from servetune.errors import DeployFailed
 from servetune.remote.models import Category, CommandResult, RemoteFacts
+from servetune.remote.ssh import run_command
 from servetune.settings import Settings
 
 WHEEL_ENV = "SERVETUNE_WHEEL"
@@ -363,13 +363,13 @@ async def servetune_wheel(settings: Settings) -> ServetuneWheel:
         try:
             uv = _uv_binary()
             timeout_s = settings.deploy_install_timeout_s
-            built = await _run(
+            built = await run_command(
                 [uv, "build", "--wheel", "--out-dir", str(work), str(root)],
                 timeout_s=timeout_s,
                 cwd=root,
             )
             _check(built, "building servetune's wheel")
-            exported = await _run(
+            exported = await run_command(
                 [
                     uv,
                     "export",
@@ -465,7 +465,7 @@ def _uv_binary() -> str:
 
 async def _uv_version(uv: str) -> str:
     """The version of the uv binary ``uv`` (``uv 0.13.9 (…)`` → ``0.13.9``)."""
-    result = await _run([uv, "--version"], timeout_s=30)
+    result = await run_command([uv, "--version"], timeout_s=30)
     match = re.search(r"uv (\d+\.\d+\.\d+)", result.stdout)
     if result.returncode != 0 or match is None:
         raise _failed(f"`{uv} --version` failed: {result.stderr.strip()[:200]}", "reinstall uv")
@@ -633,7 +633,7 @@ async def resolve_pins(
         argv += ["--index-url", index_url] if index_url else ["--no-index"]
         if find_links is not None:
             argv += ["--find-links", str(find_links)]
-        result = await _run(argv, timeout_s=timeout_s, cwd=tmp)
+        result = await run_command(argv, timeout_s=timeout_s, cwd=tmp)
         unusable = re.search(
             r"Because (?:only )?([A-Za-z0-9._-]+)(?:==\S+)? "
             r"(?:has|have) no (?:usable wheels|wheels with a matching)",
@@ -715,7 +715,7 @@ async def download_wheels(
     if find_links is not None:
         argv += ["--find-links", str(find_links)]
     argv += pins
-    result = await _run(argv, timeout_s=timeout_s)
+    result = await run_command(argv, timeout_s=timeout_s)
     missing = re.search(r"No matching distribution found for (\S+)", result.stderr)
     if result.returncode != 0 and missing and not _network_error(result):
         package = missing.group(1)
@@ -752,40 +752,6 @@ def _pip_argv() -> list[str]:
 
 
 # ---- small helpers -----------------------------------------------------------------------
-
-
-async def _run(
-    argv: list[str], *, timeout_s: float, cwd: Path | None = None, env: dict[str, str] | None = None
-) -> CommandResult:
-    """Run ``argv`` (no shell) in its own process group; kill the group at ``timeout_s``."""
-    started = time.monotonic()
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=cwd,
-        env={**os.environ, **(env or {})},
-        start_new_session=True,
-    )
-    timed_out = False
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
-    except (TimeoutError, asyncio.CancelledError) as exc:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        out, err = await proc.communicate()
-        if isinstance(exc, asyncio.CancelledError):
-            raise
-        timed_out = True
-    return CommandResult(
-        argv=argv,
-        returncode=124 if timed_out else (proc.returncode or 0),
-        stdout=out.decode(errors="replace"),
-        stderr=err.decode(errors="replace"),
-        duration_s=time.monotonic() - started,
-        timed_out=timed_out,
-    )
 
 
 def _network_error(result: CommandResult) -> bool:
