@@ -15,6 +15,7 @@ from psycopg import sql
 
 from servetune.modelgen import ModelFiles, make_model
 from tests.redis_server import RedisServer, redis_server
+from tests.sshd import client_key, loopback_host, netns_remote  # noqa: F401 (fixtures)
 
 PG_ADMIN_URL = os.environ.get(
     "SERVETUNE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
