@@ -160,7 +160,7 @@ def slot_settings(tmp_path: Path, redis_url: str, **extra: Any) -> Settings:
 class Harness:
     """An app with a StandInDeployer (built by the app, at the first deploy) and its client."""
 
-    def __init__(self, tmp_path: Path, redis_url: str) -> None:
+    def __init__(self, tmp_path: Path, redis_url: str, **settings: Any) -> None:
         self.deployers: list[StandInDeployer] = []
 
         def factory(settings: Settings, url: str, registry: Any) -> StandInDeployer:
@@ -169,7 +169,7 @@ class Harness:
             return deployer
 
         self.app = create_app(
-            slot_settings(tmp_path, redis_url),
+            slot_settings(tmp_path, redis_url, **settings),
             supervisor_factory=ScriptedSupervisor,
             deployer_factory=factory,
         )
@@ -362,6 +362,11 @@ def test_deploys_one_at_a_time_and_statuses_follow_the_registered_worker(
     online = client.get(url).json()
     assert (online["status"], online["worker_id"], online["error"]) == ("online", "w-gpu-1", None)
     assert online["deployed_at"] is not None and online["last_seen_at"] is not None
+    # its worker and its tunnel key carry its name: a deployed slot is not renamed
+    renamed = client.patch(url, json={"name": "gpu-2"})
+    assert renamed.status_code == 422, renamed.text
+    [problem] = renamed.json()["problems"]
+    assert problem["field"] == "name" and "delete it and save it again" in problem["fix"]
 
     # the worker's state in the registry drives the slot's: busy, then offline
     registry = h.state.registry
@@ -476,14 +481,19 @@ def test_migration_0004_up_and_down_keeps_studies(store_url: str) -> None:
 
 
 def test_cli_deploys_restores_and_lists_through_a_live_manager(
-    tmp_path: Path, private_redis: RedisServer
+    tmp_path: Path, private_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    h = Harness(tmp_path, private_redis.url)
+    token = "slot-token-0123456789abcdef"
+    h = Harness(tmp_path, private_redis.url, api_token=token)
     marker = tmp_path / "MARKER"
+    (tmp_path / "token").write_text(token + "\n")
     with live_server(h.app) as url:
+        denied = servetune(tmp_path, "worker-slots", "--manager", url)
+        assert denied.returncode == 1 and "--token-file" in denied.stderr, denied.stderr
+        monkeypatch.setenv("SERVETUNE_API_TOKEN", token)  # the later commands' subprocesses get it
         deployed = servetune(
             tmp_path, "worker-deploy", "ssh -p 2222 gpu@gpu-host-1", "--manager", url,
-            "--max-parallel", "2", "--offline", "never",
+            "--max-parallel", "2", "--offline", "never", "--token-file", str(tmp_path / "token"),
         )  # fmt: skip
         assert deployed.returncode == 0, deployed.stderr
         out = deployed.stdout

@@ -218,7 +218,9 @@ class WorkerSlots:
 
     async def update(self, slot_id: int, changes: WorkerSlotUpdate) -> WorkerSlot:
         """Apply ``changes`` after checking the slot they make (``check_slot``). Raises
-        SlotNotFound, SlotBusy (a deploy is running), SpecInvalid, SlotExists (name taken)."""
+        SlotNotFound, SlotBusy (a deploy is running), SlotExists (name taken), SpecInvalid (a
+        bad field, a null for a required one, or a new name for a slot deployed before: its
+        worker alias and its tunnel key's authorized_keys line carry the old one)."""
         slot = await asyncio.to_thread(self.store.get, slot_id)
         self._refuse_while_deploying(slot, "change it")
         given = changes.model_dump(mode="json", exclude_unset=True)
@@ -227,6 +229,18 @@ class WorkerSlots:
         if nulls:
             raise SpecInvalid(
                 [Problem(f, f"{f} cannot be null; leave it out to keep it") for f in nulls]
+            )
+        renamed = given.get("name") not in (None, slot.name)
+        if renamed and (slot.status != SlotStatus.NEVER_SEEN or slot.worker_id or slot.deployed_at):
+            raise SpecInvalid(
+                [
+                    Problem(
+                        "name",
+                        f"worker slot {slot.name} was deployed, and its worker, its tunnel key and "
+                        "its files carry that name, so it cannot be renamed; delete it and save "
+                        f"it again as {given['name']}",
+                    )
+                ]
             )
         check_slot(WorkerSlotCreate.model_validate({**_settings_of(slot), **given}))
         await asyncio.to_thread(self.store.update, slot_id, changes)
