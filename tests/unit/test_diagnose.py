@@ -215,6 +215,21 @@ def test_remote_command_not_found_is_python_missing(stderr: str) -> None:
     assert ">= 3.11" in err.suggestion and "slot's python" in err.suggestion
 
 
+PYTHON2_DASH_I = """\
+Unknown option: -I
+usage: /usr/bin/python [option] ... [-c cmd | -m mod | file | -] [arg] ...
+Try `python -h' for more information.
+"""
+
+
+def test_python_2_refusing_isolated_mode_is_too_old() -> None:
+    argv = ["ssh", "-p", "42222", "--", "root@127.0.0.1", "python -I -c 'import sys'"]
+    err = classify(PYTHON2_DASH_I, returncode=2, argv=argv)
+    assert err.category is Category.PYTHON_TOO_OLD
+    assert err.suggestion.startswith("python on 127.0.0.1 is Python 2 ")
+    assert "3.11" in err.suggestion
+
+
 def test_remote_command_own_failure_and_success_are_not_ssh_failures() -> None:
     assert classify_ssh(ssh_result("Traceback ...", returncode=1), target="h") is None
     assert classify_ssh(ssh_result("", returncode=0), target="h") is None

