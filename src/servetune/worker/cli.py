@@ -18,6 +18,7 @@ import typer
 from pydantic import ValidationError
 
 from servetune.redact import install_secret_filter
+from servetune.remote.models import WorkerLaunchConfig
 from servetune.settings import Settings
 from servetune.worker import ENGINE_LOGGER
 
@@ -62,6 +63,28 @@ def setup_worker_logging(settings: Settings, name: str | None, verbose: bool) ->
     return path
 
 
+def read_launch_config(path: Path) -> WorkerLaunchConfig:
+    """The WorkerLaunchConfig in the JSON file ``path``. It holds the Redis password, so a file
+    that group or others may read is refused. Raises ValueError naming the file and the fix
+    (``chmod 600 FILE``, the field at fault, or why it cannot be read)."""
+    try:
+        mode = path.stat().st_mode
+        if mode & 0o077:
+            raise ValueError(
+                f"--config {path}: open to group or others (mode {mode & 0o777:o}); it holds the "
+                f"Redis password: run chmod 600 {path}"
+            )
+        raw = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"--config {path}: cannot read it ({e.strerror})") from e
+    try:
+        return WorkerLaunchConfig.model_validate_json(raw)
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        field = ".".join(str(x) for x in first["loc"]) or "(file)"
+        raise ValueError(f"--config {path}: {field}: {first['msg']}") from None
+
+
 def worker_cmd(
     redis: Annotated[
         str | None,
@@ -80,8 +103,9 @@ def worker_cmd(
         ),
     ] = None,
     max_parallel: Annotated[
-        int, typer.Option("--max-parallel", min=1, help="Trials this worker runs at once.")
-    ] = 1,
+        int | None,
+        typer.Option("--max-parallel", min=1, help="Trials this worker runs at once (default 1)."),
+    ] = None,
     heartbeat_s: Annotated[
         float | None,
         typer.Option(
@@ -105,6 +129,15 @@ def worker_cmd(
             "use. Give each of several workers on one host its own cores.",
         ),
     ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="A WorkerLaunchConfig JSON file of mode 600 (written by worker-deploy): Redis "
+            "URL, name, data directory, max parallel trials and the Redis tunnel to keep open. "
+            "Not with --redis, --name, --data-dir or --max-parallel.",
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log INFO to stderr.")] = False,
 ) -> None:
     """Run a worker: take trials from the fleet's Redis queue and run them on this host.
@@ -116,6 +149,30 @@ def worker_cmd(
     from servetune.worker.gpu import parse_cpu_list, pin_cpus
     from servetune.worker.main import check_name, run_worker
 
+    tunnel = None
+    if config is not None:
+        given = [
+            option
+            for option, value in (
+                ("--redis", redis),
+                ("--name", name),
+                ("--data-dir", data_dir),
+                ("--max-parallel", max_parallel),
+            )
+            if value is not None
+        ]
+        if given:
+            raise _fail(
+                f"--config sets the Redis URL, name, data directory and max parallel trials: "
+                f"drop {', '.join(given)} (or drop --config)",
+                2,
+            )
+        try:
+            launch = read_launch_config(config)
+        except ValueError as e:
+            raise _fail(str(e), 2) from None
+        redis, name, max_parallel = launch.redis_url, launch.name, launch.max_parallel
+        data_dir, tunnel = Path(launch.data_dir).expanduser(), launch.tunnel
     overrides: dict[str, object] = {}
     if redis is not None:
         overrides["redis_url"] = redis
@@ -145,5 +202,5 @@ def worker_cmd(
         except ValueError as e:
             raise _fail(f"--cpus: {e}", 2) from None
     setup_worker_logging(settings, name, verbose)
-    code = asyncio.run(run_worker(settings, name, max_parallel))
+    code = asyncio.run(run_worker(settings, name, max_parallel or 1, tunnel=tunnel))
     raise typer.Exit(code)

@@ -38,6 +38,8 @@ from servetune.cluster.tasks import cancel_and_wait
 from servetune.core.spec import LlamaCppEngineSpec
 from servetune.deploy.local import kill_process_group
 from servetune.errors import RedisUnavailable, ServetuneError
+from servetune.remote.models import TunnelConfig
+from servetune.remote.tunnel import TunnelFailed, TunnelSupervisor
 from servetune.settings import Settings, path_under
 from servetune.worker.gpu import host_facts, read_gpus
 from servetune.worker.heartbeat import HeartbeatThread
@@ -324,7 +326,13 @@ class _Worker:
         self.stop.set()
 
 
-async def run_worker(settings: Settings, name: str | None, max_parallel: int) -> int:
+TUNNEL_READY_S = 30.0
+"""How long the worker waits for its Redis tunnel at start, s."""
+
+
+async def run_worker(
+    settings: Settings, name: str | None, max_parallel: int, *, tunnel: TunnelConfig | None = None
+) -> int:
     """Run a worker until SIGTERM or SIGINT; the process exit status.
 
     Registers a ``WorkerInfo`` (stable id per host and ``name``, kept in
@@ -336,6 +344,11 @@ async def run_worker(settings: Settings, name: str | None, max_parallel: int) ->
     Returns 1 when Redis cannot be reached at start (the error names the masked URL and the
     fix), 2 for bad options (no Redis URL, a bad name, ``max_parallel`` < 1, a name another
     live worker with this data directory uses: ``claim_name``).
+
+    With ``tunnel`` (a forward tunnel to the manager's Redis, ``redis_url`` pointing at its bind
+    port), a ``TunnelSupervisor`` keeps it open (its ssh in this process group, restarted when it
+    dies) from before Redis is first reached until the worker exits; a tunnel not ready within
+    ``TUNNEL_READY_S`` returns 1 with ssh's stderr tail logged.
     """
     url = settings.redis_url
     if not url:
@@ -349,6 +362,26 @@ async def run_worker(settings: Settings, name: str | None, max_parallel: int) ->
     if max_parallel < 1:
         log.error("--max-parallel must be at least 1, got %d", max_parallel)
         return 2
+    if tunnel is None:
+        return await _connect_and_serve(settings, url, name, max_parallel)
+    try:
+        supervisor = TunnelSupervisor(tunnel)
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
+    supervisor.start()
+    try:
+        await supervisor.wait_ready(TUNNEL_READY_S)
+        log.info("Redis tunnel to %s ready", tunnel.destination)
+        return await _connect_and_serve(settings, url, name, max_parallel)
+    except TunnelFailed as e:
+        log.error("%s; ssh said: %s", e, " | ".join(e.logs) or "(nothing)")
+        return 1
+    finally:
+        await supervisor.stop()
+
+
+async def _connect_and_serve(settings: Settings, url: str, name: str, max_parallel: int) -> int:
     try:
         r = await check_redis(url)
     except RedisUnavailable as e:
