@@ -20,6 +20,7 @@ from servetune.errors import DeployFailed, SpecInvalid
 from servetune.manager.cli import ManagerUnreachable, TokenFileOption, _answer_error, _headers
 from servetune.manager.cli import _read_token as read_token
 from servetune.remote.models import OfflineMode, RedisVia
+from servetune.remote.ssh import parse_ssh_command
 
 DEFAULT_MANAGER = "http://127.0.0.1:8400"
 """The manager `servetune manager` serves by default."""
@@ -85,8 +86,6 @@ def default_slot_name(ssh_command: str) -> str:
     """The host part of ``ssh_command``'s destination as a slot name (``ssh -p 22 me@gpu-1``
     → ``gpu-1``): characters a name cannot hold become '-'. Raises SpecInvalid (field
     ssh_command) when the command cannot be parsed."""
-    from servetune.remote.ssh import parse_ssh_command
-
     try:
         target = parse_ssh_command(ssh_command)
     except DeployFailed as e:

@@ -28,6 +28,7 @@ from servetune.remote.models import (
     WorkerSlotCreate,
     WorkerSlotUpdate,
 )
+from servetune.remote.ssh import parse_ssh_command
 from servetune.store.slots import SlotStore
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,6 @@ def slot_problems(slot: WorkerSlotCreate) -> list[Problem]:
     ``manager_ssh`` that is not [user@]host[:port], and ``redis_via`` direct without an address.
     """
     problems: list[Problem] = []
-    from servetune.remote.ssh import parse_ssh_command
-
     try:
         parse_ssh_command(slot.ssh_command)
     except DeployFailed as e:
