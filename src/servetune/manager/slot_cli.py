@@ -197,8 +197,9 @@ def worker_deploy(
 
     Saves the host as a worker slot (or updates the slot of that name with the options given),
     then deploys: prints each step with its duration, then the worker id and its GPUs, or the
-    error's category and a suggestion. Exit status: 0 the worker runs, 1 the deploy failed,
-    2 bad input.
+    error's category and a suggestion.
+
+    Exit status: 0 the worker runs, 1 the deploy failed, 2 bad input.
     """
     base = _base(manager_url)
     token = read_token(token_file)
@@ -241,8 +242,11 @@ def worker_restore(
     manager_url: ManagerOption = DEFAULT_MANAGER,
     token_file: TokenFileOption = None,
 ) -> None:
-    """Bring back the worker of slot NAME: nothing is restarted when it runs and is registered;
-    a dead worker's leftovers are stopped and it starts again. Exit status as worker-deploy."""
+    """Bring back the worker of the worker slot NAME, through the manager.
+
+    Nothing is restarted when the worker runs and is registered; a dead worker's leftovers are
+    stopped and it starts again. Exit status as worker-deploy.
+    """
     base = _base(manager_url)
     token = read_token(token_file)
     slot = _find_slot(base, name, token)
