@@ -31,6 +31,7 @@ from servetune.core.spec import StudySpec
 from servetune.core.study import Trial, TrialRole, format_params
 from servetune.errors import ServetuneError, SpecInvalid, check_resumable
 from servetune.manager.cli import register as register_manager_commands
+from servetune.manager.slot_cli import register as register_slot_commands
 from servetune.outcome import print_outcome, stand_in_note
 from servetune.remote.tunnel import tunnel_cmd
 from servetune.settings import Settings
@@ -1247,3 +1248,4 @@ def main() -> None:
 app.command("worker")(worker_cmd)
 app.command("tunnel", hidden=True)(tunnel_cmd)
 register_manager_commands(app)
+register_slot_commands(app)

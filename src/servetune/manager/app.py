@@ -1,7 +1,8 @@
 """The manager's FastAPI app: ``create_app(settings)`` with its lifespan, routes and error answers.
 
 The lifespan opens the store, Redis (``settings.redis_url`` or a private redis-server), the
-worker registry and the study supervisor, and closes them in reverse order.
+worker registry, the study supervisor and the worker slots (their deployer is built on first
+use), and closes them in reverse order.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from servetune.errors import (
     PathOutside,
     RedisUnavailable,
     ServetuneError,
+    SlotBusy,
+    SlotExists,
+    SlotNotFound,
     SpecInvalid,
     StoreError,
     StudyBusy,
@@ -35,8 +39,8 @@ from servetune.errors import (
 )
 from servetune.manager import ws
 from servetune.manager.auth import BearerAuth
-from servetune.manager.deps import ManagerState, SupervisorFactory
-from servetune.manager.routes import health, studies, workers
+from servetune.manager.deps import DeployerFactory, ManagerState, SlotDeployer, SupervisorFactory
+from servetune.manager.routes import health, slots, studies, workers
 from servetune.manager.schemas import ProblemPublic, ProblemsBody
 from servetune.settings import Settings
 from servetune.store.repo import StudyStore
@@ -50,13 +54,25 @@ def _default_supervisor(settings: Settings, store: StudyStore, r: Any) -> Any:
     return StudySupervisor(settings, store, r)
 
 
+def _default_deployer(settings: Settings, redis_url: str, registry: Any) -> SlotDeployer:
+    from servetune.remote.deploy import Deployer
+
+    deployer: SlotDeployer = Deployer(settings, redis_url, registry)
+    return deployer
+
+
 @asynccontextmanager
 async def _lifespan(
-    app: FastAPI, settings: Settings, supervisor_factory: SupervisorFactory | None
+    app: FastAPI,
+    settings: Settings,
+    supervisor_factory: SupervisorFactory | None,
+    deployer_factory: DeployerFactory | None,
 ) -> AsyncIterator[None]:
     from servetune.cluster.redis import connect, safe_url
     from servetune.cluster.registry import Registry
     from servetune.manager.redis_launcher import start_private_redis
+    from servetune.manager.worker_slots import WorkerSlots
+    from servetune.store.slots import SlotStore
 
     store = await asyncio.to_thread(StudyStore, settings.db_url)
     private = None
@@ -72,12 +88,23 @@ async def _lifespan(
         registry = Registry(r, settings)
         supervisor = (supervisor_factory or _default_supervisor)(settings, store, r)
         await supervisor.start()
+        make_deployer = deployer_factory or _default_deployer
+        redis_url = url
+        worker_slots = WorkerSlots(
+            SlotStore(store), registry, lambda: make_deployer(settings, redis_url, registry)
+        )
         app.state.manager = ManagerState(
-            settings=settings, store=store, redis=r, registry=registry, supervisor=supervisor
+            settings=settings,
+            store=store,
+            redis=r,
+            registry=registry,
+            supervisor=supervisor,
+            slots=worker_slots,
         )
         try:
             yield
         finally:
+            await worker_slots.stop()
             await supervisor.stop()
     finally:
         if r is not None:
@@ -152,9 +179,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _problems_response(f"the request has {len(problems)} problem(s)", problems)
 
     async def servetune_error(request: Request, e: Exception) -> JSONResponse:
-        if isinstance(e, StudyNotFound | WorkerNotFound):
+        if isinstance(e, StudyNotFound | WorkerNotFound | SlotNotFound):
             return _error(404, e)
-        if isinstance(e, StudyExists | StudyBusy | StudyNotResumable | WorkerAliasTaken):
+        if isinstance(
+            e,
+            StudyExists | StudyBusy | StudyNotResumable | WorkerAliasTaken | SlotExists | SlotBusy,
+        ):
             return _error(409, e)
         if isinstance(e, PathOutside):
             return _error(422, e)
@@ -176,12 +206,17 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def create_app(
-    settings: Settings, *, supervisor_factory: SupervisorFactory | None = None
+    settings: Settings,
+    *,
+    supervisor_factory: SupervisorFactory | None = None,
+    deployer_factory: DeployerFactory | None = None,
 ) -> FastAPI:
     """The manager's FastAPI app for ``settings``; OpenAPI at /openapi.json, docs at /docs.
 
     ``supervisor_factory(settings, store, redis)`` builds the study supervisor (default:
-    manager/supervisor.py's StudySupervisor); tests pass their own. With
+    manager/supervisor.py's StudySupervisor); ``deployer_factory(settings, redis_url,
+    registry)`` the deployer of worker slots (default: remote/deploy.py's Deployer, built at
+    the first deploy, restore or delete of a slot); tests pass their own. With
     ``settings.api_token`` every /api and /ws request needs ``Authorization: Bearer <token>``
     (or the WebSocket subprotocol ``bearer.<token>``). Nothing is opened until the app starts
     (its lifespan): the store, Redis (a private redis-server when ``settings.redis_url`` is
@@ -190,7 +225,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with _lifespan(app, settings, supervisor_factory):
+        async with _lifespan(app, settings, supervisor_factory, deployer_factory):
             yield
 
     app = FastAPI(
@@ -206,6 +241,7 @@ def create_app(
     app.include_router(studies.router)
     app.include_router(studies.assets)
     app.include_router(workers.router)
+    app.include_router(slots.router)
     app.include_router(health.router)
     app.include_router(ws.router)
     if settings.api_token is not None:

@@ -1,7 +1,7 @@
 """What the manager's routes depend on: the state the lifespan opens, and FastAPI dependencies.
 
-Routes take ``StoreDep``, ``SupervisorDep``, ``RegistryDep``, ``RedisDep`` and call them; they
-never touch SQL or Redis themselves.
+Routes take ``StoreDep``, ``SupervisorDep``, ``RegistryDep``, ``RedisDep``, ``SlotsDep`` and call
+them; they never touch SQL or Redis themselves.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Annotated, Any, Protocol
 from fastapi import Depends, Request
 from starlette.requests import HTTPConnection
 
+from servetune.remote.models import DeployReport, OfflineMode, WorkerSlot
 from servetune.settings import Settings
 from servetune.store.repo import StudyStore
 
@@ -48,6 +49,29 @@ SupervisorFactory = Callable[[Settings, StudyStore, Any], Supervisor]
 """Builds the supervisor from (settings, store, redis.asyncio.Redis); tests pass their own."""
 
 
+class SlotDeployer(Protocol):
+    """What the manager needs from the deployer of worker slots (remote/deploy.py Deployer).
+
+    ``deploy`` and ``restore`` never raise for a failed step: the report says what failed
+    (success False, category, suggestion, logs).
+    """
+
+    async def deploy(self, slot: WorkerSlot, *, offline: OfflineMode | None = None) -> DeployReport:
+        """Install servetune on the slot's host and start a worker there; the report."""
+        ...
+
+    async def restore(self, slot: WorkerSlot) -> DeployReport:
+        """Bring the slot's worker back (nothing to do when it runs and is registered)."""
+        ...
+
+    async def remove(self, slot: WorkerSlot) -> None:
+        """Forget the slot on the manager's side: its tunnel key, its reverse tunnel."""
+
+
+DeployerFactory = Callable[[Settings, str, Any], SlotDeployer]
+"""Builds the deployer from (settings, Redis URL, cluster.registry.Registry); tests pass their own."""
+
+
 @dataclass
 class ManagerState:
     """Everything the lifespan opened, kept on ``app.state.manager``."""
@@ -60,6 +84,8 @@ class ManagerState:
     registry: Any
     """cluster.registry.Registry on ``redis``."""
     supervisor: Supervisor
+    slots: Any = None
+    """manager/worker_slots.py WorkerSlots: the slots' store, statuses and deploys."""
     ws_ping_s: float = 20.0
     """Keep-alive ping period of the log WebSocket, s."""
 
@@ -86,6 +112,10 @@ def _redis(request: Request) -> Any:
     return manager_state(request).redis
 
 
+def _slots(request: Request) -> Any:
+    return manager_state(request).slots
+
+
 def _settings(request: Request) -> Settings:
     return manager_state(request).settings
 
@@ -95,3 +125,4 @@ SupervisorDep = Annotated[Supervisor, Depends(_supervisor)]
 RegistryDep = Annotated[Any, Depends(_registry)]
 RedisDep = Annotated[Any, Depends(_redis)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
+SlotsDep = Annotated[Any, Depends(_slots)]

@@ -12,6 +12,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validato
 from servetune.cluster.models import GpuSample, Heartbeat, LogRecord, WorkerInfo, check_alias
 from servetune.core.spec import Problem, StudySpec
 from servetune.core.study import Trial
+from servetune.remote.models import OfflineMode, WorkerSlot
 from servetune.store.repo import Executor, StudyRecord, StudyStatus, UnreadableStudy
 
 
@@ -198,3 +199,21 @@ class Health(BaseModel):
     database: bool = Field(description="The database answered.")
     redis: bool = Field(description="Redis answered PING.")
     studies_running: int = Field(description="Studies this manager runs now.")
+
+
+class WorkerSlotList(BaseModel):
+    """Every saved worker slot, by name, each reconciled with the worker registry."""
+
+    items: list[WorkerSlot] = Field(description="Every slot, by name.")
+
+
+class DeployRequest(BaseModel):
+    """The (optional) body of ``POST /api/worker-slots/{id}/deploy``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    offline: OfflineMode | None = Field(
+        default=None,
+        description="auto (probe the index from the remote), always (ship a wheelhouse) or "
+        "never (install from the index); default: the slot's own setting.",
+    )

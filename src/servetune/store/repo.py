@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Literal, get_args
@@ -276,6 +276,12 @@ class StudyStore:
             raise StoreError(
                 f"{doing} in {self.url}: a stored record does not match this servetune version: {e}"
             ) from e
+
+    def transaction(self, doing: str) -> AbstractContextManager[Session]:
+        """One committed transaction on the store's database, for the other repositories that
+        share its connections (``store/slots.py``); ``doing`` names it in the StoreError raised
+        when the database fails."""
+        return self._tx(doing)
 
     def _study_row(self, session: Session, study_id: int) -> StudyRow:
         row = session.get(StudyRow, study_id)

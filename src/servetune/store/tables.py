@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 tables of the store: one row per study, one per trial.
+"""SQLAlchemy 2 tables of the store: one row per study, one per trial, one per worker slot.
 
 The pydantic records (StudySpec, TrialResult) are stored whole as JSON; the scalar columns beside
 them (status, state, failure kind, feasible, first objective value) are copies for cheap queries.
@@ -20,6 +20,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Text,
     TypeDecorator,
     UniqueConstraint,
 )
@@ -145,3 +146,40 @@ class TrialRow(Base):
     worker_id: Mapped[str | None] = mapped_column(
         String(64), comment="Worker that ran the trial (null: run in the study's own process)"
     )
+
+
+SLOT_NAME_MAX = 63
+"""Longest worker slot name (``remote.models.SLOT_NAME_PATTERN``)."""
+
+
+class WorkerSlotRow(Base):
+    """One worker slot: a saved SSH target (no secret: no password, Redis as host:port only) and
+    what its last deploy or restore found."""
+
+    __tablename__ = "worker_slots"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(SLOT_NAME_MAX), unique=True)
+    ssh_command: Mapped[str] = mapped_column(
+        String(2000), comment="The ssh command as the user typed it (parsed, never run by a shell)"
+    )
+    install_dir: Mapped[str] = mapped_column(String(1024))
+    python: Mapped[str] = mapped_column(String(255))
+    redis_via: Mapped[str] = mapped_column(String(16), comment="forward, reverse or direct")
+    manager_ssh: Mapped[str | None] = mapped_column(String(300))
+    redis_address: Mapped[str | None] = mapped_column(
+        String(300), comment="host:port of Redis as the worker sees it (direct only; no password)"
+    )
+    max_parallel: Mapped[int] = mapped_column(Integer)
+    offline: Mapped[str] = mapped_column(String(16), comment="auto, always or never")
+    status: Mapped[str] = mapped_column(
+        String(16), comment="Last known status (reads reconcile it with the worker registry)"
+    )
+    worker_id: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(Text, comment="Last deploy/restore failure")
+    category: Mapped[str | None] = mapped_column(String(32))
+    suggestion: Mapped[str | None] = mapped_column(Text)
+    last_seen_at: Mapped[datetime | None]
+    deployed_at: Mapped[datetime | None] = mapped_column(comment="Last successful deploy/restore")
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]

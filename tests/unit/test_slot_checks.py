@@ -1,0 +1,72 @@
+"""The checks of worker slot fields beyond their types, and the slot name `worker-deploy`
+makes from an ssh command (pure: nothing is run)."""
+
+from __future__ import annotations
+
+import pytest
+
+from servetune.errors import SpecInvalid
+from servetune.manager.slot_cli import default_slot_name
+from servetune.manager.worker_slots import check_slot, slot_problems
+from servetune.remote.models import WorkerSlotCreate
+
+
+def slot(**fields: object) -> WorkerSlotCreate:
+    return WorkerSlotCreate.model_validate({"name": "gpu-1", "ssh_command": "ssh gpu-1", **fields})
+
+
+@pytest.mark.parametrize(
+    ("command", "name"),
+    [
+        ("ssh gpu-host-1", "gpu-host-1"),
+        ("ssh -p 2222 -i ~/.ssh/key me@gpu-host-1.lab.example", "gpu-host-1.lab.example"),
+        ("ssh -J jump tuner@10.0.0.7", "10.0.0.7"),
+    ],
+)
+def test_the_default_slot_name_is_the_host_part(command: str, name: str) -> None:
+    assert default_slot_name(command) == name
+
+
+def test_an_ssh_command_that_cannot_be_parsed_names_the_field() -> None:
+    with pytest.raises(SpecInvalid) as refused:
+        default_slot_name("ssh gpu-1; touch /tmp/x")
+    assert [p.loc for p in refused.value.problems] == ["ssh_command"]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"redis_via": "direct", "redis_address": "10.0.0.5:6379"},
+        {"redis_via": "direct", "redis_address": "[fd00::5]:6379"},
+        {"redis_via": "direct", "redis_address": "redis.lab.example:1"},
+        {"manager_ssh": "tuner@10.0.0.1:2222"},
+        {"manager_ssh": "manager.lab.example"},
+        {"manager_ssh": "[fd00::1]:22"},
+        {"install_dir": "~/servetune-1.0/a_b+c@d"},
+    ],
+)
+def test_good_fields_pass(fields: dict[str, str]) -> None:
+    assert slot_problems(slot(**fields)) == []
+    check_slot(slot(**fields))
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"redis_address": "redis://:pw@10.0.0.5:6379"}, "redis_address"),
+        ({"redis_address": "10.0.0.5"}, "redis_address"),
+        ({"redis_address": "10.0.0.5:0"}, "redis_address"),
+        ({"redis_address": "fd00::5:6379"}, "redis_address"),
+        ({"redis_via": "direct"}, "redis_address"),
+        ({"manager_ssh": "-oProxyCommand=x@h"}, "manager_ssh"),
+        ({"manager_ssh": "tuner@h:70000"}, "manager_ssh"),
+        ({"manager_ssh": "tuner@h -p 22"}, "manager_ssh"),
+        ({"install_dir": "/opt/a b'c"}, "install_dir"),
+        ({"install_dir": "~/$HOME"}, "install_dir"),
+        ({"install_dir": "/opt/x&&y"}, "install_dir"),
+    ],
+)
+def test_bad_fields_are_named(fields: dict[str, str], field: str) -> None:
+    assert [p.loc for p in slot_problems(slot(**fields))] == [field]
+    with pytest.raises(SpecInvalid):
+        check_slot(slot(**fields))
