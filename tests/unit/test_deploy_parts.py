@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from servetune.remote.deploy import parse_manager_ssh, parse_redis_url
+from servetune.remote.deploy import _option_values, parse_manager_ssh, parse_redis_url
+from servetune.remote.ssh import parse_ssh_command
 
 
 def test_a_tunnel_end_keeps_the_password_db_and_scheme() -> None:
@@ -53,3 +54,15 @@ def test_manager_ssh_forms(text: str, parsed: tuple[str | None, str, int]) -> No
 def test_a_bad_manager_ssh_names_the_field_and_the_form(text: str) -> None:
     with pytest.raises(ValueError, match=r"manager_ssh .* is not \[user@\]host\[:port\]"):
         parse_manager_ssh(text)
+
+
+def test_the_key_and_jump_a_reverse_tunnel_reads_from_the_ssh_command() -> None:
+    """A reverse tunnel reuses the -i key of the slot's ssh command and refuses its -J."""
+    options = parse_ssh_command(
+        "ssh -p 2 -i /k/one -o IdentityFile=/k/two -o 'ProxyJump j@h' u@host"
+    ).options
+    assert _option_values(options, "-i", "identityfile") == ["/k/one", "/k/two"]
+    assert _option_values(options, "-J", "proxyjump") == ["j@h"]
+    plain = parse_ssh_command("ssh -p 2 u@host").options
+    assert _option_values(plain, "-i", "identityfile") == []
+    assert _option_values(plain, "-J", "proxyjump") == []

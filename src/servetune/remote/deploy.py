@@ -851,8 +851,20 @@ class Deployer:
     async def _reverse(self, run: _Run, endpoint: RedisEndpoint) -> _Outcome:
         assert run.session is not None and run.resolved is not None
         resolved = run.resolved
+        options = run.session.target.options
+        if _option_values(options, "-J", "proxyjump"):
+            raise DeployFailed(
+                Category.TUNNEL_FAILED,
+                f"slot {run.slot.name}: a reverse tunnel cannot go through the -J/ProxyJump of "
+                "the ssh command",
+                "name the jump host in ~/.ssh/config (a Host entry with ProxyJump, then ssh "
+                "ALIAS in the slot) so the tunnel's ssh finds it too, or use --redis-via forward",
+                step="redis",
+            )
         config_file = _session_config_file(run.session)
-        identity = resolved.identity_files[0] if resolved.identity_files else None
+        # the key the user named (-i / IdentityFile); else ssh's defaults and ~/.ssh/config
+        keys_given = _option_values(options, "-i", "identityfile")
+        identity = keys_given[0] if keys_given else None
         cfg, _ = _tunnel(
             run,
             direction="remote",
@@ -1046,14 +1058,38 @@ def _tunnel(run: _Run, **fields: Any) -> tuple[TunnelConfig, list[str]]:
         cfg = TunnelConfig(**fields)
         return cfg, tunnel.tunnel_argv(cfg)
     except ValueError as e:  # pydantic's ValidationError is a ValueError
+        if fields.get("direction") == "local":
+            where = (
+                f"the worker's tunnel key and known_hosts live under install_dir "
+                f"({run.slot.install_dir}): choose an install_dir made of letters, digits and "
+                "._/+@=,- only (e.g. ~/.servetune), or use --redis-via direct"
+            )
+        else:
+            where = (
+                "the manager's tunnel uses the ssh command's -i key and files under the "
+                "manager's data directory: give them paths of letters, digits and ._/+@=,- "
+                "only, or use --redis-via forward"
+            )
         raise DeployFailed(
             Category.TUNNEL_FAILED,
             f"the Redis tunnel of slot {run.slot.name} cannot be set up: {e}",
-            f"the tunnel's key and known_hosts live under install_dir ({run.slot.install_dir}): "
-            "choose an install_dir made of letters, digits and ._/+@=,- only (e.g. "
-            "~/.servetune), or use --redis-via direct",
+            where,
             step="redis",
         ) from e
+
+
+def _option_values(options: tuple[str, ...], flag: str, config_key: str) -> list[str]:
+    """The values given to ``flag`` (``-i``) or ``-o <config_key>=…`` in canonical ssh options."""
+    found = []
+    for n, word in enumerate(options[:-1]):
+        value = options[n + 1]
+        if word == flag:
+            found.append(value)
+        elif word == "-o":
+            key, _, rest = (value if "=" in value else value.replace(" ", "=", 1)).partition("=")
+            if key.strip().lower() == config_key:
+                found.append(rest.strip())
+    return found
 
 
 def _session_config_file(session: SshSession) -> str:
