@@ -280,6 +280,8 @@ def test_reverse_tunnel_deploy_registers_and_remove_takes_key_and_tunnel_away(
         kill_install(slot.install_dir)
 
     forward = stage.netns_slot()
+    if "servetune-slot:netns-1" not in stage.manager_sshd.authorized_keys.read_text():
+        assert_ok(deploy(stage.settings, stage.redis_url, forward))  # run alone: deploy it
     assert "servetune-slot:netns-1" in stage.manager_sshd.authorized_keys.read_text()
     remove(stage.settings, stage.redis_url, forward)
     assert "servetune-slot:netns-1" not in stage.manager_sshd.authorized_keys.read_text()
