@@ -14,6 +14,7 @@ import os
 import secrets
 import signal
 import stat
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from servetune.modelgen import ModelFiles
 from servetune.remote import tunnel
 from servetune.remote.models import Category, OfflineMode, RedisVia, StepStatus, WorkerSlot
 from servetune.settings import Settings
-from tests.e2e.fleet_harness import Fleet
+from tests.e2e.fleet_harness import SERVETUNE, Fleet
 from tests.integration.deploy_helpers import (
     assert_ok,
     deploy,
@@ -133,15 +134,17 @@ def stage(tiny_model: ModelFiles, tmp_path_factory: pytest.TempPathFactory) -> I
         manager_sshd = stack.enter_context(
             ssh_server(root / "sshd-manager", listen=["127.0.0.1", netns.host_side])
         )
-        fleet = stack.enter_context(
-            Fleet(
-                root / "fleet",
-                model_path=tiny_model.gguf_path,
-                workers=(),
-                redis_password=secrets.token_hex(16),
-            )
+        fleet = Fleet(
+            root / "fleet",
+            model_path=tiny_model.gguf_path,
+            workers=(),
+            redis_password=secrets.token_hex(16),
         )
-        for d in ("remote-loop", "remote-netns", "remote-netns-rev"):
+        # the manager's own deployer (worker-deploy through the API) adds keys for its sshd
+        fleet.manager.env["SERVETUNE_AUTHORIZED_KEYS_PATH"] = str(manager_sshd.authorized_keys)
+        fleet.manager.env["SERVETUNE_MANAGER_SSH"] = f"root@127.0.0.1:{manager_sshd.port}"
+        stack.enter_context(fleet)
+        for d in ("remote-loop", "remote-netns", "remote-netns-rev", "remote-cli"):
             stack.callback(kill_install, root / d)
         settings = manager_settings(
             root / "manager-side",
@@ -285,3 +288,54 @@ def test_reverse_tunnel_deploy_registers_and_remove_takes_key_and_tunnel_away(
     assert "servetune-slot:netns-1" in stage.manager_sshd.authorized_keys.read_text()
     remove(stage.settings, stage.redis_url, forward)
     assert "servetune-slot:netns-1" not in stage.manager_sshd.authorized_keys.read_text()
+
+
+def test_worker_deploy_and_restore_through_the_cli_and_the_managers_api(stage: Stage) -> None:
+    """What a user types: ``servetune worker-deploy "SSH COMMAND"`` (the manager deploys with its
+    own Deployer), then ``worker-restore``, then the slot is deleted (its key goes)."""
+    install = stage.root / "remote-cli"
+    env = stage.fleet.env(stage.root / "cli")
+    manager = ("--manager", stage.fleet.base_url)
+    command = stage.loopback.ssh_command(stage.key)
+    try:
+        deployed = subprocess.run(  # noqa: S603
+            [
+                *SERVETUNE,
+                "worker-deploy",
+                command,
+                *("--name", "cli-1", "--install-dir"),
+                str(install),
+                *manager,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+            check=False,
+        )
+        print(deployed.stdout, deployed.stderr)
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        assert "register" in deployed.stdout
+        procs = worker_processes(install)
+        assert len(procs) == 1
+        slots = {s["name"]: s for s in stage.fleet.get("/api/worker-slots")["items"]}
+        assert slots["cli-1"]["status"] in ("online", "busy"), slots["cli-1"]
+        assert slots["cli-1"]["worker_id"]
+
+        restored = subprocess.run(  # noqa: S603
+            [*SERVETUNE, "worker-restore", "cli-1", *manager],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+            check=False,
+        )
+        assert restored.returncode == 0, restored.stdout + restored.stderr
+        assert [p.pid for p in worker_processes(install)] == [procs[0].pid]
+        assert "servetune-slot:cli-1" in stage.manager_sshd.authorized_keys.read_text()
+
+        gone = stage.fleet.api.delete(f"/api/worker-slots/{slots['cli-1']['id']}")
+        assert gone.status_code in (200, 204), gone.text
+        assert "servetune-slot:cli-1" not in stage.manager_sshd.authorized_keys.read_text()
+    finally:
+        kill_install(install)
