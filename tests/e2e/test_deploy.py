@@ -56,10 +56,6 @@ OTHER_PYTHON = next(
 )
 """The netns host's Python: another build than the manager's (pyenv 3.12.1, else Debian's 3.11.2)."""
 
-LOOPBACK_SSHD_CONFIG = ["SetEnv UV_NATIVE_TLS=1"]
-"""The loopback host trusts this machine's TLS-inspecting proxy through the system CA store
-(PIP_CERT here); uv reads that store only with native TLS, as a real host behind such a proxy
-would configure it."""
 
 DEPLOY_STEPS = [
     "preflight",
@@ -125,9 +121,7 @@ def stage(tiny_model: ModelFiles, tmp_path_factory: pytest.TempPathFactory) -> I
     with contextlib.ExitStack() as stack:
         netns = stack.enter_context(netns_host())
         key = make_key(root / "client" / "id_ed25519")
-        loopback = stack.enter_context(
-            ssh_server(root / "sshd-loopback", extra_config=LOOPBACK_SSHD_CONFIG)
-        )
+        loopback = stack.enter_context(ssh_server(root / "sshd-loopback"))
         loopback.authorize(Path(f"{key}.pub"))
         remote = stack.enter_context(ssh_server(root / "sshd-netns", netns=netns))
         remote.authorize(Path(f"{key}.pub"))

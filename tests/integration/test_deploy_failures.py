@@ -48,8 +48,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600
 
 OLD_PYTHON = "/root/.pyenv/versions/3.9.18/bin/python3"
 NETNS_PYTHON = "/usr/bin/python3"
-SSHD_CONFIG = ["SetEnv UV_NATIVE_TLS=1"]
-"""uv on the test hosts trusts this machine's TLS-inspecting proxy through the system CA store."""
 
 
 @dataclass
@@ -96,11 +94,9 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
         netns = stack.enter_context(netns_host())
         key = make_key(root / "keys" / "id_ed25519")
         wrong_key = make_key(root / "keys" / "not_authorized")
-        remote = stack.enter_context(
-            ssh_server(root / "sshd-netns", netns=netns, extra_config=SSHD_CONFIG)
-        )
+        remote = stack.enter_context(ssh_server(root / "sshd-netns", netns=netns))
         remote.authorize(Path(f"{key}.pub"))
-        loopback = stack.enter_context(ssh_server(root / "sshd-loop", extra_config=SSHD_CONFIG))
+        loopback = stack.enter_context(ssh_server(root / "sshd-loop"))
         loopback.authorize(Path(f"{key}.pub"))
         manager_sshd = stack.enter_context(
             ssh_server(root / "sshd-manager", listen=["127.0.0.1", netns.host_side])
@@ -343,7 +339,7 @@ def test_missing_rsync_falls_back_to_tar_and_the_deploy_succeeds(
 ) -> None:
     rsync = shutil.which("rsync")
     assert rsync is not None
-    with ssh_server(tmp_path / "sshd", hide=[rsync], extra_config=SSHD_CONFIG) as server:
+    with ssh_server(tmp_path / "sshd", hide=[rsync]) as server:
         server.authorize(Path(f"{hosts.key}.pub"))
         install = hosts.root / "install-tar"
         slot = make_slot("tar-host", server.ssh_command(hosts.key), str(install))

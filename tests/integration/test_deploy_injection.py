@@ -67,9 +67,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     root = tmp_path_factory.mktemp("deploy-injection")
     with contextlib.ExitStack() as stack:
         key = make_key(root / "keys" / "id_ed25519")
-        server = stack.enter_context(
-            ssh_server(root / "sshd", extra_config=["SetEnv UV_NATIVE_TLS=1"])
-        )
+        server = stack.enter_context(ssh_server(root / "sshd"))
         server.authorize(Path(f"{key}.pub"))
         redis = RedisServer(root / "redis", password=os.urandom(12).hex())
         redis.start()

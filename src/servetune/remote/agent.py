@@ -105,11 +105,14 @@ class AgentError(Exception):
     """A failure reported as ``{"ok": false, "error": {kind, message, detail}}``; ``kind`` is a
     Category value (remote/models.py)."""
 
-    def __init__(self, kind: str, message: str, detail: str = "") -> None:
+    def __init__(
+        self, kind: str, message: str, detail: str = "", found: Optional[Dict[str, str]] = None
+    ) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.detail = detail
+        self.found = found or {}
 
 
 _PERMISSION_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
@@ -296,6 +299,7 @@ def probe(params: Dict[str, Any]) -> Dict[str, Any]:
             "Python %s at %s is older than %s, which servetune needs"
             % (version, sys.executable, needed),
             "",
+            {"found_version": version, "min_version": needed, "python": sys.executable},
         )
     install_dir = _path(params, "install_dir")
     parent = _existing_parent(install_dir)
@@ -502,6 +506,9 @@ def install(params: Dict[str, Any]) -> Dict[str, Any]:
             "NO_COLOR": "1",
         }
     )
+    # The host's own CA store (uv's default is its bundled roots): hosts behind a TLS-inspecting
+    # proxy trust its CA there, as pip does; the host's own setting wins when it has one.
+    env.setdefault("UV_NATIVE_TLS", "1")
     log_path = os.path.join(install_dir, "logs", "install.log")
     log = []  # type: List[str]
 
@@ -935,7 +942,12 @@ def main(request: Dict[str, Any]) -> int:
     except AgentError as exc:
         reply = {
             "ok": False,
-            "error": {"kind": exc.kind, "message": exc.message, "detail": exc.detail},
+            "error": {
+                "kind": exc.kind,
+                "message": exc.message,
+                "detail": exc.detail,
+                "found": exc.found,
+            },
         }
     except OSError as exc:
         error = _os_error(exc, "%s" % action)
