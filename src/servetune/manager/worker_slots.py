@@ -130,9 +130,9 @@ def _install_dir_problems(slot: WorkerSlotCreate) -> list[Problem]:
         return [
             Problem(
                 "install_dir",
-                f"{path!r} is not a directory of its own (servetune puts venv/, data/, logs/ and "
-                "ssh/ in it and may stop processes running from it); give a path without '..', "
-                "e.g. ~/.servetune or /opt/servetune",
+                f"{path!r} {'holds ..' if parts else 'is'}: not a directory of its own "
+                "(servetune puts venv/, data/, logs/ and ssh/ in it and stops the processes "
+                "running from it); give a path without '..', e.g. ~/.servetune or /opt/servetune",
             )
         ]
     if slot.redis_via == RedisVia.FORWARD and not TUNNEL_SAFE_PATH.match(path):

@@ -661,6 +661,11 @@ def _expand_key_path(raw: str, resolved: ResolvedTarget, destination: str, what:
     return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", variable, expanded)
 
 
+def _is_special_path(path: str) -> bool:
+    """``path`` (absolute, normalised) is under /dev, /proc or /sys."""
+    return any(path == top or path.startswith(top + "/") for top in ("/dev", "/proc", "/sys"))
+
+
 def _user_name() -> str:
     """The local user's name (as ssh's ``%u``)."""
     try:
@@ -857,9 +862,11 @@ class SshSession:
             what = f"{option} {raw}"
             expanded = _expand_key_path(raw, resolved, self.target.destination, what)
             real = os.path.realpath(expanded)
-            if real == "/dev" or real.startswith(("/dev/", "/proc/", "/sys/")):
+            # both: /dev/stdin resolves through /proc/self, which is this process, not ssh
+            special = [p for p in (os.path.normpath(expanded), real) if _is_special_path(p)]
+            if special:
                 raise _invalid(
-                    f"the key file {what} is {real}, a device or kernel file, not a key file "
+                    f"the key file {what} is {special[0]}, a device or kernel file, not a key file "
                     "(ssh would read it in place of its own input)",
                     "give the path of a key file on the manager, e.g. -i ~/.ssh/id_ed25519",
                 )
