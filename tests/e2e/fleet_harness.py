@@ -467,7 +467,8 @@ class RunningOnWorker:
 class Fleet:
     """A private Redis, one manager and named workers, each a real ``servetune`` process.
 
-    - Redis: ``tests/redis_server.RedisServer`` on a free port (never the shared 6379).
+    - Redis: ``tests/redis_server.RedisServer`` on a free port (never the shared 6379), with
+      ``redis_password`` when given.
     - Manager: ``servetune manager --host 127.0.0.1 --port <free> --db sqlite:///<root>/manager/
       manager.db --redis <url>`` with ``SERVETUNE_DATA_DIR=<root>/manager``.
     - Workers: ``servetune worker --redis <url> --name <name> --max-parallel <n>`` with
@@ -497,6 +498,7 @@ class Fleet:
         max_parallel: int = 1,
         api_token: str | None = None,
         start_timeout_s: float = 60.0,
+        redis_password: str | None = None,
     ) -> None:
         self.root = root
         self.model_path = model_path
@@ -504,7 +506,7 @@ class Fleet:
         self.lease_ttl_s = lease_ttl_s
         self.api_token = api_token
         self.start_timeout_s = start_timeout_s
-        self.redis = RedisServer(root / "redis")
+        self.redis = RedisServer(root / "redis", password=redis_password)
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.db_path = root / "manager" / "manager.db"
@@ -567,7 +569,8 @@ class Fleet:
             self.start_manager()
             for worker in self.workers.values():
                 worker.start()
-            self.wait_workers_online(timeout_s=self.start_timeout_s)
+            if self.workers:
+                self.wait_workers_online(timeout_s=self.start_timeout_s)
         except Exception as e:
             report = self.report()
             self.close()

@@ -899,6 +899,24 @@ def start_worker(params: Dict[str, Any]) -> Dict[str, Any]:
     return {"pid": proc.pid}
 
 
+def read_file(params: Dict[str, Any]) -> Dict[str, Any]:
+    """The last ``max_bytes`` (default 16384) of the text file ``path``: {text, exists, size}
+    (exists false and text '' when there is no such file). Used for the worker's log tail and
+    the install marker."""
+    path = _path(params, "path")
+    max_bytes = int(_number(params, "max_bytes", 16384))
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(0, size - max_bytes))
+            data = f.read(max_bytes)
+    except FileNotFoundError:
+        return {"text": "", "exists": False, "size": 0}
+    except OSError as exc:
+        raise _os_error(exc, "reading %s" % path) from None
+    return {"text": data.decode("utf-8", "replace"), "exists": True, "size": size}
+
+
 ACTIONS = {
     "probe": probe,
     "prepare": prepare,
@@ -911,6 +929,7 @@ ACTIONS = {
     "start_worker": start_worker,
     "status": status,
     "stop_worker": stop_worker,
+    "read_file": read_file,
 }
 """Every action the agent answers: name → handler(params) → result dict."""
 
