@@ -13,15 +13,18 @@ import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
 from servetune.errors import DeployFailed
-from servetune.remote.models import Category
+from servetune.manager.app import create_app
+from servetune.remote.models import Category, WorkerSlot
 from servetune.remote.ssh import SshSession, parse_ssh_command
 from servetune.settings import Settings
-from tests.integration.test_manager_slots import Harness
+from tests.integration.manager_helpers import ScriptedSupervisor
+from tests.integration.test_manager_slots import Harness, StandInDeployer, slot_settings
 from tests.redis_server import RedisServer
 from tests.sshd import SshServer
 
@@ -236,3 +239,62 @@ def test_the_api_refuses_install_dirs_that_could_not_work_and_keeps_the_slot(
         assert "redis_via forward" in refused.json()["problems"][0]["message"]
         assert client.get(url).json() == slot  # nothing changed
         assert harness.deployers == []  # nothing was handed to a deployer
+
+
+class SlowRemoveDeployer(StandInDeployer):
+    """The stand-in deployer whose ``remove`` (dropping the tunnel key) waits for
+    ``remove_release``, so a request can arrive while a delete is halfway."""
+
+    def __init__(self, settings: Settings, redis_url: str, registry: Any) -> None:
+        super().__init__(settings, redis_url, registry)
+        self.removing = threading.Event()
+        self.remove_release = threading.Event()
+
+    async def remove(self, slot: WorkerSlot) -> None:
+        self.removing.set()
+        await asyncio.to_thread(self.remove_release.wait, 30)
+        await super().remove(slot)
+
+
+def test_a_deploy_asked_while_the_slot_is_being_deleted_is_refused(
+    tmp_path: Path, private_redis: RedisServer
+) -> None:
+    """Before the fix the deploy ran during the delete: with the real Deployer it adds the
+    tunnel key after the delete removed it, a key left in authorized_keys for no slot."""
+    made: list[SlowRemoveDeployer] = []
+
+    def factory(settings: Settings, url: str, registry: Any) -> SlowRemoveDeployer:
+        made.append(SlowRemoveDeployer(settings, url, registry))
+        return made[-1]
+
+    app = create_app(
+        slot_settings(tmp_path, private_redis.url),
+        supervisor_factory=ScriptedSupervisor,
+        deployer_factory=factory,
+    )
+    with TestClient(app) as client:
+        created = client.post("/api/worker-slots", json={"name": "gpu-1", "ssh_command": "ssh h"})
+        url = f"/api/worker-slots/{created.json()['id']}"
+        answers: dict[str, Any] = {}
+        deleting = threading.Thread(
+            target=lambda: answers.setdefault("delete", client.delete(url)), daemon=True
+        )
+        deleting.start()
+        while not made:
+            threading.Event().wait(0.01)
+        [deployer] = made
+        try:
+            assert deployer.removing.wait(10)
+            for method, path in (("POST", f"{url}/deploy"), ("POST", f"{url}/restore")):
+                busy = client.request(method, path)
+                assert busy.status_code == 409, (method, busy.text)
+                assert "being deleted" in busy.json()["detail"]
+            busy = client.patch(url, json={"max_parallel": 2})
+            assert busy.status_code == 409, busy.text
+        finally:
+            deployer.remove_release.set()
+            deleting.join(10)
+        assert answers["delete"].status_code == 204
+        assert deployer.calls == []  # no deploy reached the deployer
+        assert deployer.removed == ["gpu-1"]
+        assert client.post(f"{url}/deploy").status_code == 404

@@ -193,6 +193,7 @@ class WorkerSlots:
         self._deployer_factory = deployer_factory
         self._deployer: SlotDeployer | None = None
         self._running: dict[int, asyncio.Task[DeployReport]] = {}
+        self._deleting: set[int] = set()
 
     @property
     def deployer(self) -> SlotDeployer:
@@ -255,10 +256,18 @@ class WorkerSlots:
         return await asyncio.to_thread(self.store.create, body)
 
     def _refuse_while_deploying(self, slot: WorkerSlot, doing: str) -> None:
+        self._refuse_while_deleting(slot)
         if slot.id in self._running:
             raise SlotBusy(
                 f"worker slot {slot.name} is being deployed or restored now; {doing} once it "
                 f"ends (GET /api/worker-slots/{slot.id} shows its status)"
+            )
+
+    def _refuse_while_deleting(self, slot: WorkerSlot) -> None:
+        if slot.id in self._deleting:
+            raise SlotBusy(
+                f"worker slot {slot.name} is being deleted now (its tunnel key is being removed); "
+                "save it again once the delete has ended to deploy there"
             )
 
     async def update(self, slot_id: int, changes: WorkerSlotUpdate) -> WorkerSlot:
@@ -294,11 +303,18 @@ class WorkerSlots:
     async def delete(self, slot_id: int) -> None:
         """Remove the slot: refused while it deploys (SlotBusy); the deployer removes its tunnel
         key and stops its reverse tunnel (the remote host is not touched), then the row goes.
-        Raises SlotNotFound."""
+        A deploy, restore, update or second delete asked meanwhile gets SlotBusy (a deploy
+        slipping in would leave a tunnel key in authorized_keys). Raises SlotNotFound."""
         slot = await asyncio.to_thread(self.store.get, slot_id)
         self._refuse_while_deploying(slot, "delete it")
-        await self.deployer.remove(slot)
-        await asyncio.to_thread(self.store.delete, slot_id)
+        # claimed with no await since the check: a deploy starting while the key is removed
+        # would add a tunnel key that nothing removes any more
+        self._deleting.add(slot.id)
+        try:
+            await self.deployer.remove(slot)
+            await asyncio.to_thread(self.store.delete, slot_id)
+        finally:
+            self._deleting.discard(slot.id)
 
     # ---- deploys -------------------------------------------------------------------------
     async def deploy(self, slot_id: int, offline: OfflineMode | None = None) -> DeployReport:
@@ -316,6 +332,7 @@ class WorkerSlots:
     async def _run(
         self, slot: WorkerSlot, action: str, offline: OfflineMode | None
     ) -> DeployReport:
+        self._refuse_while_deleting(slot)
         if slot.id in self._running:  # checked and claimed with no await in between
             raise SlotBusy(
                 f"a deploy or restore of worker slot {slot.name} is already running; wait for "
