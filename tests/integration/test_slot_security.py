@@ -25,7 +25,7 @@ from servetune.remote.ssh import SshSession, parse_ssh_command
 from servetune.settings import Settings
 from tests.integration.manager_helpers import ScriptedSupervisor
 from tests.integration.test_manager_slots import Harness, StandInDeployer, slot_settings
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, free_port
 from tests.sshd import SshServer
 
 pytestmark = pytest.mark.integration
@@ -105,6 +105,24 @@ def test_key_paths_are_checked_as_ssh_expands_them(
             asyncio.run(bad.resolve())
         assert caught.value.category is Category.SSH_COMMAND_INVALID
         assert says in str(caught.value), str(caught.value)
+
+
+def test_a_quiet_ssh_command_still_gets_its_failure_category(
+    client_key: Path, tmp_path: Path
+) -> None:
+    """Before the fix ``-q`` reached ssh, which then said nothing: a closed port came back as
+    an unknown failure ("exit status 255: no output") instead of connection_refused."""
+    port = free_port()  # nothing listens there
+    session = SshSession(
+        parse_ssh_command(f"ssh -q -p {port} -i {client_key} root@127.0.0.1"),
+        Settings(data_dir=tmp_path / "data"),
+    )
+    params = {"install_dir": str(tmp_path), "index_url": None, "index_timeout_s": 1,
+              "min_python": [3, 6]}  # fmt: skip
+    with pytest.raises(DeployFailed) as caught:
+        asyncio.run(session.run_agent("probe", params, timeout_s=60))
+    assert caught.value.category is Category.CONNECTION_REFUSED, str(caught.value)
+    assert str(port) in caught.value.suggestion
 
 
 @contextlib.contextmanager

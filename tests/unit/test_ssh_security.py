@@ -81,6 +81,16 @@ def test_smuggled_options_and_odd_parts_are_refused_naming_them(command: str, na
     assert caught.value.suggestion
 
 
+def test_quiet_ssh_is_not_passed_on_and_quiet_log_levels_are_refused() -> None:
+    """A quiet ssh prints nothing, so a refused login or a closed port could only be reported
+    as an unknown failure: -q is dropped, LogLevel QUIET/FATAL refused."""
+    assert parse_ssh_command("ssh -qp 2222 -q h").options == ("-p", "2222")
+    for level in ("QUIET", "fatal"):
+        with pytest.raises(DeployFailed) as caught:
+            parse_ssh_command(f"ssh -o LogLevel={level} h")
+        assert "LogLevel=ERROR" in caught.value.suggestion
+
+
 def test_a_very_long_value_is_refused_without_choking() -> None:
     with pytest.raises(DeployFailed) as caught:
         parse_ssh_command("ssh -o Ciphers=" + "a" * 5000 + " h")

@@ -213,7 +213,7 @@ _INT_RE = re.compile(r"[0-9]{1,6}")
 _FLAGS_NO_ARG = {"4", "6", "C", "q", "v", "T"}
 _FLAGS_ARG = {"p", "i", "l", "J", "o"}
 _ALLOWED_HELP = (
-    "allowed: -p PORT, -i KEY_FILE, -l USER, -J JUMP_HOST, -4, -6, -C, -q, -v, -T and "
+    "allowed: -p PORT, -i KEY_FILE, -l USER, -J JUMP_HOST, -4, -6, -C, -q (ignored), -v, -T and "
     "-o Key=Value for a few keys (Port, User, IdentityFile, ProxyJump, ConnectTimeout, …)"
 )
 _REFUSED_FLAGS: dict[str, str] = {
@@ -317,6 +317,12 @@ def _check_value(key: str, value: str, *, in_o: bool = False) -> str:
         levels = ("quiet", "fatal", "error", "info", "verbose", "debug", "debug1", "debug2")
         if value.lower() not in (*levels, "debug3"):
             raise _invalid(f"LogLevel {value!r} is not an ssh log level", "e.g. -o LogLevel=ERROR")
+        if value.lower() in ("quiet", "fatal"):
+            raise _invalid(
+                f"LogLevel={value} would hide the errors servetune reads from ssh to say what "
+                "failed (host key, refused login, closed port, …)",
+                "remove it, or use LogLevel=ERROR",
+            )
         return value
     if lowered == "hostkeyalias":
         if not _NAME_RE.fullmatch(value):
@@ -459,7 +465,9 @@ def parse_ssh_command(command: str) -> SshTarget:
 
     shlex splits it (no shell ever sees it); the first word must be ``ssh``; options must be in
     the allow-list (-p, -i, -l, -J, -4, -6, -C, -q, -v, -T, -o Key=Value for the keys listed in
-    ``_O_KEYS``); options may also follow the destination, as ssh allows. Raises DeployFailed
+    ``_O_KEYS``; -q is accepted but dropped, and LogLevel QUIET/FATAL refused, since a quiet ssh
+    prints none of the errors diagnose.classify_ssh reads); options may also follow the
+    destination, as ssh allows. Raises DeployFailed
     (Category.SSH_COMMAND_INVALID) naming the refused part and how to fix it: an empty command,
     a newline or control character, unbalanced quotes, any other option (ProxyCommand,
     LocalCommand, -F, -E, -L/-R/-D/-W, …), a bad value, a destination with characters other
@@ -513,6 +521,8 @@ def parse_ssh_command(command: str) -> SshTarget:
             while pos < len(word):
                 flag = word[pos]
                 pos += 1
+                if flag == "q":
+                    continue  # accepted, not passed on: quiet ssh says nothing to diagnose
                 if flag in _FLAGS_NO_ARG:
                     options.append(f"-{flag}")
                     continue
