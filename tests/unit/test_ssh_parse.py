@@ -25,7 +25,7 @@ from servetune.remote.ssh import parse_ssh_command
         (
             "ssh -l ubuntu -4 -C -q -v -T host",
             "host",
-            ("-l", "ubuntu", "-4", "-C", "-q", "-v", "-T"),
+            ("-l", "ubuntu", "-4", "-C", "-v", "-T"),  # -q dropped: ssh's errors are needed
         ),
         ("ssh -6Cp2222 host", "host", ("-6", "-C", "-p", "2222")),
         ("ssh -vvv host", "host", ("-v", "-v", "-v")),

@@ -41,6 +41,10 @@ MANAGER_SSH_PATTERN = rf"^(?:[A-Za-z0-9._][A-Za-z0-9._-]{{0,63}}@)?{_HOST}(?::[0
 UNSAFE_PATH_CHARS = frozenset(";&|$`<>(){}[]*?!\"'\\\t")
 """Characters refused in ``install_dir`` although it never reaches a shell (it travels as JSON
 to the remote's python): a path holding them is a mistake or an attack, never a need."""
+TUNNEL_SAFE_PATH = re.compile(r"^(?:~/|/)[A-Za-z0-9._/+@=,-]*$")
+"""``install_dir`` with redis_via forward: the worker's tunnel hands ssh files under it
+(``-i``, UserKnownHostsFile), and ssh splits spaces and expands ``%`` in those
+(remote/tunnel.py's FILE_PATTERN), so only these characters can work."""
 
 
 def _address_ok(text: str, pattern: str) -> bool:
@@ -54,7 +58,8 @@ def _address_ok(text: str, pattern: str) -> bool:
 def slot_problems(slot: WorkerSlotCreate) -> list[Problem]:
     """What is wrong with ``slot`` beyond its field types, each naming its field and the fix:
     an ssh command that ``remote.ssh.parse_ssh_command`` refuses (``;``, ``$(…)``, backticks,
-    newlines, forbidden options, …), shell metacharacters in ``install_dir``, a ``redis_address``
+    newlines, forbidden options, …), shell metacharacters, control characters, ``..`` or
+    tunnel-unsafe characters in ``install_dir``, a ``python`` starting with '-', a ``redis_address``
     that is not host:port (a URL with a password is refused: no secret is stored), a
     ``manager_ssh`` that is not [user@]host[:port], and ``redis_via`` direct without an address.
     """
@@ -63,13 +68,13 @@ def slot_problems(slot: WorkerSlotCreate) -> list[Problem]:
         parse_ssh_command(slot.ssh_command)
     except DeployFailed as e:
         problems.append(Problem("ssh_command", f"{e}; {e.suggestion}"))
-    bad = sorted({c for c in slot.install_dir if c in UNSAFE_PATH_CHARS})
-    if bad:
+    problems += _install_dir_problems(slot)
+    if slot.python.startswith("-"):
         problems.append(
             Problem(
-                "install_dir",
-                f"{slot.install_dir!r} holds {' '.join(repr(c) for c in bad)}; use a plain path "
-                "of letters, digits, '/', '.', '_', '-', '~' (e.g. ~/.servetune)",
+                "python",
+                f"{slot.python!r} starts with '-', so it is not an interpreter; give python3 or an "
+                "absolute path such as /usr/bin/python3.11",
             )
         )
     if slot.redis_address is not None and not _address_ok(
@@ -100,6 +105,47 @@ def slot_problems(slot: WorkerSlotCreate) -> list[Problem]:
             )
         )
     return problems
+
+
+def _install_dir_problems(slot: WorkerSlotCreate) -> list[Problem]:
+    """What is wrong with ``slot.install_dir``: shell metacharacters, invisible or control
+    characters (U+202E would show another path than the real one), a directory that is not one
+    of its own (``/``, ``~``, ``..`` parts), and for redis_via forward anything ssh would split
+    or expand in the tunnel's key and known_hosts paths (a space, ``%``, non-ASCII)."""
+    path = slot.install_dir
+    fix = "use a plain path of letters, digits, '/', '.', '_', '-', '~' (e.g. ~/.servetune)"
+    bad = sorted({c for c in path if c in UNSAFE_PATH_CHARS})
+    if bad:
+        return [Problem("install_dir", f"{path!r} holds {' '.join(repr(c) for c in bad)}; {fix}")]
+    hidden = sorted({c for c in path if not c.isprintable()})
+    if hidden:
+        names = ", ".join(f"U+{ord(c):04X}" for c in hidden)
+        return [
+            Problem(
+                "install_dir", f"{path!r} holds invisible or control characters ({names}); {fix}"
+            )
+        ]
+    parts = [p for p in path.split("/") if p not in ("", "~")]
+    if not parts or ".." in parts:
+        return [
+            Problem(
+                "install_dir",
+                f"{path!r} {'holds ..' if parts else 'is'}: not a directory of its own "
+                "(servetune puts venv/, data/, logs/ and ssh/ in it and stops the processes "
+                "running from it); give a path without '..', e.g. ~/.servetune or /opt/servetune",
+            )
+        ]
+    if slot.redis_via == RedisVia.FORWARD and not TUNNEL_SAFE_PATH.match(path):
+        odd = sorted({c for c in path[1:] if not re.match(r"[A-Za-z0-9._/+@=,~-]", c)})
+        return [
+            Problem(
+                "install_dir",
+                f"{path!r} holds {' '.join(repr(c) for c in odd)}: with redis_via forward the "
+                "worker's ssh tunnel reads its key from this directory and ssh splits or expands "
+                f"those characters in file paths; {fix}",
+            )
+        ]
+    return []
 
 
 def check_slot(slot: WorkerSlotCreate) -> WorkerSlotCreate:
@@ -147,6 +193,7 @@ class WorkerSlots:
         self._deployer_factory = deployer_factory
         self._deployer: SlotDeployer | None = None
         self._running: dict[int, asyncio.Task[DeployReport]] = {}
+        self._deleting: set[int] = set()
 
     @property
     def deployer(self) -> SlotDeployer:
@@ -209,10 +256,18 @@ class WorkerSlots:
         return await asyncio.to_thread(self.store.create, body)
 
     def _refuse_while_deploying(self, slot: WorkerSlot, doing: str) -> None:
+        self._refuse_while_deleting(slot)
         if slot.id in self._running:
             raise SlotBusy(
                 f"worker slot {slot.name} is being deployed or restored now; {doing} once it "
                 f"ends (GET /api/worker-slots/{slot.id} shows its status)"
+            )
+
+    def _refuse_while_deleting(self, slot: WorkerSlot) -> None:
+        if slot.id in self._deleting:
+            raise SlotBusy(
+                f"worker slot {slot.name} is being deleted now (its tunnel key is being removed); "
+                "save it again once the delete has ended to deploy there"
             )
 
     async def update(self, slot_id: int, changes: WorkerSlotUpdate) -> WorkerSlot:
@@ -248,11 +303,18 @@ class WorkerSlots:
     async def delete(self, slot_id: int) -> None:
         """Remove the slot: refused while it deploys (SlotBusy); the deployer removes its tunnel
         key and stops its reverse tunnel (the remote host is not touched), then the row goes.
-        Raises SlotNotFound."""
+        A deploy, restore, update or second delete asked meanwhile gets SlotBusy (a deploy
+        slipping in would leave a tunnel key in authorized_keys). Raises SlotNotFound."""
         slot = await asyncio.to_thread(self.store.get, slot_id)
         self._refuse_while_deploying(slot, "delete it")
-        await self.deployer.remove(slot)
-        await asyncio.to_thread(self.store.delete, slot_id)
+        # claimed with no await since the check: a deploy starting while the key is removed
+        # would add a tunnel key that nothing removes any more
+        self._deleting.add(slot.id)
+        try:
+            await self.deployer.remove(slot)
+            await asyncio.to_thread(self.store.delete, slot_id)
+        finally:
+            self._deleting.discard(slot.id)
 
     # ---- deploys -------------------------------------------------------------------------
     async def deploy(self, slot_id: int, offline: OfflineMode | None = None) -> DeployReport:
@@ -270,6 +332,7 @@ class WorkerSlots:
     async def _run(
         self, slot: WorkerSlot, action: str, offline: OfflineMode | None
     ) -> DeployReport:
+        self._refuse_while_deleting(slot)
         if slot.id in self._running:  # checked and claimed with no await in between
             raise SlotBusy(
                 f"a deploy or restore of worker slot {slot.name} is already running; wait for "

@@ -144,7 +144,12 @@ def _param(params: Dict[str, Any], name: str, kind: Any, optional: bool = False)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise AgentError("unknown", "parameter %r has the wrong type: %r" % (name, value))
+        # the type only, never the value: a password sent with the wrong type stays out of it
+        raise AgentError(
+            "unknown",
+            "parameter %r must be %s, not %s"
+            % (name, getattr(kind, "__name__", kind), type(value).__name__),
+        )
     return value
 
 
@@ -153,6 +158,8 @@ def _number(params: Dict[str, Any], name: str, default: float) -> float:
     value = _param(params, name, float, optional=True)
     if value is None:
         return default
+    if value != value or value in (float("inf"), float("-inf")):
+        raise AgentError("unknown", "parameter %r must be a finite number, got %r" % (name, value))
     if value < 0:
         raise AgentError("unknown", "parameter %r must be >= 0, got %r" % (name, value))
     return float(value)
@@ -616,10 +623,16 @@ def keygen(params: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def write_file(params: Dict[str, Any]) -> Dict[str, Any]:
-    """Write ``content`` (text) to ``path`` atomically, created with ``mode`` (e.g. 0o600)."""
+    """Write ``content`` (text) to ``path`` atomically, created with ``mode`` (permission bits
+    0..0o777, e.g. 0o600: no setuid, setgid or sticky bit; anything else is refused)."""
     path = _path(params, "path")
     content = _param(params, "content", str)
     mode = _param(params, "mode", int)
+    if not 0 <= mode <= 0o777:
+        raise AgentError(
+            "unknown",
+            "parameter 'mode' must be permission bits 0..0o777 (e.g. 0o600), got %s" % oct(mode),
+        )
     directory = os.path.dirname(path)
     tmp = os.path.join(directory, ".%s.%d.tmp" % (os.path.basename(path), os.getpid()))
     try:

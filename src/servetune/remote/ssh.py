@@ -17,6 +17,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import tarfile
 import time
 from collections.abc import AsyncIterator
@@ -195,18 +196,24 @@ async def run_command(
 # -- parsing the user's ssh command -------------------------------------------------------------
 
 _DESTINATION_RE = re.compile(r"[A-Za-z0-9._@:%\[\]-]+")
-_HOP_RE = re.compile(r"(?:[A-Za-z0-9._-]{1,64}@)?[A-Za-z0-9._-]{1,253}(?::[0-9]{1,5})?")
-_USER_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_NAME_RE = re.compile(r"[A-Za-z0-9._:-]{1,253}")
+_HOP_RE = re.compile(
+    r"(?:[A-Za-z0-9._][A-Za-z0-9._-]{0,63}@)?[A-Za-z0-9._][A-Za-z0-9._-]{0,252}(?::[0-9]{1,5})?"
+)
+_USER_RE = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._-]{0,63}")
+_NAME_RE = re.compile(r"[A-Za-z0-9._:][A-Za-z0-9._:-]{0,252}")
 _ALGOS_RE = re.compile(r"[+^-]?[A-Za-z0-9@._+,-]{1,2000}")
 _PATH_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f\"]")
+_O_PATH_FORBIDDEN = re.compile(r"[\s\\'#]")
+"""Refused in a file path given as ``-o IdentityFile=``/``CertificateFile=``: ssh splits that
+value itself (quotes, backslash escapes, ``#`` comments), so the file it opens would not be the
+one servetune checked; ``-i PATH`` takes any path as one word."""
 _SAFE_WORD_RE = re.compile(r"[A-Za-z0-9_./@:%+=,-]+")
 _INT_RE = re.compile(r"[0-9]{1,6}")
 
 _FLAGS_NO_ARG = {"4", "6", "C", "q", "v", "T"}
 _FLAGS_ARG = {"p", "i", "l", "J", "o"}
 _ALLOWED_HELP = (
-    "allowed: -p PORT, -i KEY_FILE, -l USER, -J JUMP_HOST, -4, -6, -C, -q, -v, -T and "
+    "allowed: -p PORT, -i KEY_FILE, -l USER, -J JUMP_HOST, -4, -6, -C, -q (ignored), -v, -T and "
     "-o Key=Value for a few keys (Port, User, IdentityFile, ProxyJump, ConnectTimeout, …)"
 )
 _REFUSED_FLAGS: dict[str, str] = {
@@ -238,8 +245,9 @@ def _invalid(message: str, suggestion: str) -> DeployFailed:
     return DeployFailed(Category.SSH_COMMAND_INVALID, message, suggestion)
 
 
-def _check_value(key: str, value: str) -> str:
-    """``value`` of option ``key`` when it is acceptable (~ expanded in file options)."""
+def _check_value(key: str, value: str, *, in_o: bool = False) -> str:
+    """``value`` of option ``key`` when it is acceptable (~ expanded in file options); ``in_o``:
+    given as ``-o Key=Value`` (ssh splits such a value itself)."""
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise _invalid(
             f"the value of {key} contains a newline or control character",
@@ -255,13 +263,22 @@ def _check_value(key: str, value: str) -> str:
     if lowered == "user":
         if not _USER_RE.fullmatch(value):
             raise _invalid(
-                f"user {value!r} has characters other than letters, digits, '.', '_', '-'",
+                f"user {value!r} has characters other than letters, digits, '.', '_', '-' or "
+                "starts with '-'",
                 "give the remote login name, e.g. -l ubuntu",
             )
         return value
     if lowered in ("identityfile", "certificatefile"):
         if _PATH_FORBIDDEN.search(value):
             raise _invalid(f"{key} {value!r} contains a '\"'", "rename the key file")
+        if in_o and _O_PATH_FORBIDDEN.search(value):
+            raise _invalid(
+                f"-o {key}={value} holds a space, a quote, a backslash or '#', which ssh would "
+                "split or strip in an -o value",
+                f"give the key as -i '{value}'"
+                if lowered == "identityfile"
+                else "move or link the file to a path of letters, digits and . _ / -",
+            )
         return os.path.expanduser(value)
     if lowered == "proxyjump":
         if value.lower() == "none":
@@ -271,7 +288,7 @@ def _check_value(key: str, value: str) -> str:
             if not _HOP_RE.fullmatch(plain):
                 raise _invalid(
                     f"jump host {hop!r} is not [user@]host[:port] (letters, digits, '.', '_', "
-                    "'-'; hops separated by ',')",
+                    "'-', not starting with '-'; hops separated by ',')",
                     "e.g. -J admin@bastion.example.com:2222 (define anything fancier as a Host "
                     "in ~/.ssh/config and give its name)",
                 )
@@ -300,6 +317,12 @@ def _check_value(key: str, value: str) -> str:
         levels = ("quiet", "fatal", "error", "info", "verbose", "debug", "debug1", "debug2")
         if value.lower() not in (*levels, "debug3"):
             raise _invalid(f"LogLevel {value!r} is not an ssh log level", "e.g. -o LogLevel=ERROR")
+        if value.lower() in ("quiet", "fatal"):
+            raise _invalid(
+                f"LogLevel={value} would hide the errors servetune reads from ssh to say what "
+                "failed (host key, refused login, closed port, …)",
+                "remove it, or use LogLevel=ERROR",
+            )
         return value
     if lowered == "hostkeyalias":
         if not _NAME_RE.fullmatch(value):
@@ -374,7 +397,7 @@ def _parse_o(raw: str) -> tuple[str, str]:
             f"remove it or set it for this host in ~/.ssh/config ({_ALLOWED_HELP})",
         )
     canonical = _O_KEYS[lowered]
-    return canonical, _check_value(canonical, value)
+    return canonical, _check_value(canonical, value, in_o=True)
 
 
 def _parse_uri(word: str) -> tuple[str, str | None]:
@@ -393,7 +416,7 @@ def _parse_uri(word: str) -> tuple[str, str | None]:
     host = host.strip("[]")
     if port is not None:
         _check_value("Port", port)
-    return (f"{user}@{host}" if user else host), port
+    return _check_destination(f"{user}@{host}" if user else host), port
 
 
 def _check_destination(word: str) -> str:
@@ -410,6 +433,14 @@ def _check_destination(word: str) -> str:
         )
     if word.count("@") > 1 or word.endswith("@") or word.startswith("@"):
         raise _invalid(f"destination {word!r} is not [user@]host", "e.g. ubuntu@gpu-1")
+    user, at, host = word.rpartition("@")
+    if host.startswith("-"):
+        raise _invalid(
+            f"destination {word!r}: the host part starts with '-'",
+            "give [user@]host, e.g. ubuntu@gpu-1 (a host name never starts with '-')",
+        )
+    if at:
+        _check_value("User", user)
     return word
 
 
@@ -434,7 +465,9 @@ def parse_ssh_command(command: str) -> SshTarget:
 
     shlex splits it (no shell ever sees it); the first word must be ``ssh``; options must be in
     the allow-list (-p, -i, -l, -J, -4, -6, -C, -q, -v, -T, -o Key=Value for the keys listed in
-    ``_O_KEYS``); options may also follow the destination, as ssh allows. Raises DeployFailed
+    ``_O_KEYS``; -q is accepted but dropped, and LogLevel QUIET/FATAL refused, since a quiet ssh
+    prints none of the errors diagnose.classify_ssh reads); options may also follow the
+    destination, as ssh allows. Raises DeployFailed
     (Category.SSH_COMMAND_INVALID) naming the refused part and how to fix it: an empty command,
     a newline or control character, unbalanced quotes, any other option (ProxyCommand,
     LocalCommand, -F, -E, -L/-R/-D/-W, …), a bad value, a destination with characters other
@@ -488,6 +521,8 @@ def parse_ssh_command(command: str) -> SshTarget:
             while pos < len(word):
                 flag = word[pos]
                 pos += 1
+                if flag == "q":
+                    continue  # accepted, not passed on: quiet ssh says nothing to diagnose
                 if flag in _FLAGS_NO_ARG:
                     options.append(f"-{flag}")
                     continue
@@ -580,6 +615,75 @@ def _home_dir() -> Path:
         return Path.home()
 
 
+_KEY_TOKENS = "%dhilLnprujk"
+"""The ``%`` tokens ssh expands in IdentityFile/CertificateFile that servetune expands the same
+way to check the file (``%C`` is refused: give the path written out)."""
+
+
+def _expand_key_path(raw: str, resolved: ResolvedTarget, destination: str, what: str) -> str:
+    """``raw`` as ssh opens it: ``~`` then ``%`` tokens then ``${VAR}`` expanded (ssh_config(5),
+    TOKENS and ENVIRONMENT VARIABLES). Raises DeployFailed (SSH_COMMAND_INVALID) for a token or
+    variable ssh could not expand either (or ``%C``)."""
+    home = str(_home_dir())
+    text = os.path.expanduser(raw) if raw.startswith("~") else raw
+    local = socket.gethostname()
+    values = {
+        "%": "%",
+        "d": home,
+        "h": resolved.hostname,
+        "i": str(os.getuid()),
+        "l": local,
+        "L": local.split(".")[0],
+        "n": destination.rpartition("@")[2],
+        "p": str(resolved.port),
+        "r": resolved.user,
+        "u": _user_name(),
+        "j": resolved.proxy_jump or "",
+        "k": destination.rpartition("@")[2],
+    }
+    out: list[str] = []
+    index = 0
+    while index < len(text):
+        char = text[index]
+        if char != "%":
+            out.append(char)
+            index += 1
+            continue
+        token = text[index + 1 : index + 2]
+        if token not in values:
+            raise _invalid(
+                f"the key file {what} holds %{token}, a token servetune does not expand",
+                f"write the path out, or use one of %{', %'.join(_KEY_TOKENS)} and %%",
+            )
+        out.append(values[token])
+        index += 2
+    expanded = "".join(out)
+
+    def variable(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise _invalid(
+                f"the key file {what} names ${{{name}}}, which is not set for the manager",
+                "write the path out",
+            )
+        return os.environ[name]
+
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", variable, expanded)
+
+
+def _is_special_path(path: str) -> bool:
+    """``path`` (absolute, normalised) is under /dev, /proc or /sys."""
+    return any(path == top or path.startswith(top + "/") for top in ("/dev", "/proc", "/sys"))
+
+
+def _user_name() -> str:
+    """The local user's name (as ssh's ``%u``)."""
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
 class SshSession:
     """One slot's ssh target with servetune's settings: the generated config file, ``ssh -G``,
     running the remote agent and pushing directories.
@@ -598,6 +702,7 @@ class SshSession:
         self.target = target
         self.settings = settings
         self._config: Path | None = None
+        self._resolved: ResolvedTarget | None = None
 
     # -- the generated config ------------------------------------------------------------
 
@@ -708,10 +813,11 @@ class SshSession:
         """Run ``ssh -G`` with the slot's options and servetune's config; what ssh will use.
 
         Raises DeployFailed (Category.SSH_COMMAND_INVALID) when a key file the command names
-        (-i, IdentityFile) is missing here or readable by others (ssh would skip it silently),
-        or when ssh rejects the options or the destination (with ssh's message).
+        (-i, IdentityFile, CertificateFile; after ssh's own ``%``/``${}`` expansion) is missing
+        here, not a regular file, a device or /proc path, or a private key readable by others
+        (ssh would skip it silently), or when ssh rejects the options or the destination (with
+        ssh's message). ``run_agent`` and ``push_dir`` resolve first when it was not done.
         """
-        await asyncio.to_thread(self._check_key_files)
         argv = ["ssh", "-F", str(self.config_path()), *self.target.options, "-G", "--"]
         argv.append(self.target.destination)
         result = await run_command(argv, timeout_s=30.0)
@@ -732,7 +838,7 @@ class SshSession:
         jump = values.get("proxyjump", [None])[0]
         if jump not in (None, "none"):  # also one set for this host in ~/.ssh/config
             self._check_jump_safe(self.config_path())
-        return ResolvedTarget(
+        resolved = ResolvedTarget(
             hostname=values.get("hostname", [self.target.destination])[0],
             port=int(values.get("port", ["22"])[0]),
             user=values.get("user", [""])[0],
@@ -740,25 +846,64 @@ class SshSession:
             proxy_jump=None if jump in (None, "none") else jump,
             strict_host_key_checking=strict,
         )
+        await asyncio.to_thread(self._check_key_files, resolved)
+        self._resolved = resolved
+        return resolved
 
-    def _check_key_files(self) -> None:
+    def _key_files(self) -> list[tuple[str, str]]:
+        """(option, path) of every key file the command names: -i, IdentityFile, CertificateFile."""
         opts = self.target.options
-        keys = [opts[i + 1] for i, w in enumerate(opts[:-1]) if w == "-i"]
-        keys += [w.split("=", 1)[1] for w in opts if w.startswith("IdentityFile=")]
-        for key in keys:
-            if "%" in key or key.lower() == "none":
-                continue  # ssh expands %-tokens itself
-            path = Path(key)
-            if not path.is_file():
+        found = [("-i", opts[i + 1]) for i, w in enumerate(opts[:-1]) if w == "-i"]
+        for word in opts:
+            key, eq, value = word.partition("=")
+            if eq and key in ("IdentityFile", "CertificateFile"):
+                found.append((key, value))
+        return found
+
+    def _check_key_files(self, resolved: ResolvedTarget) -> None:
+        """Refuse a key file ssh would not read as the user meant: one missing here, not a
+        regular file (a directory, a FIFO), a device or /proc path (``/dev/stdin``: ssh would
+        read the agent's request, secrets included, as a key), a private key readable by others
+        (ssh skips it). Paths are checked after the expansion ssh applies (``~``, ``%d``,
+        ``%h``, ``${VAR}``, …), so a token cannot hide any of these."""
+        for option, raw in self._key_files():
+            if raw.lower() == "none":
+                continue
+            what = f"{option} {raw}"
+            expanded = _expand_key_path(raw, resolved, self.target.destination, what)
+            real = os.path.realpath(expanded)
+            # both: /dev/stdin resolves through /proc/self, which is this process, not ssh
+            special = [p for p in (os.path.normpath(expanded), real) if _is_special_path(p)]
+            if special:
                 raise _invalid(
-                    f"the key file {key} (-i/IdentityFile) does not exist on the manager",
+                    f"the key file {what} is {special[0]}, a device or kernel file, not a key file "
+                    "(ssh would read it in place of its own input)",
+                    "give the path of a key file on the manager, e.g. -i ~/.ssh/id_ed25519",
+                )
+            path = Path(real)
+            if not path.exists():
+                raise _invalid(
+                    f"the key file {what} (-i/IdentityFile/CertificateFile) does not exist on "
+                    "the manager",
                     "give the path of a private key on the manager host, e.g. -i ~/.ssh/id_ed25519",
                 )
-            if path.stat().st_mode & 0o077:
+            if not path.is_file():
                 raise _invalid(
-                    f"the key file {key} (-i/IdentityFile) is readable by other users: ssh refuses it",
-                    f"run: chmod 600 {shlex.quote(key)}",
+                    f"the key file {what} is not a regular file on the manager ({real})",
+                    "give the path of the key file itself, e.g. -i ~/.ssh/id_ed25519",
                 )
+            if option != "CertificateFile" and path.stat().st_mode & 0o077:
+                raise _invalid(
+                    f"the key file {raw} (-i/IdentityFile) is readable by other users: ssh refuses it",
+                    f"run: chmod 600 {shlex.quote(expanded)}",
+                )
+
+    async def _ensure_resolved(self) -> ResolvedTarget:
+        """``resolve()`` once per session (it checks the key files before any connection)."""
+        if self._resolved is None:
+            await self.resolve()
+        assert self._resolved is not None
+        return self._resolved
 
     # -- the remote agent ----------------------------------------------------------------
 
@@ -777,6 +922,7 @@ class SshSession:
                 f"python {python!r} is not a command name or path (letters, digits, _ . / + -)",
                 "give the remote interpreter as python3 or an absolute path like /usr/bin/python3",
             )
+        await self._ensure_resolved()
         remote = shlex.quote(python) + " -I -c " + shlex.quote(agent.BOOTSTRAP)
         result = await _run(
             self.ssh_argv(remote),
@@ -872,6 +1018,7 @@ class SshSession:
         self, local_dir: Path, remote_dir: str, *, timeout_s: float
     ) -> CommandResult | None:
         """rsync's result; None when the remote has no rsync (its shell could not run it)."""
+        await self._ensure_resolved()
         if remote_dir == "~":
             remote_path = "."
         elif remote_dir.startswith("~/"):
