@@ -89,16 +89,6 @@ class Stage:
         """The manager's Redis (with its password), as the manager reaches it."""
         return self.fleet.redis.url
 
-    def loopback_slot(self) -> WorkerSlot:
-        """The slot of the loopback host: online install, forward tunnel to the manager's sshd."""
-        return make_slot(
-            "loop-1",
-            self.loopback.ssh_command(self.key),
-            str(self.root / "remote-loop"),
-            redis_via=RedisVia.FORWARD,
-            manager_ssh=f"root@127.0.0.1:{self.manager_sshd.port}",
-        )
-
     def netns_slot(self) -> WorkerSlot:
         """The slot of the netns host: another Python build, offline auto, forward tunnel to the
         manager's sshd on the veth address."""
@@ -138,7 +128,7 @@ def stage(tiny_model: ModelFiles, tmp_path_factory: pytest.TempPathFactory) -> I
         fleet.manager.env["SERVETUNE_AUTHORIZED_KEYS_PATH"] = str(manager_sshd.authorized_keys)
         fleet.manager.env["SERVETUNE_MANAGER_SSH"] = f"root@127.0.0.1:{manager_sshd.port}"
         stack.enter_context(fleet)
-        for d in ("remote-loop", "remote-netns", "remote-netns-rev", "remote-cli"):
+        for d in ("remote-netns", "remote-netns-rev", "remote-cli"):
             stack.callback(kill_install, root / d)
         settings = manager_settings(
             root / "manager-side",
@@ -157,35 +147,77 @@ def run_one_trial(stage: Stage, model: ModelFiles, name: str, worker_id: str) ->
     assert trials[0]["worker_id"] == worker_id, trials
 
 
-def test_online_deploy_to_the_loopback_host_gives_a_worker_that_completes_a_trial(
+def test_worker_deploy_online_through_the_cli_completes_a_trial_then_restore_and_delete(
     stage: Stage, tiny_model: ModelFiles
 ) -> None:
-    slot = stage.loopback_slot()
-    report = deploy(stage.settings, stage.redis_url, slot)
-    print(f"\nONLINE DEPLOY (loopback host): {report.duration_s:.1f} s\n{describe(report)}")
-    assert_ok(report)
-    assert [s.name for s in report.steps] == DEPLOY_STEPS, describe(report)
-    assert step(report, "bundle").status == StepStatus.OK, "the index is reachable: online"
-    assert "rsync" in step(report, "upload").detail
-    assert report.worker_id is not None
-    procs = worker_processes(slot.install_dir)
-    assert len(procs) == 1, procs
+    """What a user types: ``servetune worker-deploy "SSH COMMAND"`` to the loopback host (online:
+    it reaches the index; the manager deploys with its own Deployer); the worker completes a
+    trial; then ``worker-restore`` (the live worker stays the only one), then the slot is deleted
+    (its key goes)."""
+    install = stage.root / "remote-cli"
+    env = stage.fleet.env(stage.root / "cli")
+    manager = ("--manager", stage.fleet.base_url)
+    command = stage.loopback.ssh_command(stage.key)
+    try:
+        deployed = subprocess.run(  # noqa: S603
+            [
+                *SERVETUNE,
+                "worker-deploy",
+                command,
+                *("--name", "cli-1", "--install-dir"),
+                str(install),
+                *manager,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+            check=False,
+        )
+        print(deployed.stdout, deployed.stderr)
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        assert "register" in deployed.stdout
+        for name in DEPLOY_STEPS:
+            assert name in deployed.stdout, (name, deployed.stdout)
+        assert "rsync" in deployed.stdout, "the loopback host has rsync"
+        procs = worker_processes(install)
+        assert len(procs) == 1
+        slots = {s["name"]: s for s in stage.fleet.get("/api/worker-slots")["items"]}
+        assert slots["cli-1"]["status"] in ("online", "busy"), slots["cli-1"]
+        assert slots["cli-1"]["worker_id"]
 
-    config = Path(slot.install_dir) / "worker.json"
-    assert stat.S_IMODE(config.stat().st_mode) == 0o600
-    assert stage.fleet.redis.password is not None
-    assert stage.fleet.redis.password not in " ".join(procs[0].cmdline())
-    lines = [
-        line
-        for line in stage.manager_sshd.authorized_keys.read_text().splitlines()
-        if "servetune-slot:loop-1" in line
-    ]
-    assert len(lines) == 1, lines
-    assert f'permitopen="127.0.0.1:{stage.fleet.redis.port}"' in lines[0]
-    assert lines[0].startswith("restrict,")
+        config = install / "worker.json"
+        assert stat.S_IMODE(config.stat().st_mode) == 0o600
+        assert stage.fleet.redis.password is not None
+        assert stage.fleet.redis.password not in " ".join(procs[0].cmdline())
+        assert stage.fleet.redis.password not in deployed.stdout + deployed.stderr
+        lines = [
+            line
+            for line in stage.manager_sshd.authorized_keys.read_text().splitlines()
+            if "servetune-slot:cli-1" in line
+        ]
+        assert len(lines) == 1, lines
+        assert f'permitopen="127.0.0.1:{stage.fleet.redis.port}"' in lines[0]
+        assert lines[0].startswith("restrict,")
+        run_one_trial(stage, tiny_model, "deployed-online", slots["cli-1"]["worker_id"])
 
-    run_one_trial(stage, tiny_model, "deployed-online", report.worker_id)
-    kill_install(slot.install_dir)  # the next study must go to the netns host's worker
+        restored = subprocess.run(  # noqa: S603
+            [*SERVETUNE, "worker-restore", "cli-1", *manager],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+            check=False,
+        )
+        assert restored.returncode == 0, restored.stdout + restored.stderr
+        assert [p.pid for p in worker_processes(install)] == [procs[0].pid]
+        assert "servetune-slot:cli-1" in stage.manager_sshd.authorized_keys.read_text()
+
+        gone = stage.fleet.api.delete(f"/api/worker-slots/{slots['cli-1']['id']}")
+        assert gone.status_code in (200, 204), gone.text
+        assert "servetune-slot:cli-1" not in stage.manager_sshd.authorized_keys.read_text()
+    finally:
+        kill_install(install)
 
 
 def test_offline_deploy_to_the_no_route_host_installs_a_wheelhouse_and_completes_a_trial(
@@ -286,54 +318,3 @@ def test_reverse_tunnel_deploy_registers_and_remove_takes_key_and_tunnel_away(
     assert "servetune-slot:netns-1" in stage.manager_sshd.authorized_keys.read_text()
     remove(stage.settings, stage.redis_url, forward)
     assert "servetune-slot:netns-1" not in stage.manager_sshd.authorized_keys.read_text()
-
-
-def test_worker_deploy_and_restore_through_the_cli_and_the_managers_api(stage: Stage) -> None:
-    """What a user types: ``servetune worker-deploy "SSH COMMAND"`` (the manager deploys with its
-    own Deployer), then ``worker-restore``, then the slot is deleted (its key goes)."""
-    install = stage.root / "remote-cli"
-    env = stage.fleet.env(stage.root / "cli")
-    manager = ("--manager", stage.fleet.base_url)
-    command = stage.loopback.ssh_command(stage.key)
-    try:
-        deployed = subprocess.run(  # noqa: S603
-            [
-                *SERVETUNE,
-                "worker-deploy",
-                command,
-                *("--name", "cli-1", "--install-dir"),
-                str(install),
-                *manager,
-            ],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=600,
-            check=False,
-        )
-        print(deployed.stdout, deployed.stderr)
-        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-        assert "register" in deployed.stdout
-        procs = worker_processes(install)
-        assert len(procs) == 1
-        slots = {s["name"]: s for s in stage.fleet.get("/api/worker-slots")["items"]}
-        assert slots["cli-1"]["status"] in ("online", "busy"), slots["cli-1"]
-        assert slots["cli-1"]["worker_id"]
-
-        restored = subprocess.run(  # noqa: S603
-            [*SERVETUNE, "worker-restore", "cli-1", *manager],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=600,
-            check=False,
-        )
-        assert restored.returncode == 0, restored.stdout + restored.stderr
-        assert [p.pid for p in worker_processes(install)] == [procs[0].pid]
-        assert "servetune-slot:cli-1" in stage.manager_sshd.authorized_keys.read_text()
-
-        gone = stage.fleet.api.delete(f"/api/worker-slots/{slots['cli-1']['id']}")
-        assert gone.status_code in (200, 204), gone.text
-        assert "servetune-slot:cli-1" not in stage.manager_sshd.authorized_keys.read_text()
-    finally:
-        kill_install(install)
