@@ -31,7 +31,6 @@ from servetune.remote.models import (
 from servetune.settings import Settings
 from tests.integration.deploy_helpers import (
     SHARED_WHEELHOUSE,
-    assert_ok,
     deploy,
     describe,
     kill_install,
@@ -39,7 +38,6 @@ from tests.integration.deploy_helpers import (
     make_slot,
     manager_settings,
     step,
-    worker_processes,
 )
 from tests.redis_server import RedisServer, free_port
 from tests.sshd import NetnsHost, SshServer, make_key, netns_host, require_root, ssh_server
@@ -332,28 +330,6 @@ def test_worker_on_another_redis_is_register_timeout(hosts: Hosts, tmp_path: Pat
     assert "worker.out" in (report.suggestion or "")
     assert any(" ready" in line for line in report.logs), "the tail of the worker's own log"
     assert hosts.redis.password not in (report.suggestion or "") + "".join(report.logs)
-
-
-def test_missing_rsync_falls_back_to_tar_and_the_deploy_succeeds(
-    hosts: Hosts, tmp_path: Path
-) -> None:
-    rsync = shutil.which("rsync")
-    assert rsync is not None
-    with ssh_server(tmp_path / "sshd", hide=[rsync]) as server:
-        server.authorize(Path(f"{hosts.key}.pub"))
-        install = hosts.root / "install-tar"
-        slot = make_slot("tar-host", server.ssh_command(hosts.key), str(install))
-        try:
-            report = deploy(hosts.settings, hosts.redis.url, slot)
-            assert_ok(report)
-            assert len(worker_processes(install)) == 1
-        finally:
-            kill_install(install)
-    upload = step(report, "upload")
-    assert upload.status == StepStatus.WARNING, describe(report)
-    assert upload.category == Category.RSYNC_MISSING
-    assert "tar" in upload.detail and upload.suggestion
-    assert (install / "venv" / "bin" / "servetune").exists()
 
 
 def test_localhost_redis_on_the_netns_host_says_to_use_a_tunnel(hosts: Hosts) -> None:

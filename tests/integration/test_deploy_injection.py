@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,12 +63,15 @@ class Site:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    """A loopback host whose uv trusts the system CA store, a password-protected Redis."""
+    """A loopback host without rsync, a password-protected Redis."""
     require_root()
     root = tmp_path_factory.mktemp("deploy-injection")
     with contextlib.ExitStack() as stack:
         key = make_key(root / "keys" / "id_ed25519")
-        server = stack.enter_context(ssh_server(root / "sshd"))
+        rsync = shutil.which("rsync")
+        assert rsync is not None
+        # no rsync on this host: the deploy falls back to a tar stream (rsync_missing)
+        server = stack.enter_context(ssh_server(root / "sshd", hide=[rsync]))
         server.authorize(Path(f"{key}.pub"))
         redis = RedisServer(root / "redis", password=os.urandom(12).hex())
         redis.start()
@@ -129,6 +133,8 @@ def test_ssh_commands_with_shell_syntax_run_nothing_and_are_refused(site: Site) 
 def test_install_dir_with_shell_syntax_is_a_plain_directory_and_the_worker_runs(
     site: Site,
 ) -> None:
+    """The install dir travels as JSON, never through a shell: the deploy (sent as a tar stream:
+    the host has no rsync) succeeds, the payloads in the path never run."""
     marker = site.marker
     install = site.root / f"inst;touch {marker}$(touch {marker})`touch {marker}`&&touch {marker}"
     settings = manager_settings(site.root / "manager")
@@ -142,7 +148,12 @@ def test_install_dir_with_shell_syntax_is_a_plain_directory_and_the_worker_runs(
     try:
         report = deploy(settings, site.redis.url, slot)
         assert_ok(report)
+        upload = step(report, "upload")
+        assert upload.status == StepStatus.WARNING, describe(report)
+        assert upload.category == Category.RSYNC_MISSING
+        assert "tar" in upload.detail and upload.suggestion
         assert install.is_dir() and (install / "worker.json").is_file()
+        assert (install / "venv" / "bin" / "servetune").exists()
         assert len(worker_processes(install)) == 1
         assert not marker.exists()
 
