@@ -206,15 +206,23 @@ def _answer_error(status: int, body: Any, base: str) -> ServetuneError:
     return ManagerUnreachable(f"the manager at {base} answered {status}: {detail or body}")
 
 
-def _create(base: str, document: dict[str, Any], name: str | None, token: Any) -> dict[str, Any]:
-    """POST the spec; the created study (dict). Raises SpecInvalid on 422, ManagerUnreachable."""
+def call_manager(
+    method: str,
+    base: str,
+    path: str,
+    token: Any,
+    *,
+    json: Any = None,
+    timeout_s: float = 60.0,
+    ok: tuple[int, ...] = (200,),
+) -> Any:
+    """One request to the manager; the JSON answer. A 422 becomes SpecInvalid (its problems),
+    another error answer ManagerUnreachable (``_answer_error``), a network failure too."""
     import httpx
-    import yaml
 
-    payload = {"spec_yaml": yaml.safe_dump(document, sort_keys=False), "name": name}
     try:
-        answer = httpx.post(
-            f"{base}/api/studies", json=payload, headers=_headers(token), timeout=60
+        answer = httpx.request(
+            method, f"{base}{path}", json=json, headers=_headers(token), timeout=timeout_s
         )
     except httpx.HTTPError as e:
         raise ManagerUnreachable(
@@ -225,13 +233,23 @@ def _create(base: str, document: dict[str, Any], name: str | None, token: Any) -
     except ValueError:
         body = answer.text[:300]
     if answer.status_code == 422 and isinstance(body, dict) and "problems" in body:
-        problems = [
-            Problem(p["field"], p["message"] + (f"; {p['fix']}" if p.get("fix") else ""))
-            for p in body["problems"]
-        ]
-        raise SpecInvalid(problems)
-    if answer.status_code != 201:
+        raise SpecInvalid(
+            [
+                Problem(p["field"], p["message"] + (f"; {p['fix']}" if p.get("fix") else ""))
+                for p in body["problems"]
+            ]
+        )
+    if answer.status_code not in ok:
         raise _answer_error(answer.status_code, body, base)
+    return body
+
+
+def _create(base: str, document: dict[str, Any], name: str | None, token: Any) -> dict[str, Any]:
+    """POST the spec; the created study (dict). Raises SpecInvalid on 422, ManagerUnreachable."""
+    import yaml
+
+    payload = {"spec_yaml": yaml.safe_dump(document, sort_keys=False), "name": name}
+    body = call_manager("POST", base, "/api/studies", token, json=payload, ok=(201,))
     assert isinstance(body, dict)
     return body
 

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from servetune.core.spec import Problem
 from servetune.errors import DeployFailed, SpecInvalid
-from servetune.manager.cli import ManagerUnreachable, TokenFileOption, _answer_error, _headers
+from servetune.manager.cli import TokenFileOption, call_manager
 from servetune.manager.cli import _read_token as read_token
 from servetune.remote.models import OfflineMode, RedisVia
 from servetune.remote.ssh import parse_ssh_command
@@ -44,44 +44,6 @@ def _base(manager_url: str) -> str:
     return base
 
 
-def _call(
-    method: str,
-    base: str,
-    path: str,
-    token: Any,
-    *,
-    json: Any = None,
-    timeout_s: float = 60.0,
-    ok: tuple[int, ...] = (200,),
-) -> Any:
-    """One request to the manager; the JSON answer. A 422 becomes SpecInvalid (its problems),
-    another error answer ManagerUnreachable (``_answer_error``), a network failure too."""
-    import httpx
-
-    try:
-        answer = httpx.request(
-            method, f"{base}{path}", json=json, headers=_headers(token), timeout=timeout_s
-        )
-    except httpx.HTTPError as e:
-        raise ManagerUnreachable(
-            f"cannot reach the manager at {base}: {e}; is `servetune manager` running there?"
-        ) from e
-    try:
-        body = answer.json()
-    except ValueError:
-        body = answer.text[:300]
-    if answer.status_code == 422 and isinstance(body, dict) and "problems" in body:
-        raise SpecInvalid(
-            [
-                Problem(p["field"], p["message"] + (f"; {p['fix']}" if p.get("fix") else ""))
-                for p in body["problems"]
-            ]
-        )
-    if answer.status_code not in ok:
-        raise _answer_error(answer.status_code, body, base)
-    return body
-
-
 def default_slot_name(ssh_command: str) -> str:
     """The host part of ``ssh_command``'s destination as a slot name (``ssh -p 22 me@gpu-1``
     → ``gpu-1``): characters a name cannot hold become '-'. Raises SpecInvalid (field
@@ -101,7 +63,7 @@ def default_slot_name(ssh_command: str) -> str:
 
 
 def _find_slot(base: str, name: str, token: Any) -> dict[str, Any] | None:
-    slots = _call("GET", base, "/api/worker-slots", token)["items"]
+    slots = call_manager("GET", base, "/api/worker-slots", token)["items"]
     return next((s for s in slots if s["name"] == name), None)
 
 
@@ -217,16 +179,18 @@ def worker_deploy(
     console = Console()
     existing = _find_slot(base, slot_name, token)
     if existing is None:
-        slot = _call(
+        slot = call_manager(
             "POST", base, "/api/worker-slots", token, json={"name": slot_name, **fields}, ok=(201,)
         )
         console.print(f"worker slot [bold]{escape(slot_name)}[/] saved (id {slot['id']})")
     else:
-        slot = _call("PATCH", base, f"/api/worker-slots/{existing['id']}", token, json=fields)
+        slot = call_manager(
+            "PATCH", base, f"/api/worker-slots/{existing['id']}", token, json=fields
+        )
         console.print(f"worker slot [bold]{escape(slot_name)}[/] (id {slot['id']}) updated")
     console.print(f"deploying on {escape(ssh_command)} …", highlight=False, soft_wrap=True)
     body = {"offline": offline.value} if offline is not None else None
-    report = _call(
+    report = call_manager(
         "POST",
         base,
         f"/api/worker-slots/{slot['id']}/deploy",
@@ -256,7 +220,7 @@ def worker_restore(
         )
     console = Console()
     console.print(f"restoring worker slot [bold]{escape(name)}[/] (id {slot['id']}) …")
-    report = _call(
+    report = call_manager(
         "POST", base, f"/api/worker-slots/{slot['id']}/restore", token, timeout_s=DEPLOY_TIMEOUT_S
     )
     _finish(report, console)
@@ -268,7 +232,7 @@ def worker_slots(
 ) -> None:
     """List the manager's worker slots: name, status, worker, last seen, ssh command, error."""
     base = _base(manager_url)
-    slots = _call("GET", base, "/api/worker-slots", read_token(token_file))["items"]
+    slots = call_manager("GET", base, "/api/worker-slots", read_token(token_file))["items"]
     console = Console()
     if not slots:
         console.print('no worker slots; add one with `servetune worker-deploy "ssh user@host"`')

@@ -10,9 +10,10 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Literal
+from pathlib import Path
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 SLOT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 """A slot name: 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit. It names
@@ -301,3 +302,30 @@ class WorkerSlot(WorkerSlotCreate):
     deployed_at: datetime | None = Field(default=None, description="Last successful deploy (UTC).")
     created_at: datetime = Field(description="When the slot was saved (UTC).")
     updated_at: datetime = Field(description="Last change (UTC).")
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def read_config_file(path: Path, model: type[M], *, private: bool = False) -> M:
+    """The ``model`` record in the JSON file ``path`` (a ``--config FILE``).
+
+    ``private``: the file holds a secret (a Redis password), so one that group or others may
+    read is refused. Raises ValueError naming the file and the fix: ``chmod 600 FILE``, the field
+    at fault, or why it cannot be read.
+    """
+    try:
+        if private and (mode := path.stat().st_mode) & 0o077:
+            raise ValueError(
+                f"--config {path}: open to group or others (mode {mode & 0o777:o}); it holds the "
+                f"Redis password: run chmod 600 {path}"
+            )
+        raw = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"--config {path}: cannot read it ({e.strerror})") from e
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        field = ".".join(str(x) for x in first["loc"]) or "(file)"
+        raise ValueError(f"--config {path}: {field}: {first['msg']}") from None

@@ -28,10 +28,9 @@ from typing import Annotated, Any
 
 import psutil
 import typer
-from pydantic import ValidationError
 
 from servetune.errors import ServetuneError
-from servetune.remote.models import TunnelConfig, check_slot_name
+from servetune.remote.models import TunnelConfig, check_slot_name, read_config_file
 from servetune.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -333,16 +332,7 @@ class TunnelSupervisor:
 def read_tunnel_config(path: Path) -> TunnelConfig:
     """The TunnelConfig in the JSON file ``path``; raises ValueError naming the file and the
     field at fault."""
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ValueError(f"--config {path}: cannot read it ({e.strerror})") from e
-    try:
-        return TunnelConfig.model_validate_json(raw)
-    except ValidationError as e:
-        first = e.errors(include_url=False)[0]
-        field = ".".join(str(x) for x in first["loc"]) or "(file)"
-        raise ValueError(f"--config {path}: {field}: {first['msg']}") from None
+    return read_config_file(path, TunnelConfig)
 
 
 async def run_tunnel(cfg: TunnelConfig) -> int:

@@ -18,7 +18,7 @@ import typer
 from pydantic import ValidationError
 
 from servetune.redact import install_secret_filter
-from servetune.remote.models import WorkerLaunchConfig
+from servetune.remote.models import WorkerLaunchConfig, read_config_file
 from servetune.settings import Settings
 from servetune.worker import ENGINE_LOGGER
 
@@ -67,22 +67,7 @@ def read_launch_config(path: Path) -> WorkerLaunchConfig:
     """The WorkerLaunchConfig in the JSON file ``path``. It holds the Redis password, so a file
     that group or others may read is refused. Raises ValueError naming the file and the fix
     (``chmod 600 FILE``, the field at fault, or why it cannot be read)."""
-    try:
-        mode = path.stat().st_mode
-        if mode & 0o077:
-            raise ValueError(
-                f"--config {path}: open to group or others (mode {mode & 0o777:o}); it holds the "
-                f"Redis password: run chmod 600 {path}"
-            )
-        raw = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ValueError(f"--config {path}: cannot read it ({e.strerror})") from e
-    try:
-        return WorkerLaunchConfig.model_validate_json(raw)
-    except ValidationError as e:
-        first = e.errors(include_url=False)[0]
-        field = ".".join(str(x) for x in first["loc"]) or "(file)"
-        raise ValueError(f"--config {path}: {field}: {first['msg']}") from None
+    return read_config_file(path, WorkerLaunchConfig, private=True)
 
 
 def worker_cmd(
