@@ -31,6 +31,7 @@ def test_an_ssh_command_that_cannot_be_parsed_names_the_field() -> None:
     with pytest.raises(SpecInvalid) as refused:
         default_slot_name("ssh gpu-1; touch /tmp/x")
     assert [p.loc for p in refused.value.problems] == ["ssh_command"]
+    assert refused.value.subject == "worker slot"  # the CLI says so, not "the spec"
 
 
 @pytest.mark.parametrize(

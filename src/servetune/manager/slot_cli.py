@@ -75,7 +75,8 @@ def _call(
             [
                 Problem(p["field"], p["message"] + (f"; {p['fix']}" if p.get("fix") else ""))
                 for p in body["problems"]
-            ]
+            ],
+            subject="worker slot",
         )
     if answer.status_code not in ok:
         raise _answer_error(answer.status_code, body, base)
@@ -89,13 +90,16 @@ def default_slot_name(ssh_command: str) -> str:
     try:
         target = parse_ssh_command(ssh_command)
     except DeployFailed as e:
-        raise SpecInvalid([Problem("ssh_command", f"{e}; {e.suggestion}")]) from None
+        raise SpecInvalid(
+            [Problem("ssh_command", f"{e}; {e.suggestion}")], subject="worker slot"
+        ) from None
     host = target.destination.removeprefix("ssh://").rsplit("@", 1)[-1]
     host = re.sub(r":[0-9]+$", "", host).strip("[]")
     name = re.sub(r"[^A-Za-z0-9._-]", "-", host).lstrip("._-")[:63]
     if not name:
         raise SpecInvalid(
-            [Problem("name", f"no slot name can be made from {host!r}; give one with --name")]
+            [Problem("name", f"no slot name can be made from {host!r}; give one with --name")],
+            subject="worker slot",
         )
     return name
 
@@ -252,7 +256,12 @@ def worker_restore(
     slot = _find_slot(base, name, token)
     if slot is None:
         raise SpecInvalid(
-            [Problem("name", f"no worker slot named {name!r}; `servetune worker-slots` lists them")]
+            [
+                Problem(
+                    "name", f"no worker slot named {name!r}; `servetune worker-slots` lists them"
+                )
+            ],
+            subject="request",
         )
     console = Console()
     console.print(f"restoring worker slot [bold]{escape(name)}[/] (id {slot['id']}) …")
