@@ -193,6 +193,19 @@ def test_unknown_host_key_with_strict_checking_is_host_key_unknown(
     assert f"ssh-keyscan -p {hosts.loopback.port}" in (report.suggestion or "")
 
 
+def test_forward_without_the_managers_ssh_address_fails_before_connecting(
+    hosts: Hosts, tmp_path: Path
+) -> None:
+    """Forgetting SERVETUNE_MANAGER_SSH is said at once, not after a minutes-long install."""
+    settings = hosts.settings_in(tmp_path / "manager", manager_ssh=None)
+    slot = hosts.loopback_slot(tmp_path / "install", name="no-manager-ssh")
+    report = deploy(settings, hosts.redis.url, slot)
+    failed(report, Category.TUNNEL_FAILED, "preflight")
+    assert [s.name for s in report.steps] == ["preflight"], describe(report)
+    assert "SERVETUNE_MANAGER_SSH" in (report.suggestion or "")
+    assert not (tmp_path / "install").exists()
+
+
 def test_closed_port_is_connection_refused(hosts: Hosts, tmp_path: Path) -> None:
     port = free_port()
     command = f"ssh -p {port} -i {hosts.key} root@127.0.0.1"
