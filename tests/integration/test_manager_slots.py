@@ -524,6 +524,13 @@ def test_cli_deploys_restores_and_lists_through_a_live_manager(
         assert listed.returncode == 0, listed.stderr
         assert "gpu-host-1" in listed.stdout and "online" in listed.stdout
 
+        removed = servetune(tmp_path, "worker-remove", "gpu-host-1", "--manager", url)
+        assert removed.returncode == 0, removed.stderr
+        assert "worker slot gpu-host-1 removed" in removed.stdout
+        assert "worker.pid" in removed.stdout  # how to stop the worker left on the host
+        gone = servetune(tmp_path, "worker-remove", "gpu-host-1", "--manager", url)
+        assert gone.returncode == 2 and "no worker slot named 'gpu-host-1'" in gone.stderr
+
         evil = servetune(
             tmp_path, "worker-deploy", f"ssh gpu@gpu-host-1; touch {marker}", "--manager", url
         )

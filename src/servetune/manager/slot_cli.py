@@ -1,5 +1,5 @@
-"""The `servetune worker-deploy`, `worker-restore` and `worker-slots` commands: worker slots on
-a manager through its REST API (``/api/worker-slots``), as `submit` talks to it.
+"""The `servetune worker-deploy`, `worker-restore`, `worker-slots` and `worker-remove` commands:
+worker slots on a manager through its REST API (``/api/worker-slots``), as `submit` talks to it.
 
 Exit statuses: 0 the worker runs, 1 the deploy failed (or the manager could not be reached),
 2 bad input (the manager's 422 problems, an unknown slot, an ssh command that cannot be parsed).
@@ -271,6 +271,37 @@ def worker_restore(
     _finish(report, console)
 
 
+def worker_remove(
+    name: Annotated[str, typer.Argument(help="The worker slot's name.")],
+    manager_url: ManagerOption = DEFAULT_MANAGER,
+    token_file: TokenFileOption = None,
+) -> None:
+    """Forget the worker slot NAME: its Redis tunnel key leaves the manager's authorized_keys.
+
+    The host is not contacted: a worker running there keeps running until stopped there.
+    """
+    base = _base(manager_url)
+    token = read_token(token_file)
+    slot = _find_slot(base, name, token)
+    if slot is None:
+        raise SpecInvalid(
+            [
+                Problem(
+                    "name", f"no worker slot named {name!r}; `servetune worker-slots` lists them"
+                )
+            ],
+            subject="request",
+        )
+    _call("DELETE", base, f"/api/worker-slots/{slot['id']}", token, ok=(204,))
+    left = ""
+    if slot.get("worker_id") or slot.get("deployed_at"):
+        left = (
+            "; a worker still running on its host keeps running: stop it there with "
+            f"`kill $(cat {escape(slot['install_dir'])}/worker.pid)`"
+        )
+    Console().print(f"worker slot [bold]{escape(name)}[/] removed{left}", soft_wrap=True)
+
+
 def worker_slots(
     manager_url: ManagerOption = DEFAULT_MANAGER,
     token_file: TokenFileOption = None,
@@ -298,7 +329,9 @@ def worker_slots(
 
 
 def register(app: typer.Typer) -> None:
-    """Add `worker-deploy`, `worker-restore` and `worker-slots` to the main command line."""
+    """Add `worker-deploy`, `worker-restore`, `worker-slots` and `worker-remove` to the main
+    command line."""
     app.command("worker-deploy")(worker_deploy)
     app.command("worker-restore")(worker_restore)
     app.command("worker-slots")(worker_slots)
+    app.command("worker-remove")(worker_remove)
