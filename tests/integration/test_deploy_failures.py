@@ -321,6 +321,20 @@ def test_manager_sshd_refusing_the_tunnel_key_is_tunnel_failed(
     assert "servetune-slot:refused-tunnel" in elsewhere.read_text()
     assert str(elsewhere) in (report.suggestion or "")
     assert "Permission denied" in (report.suggestion or "") + report.message, describe(report)
+    assert ".." not in (report.suggestion or ""), report.suggestion
+
+
+def test_manager_ssh_at_a_closed_port_says_to_check_manager_ssh(hosts: Hosts) -> None:
+    """A wrong SERVETUNE_MANAGER_SSH port: the suggestion is about that address, not keys."""
+    port = free_port()
+    settings = hosts.settings_in(
+        hosts.root / "manager-wrong-port", manager_ssh=f"root@127.0.0.1:{port}"
+    )
+    slot = hosts.loopback_slot(hosts.root / "install-shared", name="wrong-manager-port")
+    report = deploy(settings, hosts.redis.url, slot)
+    failed(report, Category.TUNNEL_FAILED, "redis")
+    assert f"cannot reach the manager's sshd at root@127.0.0.1:{port}" in (report.suggestion or "")
+    assert "SERVETUNE_MANAGER_SSH" in (report.suggestion or "")
 
 
 def test_worker_on_another_redis_is_register_timeout(hosts: Hosts, tmp_path: Path) -> None:

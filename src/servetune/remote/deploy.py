@@ -832,13 +832,21 @@ class Deployer:
                     logs=e.logs,
                     **run.found(
                         manager_ssh=f"{user}@{host}:{port}",
-                        ssh_error=" / ".join(ssh_said[-3:]) or str(e),
+                        ssh_error=(" / ".join(ssh_said[-3:]) or str(e)).rstrip("."),
                         authorized_keys=str(self.settings.authorized_keys_path),
                         address=f"{endpoint.host}:{endpoint.port}",
                     ),
                 )
                 if "Address already in use" in text or "cannot listen" in text:
                     continue
+                if any(m in text for m in _UNREACHABLE_MARKERS):
+                    last.suggestion = (
+                        f"The worker's host cannot reach the manager's sshd at {user}@{host}:"
+                        f"{port} (ssh said: {ssh_said[-1] if ssh_said else e}): manager_ssh "
+                        "(SERVETUNE_MANAGER_SSH, or --manager-ssh for this slot) must be the "
+                        "manager's sshd as that host reaches it, address and port; try "
+                        f"`ssh -p {port} {user}@{host}` on the host, or use --redis-via reverse."
+                    )
                 raise last from e
             run.launch = WorkerLaunchConfig(
                 redis_url=endpoint.url_at("127.0.0.1", cfg.bind_port),
@@ -1085,6 +1093,16 @@ def _tunnel(run: _Run, **fields: Any) -> tuple[TunnelConfig, list[str]]:
             where,
             step="redis",
         ) from e
+
+
+_UNREACHABLE_MARKERS = (
+    "Connection refused",
+    "Connection timed out",
+    "No route to host",
+    "Network is unreachable",
+    "Could not resolve hostname",
+)
+"""ssh's words for a manager sshd the worker's host cannot reach (a wrong manager_ssh)."""
 
 
 def _option_values(options: tuple[str, ...], flag: str, config_key: str) -> list[str]:
