@@ -71,3 +71,26 @@ def test_bad_fields_are_named(fields: dict[str, str], field: str) -> None:
     assert [p.loc for p in slot_problems(slot(**fields))] == [field]
     with pytest.raises(SpecInvalid):
         check_slot(slot(**fields))
+
+
+def test_ctrl_c_while_the_manager_deploys_says_the_deploy_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The request cannot stop a deploy on the manager: Ctrl-C says so, exit 130, no traceback."""
+    from typer.testing import CliRunner
+
+    from servetune.cli import app
+    from servetune.manager import slot_cli
+
+    slot = {"id": 3, "name": "gpu-a", "install_dir": "~/.servetune"}
+
+    def call(method: str, base: str, path: str, token: object, **kw: object) -> object:
+        if method == "GET":
+            return {"items": [slot]}
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(slot_cli, "_call", call)
+    run = CliRunner().invoke(app, ["worker-restore", "gpu-a"])
+    assert run.exit_code == 130, run.output
+    assert "the manager goes on with the restore of worker slot gpu-a" in run.output
+    assert "servetune worker-slots" in run.output and "Traceback" not in run.output

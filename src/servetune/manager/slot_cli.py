@@ -230,15 +230,32 @@ def worker_deploy(
         console.print(f"worker slot [bold]{escape(slot_name)}[/] (id {slot['id']}) updated")
     console.print(f"deploying on {escape(ssh_command)} …", highlight=False, soft_wrap=True)
     body = {"offline": offline.value} if offline is not None else None
-    report = _call(
-        "POST",
-        base,
-        f"/api/worker-slots/{slot['id']}/deploy",
-        token,
-        json=body,
-        timeout_s=DEPLOY_TIMEOUT_S,
-    )
+    report = _run_on_manager("deploy", slot_name, base, slot["id"], token, body)
     _finish(report, console)
+
+
+def _run_on_manager(
+    action: str, name: str, base: str, slot_id: int, token: Any, body: Any = None
+) -> Any:
+    """POST the deploy or restore (``action``) of slot ``slot_id`` and wait for its report. On
+    Ctrl-C, says that the manager goes on with it (the request cannot stop it) and exits 130."""
+    try:
+        return _call(
+            "POST",
+            base,
+            f"/api/worker-slots/{slot_id}/{action}",
+            token,
+            json=body,
+            timeout_s=DEPLOY_TIMEOUT_S,
+        )
+    except KeyboardInterrupt:
+        Console(stderr=True).print(
+            f"interrupted: the manager goes on with the {action} of worker slot "
+            f"{escape(name)}; `servetune worker-slots` shows how it ends",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(130) from None
 
 
 def worker_restore(
@@ -265,9 +282,7 @@ def worker_restore(
         )
     console = Console()
     console.print(f"restoring worker slot [bold]{escape(name)}[/] (id {slot['id']}) …")
-    report = _call(
-        "POST", base, f"/api/worker-slots/{slot['id']}/restore", token, timeout_s=DEPLOY_TIMEOUT_S
-    )
+    report = _run_on_manager("restore", name, base, slot["id"], token)
     _finish(report, console)
 
 
