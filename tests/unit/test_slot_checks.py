@@ -94,3 +94,14 @@ def test_ctrl_c_while_the_manager_deploys_says_the_deploy_goes_on(
     assert run.exit_code == 130, run.output
     assert "the manager goes on with the restore of worker slot gpu-a" in run.output
     assert "servetune worker-slots" in run.output and "Traceback" not in run.output
+
+
+def test_the_slot_commands_help_keeps_paragraphs_and_joins_their_lines() -> None:
+    from servetune.manager.slot_cli import help_text
+
+    doc = """Deploy a worker.
+
+    Saves the host,
+    then deploys.
+    """
+    assert help_text(doc) == "Deploy a worker.\n\nSaves the host, then deploys."

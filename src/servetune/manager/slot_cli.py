@@ -7,6 +7,7 @@ Exit statuses: 0 the worker runs, 1 the deploy failed (or the manager could not 
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Annotated, Any
 
@@ -346,7 +347,17 @@ def worker_slots(
 def register(app: typer.Typer) -> None:
     """Add `worker-deploy`, `worker-restore`, `worker-slots` and `worker-remove` to the main
     command line."""
-    app.command("worker-deploy")(worker_deploy)
-    app.command("worker-restore")(worker_restore)
-    app.command("worker-slots")(worker_slots)
-    app.command("worker-remove")(worker_remove)
+    for name, command in (
+        ("worker-deploy", worker_deploy),
+        ("worker-restore", worker_restore),
+        ("worker-slots", worker_slots),
+        ("worker-remove", worker_remove),
+    ):
+        app.command(name, help=help_text(command.__doc__ or ""))(command)
+
+
+def help_text(docstring: str) -> str:
+    """``docstring`` with each paragraph on one line: the help then wraps at the terminal's
+    width instead of breaking where the source lines end."""
+    paragraphs = inspect.cleandoc(docstring).split("\n\n")
+    return "\n\n".join(" ".join(p.split()) for p in paragraphs)
