@@ -322,7 +322,7 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 
 
 def _print_problems(e: SpecInvalid) -> None:
-    err_console.print(f"[bold red]The spec has {len(e.problems)} problem(s):[/]")
+    err_console.print(f"[bold red]The {e.subject} has {len(e.problems)} problem(s):[/]")
     for p in e.problems:
         err_console.print(f"  [yellow]{p.loc}[/]: {p.message}", highlight=False)
 

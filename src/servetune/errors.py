@@ -33,10 +33,12 @@ class ServetuneError(Exception):
 
 
 class SpecInvalid(ServetuneError):
-    """A spec with problems; ``problems`` holds every one, each with field path and fix."""
+    """A spec (or another input: ``subject`` names it) with problems; ``problems`` holds every
+    one, each with field path and fix."""
 
-    def __init__(self, problems: list[Problem]) -> None:
+    def __init__(self, problems: list[Problem], subject: str = "spec") -> None:
         self.problems = problems
+        self.subject = subject
         super().__init__("\n".join(str(p) for p in problems))
 
 

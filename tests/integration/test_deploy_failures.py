@@ -191,6 +191,19 @@ def test_unknown_host_key_with_strict_checking_is_host_key_unknown(
     assert f"ssh-keyscan -p {hosts.loopback.port}" in (report.suggestion or "")
 
 
+def test_forward_without_the_managers_ssh_address_fails_before_connecting(
+    hosts: Hosts, tmp_path: Path
+) -> None:
+    """Forgetting SERVETUNE_MANAGER_SSH is said at once, not after a minutes-long install."""
+    settings = hosts.settings_in(tmp_path / "manager", manager_ssh=None)
+    slot = hosts.loopback_slot(tmp_path / "install", name="no-manager-ssh")
+    report = deploy(settings, hosts.redis.url, slot)
+    failed(report, Category.TUNNEL_FAILED, "preflight")
+    assert [s.name for s in report.steps] == ["preflight"], describe(report)
+    assert "SERVETUNE_MANAGER_SSH" in (report.suggestion or "")
+    assert not (tmp_path / "install").exists()
+
+
 def test_closed_port_is_connection_refused(hosts: Hosts, tmp_path: Path) -> None:
     port = free_port()
     command = f"ssh -p {port} -i {hosts.key} root@127.0.0.1"
@@ -306,6 +319,20 @@ def test_manager_sshd_refusing_the_tunnel_key_is_tunnel_failed(
     assert "servetune-slot:refused-tunnel" in elsewhere.read_text()
     assert str(elsewhere) in (report.suggestion or "")
     assert "Permission denied" in (report.suggestion or "") + report.message, describe(report)
+    assert ".." not in (report.suggestion or ""), report.suggestion
+
+
+def test_manager_ssh_at_a_closed_port_says_to_check_manager_ssh(hosts: Hosts) -> None:
+    """A wrong SERVETUNE_MANAGER_SSH port: the suggestion is about that address, not keys."""
+    port = free_port()
+    settings = hosts.settings_in(
+        hosts.root / "manager-wrong-port", manager_ssh=f"root@127.0.0.1:{port}"
+    )
+    slot = hosts.loopback_slot(hosts.root / "install-shared", name="wrong-manager-port")
+    report = deploy(settings, hosts.redis.url, slot)
+    failed(report, Category.TUNNEL_FAILED, "redis")
+    assert f"cannot reach the manager's sshd at root@127.0.0.1:{port}" in (report.suggestion or "")
+    assert "SERVETUNE_MANAGER_SSH" in (report.suggestion or "")
 
 
 def test_worker_on_another_redis_is_register_timeout(hosts: Hosts, tmp_path: Path) -> None:

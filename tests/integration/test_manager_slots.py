@@ -518,15 +518,24 @@ def test_cli_deploys_restores_and_lists_through_a_live_manager(
         assert "worker w-gpu-host-1 registered" in restored.stdout
         unknown = servetune(tmp_path, "worker-restore", "gpu-9", "--manager", url)
         assert unknown.returncode == 2 and "no worker slot named 'gpu-9'" in unknown.stderr
+        assert "The request has 1 problem(s)" in unknown.stderr and "spec" not in unknown.stderr
 
         listed = servetune(tmp_path, "worker-slots", "--manager", url)
         assert listed.returncode == 0, listed.stderr
         assert "gpu-host-1" in listed.stdout and "online" in listed.stdout
 
+        removed = servetune(tmp_path, "worker-remove", "gpu-host-1", "--manager", url)
+        assert removed.returncode == 0, removed.stderr
+        assert "worker slot gpu-host-1 removed" in removed.stdout
+        assert "worker.pid" in removed.stdout  # how to stop the worker left on the host
+        gone = servetune(tmp_path, "worker-remove", "gpu-host-1", "--manager", url)
+        assert gone.returncode == 2 and "no worker slot named 'gpu-host-1'" in gone.stderr
+
         evil = servetune(
             tmp_path, "worker-deploy", f"ssh gpu@gpu-host-1; touch {marker}", "--manager", url
         )
         assert evil.returncode == 2 and "ssh_command" in evil.stderr, evil.stderr
+        assert "The worker slot has 1 problem(s)" in evil.stderr, evil.stderr
         evil_dir = servetune(
             tmp_path, "worker-deploy", "ssh gpu@gpu-host-2", "--install-dir",
             f"/opt/$(touch {marker})", "--manager", url,

@@ -31,6 +31,7 @@ def test_an_ssh_command_that_cannot_be_parsed_names_the_field() -> None:
     with pytest.raises(SpecInvalid) as refused:
         default_slot_name("ssh gpu-1; touch /tmp/x")
     assert [p.loc for p in refused.value.problems] == ["ssh_command"]
+    assert refused.value.subject == "worker slot"  # the CLI says so, not "the spec"
 
 
 @pytest.mark.parametrize(
@@ -70,3 +71,37 @@ def test_bad_fields_are_named(fields: dict[str, str], field: str) -> None:
     assert [p.loc for p in slot_problems(slot(**fields))] == [field]
     with pytest.raises(SpecInvalid):
         check_slot(slot(**fields))
+
+
+def test_ctrl_c_while_the_manager_deploys_says_the_deploy_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The request cannot stop a deploy on the manager: Ctrl-C says so, exit 130, no traceback."""
+    from typer.testing import CliRunner
+
+    from servetune.cli import app
+    from servetune.manager import slot_cli
+
+    slot = {"id": 3, "name": "gpu-a", "install_dir": "~/.servetune"}
+
+    def call(method: str, base: str, path: str, token: object, **kw: object) -> object:
+        if method == "GET":
+            return {"items": [slot]}
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(slot_cli, "_call", call)
+    run = CliRunner().invoke(app, ["worker-restore", "gpu-a"])
+    assert run.exit_code == 130, run.output
+    assert "the manager goes on with the restore of worker slot gpu-a" in run.output
+    assert "servetune worker-slots" in run.output and "Traceback" not in run.output
+
+
+def test_the_slot_commands_help_keeps_paragraphs_and_joins_their_lines() -> None:
+    from servetune.manager.slot_cli import help_text
+
+    doc = """Deploy a worker.
+
+    Saves the host,
+    then deploys.
+    """
+    assert help_text(doc) == "Deploy a worker.\n\nSaves the host, then deploys."

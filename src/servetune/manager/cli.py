@@ -215,9 +215,11 @@ def call_manager(
     json: Any = None,
     timeout_s: float = 60.0,
     ok: tuple[int, ...] = (200,),
+    subject: str = "spec",
 ) -> Any:
-    """One request to the manager; the JSON answer. A 422 becomes SpecInvalid (its problems),
-    another error answer ManagerUnreachable (``_answer_error``), a network failure too."""
+    """One request to the manager; the JSON answer. A 422 becomes SpecInvalid (its problems,
+    about ``subject``: the spec, a worker slot), another error answer ManagerUnreachable
+    (``_answer_error``), a network failure too."""
     import httpx
 
     try:
@@ -237,7 +239,8 @@ def call_manager(
             [
                 Problem(p["field"], p["message"] + (f"; {p['fix']}" if p.get("fix") else ""))
                 for p in body["problems"]
-            ]
+            ],
+            subject=subject,
         )
     if answer.status_code not in ok:
         raise _answer_error(answer.status_code, body, base)

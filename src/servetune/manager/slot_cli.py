@@ -1,5 +1,5 @@
-"""The `servetune worker-deploy`, `worker-restore` and `worker-slots` commands: worker slots on
-a manager through its REST API (``/api/worker-slots``), as `submit` talks to it.
+"""The `servetune worker-deploy`, `worker-restore`, `worker-slots` and `worker-remove` commands:
+worker slots on a manager through its REST API (``/api/worker-slots``), as `submit` talks to it.
 
 Exit statuses: 0 the worker runs, 1 the deploy failed (or the manager could not be reached),
 2 bad input (the manager's 422 problems, an unknown slot, an ssh command that cannot be parsed).
@@ -7,6 +7,7 @@ Exit statuses: 0 the worker runs, 1 the deploy failed (or the manager could not 
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Annotated, Any
 
@@ -44,6 +45,11 @@ def _base(manager_url: str) -> str:
     return base
 
 
+def _call(method: str, base: str, path: str, token: Any, **kwargs: Any) -> Any:
+    """``call_manager`` for the slot commands: a 422 names the worker slot's problems."""
+    return call_manager(method, base, path, token, subject="worker slot", **kwargs)
+
+
 def default_slot_name(ssh_command: str) -> str:
     """The host part of ``ssh_command``'s destination as a slot name (``ssh -p 22 me@gpu-1``
     → ``gpu-1``): characters a name cannot hold become '-'. Raises SpecInvalid (field
@@ -51,13 +57,16 @@ def default_slot_name(ssh_command: str) -> str:
     try:
         target = parse_ssh_command(ssh_command)
     except DeployFailed as e:
-        raise SpecInvalid([Problem("ssh_command", f"{e}; {e.suggestion}")]) from None
+        raise SpecInvalid(
+            [Problem("ssh_command", f"{e}; {e.suggestion}")], subject="worker slot"
+        ) from None
     host = target.destination.removeprefix("ssh://").rsplit("@", 1)[-1]
     host = re.sub(r":[0-9]+$", "", host).strip("[]")
     name = re.sub(r"[^A-Za-z0-9._-]", "-", host).lstrip("._-")[:63]
     if not name:
         raise SpecInvalid(
-            [Problem("name", f"no slot name can be made from {host!r}; give one with --name")]
+            [Problem("name", f"no slot name can be made from {host!r}; give one with --name")],
+            subject="worker slot",
         )
     return name
 
@@ -190,15 +199,32 @@ def worker_deploy(
         console.print(f"worker slot [bold]{escape(slot_name)}[/] (id {slot['id']}) updated")
     console.print(f"deploying on {escape(ssh_command)} …", highlight=False, soft_wrap=True)
     body = {"offline": offline.value} if offline is not None else None
-    report = call_manager(
-        "POST",
-        base,
-        f"/api/worker-slots/{slot['id']}/deploy",
-        token,
-        json=body,
-        timeout_s=DEPLOY_TIMEOUT_S,
-    )
+    report = _run_on_manager("deploy", slot_name, base, slot["id"], token, body)
     _finish(report, console)
+
+
+def _run_on_manager(
+    action: str, name: str, base: str, slot_id: int, token: Any, body: Any = None
+) -> Any:
+    """POST the deploy or restore (``action``) of slot ``slot_id`` and wait for its report. On
+    Ctrl-C, says that the manager goes on with it (the request cannot stop it) and exits 130."""
+    try:
+        return _call(
+            "POST",
+            base,
+            f"/api/worker-slots/{slot_id}/{action}",
+            token,
+            json=body,
+            timeout_s=DEPLOY_TIMEOUT_S,
+        )
+    except KeyboardInterrupt:
+        Console(stderr=True).print(
+            f"interrupted: the manager goes on with the {action} of worker slot "
+            f"{escape(name)}; `servetune worker-slots` shows how it ends",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(130) from None
 
 
 def worker_restore(
@@ -216,14 +242,48 @@ def worker_restore(
     slot = _find_slot(base, name, token)
     if slot is None:
         raise SpecInvalid(
-            [Problem("name", f"no worker slot named {name!r}; `servetune worker-slots` lists them")]
+            [
+                Problem(
+                    "name", f"no worker slot named {name!r}; `servetune worker-slots` lists them"
+                )
+            ],
+            subject="request",
         )
     console = Console()
     console.print(f"restoring worker slot [bold]{escape(name)}[/] (id {slot['id']}) …")
-    report = call_manager(
-        "POST", base, f"/api/worker-slots/{slot['id']}/restore", token, timeout_s=DEPLOY_TIMEOUT_S
-    )
+    report = _run_on_manager("restore", name, base, slot["id"], token)
     _finish(report, console)
+
+
+def worker_remove(
+    name: Annotated[str, typer.Argument(help="The worker slot's name.")],
+    manager_url: ManagerOption = DEFAULT_MANAGER,
+    token_file: TokenFileOption = None,
+) -> None:
+    """Forget the worker slot NAME: its Redis tunnel key leaves the manager's authorized_keys.
+
+    The host is not contacted: a worker running there keeps running until stopped there.
+    """
+    base = _base(manager_url)
+    token = read_token(token_file)
+    slot = _find_slot(base, name, token)
+    if slot is None:
+        raise SpecInvalid(
+            [
+                Problem(
+                    "name", f"no worker slot named {name!r}; `servetune worker-slots` lists them"
+                )
+            ],
+            subject="request",
+        )
+    _call("DELETE", base, f"/api/worker-slots/{slot['id']}", token, ok=(204,))
+    left = ""
+    if slot.get("worker_id") or slot.get("deployed_at"):
+        left = (
+            "; a worker still running on its host keeps running: stop it there with "
+            f"`kill $(cat {escape(slot['install_dir'])}/worker.pid)`"
+        )
+    Console().print(f"worker slot [bold]{escape(name)}[/] removed{left}", soft_wrap=True)
 
 
 def worker_slots(
@@ -253,7 +313,19 @@ def worker_slots(
 
 
 def register(app: typer.Typer) -> None:
-    """Add `worker-deploy`, `worker-restore` and `worker-slots` to the main command line."""
-    app.command("worker-deploy")(worker_deploy)
-    app.command("worker-restore")(worker_restore)
-    app.command("worker-slots")(worker_slots)
+    """Add `worker-deploy`, `worker-restore`, `worker-slots` and `worker-remove` to the main
+    command line."""
+    for name, command in (
+        ("worker-deploy", worker_deploy),
+        ("worker-restore", worker_restore),
+        ("worker-slots", worker_slots),
+        ("worker-remove", worker_remove),
+    ):
+        app.command(name, help=help_text(command.__doc__ or ""))(command)
+
+
+def help_text(docstring: str) -> str:
+    """``docstring`` with each paragraph on one line: the help then wraps at the terminal's
+    width instead of breaking where the source lines end."""
+    paragraphs = inspect.cleandoc(docstring).split("\n\n")
+    return "\n\n".join(" ".join(p.split()) for p in paragraphs)

@@ -270,7 +270,7 @@ class Deployer:
         mode = offline or slot.offline
 
         async def body() -> DeployReport:
-            await self._preflight(run, mode)
+            await self._preflight(run, mode, tunnel_first=True)
             await self._bundle(run, mode)
             await self._prepare(run)
             await self._upload(run)
@@ -469,8 +469,13 @@ class Deployer:
 
     # ---- steps -------------------------------------------------------------------------------
 
-    async def _preflight(self, run: _Run, mode: OfflineMode) -> None:
+    async def _preflight(self, run: _Run, mode: OfflineMode, *, tunnel_first: bool = False) -> None:
+        """Connect and read the remote's facts. ``tunnel_first`` (deploy): a forward slot's
+        manager ssh address is checked before connecting, not after the install."""
+
         async def step() -> _Outcome:
+            if tunnel_first and run.slot.redis_via == RedisVia.FORWARD:
+                self._manager_ssh(run)
             target = parse_ssh_command(run.slot.ssh_command)
             run.session = SshSession(target, self.settings)
             run.resolved = await run.session.resolve()
@@ -750,7 +755,10 @@ class Deployer:
         seed = f"{run.slot.name}\0{run.install_dir}\0{attempt}".encode()
         return 20000 + int.from_bytes(hashlib.sha256(seed).digest()[:4], "big") % 40000
 
-    async def _forward(self, run: _Run, endpoint: RedisEndpoint) -> _Outcome:
+    def _manager_ssh(self, run: _Run) -> tuple[str, str, int]:
+        """The manager's sshd a forward tunnel goes to (user, host, port), from the slot or the
+        settings. Raises DeployFailed (tunnel_failed) when it is not set or cannot be parsed:
+        checked before the pre-flight too, so a deploy does not install for minutes first."""
         manager = run.slot.manager_ssh or self.settings.manager_ssh
         if not manager:
             raise DeployFailed(
@@ -759,7 +767,6 @@ class Deployer:
                 "not set",
                 "set the slot's manager_ssh (--manager-ssh user@host[:port], the manager's sshd "
                 "as the worker reaches it) or SERVETUNE_MANAGER_SSH; or use --redis-via reverse",
-                step="redis",
             )
         try:
             user, host, port = parse_manager_ssh(manager)
@@ -768,9 +775,11 @@ class Deployer:
                 Category.TUNNEL_FAILED,
                 str(e),
                 "set manager_ssh to [user@]host[:port] of the manager's sshd",
-                step="redis",
             ) from e
-        user = user or getpass.getuser()
+        return user or getpass.getuser(), host, port
+
+    async def _forward(self, run: _Run, endpoint: RedisEndpoint) -> _Outcome:
+        user, host, port = self._manager_ssh(run)
 
         def forward_cfg(attempt: int) -> tuple[TunnelConfig, list[str]]:
             return _tunnel(
@@ -823,13 +832,21 @@ class Deployer:
                     logs=e.logs,
                     **run.found(
                         manager_ssh=f"{user}@{host}:{port}",
-                        ssh_error=" / ".join(ssh_said[-3:]) or str(e),
+                        ssh_error=(" / ".join(ssh_said[-3:]) or str(e)).rstrip("."),
                         authorized_keys=str(self.settings.authorized_keys_path),
                         address=f"{endpoint.host}:{endpoint.port}",
                     ),
                 )
                 if "Address already in use" in text or "cannot listen" in text:
                     continue
+                if any(m in text for m in _UNREACHABLE_MARKERS):
+                    last.suggestion = (
+                        f"The worker's host cannot reach the manager's sshd at {user}@{host}:"
+                        f"{port} (ssh said: {ssh_said[-1] if ssh_said else e}): manager_ssh "
+                        "(SERVETUNE_MANAGER_SSH, or --manager-ssh for this slot) must be the "
+                        "manager's sshd as that host reaches it, address and port; try "
+                        f"`ssh -p {port} {user}@{host}` on the host, or use --redis-via reverse."
+                    )
                 raise last from e
             run.launch = WorkerLaunchConfig(
                 redis_url=endpoint.url_at("127.0.0.1", cfg.bind_port),
@@ -1076,6 +1093,16 @@ def _tunnel(run: _Run, **fields: Any) -> tuple[TunnelConfig, list[str]]:
             where,
             step="redis",
         ) from e
+
+
+_UNREACHABLE_MARKERS = (
+    "Connection refused",
+    "Connection timed out",
+    "No route to host",
+    "Network is unreachable",
+    "Could not resolve hostname",
+)
+"""ssh's words for a manager sshd the worker's host cannot reach (a wrong manager_ssh)."""
 
 
 def _option_values(options: tuple[str, ...], flag: str, config_key: str) -> list[str]:
