@@ -228,6 +228,13 @@ def test_prepare_makes_the_install_folders_private(tmp_path: Path) -> None:
     assert list((install_dir / "incoming").iterdir()) == []  # its write test left nothing
 
 
+def test_prepare_under_a_file_is_permission_denied_naming_the_path(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("x")
+    target = tmp_path / "a-file" / "servetune"
+    err = error(run_agent("prepare", {"install_dir": str(target)}), Category.PERMISSION_DENIED)
+    assert str(target) in err["message"] and "Not a directory" in err["message"]
+
+
 @needs_root
 def test_prepare_on_a_read_only_mount_is_permission_denied(tmp_path: Path) -> None:
     with tmpfs(tmp_path / "ro", size="1m", read_only=True) as mount:

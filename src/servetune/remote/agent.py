@@ -115,13 +115,13 @@ class AgentError(Exception):
         self.found = found or {}
 
 
-_PERMISSION_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
+_PERMISSION_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR)
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _os_error(exc: OSError, doing: str, default_kind: str = "unknown") -> AgentError:
     """An AgentError for ``exc`` raised while ``doing`` (e.g. "creating /x"): permission_denied
-    for EACCES/EPERM/EROFS, disk_full for ENOSPC/EDQUOT, ``default_kind`` otherwise."""
+    for EACCES/EPERM/EROFS/ENOTDIR (a part of the path is a file), disk_full for ENOSPC/EDQUOT, ``default_kind`` otherwise."""
     if exc.errno in _PERMISSION_ERRNOS:
         kind = "permission_denied"
     elif exc.errno in _DISK_FULL_ERRNOS:
