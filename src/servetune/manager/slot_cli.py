@@ -72,7 +72,7 @@ def default_slot_name(ssh_command: str) -> str:
 
 
 def _find_slot(base: str, name: str, token: Any) -> dict[str, Any] | None:
-    slots = call_manager("GET", base, "/api/worker-slots", token)["items"]
+    slots = _call("GET", base, "/api/worker-slots", token)["items"]
     return next((s for s in slots if s["name"] == name), None)
 
 
@@ -188,14 +188,12 @@ def worker_deploy(
     console = Console()
     existing = _find_slot(base, slot_name, token)
     if existing is None:
-        slot = call_manager(
+        slot = _call(
             "POST", base, "/api/worker-slots", token, json={"name": slot_name, **fields}, ok=(201,)
         )
         console.print(f"worker slot [bold]{escape(slot_name)}[/] saved (id {slot['id']})")
     else:
-        slot = call_manager(
-            "PATCH", base, f"/api/worker-slots/{existing['id']}", token, json=fields
-        )
+        slot = _call("PATCH", base, f"/api/worker-slots/{existing['id']}", token, json=fields)
         console.print(f"worker slot [bold]{escape(slot_name)}[/] (id {slot['id']}) updated")
     console.print(f"deploying on {escape(ssh_command)} …", highlight=False, soft_wrap=True)
     body = {"offline": offline.value} if offline is not None else None
@@ -292,7 +290,7 @@ def worker_slots(
 ) -> None:
     """List the manager's worker slots: name, status, worker, last seen, ssh command, error."""
     base = _base(manager_url)
-    slots = call_manager("GET", base, "/api/worker-slots", read_token(token_file))["items"]
+    slots = _call("GET", base, "/api/worker-slots", read_token(token_file))["items"]
     console = Console()
     if not slots:
         console.print('no worker slots; add one with `servetune worker-deploy "ssh user@host"`')

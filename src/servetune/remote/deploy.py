@@ -263,9 +263,11 @@ class Deployer:
         """Install and start the worker of ``slot`` on its host and wait until it registers.
 
         ``offline`` overrides the slot's mode (auto: a wheelhouse when the remote cannot reach
-        the package index). Steps: preflight, bundle, prepare, upload, install, redis, config,
-        start, register. A worker of this slot already running there is stopped first (its
-        leftovers too). Returns the report (success or the failure's category and suggestion)."""
+        the package index). Steps: preflight, bundle, prepare, redis, upload, install, stop,
+        config, start, register: how the worker will reach Redis (tunnel, address) is checked
+        before anything is uploaded or installed, so a wrong address fails in seconds. A worker
+        of this slot already running there is stopped (its leftovers too) before the new one
+        starts. Returns the report (success or the failure's category and suggestion)."""
         run = _Run(slot, "deploy")
         mode = offline or slot.offline
 
@@ -273,10 +275,11 @@ class Deployer:
             await self._preflight(run, mode, tunnel_first=True)
             await self._bundle(run, mode)
             await self._prepare(run)
+            await self._redis(run)
             await self._upload(run)
             await self._install(run)
             await self._stop_leftovers(run)
-            return await self._launch(run)
+            return await self._launch(run, redis_checked=True)
 
         return await self._guarded(run, body)
 
@@ -434,8 +437,9 @@ class Deployer:
             duration_s=duration_s,
         )
 
-    async def _launch(self, run: _Run) -> DeployReport:
-        await self._redis(run)
+    async def _launch(self, run: _Run, *, redis_checked: bool = False) -> DeployReport:
+        if not redis_checked:
+            await self._redis(run)
         await self._config(run)
         await self._start(run)
         status = await self._register(run)
@@ -474,9 +478,9 @@ class Deployer:
         manager ssh address is checked before connecting, not after the install."""
 
         async def step() -> _Outcome:
+            target = parse_ssh_command(run.slot.ssh_command)
             if tunnel_first and run.slot.redis_via == RedisVia.FORWARD:
                 self._manager_ssh(run)
-            target = parse_ssh_command(run.slot.ssh_command)
             run.session = SshSession(target, self.settings)
             run.resolved = await run.session.resolve()
             probe_index = mode in (OfflineMode.AUTO, OfflineMode.NEVER)
