@@ -32,6 +32,13 @@ import pytest
 from tests.redis_server import free_port
 
 SSHD = "/usr/sbin/sshd"
+REMOTE_UV_CACHE = (
+    Path(os.environ.get("SERVETUNE_TEST_CACHE", Path.home() / ".cache" / "servetune-tests"))
+    / "uv-remote"
+)
+"""The uv cache the test hosts' sessions use (``UV_CACHE_DIR``, set by sshd): kept across runs,
+as a real host keeps its own between deploys; installs still resolve against the index (online)
+or the shipped wheelhouse (offline)."""
 PRIVSEP_DIR = Path("/run/sshd")
 
 HIDE_AND_EXEC = (
@@ -218,6 +225,7 @@ class SshServer:
             "MaxStartups 100:30:200",
             "MaxSessions 50",
             "Subsystem sftp internal-sftp",
+            f"SetEnv UV_CACHE_DIR={REMOTE_UV_CACHE}",
             *self.extra_config,
         ]
         self.config.write_text("\n".join(lines) + "\n", encoding="utf-8")

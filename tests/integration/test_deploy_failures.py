@@ -343,7 +343,7 @@ def test_worker_on_another_redis_is_register_timeout(hosts: Hosts, tmp_path: Pat
     other = RedisServer(tmp_path / "other-redis", password=hosts.redis.password)
     other.start()
     try:
-        settings = hosts.settings_in(hosts.root / "manager", register_timeout_s=6.0)
+        settings = hosts.settings_in(hosts.root / "manager", register_timeout_s=3.0)
         slot = hosts.loopback_slot(
             hosts.root / "install-shared",
             name="lost",

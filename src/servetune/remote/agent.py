@@ -509,10 +509,11 @@ def install(params: Dict[str, Any]) -> Dict[str, Any]:
         {
             "UV_PYTHON_DOWNLOADS": "never",
             "UV_NO_CONFIG": "1",
-            "UV_CACHE_DIR": os.path.join(install_dir, "cache", "uv"),
             "NO_COLOR": "1",
         }
     )
+    # uv's cache: the host's own when it sets one (kept between deploys), else one in install_dir
+    env.setdefault("UV_CACHE_DIR", os.path.join(install_dir, "cache", "uv"))
     # The host's own CA store (uv's default is its bundled roots): hosts behind a TLS-inspecting
     # proxy trust its CA there, as pip does; the host's own setting wins when it has one.
     env.setdefault("UV_NATIVE_TLS", "1")
