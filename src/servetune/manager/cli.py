@@ -206,6 +206,15 @@ def _answer_error(status: int, body: Any, base: str) -> ServetuneError:
     return ManagerUnreachable(f"the manager at {base} answered {status}: {detail or body}")
 
 
+def manager_base(manager_url: str) -> str:
+    """``--manager``'s URL without a trailing slash; raises typer.BadParameter unless it is an
+    http:// or https:// URL."""
+    base = manager_url.rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        raise typer.BadParameter(f"{manager_url!r}: give http://host:port", param_hint="--manager")
+    return base
+
+
 def call_manager(
     method: str,
     base: str,
@@ -359,9 +368,7 @@ def submit(
     """
     from servetune.specfile import read_document, resolve_paths
 
-    base = manager_url.rstrip("/")
-    if not base.startswith(("http://", "https://")):
-        raise typer.BadParameter(f"{manager_url!r}: give http://host:port", param_hint="--manager")
+    base = manager_base(manager_url)
     token = _read_token(token_file)
     from servetune.redact import install_secret_filter
 

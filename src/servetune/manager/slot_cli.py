@@ -18,7 +18,7 @@ from rich.table import Table
 
 from servetune.core.spec import Problem
 from servetune.errors import DeployFailed, SpecInvalid
-from servetune.manager.cli import TokenFileOption, call_manager
+from servetune.manager.cli import TokenFileOption, call_manager, manager_base
 from servetune.manager.cli import _read_token as read_token
 from servetune.remote.models import OfflineMode, RedisVia
 from servetune.remote.ssh import parse_ssh_command
@@ -36,13 +36,6 @@ ManagerOption = Annotated[
         help="Base URL of the manager, e.g. http://host:8400.",
     ),
 ]
-
-
-def _base(manager_url: str) -> str:
-    base = manager_url.rstrip("/")
-    if not base.startswith(("http://", "https://")):
-        raise typer.BadParameter(f"{manager_url!r}: give http://host:port", param_hint="--manager")
-    return base
 
 
 def _call(method: str, base: str, path: str, token: Any, **kwargs: Any) -> Any:
@@ -74,6 +67,21 @@ def default_slot_name(ssh_command: str) -> str:
 def _find_slot(base: str, name: str, token: Any) -> dict[str, Any] | None:
     slots = _call("GET", base, "/api/worker-slots", token)["items"]
     return next((s for s in slots if s["name"] == name), None)
+
+
+def _slot_named(base: str, name: str, token: Any) -> dict[str, Any]:
+    """The saved worker slot called ``name``; raises SpecInvalid (field name) when none is."""
+    slot = _find_slot(base, name, token)
+    if slot is None:
+        raise SpecInvalid(
+            [
+                Problem(
+                    "name", f"no worker slot named {name!r}; `servetune worker-slots` lists them"
+                )
+            ],
+            subject="request",
+        )
+    return slot
 
 
 def print_report(report: dict[str, Any], console: Console) -> None:
@@ -172,7 +180,7 @@ def worker_deploy(
 
     Exit status: 0 the worker runs, 1 the deploy failed, 2 bad input.
     """
-    base = _base(manager_url)
+    base = manager_base(manager_url)
     token = read_token(token_file)
     slot_name = name or default_slot_name(ssh_command)
     given = {
@@ -235,18 +243,9 @@ def worker_restore(
     Nothing is restarted when the worker runs and is registered; a dead worker's leftovers are
     stopped and it starts again. Exit status as worker-deploy.
     """
-    base = _base(manager_url)
+    base = manager_base(manager_url)
     token = read_token(token_file)
-    slot = _find_slot(base, name, token)
-    if slot is None:
-        raise SpecInvalid(
-            [
-                Problem(
-                    "name", f"no worker slot named {name!r}; `servetune worker-slots` lists them"
-                )
-            ],
-            subject="request",
-        )
+    slot = _slot_named(base, name, token)
     console = Console()
     console.print(f"restoring worker slot [bold]{escape(name)}[/] (id {slot['id']}) …")
     report = _run_on_manager("restore", name, base, slot["id"], token)
@@ -262,18 +261,9 @@ def worker_remove(
 
     The host is not contacted: a worker running there keeps running until stopped there.
     """
-    base = _base(manager_url)
+    base = manager_base(manager_url)
     token = read_token(token_file)
-    slot = _find_slot(base, name, token)
-    if slot is None:
-        raise SpecInvalid(
-            [
-                Problem(
-                    "name", f"no worker slot named {name!r}; `servetune worker-slots` lists them"
-                )
-            ],
-            subject="request",
-        )
+    slot = _slot_named(base, name, token)
     _call("DELETE", base, f"/api/worker-slots/{slot['id']}", token, ok=(204,))
     left = ""
     if slot.get("worker_id") or slot.get("deployed_at"):
@@ -289,7 +279,7 @@ def worker_slots(
     token_file: TokenFileOption = None,
 ) -> None:
     """List the manager's worker slots: name, status, worker, last seen, ssh command, error."""
-    base = _base(manager_url)
+    base = manager_base(manager_url)
     slots = _call("GET", base, "/api/worker-slots", read_token(token_file))["items"]
     console = Console()
     if not slots:

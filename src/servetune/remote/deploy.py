@@ -350,38 +350,32 @@ class Deployer:
         started = time.monotonic()
         try:
             outcome = await fn()
-        except DeployFailed as e:
-            e.step = e.step or name
-            run.steps.append(
-                DeployStep(
-                    name=name,
-                    status=StepStatus.FAILED,
-                    duration_s=time.monotonic() - started,
-                    detail=str(e),
-                    category=e.category,
-                    suggestion=e.suggestion,
-                )
-            )
-            raise
         except Exception as e:
-            log.exception("step %s of %s %s failed", name, run.action, run.slot.name)
-            failed = diagnose.failure(
-                Category.UNKNOWN,
-                f"{name}: {type(e).__name__}: {e}",
-                step=name,
-                **run.found(reason=f"{type(e).__name__}: {e}"),
-            )
+            if isinstance(e, DeployFailed):
+                failed, cause = e, None
+                failed.step = failed.step or name
+            else:
+                log.exception("step %s of %s %s failed", name, run.action, run.slot.name)
+                failed = diagnose.failure(
+                    Category.UNKNOWN,
+                    f"{name}: {type(e).__name__}: {e}",
+                    step=name,
+                    **run.found(reason=f"{type(e).__name__}: {e}"),
+                )
+                cause = e
             run.steps.append(
                 DeployStep(
                     name=name,
                     status=StepStatus.FAILED,
                     duration_s=time.monotonic() - started,
                     detail=str(failed),
-                    category=Category.UNKNOWN,
+                    category=failed.category,
                     suggestion=failed.suggestion,
                 )
             )
-            raise failed from e
+            if cause is None:
+                raise
+            raise failed from cause
         duration_s = time.monotonic() - started
         run.steps.append(
             DeployStep(
