@@ -10,7 +10,9 @@ policy in a ``Host *`` block.
 from __future__ import annotations
 
 import contextlib
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,6 +104,34 @@ def test_closed_port_is_connection_refused(tmp_path: Path, client_key: Path) -> 
     assert err.category is Category.CONNECTION_REFUSED, result.stderr
     assert f"127.0.0.1:{port}" in err.suggestion
     assert "systemctl status ssh" in err.suggestion
+
+
+def test_a_port_that_drops_the_connection_before_the_handshake_is_connection_refused(
+    tmp_path: Path, client_key: Path
+) -> None:
+    """Something accepts the TCP connection and closes it at once (not sshd, or an sshd that
+    turns this client away): not an unknown failure."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = str(listener.getsockname()[1])
+
+    def drop() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                conn.close()
+
+    threading.Thread(target=drop, daemon=True).start()
+    try:
+        config, _ = write_config(tmp_path)
+        result = run_ssh(config, "root@127.0.0.1", "-p", port, "-i", str(client_key))
+    finally:
+        listener.close()
+    err = classified(result, "root@127.0.0.1")
+    assert err.category is Category.CONNECTION_REFUSED, result.stderr
+    assert f"127.0.0.1:{port}" in err.suggestion
+    assert "before the ssh handshake" in err.suggestion and "-p" in err.suggestion
 
 
 def test_rsync_to_a_closed_port_is_connection_refused(tmp_path: Path) -> None:

@@ -230,6 +230,27 @@ def test_python_2_refusing_isolated_mode_is_too_old() -> None:
     assert "3.11" in err.suggestion
 
 
+@pytest.mark.parametrize(
+    "stderr",
+    [
+        "kex_exchange_identification: read: Connection reset by peer\r\n"
+        "Connection reset by 127.0.0.1 port 42222\r\n",
+        "Connection closed by 127.0.0.1 port 42222\r\n",
+        "Connection closed by authenticating user root 127.0.0.1 port 42222 [preauth]\r\n",
+    ],
+)
+def test_a_connection_dropped_before_the_handshake_is_connection_refused(stderr: str) -> None:
+    err = classify(stderr)
+    assert err.category is Category.CONNECTION_REFUSED
+    assert err.suggestion.startswith("127.0.0.1:42222 closed the connection before the ssh ")
+
+
+def test_dash_exec_not_found_names_the_interpreter() -> None:
+    err = classify("sh: 1: exec: python3.12: not found\n", returncode=127)
+    assert err.category is Category.PYTHON_MISSING
+    assert err.suggestion.startswith("python3.12 was not found on 127.0.0.1")
+
+
 def test_remote_command_own_failure_and_success_are_not_ssh_failures() -> None:
     assert classify_ssh(ssh_result("Traceback ...", returncode=1), target="h") is None
     assert classify_ssh(ssh_result("", returncode=0), target="h") is None

@@ -324,10 +324,16 @@ _RESOLVE_REASONS = (
 _RESOLVE = re.compile(r"Could not resolve hostname (\S+?): (.+?)\s*$", re.M)
 _TRIED_KEY = re.compile(r"(?:Offering public key|Will attempt key|Trying private key): (\S+)")
 _NOT_FOUND_127 = (
-    re.compile(r"^\S*?: ?(?:line )?\d*:? ?(\S+): (?:command )?not found\s*$", re.M),  # bash, dash
+    re.compile(
+        r"^\S*?: ?(?:line )?\d*:? ?(?:exec: )?(\S+): (?:command )?not found\s*$", re.M
+    ),  # bash, dash
     re.compile(r"command not found: (\S+)"),  # zsh
     re.compile(r"^\S*?: ?(?:line )?\d*:? ?(\S+): No such file or directory\s*$", re.M),
 )
+_CLOSED_EARLY = re.compile(
+    r"^Connection (closed|reset) by (?:authenticating user \S+ )?(\S+) port (\d+)", re.M
+)
+"""ssh's last words when the server dropped the connection before authentication finished."""
 _NO_ROUTE_REASONS = (
     "No route to host",
     "Network is unreachable",
@@ -617,6 +623,19 @@ def classify_ssh(result: CommandResult, *, target: str) -> DeployFailed | None:
             f"the host name {match.group(1)} does not resolve: {match.group(2)}",
             name=match.group(1),
             reason=match.group(2),
+        )
+    match = _CLOSED_EARLY.search(stderr)
+    if match:  # TCP accepted, then dropped before the ssh handshake ended: sshd turned us away
+        c_host, c_port = match.group(2), match.group(3)
+        return DeployFailed(
+            Category.CONNECTION_REFUSED,
+            f"{c_host}:{c_port} accepted the connection and {match.group(1)} it before the ssh "
+            "handshake",
+            f"{c_host}:{c_port} closed the connection before the ssh handshake ended: sshd there "
+            "turned this machine away (hosts.deny, fail2ban, MaxStartups under load) or the port "
+            "is not sshd's; read the host's sshd log (`journalctl -u ssh`) and check the port "
+            "(-p) in the ssh command.",
+            logs=logs,
         )
     if rsync:
         return None  # not ssh's own failure: the caller reports rsync's
