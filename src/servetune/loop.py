@@ -435,8 +435,15 @@ class StudyLoop:
         waits = [f.task for f in flights] + [a for a in self._adopted if not a.done()]
         for w in waits:
             w.cancel()
-        if waits:
-            await asyncio.gather(*waits, return_exceptions=True)
+        try:
+            if waits:
+                await asyncio.gather(*waits, return_exceptions=True)
+        finally:  # cancelled again while the trials clean up: still record every one
+            self._record_cancelled(flights)
+
+    def _record_cancelled(self, flights: list[_InFlight]) -> None:
+        """Record each of ``flights`` not saved yet as FAIL ``cancelled`` (a store error is
+        logged: the lease may be lost, and then nothing more may be written)."""
         for f in flights:
             assert f.trial.id is not None
             if f.trial.id in self._saved:
@@ -460,14 +467,22 @@ class StudyLoop:
             self.store.set_study_status(self.study.id, "running")
             outcome = await self._search_and_confirm()
         except asyncio.CancelledError:
-            await self._abort()
-            self.store.set_study_status(self.study.id, "cancelled")
+            await self._stop("cancelled")
             raise
         except BaseException:
-            await self._abort()
-            self.store.set_study_status(self.study.id, "failed")
+            await self._stop("failed")
             raise
         return outcome
+
+    async def _stop(self, status: str) -> None:
+        """Abort the trials in flight, then mark the study ``status``: marked even when a second
+        cancel cuts the abort short (the supervisor re-cancels a loop whose clean-up is slow,
+        e.g. a worker slow to send its cancelled result), so a stopped study never stays
+        ``running``."""
+        try:
+            await self._abort()
+        finally:
+            self.store.set_study_status(self.study.id, status)
 
     async def _search_and_confirm(self) -> StudyOutcome:
         spec = self.spec

@@ -18,6 +18,7 @@ from typing import Any, cast
 
 import pytest
 
+from servetune.cluster.tasks import cancel_and_wait
 from servetune.core.spec import StudySpec, parse_spec
 from servetune.core.strategies.base import params_key
 from servetune.core.study import (
@@ -202,6 +203,37 @@ def test_cancelling_the_study_cancels_every_trial_in_flight(tmp_path: Path) -> N
     cancelled = [t.number for t in trials if t.failure_kind is FailureKind.CANCELLED]
     assert cancelled == [1, 2, 3]
     assert trials[0].state is TrialState.COMPLETE
+    assert store.get_study(study.id).status == "cancelled"
+
+
+def test_a_second_cancel_during_a_slow_abort_still_marks_the_study_and_its_trials_cancelled(
+    tmp_path: Path,
+) -> None:
+    """The manager cancels a loop again when its clean-up is slow (a worker slow to send its
+    cancelled result): the study must still end ``cancelled``, never stay ``running``."""
+    store, study, ctx = _study(tmp_path, _doc(THREADS, max_trials=8, parallel=2))
+
+    class SlowToAbort(FakeRunner):
+        async def __call__(self, ctx: TrialContext, params: Params, number: int) -> TrialResult:
+            try:
+                return await super().__call__(ctx, params, number)
+            except asyncio.CancelledError:
+                await asyncio.sleep(30)  # waiting for the worker's RESULT
+                raise
+
+    runner = SlowToAbort()
+    runner.block = set(range(1, 20))
+    loop = _loop(store, study, ctx, runner)
+
+    async def main() -> None:
+        task = asyncio.create_task(loop.run())
+        await _until(lambda: len(runner.active) == 2)
+        assert await cancel_and_wait({task}, 5.0, grace_s=0.1)
+
+    asyncio.run(main())
+    trials = store.trials(study.id)
+    assert [t.state for t in trials].count(TrialState.RUNNING) == 0
+    assert [t.number for t in trials if t.failure_kind is FailureKind.CANCELLED] == [1, 2]
     assert store.get_study(study.id).status == "cancelled"
 
 

@@ -26,7 +26,7 @@ from servetune.core.study import Params, Trial, TrialRole, TrialState
 from servetune.engines import get_engine
 from servetune.errors import ServetuneError, StudyBusy, check_resumable
 from servetune.loop import LoopEvents, StudyLoop
-from servetune.manager.dispatch import RemoteRunner
+from servetune.manager.dispatch import ABORT_WAIT_S, RemoteRunner
 from servetune.manager.ingest import Ingestor
 from servetune.runner import TrialContext
 from servetune.settings import Settings
@@ -40,6 +40,9 @@ STOP_WAIT_S = 15.0
 """How long ``stop`` waits for the study loops, the Ingestor and the watchdog to end, s."""
 CANCEL_WAIT_S = 15.0
 """How long ``cancel`` waits for a study's loop to record the cancellation, s."""
+CANCEL_GRACE_S = ABORT_WAIT_S + 2.0
+"""How long a cancelled loop may clean up before it is cancelled again, s: longer than a trial
+waits for its worker's cancelled RESULT (``dispatch.ABORT_WAIT_S``), so that result is kept."""
 STALE_CLAIM_MIN_MS = 60_000
 """Entries another manager read and left unacknowledged this long (ms) are taken over."""
 
@@ -164,7 +167,7 @@ class StudySupervisor:
                     f"({study.lease.describe()}); cancel it there"
                 )
             return
-        if not await cancel_and_wait({task}, CANCEL_WAIT_S):
+        if not await cancel_and_wait({task}, CANCEL_WAIT_S, grace_s=CANCEL_GRACE_S):
             log.warning("study %d: its loop did not stop within %.0f s", study_id, CANCEL_WAIT_S)
 
     # ---- live views ----------------------------------------------------------------------
