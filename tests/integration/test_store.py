@@ -434,6 +434,25 @@ def test_migrations_are_idempotent(store_url: str) -> None:
         engine.dispose()
 
 
+def test_head_revision_is_the_newest_shipped_migration() -> None:
+    """``HEAD_REVISION`` (known without importing Alembic) must follow every new migration."""
+    from alembic.script import ScriptDirectory
+
+    assert ScriptDirectory.from_config(alembic_config()).get_current_head() == head_revision()
+
+
+def test_reading_commands_do_not_import_alembic_on_an_up_to_date_database(tmp_path: Path) -> None:
+    """Alembic costs ~0.3 s per process; only a migration needs it."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    StudyStore(url).close()
+    code = (
+        "import sys; from servetune.store.repo import StudyStore; "
+        f"StudyStore({url!r}).close(); print('alembic' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)  # noqa: S603
+    assert out.stdout.strip() == "False", out.stderr
+
+
 def test_schema_from_a_newer_servetune_is_refused(store_url: str) -> None:
     StudyStore(store_url).close()
     engine = make_engine(store_url)
