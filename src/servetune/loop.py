@@ -33,7 +33,7 @@ from servetune.engines.feasibility_hook import infeasible_for
 from servetune.errors import ServetuneError
 from servetune.runner import Runner, TrialContext, run_trial
 from servetune.slots import TrialSlots
-from servetune.store.repo import StudyRecord, StudyStore
+from servetune.store.repo import StudyRecord, StudyStatus, StudyStore
 
 __all__ = ["Adopt", "LoopEvents", "StudyLoop", "StudyOutcome", "TrialSlots"]
 
@@ -474,7 +474,7 @@ class StudyLoop:
             raise
         return outcome
 
-    async def _stop(self, status: str) -> None:
+    async def _stop(self, status: StudyStatus) -> None:
         """Abort the trials in flight, then mark the study ``status``: marked even when a second
         cancel cuts the abort short (the supervisor re-cancels a loop whose clean-up is slow,
         e.g. a worker slow to send its cancelled result), so a stopped study never stays
