@@ -782,14 +782,20 @@ def drop_installed(site_packages: str, root: str, name: str) -> List[str]:
     return sorted(set(removed))
 
 
-def _installer(venv: str, version: str, env: Dict[str, str]) -> Tuple[str, List[str]]:
-    """How to install a wheel into ``venv`` with no index and no dependencies: its own pip
-    (``python -I -m pip``; made by ``python -m venv``) when it has one, else its own uv (a uv
-    venv has no pip, and servetune's manager venv holds uv). ("pip"|"uv", argv without the
-    wheel); AgentError(install_failed) when it has neither."""
+def _installer(venv: str, install_dir: str, env: Dict[str, str]) -> Tuple[str, List[str]]:
+    """How to install a wheel into ``venv`` with no index and no dependencies: its own uv when
+    it has one (servetune's manager venv holds uv; ~0.1 s), else its own pip (``python -I -m
+    pip``, made by ``python -m venv``; ~1.5 s). ("uv"|"pip", argv without the wheel); ``env``
+    is adjusted for it. AgentError(install_failed) when it has neither."""
     venv_python = os.path.join(venv, "bin", "python")
-    site = os.path.join(venv, "lib", "python" + version, "site-packages")
-    if os.path.isdir(os.path.join(site, "pip")):
+    uv = os.path.join(venv, "bin", "uv")
+    if _regular_file(uv) and os.access(uv, os.X_OK):
+        env.update({"UV_NO_CONFIG": "1", "UV_PYTHON_DOWNLOADS": "never", "NO_COLOR": "1"})
+        env.setdefault("UV_CACHE_DIR", os.path.join(install_dir, "cache", "uv"))
+        argv = [uv, "pip", "install", "--python", venv_python, "--no-deps", "--offline"]
+        return "uv", [*argv, "--no-index"]
+    code, _ = _run([venv_python, "-I", "-c", "import pip"], 60)
+    if code == 0:
         for key in [k for k in env if k.startswith("PIP_")]:
             del env[key]  # the host's pip settings (--user, an index, …) do not apply
         env["PIP_CONFIG_FILE"] = os.devnull
@@ -804,14 +810,9 @@ def _installer(venv: str, version: str, env: Dict[str, str]) -> Tuple[str, List[
             "--no-input",
             "--disable-pip-version-check",
         ]
-    uv = os.path.join(venv, "bin", "uv")
-    if _regular_file(uv) and os.access(uv, os.X_OK):
-        env.update({"UV_NO_CONFIG": "1", "UV_PYTHON_DOWNLOADS": "never", "NO_COLOR": "1"})
-        argv = [uv, "pip", "install", "--python", venv_python, "--no-deps", "--offline"]
-        return "uv", [*argv, "--no-index"]
     raise AgentError(
         "install_failed",
-        "the copied venv %s has neither pip nor uv to install servetune's wheel with" % venv,
+        "the copied venv %s has neither uv nor pip to install servetune's wheel with" % venv,
     )
 
 
@@ -859,11 +860,13 @@ def adopt_venv(params: Dict[str, Any]) -> Dict[str, Any]:
         os.rename(staging, venv)
         shutil.rmtree(aside, ignore_errors=True)
     except OSError as exc:
-        raise _os_error(exc, "moving the copied venv into %s" % venv, "install_failed") from None
+        raise _os_error(
+            exc, "fixing the copied venv %s and moving it to %s" % (staging, venv), "install_failed"
+        ) from None
     env = dict(os.environ)
-    installer, argv = _installer(venv, fixed["version"], env)
-    remaining = max(timeout_s - (time.monotonic() - started), 1.0)
     try:
+        installer, argv = _installer(venv, install_dir, env)
+        remaining = max(timeout_s - (time.monotonic() - started), 1.0)
         code, output = _run([*argv, wheel], remaining, env=env, cwd=install_dir)
     except OSError as exc:
         raise _os_error(exc, "installing %s into %s" % (wheel, venv), "install_failed") from None

@@ -265,7 +265,9 @@ class Deployer:
         """Install and start the worker of ``slot`` on its host and wait until it registers.
 
         ``offline`` overrides the slot's mode (auto: a wheelhouse when the remote cannot reach
-        the package index). Steps: preflight, bundle, prepare, redis, upload, install, stop,
+        the package index; when the manager cannot build that wheelhouse either, its own venv is
+        copied to a host whose CPython, architecture and libc match its own: the bundle step
+        then ends WARNING and says so, see ``venvcopy``). Steps: preflight, bundle, prepare, redis, upload, install, stop,
         config, start, register: how the worker will reach Redis (tunnel, address) is checked
         before anything is uploaded or installed, so a wrong address fails in seconds. A worker
         of this slot already running there is stopped (its leftovers too) before the new one
