@@ -11,6 +11,7 @@ import pytest
 
 from servetune.errors import DeployFailed
 from servetune.remote import agent
+from servetune.remote.deploy import ONLINE_MIN_FREE_GIB, free_space_needed_gib
 from servetune.remote.models import Category
 from servetune.remote.ssh import excluded
 from servetune.remote.venvcopy import Interpreter, copy_refusal, excludes, wheels_unavailable
@@ -88,6 +89,19 @@ def test_the_copy_leaves_out_byte_code_and_the_python_links() -> None:
         assert excluded(path, patterns), path
     for path in ("bin/python3-config", "lib/python3.11/site-packages/python", "bin/pip", "lib"):
         assert not excluded(path, patterns), path
+
+
+def test_the_prepare_step_asks_for_room_for_the_venv_copy() -> None:
+    gib = 2**30
+    assert free_space_needed_gib(wheelhouse_bytes=None, venv_copy_bytes=None) == (
+        ONLINE_MIN_FREE_GIB
+    )
+    assert free_space_needed_gib(wheelhouse_bytes=None, venv_copy_bytes=gib // 2) == (
+        ONLINE_MIN_FREE_GIB
+    )
+    # a venv with torch: the copy and the venv it replaces
+    assert free_space_needed_gib(wheelhouse_bytes=None, venv_copy_bytes=5 * gib) == 10.0
+    assert free_space_needed_gib(wheelhouse_bytes=gib, venv_copy_bytes=None) == 3.0
 
 
 # ---- the agent's fix-up --------------------------------------------------------------------------

@@ -42,7 +42,14 @@ from servetune.remote.models import (
 from servetune.remote.ssh import ResolvedTarget, SshSession, parse_ssh_command
 from servetune.settings import Settings
 
-__all__ = ["MIN_PYTHON", "Deployer", "RedisEndpoint", "parse_manager_ssh", "parse_redis_url"]
+__all__ = [
+    "MIN_PYTHON",
+    "Deployer",
+    "RedisEndpoint",
+    "free_space_needed_gib",
+    "parse_manager_ssh",
+    "parse_redis_url",
+]
 
 log = logging.getLogger(__name__)
 
@@ -614,14 +621,14 @@ class Deployer:
 
     async def _prepare(self, run: _Run) -> None:
         async def step() -> _Outcome:
-            need_gib = ONLINE_MIN_FREE_GIB
-            if run.venv_copy is not None:
-                size_gib = run.venv_copy.size_bytes / 2**30
-                need_gib = max(need_gib, size_gib * venvcopy.SPACE_FACTOR)
-            elif run.offline:
+            wheelhouse_bytes = None
+            if run.offline and run.venv_copy is None:
                 assert run.bundle is not None
-                size_gib = _dir_size_bytes(run.bundle.dir) / 2**30
-                need_gib = max(need_gib, size_gib * OFFLINE_SPACE_FACTOR)
+                wheelhouse_bytes = _dir_size_bytes(run.bundle.dir)
+            need_gib = free_space_needed_gib(
+                wheelhouse_bytes=wheelhouse_bytes,
+                venv_copy_bytes=run.venv_copy.size_bytes if run.venv_copy else None,
+            )
             result = await self._agent(
                 run,
                 "prepare",
@@ -1238,6 +1245,19 @@ def _option_values(options: tuple[str, ...], flag: str, config_key: str) -> list
 def _session_config_file(session: SshSession) -> str:
     """The generated ssh config of ``session`` (BatchMode, servetune's known_hosts, …)."""
     return str(session.config_path())
+
+
+def free_space_needed_gib(*, wheelhouse_bytes: int | None, venv_copy_bytes: int | None) -> float:
+    """Free space, GiB, the prepare step asks for in the install directory: ONLINE_MIN_FREE_GIB,
+    or more for an offline install (OFFLINE_SPACE_FACTOR × the bundle's ``wheelhouse_bytes``) or
+    a venv copy (venvcopy.SPACE_FACTOR × the venv's ``venv_copy_bytes``); None: not that kind.
+    Pure."""
+    need_gib = ONLINE_MIN_FREE_GIB
+    if wheelhouse_bytes is not None:
+        need_gib = max(need_gib, wheelhouse_bytes / 2**30 * OFFLINE_SPACE_FACTOR)
+    if venv_copy_bytes is not None:
+        need_gib = max(need_gib, venv_copy_bytes / 2**30 * venvcopy.SPACE_FACTOR)
+    return need_gib
 
 
 def _dir_size_bytes(path: Any) -> int:
