@@ -3,8 +3,11 @@ what is left out of the copy, and the agent's fix-up of a copied venv (on a smal
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import os
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ from servetune.errors import DeployFailed
 from servetune.remote import agent
 from servetune.remote.deploy import ONLINE_MIN_FREE_GIB, free_space_needed_gib
 from servetune.remote.models import Category
-from servetune.remote.ssh import excluded
+from servetune.remote.ssh import _tar_stream, excluded
 from servetune.remote.venvcopy import Interpreter, copy_refusal, excludes, wheels_unavailable
 
 MANAGER = Interpreter("cpython", "3.11.7", "x86_64", "glibc", "2.36")
@@ -89,6 +92,24 @@ def test_the_copy_leaves_out_byte_code_and_the_python_links() -> None:
         assert excluded(path, patterns), path
     for path in ("bin/python3-config", "lib/python3.11/site-packages/python", "bin/pip", "lib"):
         assert not excluded(path, patterns), path
+
+
+def test_the_tar_stream_leaves_out_what_rsync_would(tmp_path: Path) -> None:
+    """The tar fallback of push_dir (no rsync on the host) excludes as rsync's --exclude does."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").symlink_to("/usr/bin/python3")
+    (tmp_path / "bin" / "pip").write_text("#!/x/bin/python\n")
+    (tmp_path / "lib" / "m" / "__pycache__").mkdir(parents=True)
+    (tmp_path / "lib" / "m" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\0")
+    (tmp_path / "lib" / "m" / "a.py").write_text("")
+    (tmp_path / "lib" / "m" / "old.pyc").write_bytes(b"\0")
+
+    async def collect() -> bytes:
+        return b"".join([c async for c in _tar_stream(tmp_path, excludes("3.11.7"))])
+
+    with tarfile.open(fileobj=io.BytesIO(asyncio.run(collect()))) as archive:
+        names = sorted(archive.getnames())
+    assert names == ["bin", "bin/pip", "lib", "lib/m", "lib/m/a.py"]
 
 
 def test_the_prepare_step_asks_for_room_for_the_venv_copy() -> None:
