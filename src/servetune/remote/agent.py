@@ -24,6 +24,7 @@ import platform
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tarfile
@@ -538,6 +539,19 @@ def install(params: Dict[str, Any]) -> Dict[str, Any]:
         if constraints:
             argv += ["-c", constraints]
         step([*argv, wheel], "uv pip install")
+    except OSError as exc:
+        raise _os_error(exc, "installing into %s" % venv, "install_failed") from None
+    return {
+        "version": _installed_version(venv, install_dir),
+        "seconds": round(time.monotonic() - started, 3),
+    }
+
+
+def _installed_version(venv: str, install_dir: str) -> str:
+    """servetune's version as ``venv``'s python imports it (run in ``install_dir``);
+    AgentError(module_not_found) with the output's tail when it does not import."""
+    venv_python = os.path.join(venv, "bin", "python")
+    try:
         code, output = _run(
             [
                 venv_python,
@@ -548,7 +562,7 @@ def install(params: Dict[str, Any]) -> Dict[str, Any]:
             cwd=install_dir,
         )
     except OSError as exc:
-        raise _os_error(exc, "installing into %s" % venv, "install_failed") from None
+        raise _os_error(exc, "running %s" % venv_python, "install_failed") from None
     if code != 0:
         raise AgentError(
             "module_not_found",
@@ -556,10 +570,7 @@ def install(params: Dict[str, Any]) -> Dict[str, Any]:
             _tail(output),
         )
     lines = output.strip().splitlines()
-    return {
-        "version": lines[-1] if lines else "",
-        "seconds": round(time.monotonic() - started, 3),
-    }
+    return lines[-1] if lines else ""
 
 
 def _write_log(path: str, parts: List[str]) -> None:
@@ -590,6 +601,288 @@ def _uv_from_wheel(wheel: str, bin_dir: str) -> str:
     except OSError as exc:
         raise _os_error(exc, "extracting uv from %s" % wheel, "install_failed") from None
     return target
+
+
+# ---- the venv copy: the last resort of an offline host (deploy.py, remote/venvcopy.py) --------
+
+_TEXT_LIMIT = 1024 * 1024
+"""bin/ files larger than this are never rewritten as text (binaries such as uv)."""
+
+
+def _regular_file(path: str) -> bool:
+    """``path`` is a regular file itself (a symlink is not, whatever it points at)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _write_over(path: str, data: bytes) -> None:
+    """Replace the regular file ``path`` with ``data`` (same mode) through a temporary file and
+    os.replace, which never follows a symlink."""
+    mode = stat.S_IMODE(os.lstat(path).st_mode)
+    tmp = "%s.servetune-%d.tmp" % (path, os.getpid())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _prefix_pattern(prefix: str) -> "Any":
+    """The regex of ``prefix`` as a whole path: followed by '/', a quote, white space, ':' or
+    the end (so /a/.venv never matches inside /a/.venv2)."""
+    import re
+
+    return re.compile(re.escape(prefix.rstrip("/").encode("utf-8")) + rb"(?=[/'\"\s:;]|$)")
+
+
+def fix_venv(folder: str, old_prefix: str, new_prefix: str, python: str) -> Dict[str, Any]:
+    """Make the venv copied into ``folder`` (made at ``old_prefix`` on the manager) work at
+    ``new_prefix`` on this host with the interpreter ``python``, in place.
+
+    - ``pyvenv.cfg``: ``home`` = the directory of ``python`` resolved; ``executable`` = it;
+      ``command`` dropped; every other key (``version``, ``version_info``, …) kept.
+    - ``bin/python``, ``bin/python3``, ``bin/python3.X`` (X from pyvenv.cfg's version, else
+      this interpreter's): symlinks to ``python`` resolved.
+    - every regular file in ``bin/`` whose first line is ``#!<old_prefix>/bin/python…`` gets
+      ``#!<new_prefix>/bin/python…``; other text files there (activate scripts, pip's
+      ``#!/bin/sh`` trampolines) get every whole ``old_prefix`` replaced by ``new_prefix``.
+
+    Symlinks are never followed or rewritten (only the python links are replaced), so nothing
+    outside ``folder`` changes. Returns {scripts, texts, links, version}: the number of shebangs
+    and text files rewritten, the python links made, X.Y. Raises AgentError(install_failed)
+    naming the path when ``folder`` is not a venv (no regular pyvenv.cfg, no bin/ folder) or
+    no script in bin/ names ``old_prefix``'s python (the old prefix is not where expected);
+    OSError as the file system raises it.
+    """
+    folder = os.path.abspath(folder)
+    old_prefix = old_prefix.rstrip("/")
+    new_prefix = new_prefix.rstrip("/")
+    cfg = os.path.join(folder, "pyvenv.cfg")
+    bin_dir = os.path.join(folder, "bin")
+    if not _regular_file(cfg):
+        raise AgentError(
+            "install_failed", "%s is not a venv: no pyvenv.cfg (a regular file) in it" % folder
+        )
+    if os.path.islink(bin_dir) or not os.path.isdir(bin_dir):
+        raise AgentError("install_failed", "%s is not a venv: no bin/ folder in it" % folder)
+    real_python = os.path.realpath(python)
+    with open(cfg, "r", encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    kept = []  # type: List[str]
+    version = ""
+    for line in lines:
+        key, sep, value = line.partition("=")
+        name = key.strip().lower()
+        if sep and name in ("version", "version_info") and not version:
+            version = ".".join(value.strip().split(".")[:2])
+        if sep and name == "home":
+            kept.append("home = %s" % os.path.dirname(real_python))
+        elif sep and name == "executable":
+            kept.append("executable = %s" % real_python)
+        elif sep and name == "command":
+            continue  # how the manager made it: meaningless here
+        else:
+            kept.append(line)
+    if not any(ln.partition("=")[0].strip().lower() == "home" for ln in kept):
+        kept.insert(0, "home = %s" % os.path.dirname(real_python))
+    _write_over(cfg, ("\n".join(kept) + "\n").encode("utf-8"))
+    if not version:
+        version = "%d.%d" % sys.version_info[:2]
+    links = []
+    for name in ("python", "python3", "python" + version):
+        link = os.path.join(bin_dir, name)
+        if os.path.lexists(link):
+            if os.path.isdir(link) and not os.path.islink(link):
+                raise AgentError("install_failed", "%s is a folder, not a python link" % link)
+            os.unlink(link)
+        os.symlink(real_python, link)
+        links.append(link)
+    old_python = (old_prefix + "/bin/python").encode("utf-8")
+    old_whole = _prefix_pattern(old_prefix)
+    new_bytes = new_prefix.encode("utf-8")
+    scripts = texts = 0
+    for name in sorted(os.listdir(bin_dir)):
+        path = os.path.join(bin_dir, name)
+        if path in links or not _regular_file(path):
+            continue  # symlinks (and what they point at) are left alone
+        with open(path, "rb") as f:
+            head = f.read(_TEXT_LIMIT + 1)
+        first, newline, rest = head.partition(b"\n")
+        words = first[2:].strip().split()
+        if first.startswith(b"#!") and words and words[0].startswith(old_python):
+            if len(head) > _TEXT_LIMIT:
+                with open(path, "rb") as f:
+                    head = f.read()
+                first, newline, rest = head.partition(b"\n")
+            _write_over(path, old_whole.sub(lambda _: new_bytes, first, count=1) + newline + rest)
+            scripts += 1
+        elif len(head) <= _TEXT_LIMIT and b"\0" not in head and old_whole.search(head):
+            _write_over(path, old_whole.sub(lambda _: new_bytes, head))
+            texts += 1
+    if scripts == 0:
+        raise AgentError(
+            "install_failed",
+            "no script in %s names %s/bin/python: the copied venv was not made at %s"
+            % (bin_dir, old_prefix, old_prefix),
+        )
+    return {"scripts": scripts, "texts": texts, "links": links, "version": version}
+
+
+def drop_installed(site_packages: str, root: str, name: str) -> List[str]:
+    """Remove distribution ``name`` (e.g. ``servetune``) from ``site_packages`` of the venv at
+    ``root``, editable or not: every file its ``*.dist-info/RECORD`` lists (within ``root``;
+    symlinks removed, never followed), its ``*.pth`` files and editable finders (``*<name>*.pth``,
+    ``__editable__*<name>*``), and the dist-info folder. Returns the paths removed (sorted).
+    OSError as the file system raises it."""
+    import csv
+
+    root = os.path.realpath(root)
+    removed = []  # type: List[str]
+    if not os.path.isdir(site_packages):
+        return removed
+    prefix = name.replace("-", "_").lower() + "-"
+    for entry in sorted(os.listdir(site_packages)):
+        path = os.path.join(site_packages, entry)
+        lower = entry.lower()
+        is_info = lower.startswith(prefix) and lower.endswith(".dist-info")
+        if is_info and os.path.isdir(path) and not os.path.islink(path):
+            record = os.path.join(path, "RECORD")
+            rows = []  # type: List[List[str]]
+            if _regular_file(record):
+                with open(record, "r", encoding="utf-8", newline="") as f:
+                    rows = list(csv.reader(f))
+            for row in rows:
+                if not row or not row[0]:
+                    continue
+                target = os.path.normpath(os.path.join(site_packages, row[0]))
+                parent = os.path.realpath(os.path.dirname(target))
+                if not _inside(root, parent) or not os.path.lexists(target):
+                    continue
+                if os.path.isdir(target) and not os.path.islink(target):
+                    continue
+                os.unlink(target)
+                removed.append(target)
+            shutil.rmtree(path)
+            removed.append(path)
+        elif (lower.endswith(".pth") and name.lower() in lower) or (
+            lower.startswith("__editable__") and name.lower() in lower
+        ):
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+            removed.append(path)
+    return sorted(set(removed))
+
+
+def _installer(venv: str, install_dir: str, env: Dict[str, str]) -> Tuple[str, List[str]]:
+    """How to install a wheel into ``venv`` with no index and no dependencies: its own uv when
+    it has one (servetune's manager venv holds uv; ~0.1 s), else its own pip (``python -I -m
+    pip``, made by ``python -m venv``; ~1.5 s). ("uv"|"pip", argv without the wheel); ``env``
+    is adjusted for it. AgentError(install_failed) when it has neither."""
+    venv_python = os.path.join(venv, "bin", "python")
+    uv = os.path.join(venv, "bin", "uv")
+    if _regular_file(uv) and os.access(uv, os.X_OK):
+        env.update({"UV_NO_CONFIG": "1", "UV_PYTHON_DOWNLOADS": "never", "NO_COLOR": "1"})
+        env.setdefault("UV_CACHE_DIR", os.path.join(install_dir, "cache", "uv"))
+        argv = [uv, "pip", "install", "--python", venv_python, "--no-deps", "--offline"]
+        return "uv", [*argv, "--no-index"]
+    code, _ = _run([venv_python, "-I", "-c", "import pip"], 60)
+    if code == 0:
+        for key in [k for k in env if k.startswith("PIP_")]:
+            del env[key]  # the host's pip settings (--user, an index, …) do not apply
+        env["PIP_CONFIG_FILE"] = os.devnull
+        return "pip", [
+            venv_python,
+            "-I",
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--no-input",
+            "--disable-pip-version-check",
+        ]
+    raise AgentError(
+        "install_failed",
+        "the copied venv %s has neither uv nor pip to install servetune's wheel with" % venv,
+    )
+
+
+def adopt_venv(params: Dict[str, Any]) -> Dict[str, Any]:
+    """Make the manager's venv, copied to ``staging`` (under install_dir/incoming), the
+    install's venv (install_dir/venv, where start_worker finds ``venv/bin/servetune``).
+
+    ``staging`` is fixed for its new place (``fix_venv``: pyvenv.cfg, the python links to
+    ``python``, shebangs and activate scripts naming ``old_prefix``, the manager's
+    ``sys.prefix``), servetune's own install (editable on a developer's manager) is removed
+    from it, it replaces install_dir/venv (the old one is moved aside and deleted), then
+    ``wheel`` (servetune's wheel) is installed into it with no index and no dependencies and
+    ``import servetune`` is checked as by ``install``. {version, seconds, installer, removed,
+    scripts}. AgentError: install_failed (not a venv, the old prefix not found, the wheel
+    refused), disk_full, module_not_found, permission_denied.
+    """
+    started = time.monotonic()
+    install_dir = _path(params, "install_dir")
+    staging = _path(params, "staging")
+    old_prefix = _path(params, "old_prefix")
+    python = _path(params, "python")
+    wheel = _path(params, "wheel")
+    timeout_s = _number(params, "timeout_s", 1800)
+    incoming = os.path.realpath(os.path.join(install_dir, "incoming"))
+    if not _inside(incoming, os.path.realpath(staging)) or os.path.islink(staging):
+        raise AgentError(
+            "install_failed", "the copied venv %s is not under %s" % (staging, incoming)
+        )
+    if not os.path.isdir(staging):
+        raise AgentError("install_failed", "the copied venv %s is missing" % staging)
+    venv = os.path.join(install_dir, "venv")
+    log_path = os.path.join(install_dir, "logs", "install.log")
+    log = ["venv copied from the manager's %s to %s" % (old_prefix, staging)]
+    try:
+        os.makedirs(os.path.dirname(log_path), mode=0o700, exist_ok=True)
+        fixed = fix_venv(staging, old_prefix, venv, python)
+        site = os.path.join(staging, "lib", "python" + fixed["version"], "site-packages")
+        removed = drop_installed(site, staging, "servetune")
+        log.append("fixed %(scripts)d scripts, %(texts)d text files; python links" % fixed)
+        log.append("removed the manager's servetune install: %s" % ", ".join(removed))
+        _write_log(log_path, log)
+        aside = "%s.old-%d" % (venv, os.getpid())
+        if os.path.lexists(venv):
+            os.rename(venv, aside)
+        os.rename(staging, venv)
+        shutil.rmtree(aside, ignore_errors=True)
+    except OSError as exc:
+        raise _os_error(
+            exc, "fixing the copied venv %s and moving it to %s" % (staging, venv), "install_failed"
+        ) from None
+    env = dict(os.environ)
+    try:
+        installer, argv = _installer(venv, install_dir, env)
+        remaining = max(timeout_s - (time.monotonic() - started), 1.0)
+        code, output = _run([*argv, wheel], remaining, env=env, cwd=install_dir)
+    except OSError as exc:
+        raise _os_error(exc, "installing %s into %s" % (wheel, venv), "install_failed") from None
+    log.append("$ " + " ".join([*argv, wheel]) + "\n" + output)
+    _write_log(log_path, log)
+    if code != 0:
+        raise _install_fail(
+            output, "%s install of servetune's wheel failed (exit %d)" % (installer, code)
+        )
+    return {
+        "version": _installed_version(venv, install_dir),
+        "seconds": round(time.monotonic() - started, 3),
+        "installer": installer,
+        "removed": len(removed),
+        "scripts": fixed["scripts"],
+    }
 
 
 def keygen(params: Dict[str, Any]) -> Dict[str, Any]:
@@ -930,6 +1223,7 @@ ACTIONS = {
     "prepare": prepare,
     "untar": untar,
     "install": install,
+    "adopt_venv": adopt_venv,
     "keygen": keygen,
     "write_file": write_file,
     "redis_probe": redis_probe,

@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import shutil
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from servetune.cluster.registry import Registry, WorkerStatus
 from servetune.errors import DeployFailed, RedisUnavailable
-from servetune.remote import diagnose, keys, tunnel, wheelhouse
+from servetune.remote import diagnose, keys, tunnel, venvcopy, wheelhouse
 from servetune.remote.models import (
     Category,
     DeployReport,
@@ -41,7 +42,14 @@ from servetune.remote.models import (
 from servetune.remote.ssh import ResolvedTarget, SshSession, parse_ssh_command
 from servetune.settings import Settings
 
-__all__ = ["MIN_PYTHON", "Deployer", "RedisEndpoint", "parse_manager_ssh", "parse_redis_url"]
+__all__ = [
+    "MIN_PYTHON",
+    "Deployer",
+    "RedisEndpoint",
+    "free_space_needed_gib",
+    "parse_manager_ssh",
+    "parse_redis_url",
+]
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +210,7 @@ class _Run:
     resolved: ResolvedTarget | None = None
     facts: RemoteFacts | None = None
     bundle: wheelhouse.InstallBundle | None = None
+    venv_copy: venvcopy.VenvCopy | None = None
     offline: bool = False
     launch: WorkerLaunchConfig | None = None
     pid: int | None = None
@@ -263,7 +272,9 @@ class Deployer:
         """Install and start the worker of ``slot`` on its host and wait until it registers.
 
         ``offline`` overrides the slot's mode (auto: a wheelhouse when the remote cannot reach
-        the package index). Steps: preflight, bundle, prepare, redis, upload, install, stop,
+        the package index; when the manager cannot build that wheelhouse either, its own venv is
+        copied to a host whose CPython, architecture and libc match its own: the bundle step
+        then ends WARNING and says so, see ``venvcopy``). Steps: preflight, bundle, prepare, redis, upload, install, stop,
         config, start, register: how the worker will reach Redis (tunnel, address) is checked
         before anything is uploaded or installed, so a wrong address fails in seconds. A worker
         of this slot already running there is stopped (its leftovers too) before the new one
@@ -531,7 +542,14 @@ class Deployer:
                 )
             else:
                 run.offline = False
-            run.bundle = await wheelhouse.build_bundle(self.settings, facts, offline=run.offline)
+            try:
+                run.bundle = await wheelhouse.build_bundle(
+                    self.settings, facts, offline=run.offline
+                )
+            except DeployFailed as e:
+                if not run.offline or not venvcopy.wheels_unavailable(e):
+                    raise
+                return await self._venv_copy(run, e, warning[1] if warning else None)
             size_mib = _dir_size_bytes(run.bundle.dir) / 2**20
             what = "offline wheelhouse" if run.offline else "wheel + constraints"
             detail = (
@@ -549,13 +567,68 @@ class Deployer:
 
         await self._step(run, "bundle", step)
 
+    async def _venv_copy(
+        self, run: _Run, failed: DeployFailed, host_warning: str | None
+    ) -> _Outcome:
+        """The bundle step's last resort once ``failed`` says the manager cannot get the
+        offline wheels either: copy the manager's venv when the host's interpreter matches the
+        manager's (``venvcopy.copy_refusal``), ending the step WARNING. Otherwise ``failed`` is
+        raised, its message and suggestion saying why the venv could not be copied instead."""
+        assert run.facts is not None
+        refusal = venvcopy.copy_refusal(
+            venvcopy.manager_interpreter(),
+            venvcopy.Interpreter.of(run.facts),
+            manager_in_venv=sys.prefix != sys.base_prefix,
+        )
+        plan: venvcopy.VenvCopy | None = None
+        if refusal is None:
+            try:
+                plan = await venvcopy.plan(self.settings)
+            except DeployFailed as e:
+                refusal = f"servetune's wheel cannot be built here either ({e})"
+        if plan is None:
+            clause = f"the manager's venv cannot be copied instead: {refusal}"
+            raise DeployFailed(
+                failed.category,
+                f"{failed}; {clause}",
+                f"{failed.suggestion} ({clause[0].upper()}{clause[1:]}.)",
+                step=failed.step or "bundle",
+                logs=failed.logs,
+            ) from failed
+        run.venv_copy = plan
+        facts = run.facts
+        detail = (
+            f"copying the manager's venv {plan.prefix} ({plan.size_bytes / 2**20:.0f} MiB) as "
+            f"a last resort: the manager cannot build the offline wheelhouse either "
+            f"({failed.category.value}: {failed}); the host's Python {facts.python_version} "
+            f"({facts.arch}, {facts.libc} {facts.libc_version}) matches the manager's"
+        )
+        suggestion = (
+            f"The manager could not build an offline wheelhouse ({failed}), so its own venv "
+            f"{plan.prefix} was copied to the host (Python, architecture and libc match); make "
+            "the package index reachable from the manager (package_index_url, "
+            "SERVETUNE_PACKAGE_INDEX_URL) for a regular offline install."
+        )
+        if host_warning:
+            suggestion = f"{host_warning} {suggestion}"
+        log.warning("%s %s: %s", run.action, run.slot.name, detail)
+        return _Outcome(
+            detail=detail,
+            status=StepStatus.WARNING,
+            category=Category.INDEX_UNREACHABLE,
+            suggestion=suggestion,
+        )
+
     async def _prepare(self, run: _Run) -> None:
         async def step() -> _Outcome:
-            assert run.bundle is not None
-            need_gib = ONLINE_MIN_FREE_GIB
-            if run.offline:
-                size_gib = _dir_size_bytes(run.bundle.dir) / 2**30
-                need_gib = max(need_gib, size_gib * OFFLINE_SPACE_FACTOR)
+            wheelhouse_bytes = None
+            if run.offline and run.venv_copy is None:
+                assert run.bundle is not None
+                wheelhouse_bytes = _dir_size_bytes(run.bundle.dir)
+            need_gib = free_space_needed_gib(
+                wheelhouse_bytes=wheelhouse_bytes,
+                venv_copy_bytes=run.venv_copy.size_bytes if run.venv_copy else None,
+            )
             result = await self._agent(
                 run,
                 "prepare",
@@ -567,19 +640,38 @@ class Deployer:
 
     async def _upload(self, run: _Run) -> None:
         async def step() -> _Outcome:
-            assert run.session is not None and run.bundle is not None and run.facts is not None
-            remote_dir = run.path("incoming", run.bundle.dir.name)
+            assert run.session is not None and run.facts is not None
+            copy = run.venv_copy
+            sends: list[tuple[Any, str, tuple[str, ...]]] = []
+            if copy is not None:
+                sends.append((copy.prefix, run.path("incoming", copy.key), copy.exclude))
+                sends.append((copy.wheel.parent, run.path("incoming", f"{copy.key}-wheel"), ()))
+            else:
+                assert run.bundle is not None
+                sends.append((run.bundle.dir, run.path("incoming", run.bundle.dir.name), ()))
             local_rsync = shutil.which("rsync") is not None
             use_rsync = run.facts.has_rsync and local_rsync
-            result = await run.session.push_dir(
-                run.bundle.dir,
-                remote_dir,
-                rsync=use_rsync,
-                timeout_s=self.settings.deploy_install_timeout_s,
-            )
-            if result.returncode != 0:
-                raise self._upload_failure(run, result, remote_dir)
-            detail = f"{run.bundle.dir.name} → {remote_dir} by {'rsync' if use_rsync else 'tar'}"
+            started = time.monotonic()
+            for local, remote_dir, exclude in sends:
+                result = await run.session.push_dir(
+                    local,
+                    remote_dir,
+                    rsync=use_rsync,
+                    timeout_s=self.settings.deploy_install_timeout_s,
+                    python=run.facts.python_executable,
+                    exclude=exclude,
+                )
+                if result.returncode != 0:
+                    raise self._upload_failure(run, result, remote_dir)
+            how = "rsync" if use_rsync else "tar"
+            if copy is not None:
+                detail = (
+                    f"the manager's venv {copy.prefix} ({copy.size_bytes / 2**20:.0f} MiB) → "
+                    f"{sends[0][1]} by {how} in {time.monotonic() - started:.1f} s"
+                )
+            else:
+                assert run.bundle is not None
+                detail = f"{run.bundle.dir.name} → {sends[0][1]} by {how}"
             if use_rsync:
                 return _Outcome(detail=detail)
             if not local_rsync:
@@ -635,8 +727,10 @@ class Deployer:
 
     async def _install(self, run: _Run) -> None:
         async def step() -> _Outcome:
-            assert run.bundle is not None and run.facts is not None
-            key = self._bundle_key(run)
+            assert run.facts is not None
+            if run.venv_copy is not None:
+                return await self._adopt_venv(run, run.venv_copy)
+            assert run.bundle is not None
             bundle = run.bundle
             base = run.path("incoming", bundle.dir.name)
             result = await self._agent(
@@ -653,12 +747,7 @@ class Deployer:
                 },
                 timeout_s=self.settings.deploy_install_timeout_s,
             )
-            marker = json.dumps({"bundle": key, "version": result.get("version")})
-            await self._agent(
-                run,
-                "write_file",
-                {"path": run.path(INSTALLED_MARKER), "content": marker, "mode": 0o600},
-            )
+            await self._write_marker(run, result.get("version"))
             how = "offline (wheelhouse)" if bundle.offline else "from the index"
             seconds = result.get("seconds")
             took = f" in {float(seconds):.1f} s" if isinstance(seconds, (int, float)) else ""
@@ -666,7 +755,43 @@ class Deployer:
 
         await self._step(run, "install", step)
 
+    async def _adopt_venv(self, run: _Run, copy: venvcopy.VenvCopy) -> _Outcome:
+        """The install step of a venv copy: the agent's ``adopt_venv`` makes the copied venv the
+        install's venv; the install marker is written as by a regular install."""
+        assert run.facts is not None
+        result = await self._agent(
+            run,
+            "adopt_venv",
+            {
+                "install_dir": run.install_dir,
+                "staging": run.path("incoming", copy.key),
+                "old_prefix": str(copy.prefix),
+                "python": run.facts.python_executable,
+                "wheel": run.path("incoming", f"{copy.key}-wheel", copy.wheel.name),
+                "timeout_s": self.settings.deploy_install_timeout_s,
+            },
+            timeout_s=self.settings.deploy_install_timeout_s + AGENT_TIMEOUT_S,
+        )
+        await self._write_marker(run, str(result.get("version")))
+        seconds = result.get("seconds")
+        took = f" in {float(seconds):.1f} s" if isinstance(seconds, (int, float)) else ""
+        return _Outcome(
+            detail=f"servetune {result.get('version')} installed by copying the manager's venv "
+            f"(its own servetune replaced by the wheel with {result.get('installer')}){took}"
+        )
+
+    async def _write_marker(self, run: _Run, version: str | None) -> None:
+        """The install marker: which bundle (or venv copy) is installed, so a restore skips it."""
+        marker = json.dumps({"bundle": self._bundle_key(run), "version": version})
+        await self._agent(
+            run,
+            "write_file",
+            {"path": run.path(INSTALLED_MARKER), "content": marker, "mode": 0o600},
+        )
+
     def _bundle_key(self, run: _Run) -> str:
+        if run.venv_copy is not None:
+            return run.venv_copy.key
         assert run.bundle is not None
         return run.bundle.dir.name
 
@@ -1120,6 +1245,19 @@ def _option_values(options: tuple[str, ...], flag: str, config_key: str) -> list
 def _session_config_file(session: SshSession) -> str:
     """The generated ssh config of ``session`` (BatchMode, servetune's known_hosts, …)."""
     return str(session.config_path())
+
+
+def free_space_needed_gib(*, wheelhouse_bytes: int | None, venv_copy_bytes: int | None) -> float:
+    """Free space, GiB, the prepare step asks for in the install directory: ONLINE_MIN_FREE_GIB,
+    or more for an offline install (OFFLINE_SPACE_FACTOR × the bundle's ``wheelhouse_bytes``) or
+    a venv copy (venvcopy.SPACE_FACTOR × the venv's ``venv_copy_bytes``); None: not that kind.
+    Pure."""
+    need_gib = ONLINE_MIN_FREE_GIB
+    if wheelhouse_bytes is not None:
+        need_gib = max(need_gib, wheelhouse_bytes / 2**30 * OFFLINE_SPACE_FACTOR)
+    if venv_copy_bytes is not None:
+        need_gib = max(need_gib, venv_copy_bytes / 2**30 * venvcopy.SPACE_FACTOR)
+    return need_gib
 
 
 def _dir_size_bytes(path: Any) -> int:

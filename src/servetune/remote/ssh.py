@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import hashlib
 import logging
 import os
@@ -979,6 +980,7 @@ class SshSession:
         rsync: bool,
         timeout_s: float,
         python: str = "python3",
+        exclude: tuple[str, ...] = (),
     ) -> CommandResult:
         """Copy the contents of ``local_dir`` into ``remote_dir`` (absolute or under ``~/``;
         its parent must exist on the remote). Files already there and not in ``local_dir``
@@ -993,6 +995,11 @@ class SshSession:
         fallback (Category.RSYNC_MISSING). Raises ValueError for a missing ``local_dir`` or a bad
         ``remote_dir``; DeployFailed as run_agent for the tar path; for rsync: what
         ``diagnose.classify_ssh`` finds, else Category.UNKNOWN with rsync's output.
+
+        ``exclude`` leaves paths out, both ways alike (rsync's ``--exclude``): a pattern starting
+        with ``/`` is a path relative to ``local_dir`` (``/bin/python``), any other one a name
+        (fnmatch, e.g. ``__pycache__``, ``*.pyc``) matched at any depth; an excluded folder is
+        left out with everything in it.
         """
         if not await asyncio.to_thread(local_dir.is_dir):
             raise ValueError(f"local_dir {local_dir} is not a directory")
@@ -1001,7 +1008,9 @@ class SshSession:
         except ValueError as exc:
             raise ValueError(f"remote_dir: {exc}") from exc
         if rsync and shutil.which("rsync") is not None:
-            done = await self._push_rsync(local_dir, remote_dir, timeout_s=timeout_s)
+            done = await self._push_rsync(
+                local_dir, remote_dir, timeout_s=timeout_s, exclude=exclude
+            )
             if done is not None:
                 return done
             logger.warning("rsync is missing on %s: sending a tar stream instead", self.describe())
@@ -1010,12 +1019,12 @@ class SshSession:
             {"dest": remote_dir},
             python=python,
             timeout_s=timeout_s,
-            stdin_tail=_tar_stream(local_dir),
+            stdin_tail=_tar_stream(local_dir, exclude),
         )
         return result
 
     async def _push_rsync(
-        self, local_dir: Path, remote_dir: str, *, timeout_s: float
+        self, local_dir: Path, remote_dir: str, *, timeout_s: float, exclude: tuple[str, ...] = ()
     ) -> CommandResult | None:
         """rsync's result; None when the remote has no rsync (its shell could not run it)."""
         await self._ensure_resolved()
@@ -1032,7 +1041,8 @@ class SshSession:
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
         spec = f"{user}@{host}" if user else host
-        argv = ["rsync", "-a", "-s", "-e", shell, "--", f"{local_dir}/", f"{spec}:{remote_path}/"]
+        argv = ["rsync", "-a", "-s", "-e", shell, *(f"--exclude={p}" for p in exclude)]
+        argv += ["--", f"{local_dir}/", f"{spec}:{remote_path}/"]
         result = await run_command(argv, timeout_s=timeout_s)
         if result.returncode == 0:
             return result
@@ -1061,10 +1071,26 @@ def _tar_filter(info: tarfile.TarInfo) -> tarfile.TarInfo:
     return info
 
 
-async def _tar_stream(local_dir: Path) -> AsyncIterator[bytes]:
+def excluded(relative: str, patterns: tuple[str, ...]) -> bool:
+    """Whether the path ``relative`` (``a/b/c``, relative to the folder sent) is left out by
+    ``patterns`` (as rsync's ``--exclude``: ``/a/b`` anchored at the folder, else a name
+    pattern matched against each part; a part matching leaves out all below it). Pure."""
+    parts = relative.strip("/").split("/")
+    for pattern in patterns:
+        if pattern.startswith("/"):
+            anchored = pattern.strip("/").split("/")
+            if parts[: len(anchored)] == anchored:
+                return True
+        elif any(fnmatch.fnmatchcase(part, pattern) for part in parts):
+            return True
+    return False
+
+
+async def _tar_stream(local_dir: Path, exclude: tuple[str, ...] = ()) -> AsyncIterator[bytes]:
     """The contents of ``local_dir`` as an uncompressed tar stream (members named relative to
-    it), made in a thread that writes into a pipe, so memory stays bounded by the pipe; closing
-    the stream early ends the thread (its next write fails)."""
+    it; ``exclude`` as ``excluded`` reads it), made in a thread that writes into a pipe, so
+    memory stays bounded by the pipe; closing the stream early ends the thread (its next write
+    fails)."""
     read_fd, write_fd = os.pipe()
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=_READ_CHUNK)
@@ -1074,6 +1100,9 @@ async def _tar_stream(local_dir: Path) -> AsyncIterator[bytes]:
 
     unreadable: list[OSError] = []
 
+    def leave_out(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        return None if exclude and excluded(info.name, exclude) else _tar_filter(info)
+
     def build() -> None:
         try:
             with (
@@ -1081,7 +1110,7 @@ async def _tar_stream(local_dir: Path) -> AsyncIterator[bytes]:
                 tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar,
             ):
                 for child in sorted(local_dir.iterdir()):
-                    tar.add(child, arcname=child.name, filter=_tar_filter)
+                    tar.add(child, arcname=child.name, filter=leave_out)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the reader went away (the remote side failed): it reports why
         except OSError as exc:

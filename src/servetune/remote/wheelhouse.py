@@ -62,6 +62,13 @@ _UV_TRIPLE_GLIBC = (17, 28, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40)
 
 _ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8": "aarch64"}
 
+
+def canonical_arch(arch: str) -> str:
+    """``platform.machine()`` as the packaging tools name it: lower case, ``amd64``/``x64`` →
+    ``x86_64``, ``arm64``/``armv8`` → ``aarch64``. Pure."""
+    return _ARCH_ALIASES.get(arch.lower(), arch.lower())
+
+
 _NETWORK_ERRORS = (
     "Could not fetch URL",
     "Failed to establish a new connection",
@@ -113,7 +120,7 @@ def platform_target(arch: str, libc: str, libc_version: str) -> PlatformTarget:
     Raises DeployFailed(INSTALL_FAILED) for an architecture other than x86_64/aarch64, an unknown
     libc, or a glibc older than 2.17, naming what was found.
     """
-    machine = _ARCH_ALIASES.get(arch.lower(), arch.lower())
+    machine = canonical_arch(arch)
     if machine not in ("x86_64", "aarch64"):
         raise _failed(
             f"no wheelhouse can be built for the remote's architecture {arch!r}",
@@ -336,7 +343,8 @@ class ServetuneWheel:
 async def servetune_wheel(settings: Settings) -> ServetuneWheel:
     """servetune's own wheel and the manager's exact dependency versions.
 
-    From a source tree: ``uv build --wheel`` and ``uv export --frozen`` (the lock's versions),
+    From a source tree: ``uv build --wheel`` (``--offline`` first: the build backend from uv's
+    cache, no index needed; else from the index) and ``uv export --frozen`` (the lock's versions),
     cached under ``settings.wheelhouse_dir/servetune/<version>-<source hash>/`` so an edited tree
     rebuilds. Otherwise the wheel named by the environment variable SERVETUNE_WHEEL (same version
     as the running servetune) and the versions of the installed distributions
@@ -363,11 +371,14 @@ async def servetune_wheel(settings: Settings) -> ServetuneWheel:
         try:
             uv = _uv_binary()
             timeout_s = settings.deploy_install_timeout_s
-            built = await run_command(
-                [uv, "build", "--wheel", "--out-dir", str(work), str(root)],
-                timeout_s=timeout_s,
-                cwd=root,
-            )
+            build = [uv, "build", "--wheel", "--out-dir", str(work), str(root)]
+            # the build backend (hatchling) from uv's cache first, no index: it is there since
+            # the manager's own install (`uv sync`) built servetune with it, and a manager that
+            # cannot reach the index (an offline deploy's venv-copy fallback) still needs this
+            # wheel; only a cache without it fetches it from the index
+            built = await run_command([*build, "--offline"], timeout_s=timeout_s, cwd=root)
+            if built.returncode != 0 and not built.timed_out:
+                built = await run_command(build, timeout_s=timeout_s, cwd=root)
             _check(built, "building servetune's wheel")
             exported = await run_command(
                 [
@@ -472,18 +483,18 @@ async def _uv_version(uv: str) -> str:
     return match.group(1)
 
 
-def _manager_platform() -> tuple[str, str]:
+def manager_platform() -> tuple[str, str]:
     """(arch, libc family) of the manager, as RemoteFacts spells them."""
     lib, _ = platform.libc_ver()
     family = "glibc" if lib == "glibc" else ("musl" if "musl" in lib else lib)
-    return _ARCH_ALIASES.get(platform.machine().lower(), platform.machine().lower()), family
+    return canonical_arch(platform.machine()), family
 
 
 async def _uv_for(settings: Settings, work: Path, target: PlatformTarget, python: str) -> str:
     """Put uv for ``target`` into ``work``: a copy of the manager's binary when arch and libc
     match, else the uv wheel of the same version for that platform. Returns its name."""
     uv = _uv_binary()
-    if (target.arch, target.libc) == _manager_platform():
+    if (target.arch, target.libc) == manager_platform():
         shutil.copy2(uv, work / "uv")
         return "uv"
     return await _uv_wheel(settings, work, target, python)
