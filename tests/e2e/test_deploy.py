@@ -152,8 +152,8 @@ def test_worker_deploy_online_through_the_cli_completes_a_trial_then_restore_and
 ) -> None:
     """What a user types: ``servetune worker-deploy "SSH COMMAND"`` to the loopback host (online:
     it reaches the index; the manager deploys with its own Deployer); the worker completes a
-    trial; then ``worker-restore`` (the live worker stays the only one), then the slot is deleted
-    (its key goes)."""
+    trial; then ``worker-restore`` (the live worker stays the only one), then ``worker-remove``
+    (the worker stops, its key goes)."""
     install = stage.root / "remote-cli"
     env = stage.fleet.env(stage.root / "cli")
     manager = ("--manager", stage.fleet.base_url)
@@ -213,9 +213,20 @@ def test_worker_deploy_online_through_the_cli_completes_a_trial_then_restore_and
         assert [p.pid for p in worker_processes(install)] == [procs[0].pid]
         assert "servetune-slot:cli-1" in stage.manager_sshd.authorized_keys.read_text()
 
-        gone = stage.fleet.api.delete(f"/api/worker-slots/{slots['cli-1']['id']}")
-        assert gone.status_code in (200, 204), gone.text
+        removed = subprocess.run(  # noqa: S603
+            [*SERVETUNE, "worker-remove", "cli-1", *manager],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+            check=False,
+        )
+        assert removed.returncode == 0, removed.stdout + removed.stderr
+        assert f"its worker (pid [{procs[0].pid}]) stopped" in removed.stdout, removed.stdout
+        assert not worker_processes(install), "worker-remove stops the worker on its host"
         assert "servetune-slot:cli-1" not in stage.manager_sshd.authorized_keys.read_text()
+        names = [s["name"] for s in stage.fleet.get("/api/worker-slots")["items"]]
+        assert "cli-1" not in names
     finally:
         kill_install(install)
 
@@ -306,7 +317,9 @@ def test_reverse_tunnel_deploy_registers_and_remove_takes_key_and_tunnel_away(
         assert tunnel.detached_running(stage.settings, "netns-rev")
         assert len(worker_processes(slot.install_dir)) == 1
 
-        remove(stage.settings, stage.redis_url, slot)
+        removed = remove(stage.settings, stage.redis_url, slot)
+        assert removed.success and step(removed, "stop").status is StepStatus.OK, removed
+        assert not worker_processes(slot.install_dir)
         assert not tunnel.detached_running(stage.settings, "netns-rev")
     finally:
         tunnel.stop_detached(stage.settings, "netns-rev")

@@ -117,9 +117,10 @@ def restore(settings: Settings, redis_url: str, slot: WorkerSlot) -> DeployRepor
     return report
 
 
-def remove(settings: Settings, redis_url: str, slot: WorkerSlot) -> None:
-    """``Deployer.remove(slot)`` from a synchronous test."""
-    asyncio.run(_with_deployer(settings, redis_url, "remove", slot))
+def remove(settings: Settings, redis_url: str, slot: WorkerSlot) -> DeployReport:
+    """``Deployer.remove(slot)`` (its worker stopped) from a synchronous test; the report."""
+    report: DeployReport = asyncio.run(_with_deployer(settings, redis_url, "remove", slot))
+    return report
 
 
 def workers(settings: Settings, redis_url: str) -> list[WorkerStatus]:

@@ -37,6 +37,7 @@ from tests.integration.deploy_helpers import (
     kill_installs,
     make_slot,
     manager_settings,
+    remove,
     step,
 )
 from tests.redis_server import RedisServer, free_port
@@ -210,6 +211,28 @@ def test_closed_port_is_connection_refused(hosts: Hosts, tmp_path: Path) -> None
     report = deploy(hosts.settings, hosts.redis.url, make_slot("closed", command, "/tmp/x"))
     failed(report, Category.CONNECTION_REFUSED, "preflight")
     assert f"127.0.0.1:{port}" in (report.suggestion or "")
+
+
+def test_removing_a_slot_whose_host_is_gone_removes_it_and_says_how_to_stop_the_worker(
+    hosts: Hosts, tmp_path: Path
+) -> None:
+    """The host no longer answers: the removal still cleans the manager's side (the tunnel key
+    goes); its stop step is a warning with the category and how to stop the worker there."""
+    port = free_port()
+    command = f"ssh -p {port} -i {hosts.key} root@127.0.0.1"
+    slot = make_slot("gone", command, "/srv/servetune-gone")
+    keys_file = tmp_path / "authorized_keys"
+    keys_file.write_text('restrict,command="/bin/false" ssh-ed25519 AAAAX servetune-slot:gone\n')
+    settings = hosts.settings_in(tmp_path / "manager", authorized_keys_path=keys_file)
+    report = remove(settings, hosts.redis.url, slot)
+    assert report.success and report.action == "remove", describe(report)
+    stop = step(report, "stop")
+    assert (stop.status, stop.category) == (StepStatus.WARNING, Category.CONNECTION_REFUSED)
+    assert "kill $(cat /srv/servetune-gone/worker.pid)" in (stop.suggestion or "")
+    assert f"127.0.0.1:{port}" in (stop.suggestion or "")
+    assert step(report, "key").status is StepStatus.OK
+    assert "servetune-slot:gone" not in keys_file.read_text()
+    assert "not stopped" in report.message
 
 
 def test_dropped_packets_are_connection_timeout(hosts: Hosts) -> None:

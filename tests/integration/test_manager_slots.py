@@ -69,6 +69,8 @@ class StandInDeployer:
         self.registry = registry
         self.calls: list[tuple[str, str, OfflineMode | None]] = []
         self.removed: list[str] = []
+        self.stop_worker_asked: list[bool] = []
+        self.unreachable = False
         self.release = threading.Event()
         self.release.set()
         self.entered = threading.Event()
@@ -83,8 +85,30 @@ class StandInDeployer:
         self.calls.append(("restore", slot.name, None))
         return await self._run(slot, "restore")
 
-    async def remove(self, slot: WorkerSlot) -> None:
+    async def remove(self, slot: WorkerSlot, *, stop_worker: bool = True) -> DeployReport:
         self.removed.append(slot.name)
+        self.stop_worker_asked.append(stop_worker)
+        if not stop_worker:
+            stop = DeployStep(name="stop", status=StepStatus.SKIPPED, duration_s=0.0)
+            message = f"worker slot {slot.name} removed; its worker on the host was kept"
+        elif self.unreachable:
+            stop = DeployStep(
+                name="stop",
+                status=StepStatus.WARNING,
+                duration_s=0.2,
+                detail="ssh: connect to host gpu-host-1 port 2222: Connection refused",
+                category=Category.CONNECTION_REFUSED,
+                suggestion="nothing listens on gpu-host-1:2222. The slot is removed anyway; "
+                "if its worker still runs on the host, stop it there with "
+                "`kill $(cat ~/.servetune/worker.pid)`.",
+            )
+            message = f"worker slot {slot.name} removed; its worker on the host was not stopped"
+        else:
+            stop = DeployStep(name="stop", status=StepStatus.OK, duration_s=0.5)
+            message = f"worker slot {slot.name} removed; its worker (pid [4242]) stopped"
+        return DeployReport(
+            success=True, action="remove", message=message, steps=[stop], duration_s=0.5
+        )
 
     async def _run(self, slot: WorkerSlot, action: str) -> DeployReport:
         self.entered.set()
@@ -239,8 +263,11 @@ def test_slots_are_created_listed_read_changed_and_deleted(
     renamed = client.patch(f"/api/worker-slots/{slot['id']}", json={"name": "gpu-0"})
     assert renamed.status_code == 409 and "'gpu-0' already exists" in renamed.json()["detail"]
 
-    assert client.delete(f"/api/worker-slots/{slot['id']}").status_code == 204
+    removed = client.delete(f"/api/worker-slots/{slot['id']}?keep_worker=true")
+    assert removed.status_code == 200, removed.text
+    assert removed.json()["action"] == "remove" and removed.json()["success"] is True
     assert h.deployer.removed == ["gpu-1"]  # its tunnel key and reverse tunnel go too
+    assert h.deployer.stop_worker_asked == [False]
     assert h.deployer.calls == []  # nothing deployed, nothing restored
     for method, path in (
         ("GET", f"/api/worker-slots/{slot['id']}"),
@@ -524,10 +551,13 @@ def test_cli_deploys_restores_and_lists_through_a_live_manager(
         assert listed.returncode == 0, listed.stderr
         assert "gpu-host-1" in listed.stdout and "online" in listed.stdout
 
+        h.deployer.unreachable = True  # the host is gone: the slot goes anyway, and says so
         removed = servetune(tmp_path, "worker-remove", "gpu-host-1", "--manager", url)
         assert removed.returncode == 0, removed.stderr
         assert "worker slot gpu-host-1 removed" in removed.stdout
+        assert "[connection_refused]" in removed.stdout
         assert "worker.pid" in removed.stdout  # how to stop the worker left on the host
+        assert h.deployer.stop_worker_asked == [True]
         gone = servetune(tmp_path, "worker-remove", "gpu-host-1", "--manager", url)
         assert gone.returncode == 2 and "no worker slot named 'gpu-host-1'" in gone.stderr
 

@@ -64,8 +64,10 @@ class SlotDeployer(Protocol):
         """Bring the slot's worker back (nothing to do when it runs and is registered)."""
         ...
 
-    async def remove(self, slot: WorkerSlot) -> None:
-        """Forget the slot on the manager's side: its tunnel key, its reverse tunnel."""
+    async def remove(self, slot: WorkerSlot, *, stop_worker: bool = True) -> DeployReport:
+        """Stop the slot's worker on its host (``stop_worker``; an unreachable host is a
+        WARNING step, not a failure), then drop its tunnel key and reverse tunnel; the report."""
+        ...
 
 
 DeployerFactory = Callable[[Settings, str, Any], SlotDeployer]

@@ -27,6 +27,9 @@ DEFAULT_MANAGER = "http://127.0.0.1:8400"
 """The manager `servetune manager` serves by default."""
 DEPLOY_TIMEOUT_S = 3600.0
 """How long the CLI waits for the manager's answer to a deploy or restore, s."""
+DEPLOY_STOP_TIMEOUT_S = 120.0
+"""How long a removal may take on the manager (ssh connect, agent, the worker's stop grace), s;
+the CLI waits twice that."""
 
 ManagerOption = Annotated[
     str,
@@ -102,6 +105,14 @@ def print_report(report: dict[str, Any], console: Console) -> None:
             escape(detail),
         )
     console.print(table)
+    if report["success"] and report.get("action") == "remove":
+        console.print(escape(report["message"]), highlight=False, soft_wrap=True)
+        for step in report.get("steps", []):
+            if step["status"] == "warning" and step.get("suggestion"):
+                console.print(
+                    f"suggestion: {escape(step['suggestion'])}", highlight=False, soft_wrap=True
+                )
+        return
     if report["success"]:
         gpus = ", ".join(report.get("gpus") or []) or "none"
         console.print(
@@ -254,24 +265,27 @@ def worker_restore(
 
 def worker_remove(
     name: Annotated[str, typer.Argument(help="The worker slot's name.")],
+    keep_worker: Annotated[
+        bool, typer.Option("--keep-worker", help="Leave its worker running on the host.")
+    ] = False,
     manager_url: ManagerOption = DEFAULT_MANAGER,
     token_file: TokenFileOption = None,
 ) -> None:
-    """Forget the worker slot NAME: its Redis tunnel key leaves the manager's authorized_keys.
+    """Forget the worker slot NAME: its worker on the host is stopped (a running trial is handed
+    back), its Redis tunnel key leaves the manager's authorized_keys, its reverse tunnel stops.
 
-    The host is not contacted: a worker running there keeps running until stopped there.
+    A host that cannot be reached does not keep the slot: the stop step says so, with how to
+    stop the worker there. Exit status 0 once removed.
     """
     base = manager_base(manager_url)
     token = read_token(token_file)
     slot = _slot_named(base, name, token)
-    _call("DELETE", base, f"/api/worker-slots/{slot['id']}", token, ok=(204,))
-    left = ""
-    if slot.get("worker_id") or slot.get("deployed_at"):
-        left = (
-            "; a worker still running on its host keeps running: stop it there with "
-            f"`kill $(cat {escape(slot['install_dir'])}/worker.pid)`"
-        )
-    Console().print(f"worker slot [bold]{escape(name)}[/] removed{left}", soft_wrap=True)
+    query = "?keep_worker=true" if keep_worker else ""
+    timeout_s = 2 * DEPLOY_STOP_TIMEOUT_S
+    report = _call(
+        "DELETE", base, f"/api/worker-slots/{slot['id']}{query}", token, timeout_s=timeout_s
+    )
+    print_report(report, Console())
 
 
 def worker_slots(

@@ -300,21 +300,29 @@ class WorkerSlots:
         await asyncio.to_thread(self.store.update, slot_id, changes)
         return await self.read(slot_id)
 
-    async def delete(self, slot_id: int) -> None:
-        """Remove the slot: refused while it deploys (SlotBusy); the deployer removes its tunnel
-        key and stops its reverse tunnel (the remote host is not touched), then the row goes.
-        A deploy, restore, update or second delete asked meanwhile gets SlotBusy (a deploy
-        slipping in would leave a tunnel key in authorized_keys). Raises SlotNotFound."""
+    async def delete(self, slot_id: int, *, stop_worker: bool = True) -> DeployReport:
+        """Remove the slot: refused while it deploys (SlotBusy); the deployer stops its worker
+        on the host (``stop_worker``; a host it cannot reach is a WARNING step of the report,
+        and the slot goes anyway), removes its tunnel key and stops its reverse tunnel, then
+        the row goes; the report. A deploy, restore, update or second delete asked meanwhile
+        gets SlotBusy (a deploy slipping in would leave a tunnel key in authorized_keys). Runs
+        shielded: a client that goes away does not leave it half done. Raises SlotNotFound."""
         slot = await asyncio.to_thread(self.store.get, slot_id)
         self._refuse_while_deploying(slot, "delete it")
         # claimed with no await since the check: a deploy starting while the key is removed
         # would add a tunnel key that nothing removes any more
         self._deleting.add(slot.id)
-        try:
-            await self.deployer.remove(slot)
-            await asyncio.to_thread(self.store.delete, slot_id)
-        finally:
-            self._deleting.discard(slot.id)
+
+        async def remove() -> DeployReport:
+            try:
+                report = await self.deployer.remove(slot, stop_worker=stop_worker)
+                await asyncio.to_thread(self.store.delete, slot_id)
+            finally:
+                self._deleting.discard(slot.id)
+            log.info("worker slot %s: %s", slot.name, report.message)
+            return report
+
+        return await asyncio.shield(asyncio.create_task(remove()))
 
     # ---- deploys -------------------------------------------------------------------------
     async def deploy(self, slot_id: int, offline: OfflineMode | None = None) -> DeployReport:

@@ -328,13 +328,91 @@ class Deployer:
 
         return await self._guarded(run, body)
 
-    async def remove(self, slot: WorkerSlot) -> None:
-        """Undo what deploys of ``slot`` left on the manager: its tunnel key line in
-        ``settings.authorized_keys_path`` and its reverse tunnel (if one runs). The remote host is
-        not contacted (it may be gone). Raises OSError when the authorized_keys file cannot be
-        rewritten."""
-        await asyncio.to_thread(keys.remove_key, self.settings.authorized_keys_path, slot.name)
-        await _maybe_await(tunnel.stop_detached(self.settings, slot.name))
+    async def remove(self, slot: WorkerSlot, *, stop_worker: bool = True) -> DeployReport:
+        """Undo what deploys of ``slot`` did: stop its worker on the host (``stop_worker``; its
+        tunnel dies with it), then, on the manager, drop its tunnel key line from
+        ``settings.authorized_keys_path`` and stop its reverse tunnel (if one runs).
+
+        Steps: ``stop`` (connect, SIGTERM the install's worker process groups, SIGKILL after
+        ``STOP_GRACE_S``; a running trial is handed back to the manager), ``key``, ``tunnel``.
+        A host that cannot be reached (it may be gone) does not stop the removal: the ``stop``
+        step ends WARNING with its category and a suggestion that says how to stop the worker
+        there. The report has ``success`` True once the manager's side is clean. Raises OSError
+        when the authorized_keys file cannot be rewritten.
+        """
+        run = _Run(slot, "remove")
+        stopped: list[int] | None = None
+        if stop_worker:
+            try:
+                stopped = await self._stop_remote(run)
+            except DeployFailed as e:
+                how = (
+                    f"The slot is removed anyway; if its worker still runs on the host, stop it "
+                    f"there with `kill $(cat {slot.install_dir.rstrip('/')}/worker.pid)`."
+                )
+                run.steps[-1] = run.steps[-1].model_copy(
+                    update={
+                        "status": StepStatus.WARNING,
+                        "suggestion": f"{e.suggestion} {how}".strip(),
+                    }
+                )
+        else:
+            run.steps.append(
+                DeployStep(
+                    name="stop",
+                    status=StepStatus.SKIPPED,
+                    duration_s=0.0,
+                    detail="asked to keep the worker running on its host",
+                )
+            )
+
+        async def drop_key() -> _Outcome:
+            path = self.settings.authorized_keys_path
+            await asyncio.to_thread(keys.remove_key, path, slot.name)
+            return _Outcome(detail=f"no tunnel key of {slot.name} left in {path}")
+
+        async def stop_tunnel() -> _Outcome:
+            await _maybe_await(tunnel.stop_detached(self.settings, slot.name))
+            return _Outcome(detail="no reverse tunnel of this slot runs")
+
+        await self._step(run, "key", drop_key)
+        await self._step(run, "tunnel", stop_tunnel)
+        if stopped is None:
+            what = "kept" if not stop_worker else "not stopped (see the stop step)"
+            message = f"worker slot {slot.name} removed; its worker on the host was {what}"
+        elif stopped:
+            message = f"worker slot {slot.name} removed; its worker (pid {stopped}) stopped"
+        else:
+            message = f"worker slot {slot.name} removed; no worker of it ran on the host"
+        return DeployReport(
+            success=True,
+            action="remove",
+            message=message,
+            steps=run.steps,
+            duration_s=time.monotonic() - run.started_s,
+        )
+
+    async def _stop_remote(self, run: _Run) -> list[int]:
+        """The ``stop`` step of a removal: connect and stop the install's worker processes;
+        their pids. Raises DeployFailed (recorded as the failed step) when the host cannot be
+        reached or the agent fails."""
+
+        async def step() -> _Outcome:
+            run.session = SshSession(parse_ssh_command(run.slot.ssh_command), self.settings)
+            run.resolved = await run.session.resolve()
+            result = await self._agent(
+                run,
+                "stop_worker",
+                {"install_dir": run.slot.install_dir, "grace_s": STOP_GRACE_S},
+                timeout_s=self.settings.ssh_connect_timeout_s + AGENT_TIMEOUT_S + STOP_GRACE_S,
+            )
+            stopped = [int(p) for p in result.get("stopped") or []]
+            if not stopped:
+                return _Outcome(value=stopped, detail=f"no worker ran on {run.target}")
+            return _Outcome(value=stopped, detail=f"stopped worker process(es) {stopped}")
+
+        stopped: list[int] = await self._step(run, "stop", step)
+        return stopped
 
     # ---- the run -----------------------------------------------------------------------------
 

@@ -179,7 +179,7 @@ class DeployReport(BaseModel):
     """The answer of ``POST /api/worker-slots/{id}/deploy`` and ``…/restore`` (and the CLI's)."""
 
     success: bool = Field(description="A worker from this slot is registered and running.")
-    action: Literal["deploy", "restore"] = Field(description="What was asked.")
+    action: Literal["deploy", "restore", "remove"] = Field(description="What was asked.")
     message: str = Field(description="One line: what happened, or what failed.")
     category: Category | None = Field(default=None, description="Why it failed (None: success).")
     suggestion: str | None = Field(default=None, description="How to fix it (None: success).")

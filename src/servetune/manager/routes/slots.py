@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Response
+from fastapi import APIRouter, Path, Query
 
 from servetune.manager.deps import SlotsDep
 from servetune.manager.schemas import DeployRequest, ErrorBody, ProblemsBody, WorkerSlotList
@@ -65,16 +65,23 @@ async def update_slot(slot_id: SlotId, body: WorkerSlotUpdate, slots: SlotsDep) 
 
 @router.delete(
     "/{slot_id}",
-    status_code=204,
     responses={**_NOT_FOUND, **_CONFLICT},
-    summary="Delete a worker slot",
+    summary="Delete a worker slot (and stop its worker)",
 )
-async def delete_slot(slot_id: SlotId, slots: SlotsDep) -> Response:
-    """Forget the slot (409 while a deploy of it runs): its key leaves the manager's
-    authorized_keys and its reverse tunnel stops. The remote host is not touched: a worker
-    running there keeps running."""
-    await slots.delete(slot_id)
-    return Response(status_code=204)
+async def delete_slot(
+    slot_id: SlotId,
+    slots: SlotsDep,
+    keep_worker: Annotated[
+        bool, Query(description="Leave the worker running on its host (default: stop it).")
+    ] = False,
+) -> DeployReport:
+    """Forget the slot (409 while a deploy of it runs): its worker on the host is stopped
+    (unless ``keep_worker``; a running trial is handed back), its key leaves the manager's
+    authorized_keys and its reverse tunnel stops. The answer is a report (``action`` remove)
+    whose ``stop`` step says what happened on the host: a host that cannot be reached is a
+    ``warning`` step with its category and a suggestion, and the slot is removed anyway."""
+    report: DeployReport = await slots.delete(slot_id, stop_worker=not keep_worker)
+    return report
 
 
 @router.post(
