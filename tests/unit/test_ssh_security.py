@@ -53,7 +53,8 @@ from servetune.remote.ssh import parse_ssh_command
         ("ssh -- -v", "starts with '-'"),
         ("ssh -l -oProxyCommand h", "-oProxyCommand"),
         ("ssh -o User=-v h", "-v"),
-        ("ssh -o HostKeyAlias=-E h", "-E"),
+        ("ssh -o HostKeyAlias=-E h", "HostKeyAlias"),
+        ("ssh -o HostKeyAlias=gpu-b h", "another host's name"),  # would poison gpu-b's key
         ("ssh a@b@c", "a@b@c"),
         ("ssh -l 'a;b' h", "a;b"),
         # -o file values ssh would split or unescape itself (then it opens another file)

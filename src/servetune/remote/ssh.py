@@ -325,10 +325,6 @@ def _check_value(key: str, value: str, *, in_o: bool = False) -> str:
                 "remove it, or use LogLevel=ERROR",
             )
         return value
-    if lowered == "hostkeyalias":
-        if not _NAME_RE.fullmatch(value):
-            raise _invalid(f"HostKeyAlias {value!r} is not a plain name", "e.g. gpu-host-1")
-        return value
     # algorithm lists and PreferredAuthentications
     if not _ALGOS_RE.fullmatch(value):
         raise _invalid(
@@ -346,7 +342,6 @@ _O_KEYS_ALLOWED = (
     "ProxyJump",
     "ConnectTimeout",
     "StrictHostKeyChecking",
-    "HostKeyAlias",
     "ServerAliveInterval",
     "ServerAliveCountMax",
     "Compression",
@@ -372,6 +367,10 @@ _O_REFUSED = {
     "userknownhostsfile": "remove it: servetune keeps its own known_hosts file (data dir ssh/)",
     "globalknownhostsfile": "remove it: servetune keeps its own known_hosts file (data dir ssh/)",
     "batchmode": "remove it: servetune always runs ssh in batch mode",
+    # one known_hosts serves every slot: an alias would let one slot record a host key under
+    # another host's name (poisoning that host's entry); the user's own config is trusted
+    "hostkeyalias": "set HostKeyAlias for that Host in ~/.ssh/config (servetune Includes it): "
+    "in a slot's command it could record a key under another host's name",
     "include": "put Include lines in ~/.ssh/config (servetune Includes it)",
 }
 
