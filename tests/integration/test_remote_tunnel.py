@@ -396,6 +396,51 @@ def test_tunnel_command_refuses_a_bad_config_naming_the_field(tmp_path: Path) ->
 # ---- the manager's detached reverse tunnel ----------------------------------------------------
 
 
+def test_a_reverse_tunnel_goes_through_the_slots_jump_host(
+    tmp_path: Path, sshd: SshServer, redis_server: RedisServer
+) -> None:
+    """A slot reached with ``-J``: the manager's ``ssh -R`` goes through the same jump host; the
+    hop reads the generated config (batch mode, servetune's known_hosts), as in a deploy."""
+    manager_key = new_key(tmp_path / "manager-ssh")
+    sshd.authorized_keys.write_text(manager_key.public + "\n")
+    with ssh_server(tmp_path / "jump") as jump:
+        jump.authorized_keys.write_text(manager_key.public + "\n")
+        known_hosts = tmp_path / "client" / "known_hosts"
+        config = tmp_path / "client" / "generated.conf"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(  # what SshSession generates: a Host * block every hop reads
+            "Host *\n  BatchMode yes\n  StrictHostKeyChecking accept-new\n"
+            f"  UserKnownHostsFile {known_hosts}\n  IdentityFile {manager_key.private}\n"
+        )
+        cfg = _cfg(tmp_path, sshd, manager_key, redis_server.port, direction="remote")
+        cfg = cfg.model_copy(
+            update={
+                "proxy_jump": f"root@localhost:{jump.port}",
+                "config_file": str(config),
+                "known_hosts_file": str(known_hosts),
+            }
+        )
+        proc = subprocess.Popen(  # noqa: S603 - tunnel_argv: an argv list
+            tunnel_argv(cfg),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            if not _wait(lambda: _ping(cfg.bind_port) or proc.poll() is not None, 20):
+                raise AssertionError("the tunnel never came up")
+            assert proc.poll() is None, proc.communicate(timeout=5)[1]
+            assert _ping(cfg.bind_port)
+            recorded = known_hosts.read_text()
+            assert f"[localhost]:{jump.port} " in recorded  # the jump hop's key, in our file
+            assert jump.host_public_key().split()[1] in recorded
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
 def test_detached_reverse_tunnel_survives_its_caller_and_stops(
     tmp_path: Path, sshd: SshServer, redis_server: RedisServer
 ) -> None:

@@ -57,7 +57,7 @@ def test_a_bad_manager_ssh_names_the_field_and_the_form(text: str) -> None:
 
 
 def test_the_key_and_jump_a_reverse_tunnel_reads_from_the_ssh_command() -> None:
-    """A reverse tunnel reuses the -i key of the slot's ssh command and refuses its -J."""
+    """A reverse tunnel reuses the -i key and the -J jump hosts of the slot's ssh command."""
     options = parse_ssh_command(
         "ssh -p 2 -i /k/one -o IdentityFile=/k/two -o 'ProxyJump j@h' u@host"
     ).options

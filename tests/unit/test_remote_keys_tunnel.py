@@ -161,6 +161,13 @@ def test_tunnel_argv_reverse() -> None:
     assert "-L" not in argv and "-i" not in argv
 
 
+def test_tunnel_argv_goes_through_the_slots_jump_hosts() -> None:
+    argv = tunnel_argv(_cfg(direction="remote", proxy_jump="admin@bastion:2222,ssh://j2"))
+    assert argv[argv.index("-J") + 1] == "admin@bastion:2222,ssh://j2"
+    assert argv.index("-J") < argv.index("--")
+    assert "-J" not in tunnel_argv(_cfg(direction="remote"))
+
+
 @pytest.mark.parametrize(
     ("changes", "field"),
     [
@@ -170,6 +177,11 @@ def test_tunnel_argv_reverse() -> None:
         ({"identity_file": "/a b/key"}, "tunnel.identity_file"),
         ({"known_hosts_file": "relative/known_hosts"}, "tunnel.known_hosts_file"),
         ({"config_file": "/x/%d/config"}, "tunnel.config_file"),
+        ({"proxy_jump": "-oProxyCommand=touch"}, "tunnel.proxy_jump"),
+        ({"proxy_jump": "ok@jump,-Emarker"}, "tunnel.proxy_jump"),
+        ({"proxy_jump": "j%h"}, "tunnel.proxy_jump"),
+        ({"proxy_jump": "a b"}, "tunnel.proxy_jump"),
+        ({"proxy_jump": ""}, "tunnel.proxy_jump"),
     ],
 )
 def test_tunnel_argv_refuses_what_ssh_could_misread(changes: dict[str, str], field: str) -> None:

@@ -1070,15 +1070,9 @@ class Deployer:
         assert run.session is not None and run.resolved is not None
         resolved = run.resolved
         options = run.session.target.options
-        if _option_values(options, "-J", "proxyjump"):
-            raise DeployFailed(
-                Category.TUNNEL_FAILED,
-                f"slot {run.slot.name}: a reverse tunnel cannot go through the -J/ProxyJump of "
-                "the ssh command",
-                "name the jump host in ~/.ssh/config (a Host entry with ProxyJump, then ssh "
-                "ALIAS in the slot) so the tunnel's ssh finds it too, or use --redis-via forward",
-                step="redis",
-            )
+        # ssh takes the first value given ("none" turns off a ProxyJump of ~/.ssh/config)
+        jumps = _option_values(options, "-J", "proxyjump")
+        jump = jumps[0] if jumps else None
         config_file = _session_config_file(run.session)
         # the key the user named (-i / IdentityFile); else ssh's defaults and ~/.ssh/config
         keys_given = _option_values(options, "-i", "identityfile")
@@ -1088,6 +1082,7 @@ class Deployer:
             direction="remote",
             destination=f"{resolved.user}@{resolved.hostname}",
             port=resolved.port,
+            proxy_jump=jump,
             identity_file=identity,
             config_file=config_file,
             known_hosts_file=str(self.settings.ssh_dir / "known_hosts"),

@@ -41,6 +41,11 @@ DESTINATION_PATTERN = re.compile(r"^[A-Za-z0-9._@:%\[\]-]{1,255}$")
 TARGET_HOST_PATTERN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]{1,253})$")
 """Where forwarded connections go: a host name, an IPv4 address or a bracketed IPv6 address."""
 
+JUMP_HOP_PATTERN = re.compile(
+    r"^(?:ssh://)?(?:[A-Za-z0-9._][A-Za-z0-9._-]{0,63}@)?[A-Za-z0-9._][A-Za-z0-9._-]{0,252}"
+    r"(?::[0-9]{1,5})?$"
+)
+"""One -J hop: [ssh://][user@]host[:port], nothing ssh could read as an option or a token."""
 FILE_PATTERN = re.compile(r"^/[A-Za-z0-9._/+@=,-]{0,1023}$")
 """A file handed to ssh: absolute, with no space, quote, '%' or '~' (ssh would split or expand
 them in -o values and IdentityFile)."""
@@ -88,8 +93,9 @@ def tunnel_argv(cfg: TunnelConfig) -> list[str]:
     ``"remote"``: ``-R`` with the same spec, plus ``-v`` so the supervisor sees the server accept
     it. Always BatchMode, ExitOnForwardFailure, ServerAliveInterval=keepalive_s and
     ServerAliveCountMax=3 (a dead link ends ssh within ~3 keep-alives); IdentitiesOnly with an
-    identity file; StrictHostKeyChecking=accept-new with a known_hosts file. Raises ValueError
-    naming the field for a destination, target host or path ssh could misread.
+    identity file; StrictHostKeyChecking=accept-new with a known_hosts file; ``-J`` with
+    ``proxy_jump``. Raises ValueError naming the field for a destination, jump host, target host
+    or path ssh could misread.
     """
     if not DESTINATION_PATTERN.match(cfg.destination) or cfg.destination.startswith("-"):
         raise ValueError(
@@ -100,6 +106,12 @@ def tunnel_argv(cfg: TunnelConfig) -> list[str]:
         raise ValueError(
             f"tunnel.target_host {cfg.target_host!r}: give a host name, an IPv4 address or a "
             "bracketed IPv6 address, e.g. 127.0.0.1"
+        )
+    hops = cfg.proxy_jump.split(",") if cfg.proxy_jump is not None else []
+    if any(not JUMP_HOP_PATTERN.match(hop) for hop in hops):
+        raise ValueError(
+            f"tunnel.proxy_jump {cfg.proxy_jump!r}: give [user@]host[:port] hops separated by "
+            "',' (letters, digits and ._-, not starting with '-')"
         )
     _check_file("identity_file", cfg.identity_file)
     _check_file("config_file", cfg.config_file)
@@ -116,6 +128,8 @@ def tunnel_argv(cfg: TunnelConfig) -> list[str]:
         argv += ["-i", cfg.identity_file, "-o", "IdentitiesOnly=yes"]
     if cfg.port is not None:
         argv += ["-p", str(cfg.port)]
+    if cfg.proxy_jump:
+        argv += ["-J", cfg.proxy_jump]  # the hops' ssh reads -F's config too (host keys, batch)
     spec = f"127.0.0.1:{cfg.bind_port}:{cfg.target_host}:{cfg.target_port}"
     if cfg.direction == "local":
         argv += ["-L", spec]
