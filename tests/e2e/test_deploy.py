@@ -158,22 +158,19 @@ def test_worker_deploy_online_through_the_cli_completes_a_trial_then_restore_and
     env = stage.fleet.env(stage.root / "cli")
     manager = ("--manager", stage.fleet.base_url)
     command = stage.loopback.ssh_command(stage.key)
-    try:
-        deployed = subprocess.run(  # noqa: S603
-            [
-                *SERVETUNE,
-                "worker-deploy",
-                command,
-                *("--name", "cli-1", "--install-dir"),
-                str(install),
-                *manager,
-            ],
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(  # noqa: S603 - argv list of our own CLI
+            [*SERVETUNE, *args, *manager],
             capture_output=True,
             text=True,
             env=env,
             timeout=600,
             check=False,
         )
+
+    try:
+        deployed = cli("worker-deploy", command, "--name", "cli-1", "--install-dir", str(install))
         print(deployed.stdout, deployed.stderr)
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
         assert "register" in deployed.stdout
@@ -201,26 +198,12 @@ def test_worker_deploy_online_through_the_cli_completes_a_trial_then_restore_and
         assert lines[0].startswith("restrict,")
         run_one_trial(stage, tiny_model, "deployed-online", slots["cli-1"]["worker_id"])
 
-        restored = subprocess.run(  # noqa: S603
-            [*SERVETUNE, "worker-restore", "cli-1", *manager],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=600,
-            check=False,
-        )
+        restored = cli("worker-restore", "cli-1")
         assert restored.returncode == 0, restored.stdout + restored.stderr
         assert [p.pid for p in worker_processes(install)] == [procs[0].pid]
         assert "servetune-slot:cli-1" in stage.manager_sshd.authorized_keys.read_text()
 
-        removed = subprocess.run(  # noqa: S603
-            [*SERVETUNE, "worker-remove", "cli-1", *manager],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=300,
-            check=False,
-        )
+        removed = cli("worker-remove", "cli-1")
         assert removed.returncode == 0, removed.stdout + removed.stderr
         assert f"its worker (pid [{procs[0].pid}]) stopped" in removed.stdout, removed.stdout
         assert not worker_processes(install), "worker-remove stops the worker on its host"
