@@ -322,9 +322,9 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 
 
 def _print_problems(e: SpecInvalid) -> None:
-    err_console.print(f"[bold red]The {e.subject} has {len(e.problems)} problem(s):[/]")
+    err_console.print(f"[bold red]The {escape(e.subject)} has {len(e.problems)} problem(s):[/]")
     for p in e.problems:
-        err_console.print(f"  [yellow]{p.loc}[/]: {p.message}", highlight=False)
+        err_console.print(f"  [yellow]{escape(p.loc)}[/]: {escape(p.message)}", highlight=False)
 
 
 # ---- spec commands -----------------------------------------------------------------------
@@ -454,7 +454,7 @@ def run(
         study = store.create_study(study_name, parsed, doc)
     except ServetuneError as e:
         raise _fail(str(e)) from None
-    console.print(f"study [bold]{study.name}[/] (id {study.id}) in {store.url}")
+    console.print(f"study [bold]{escape(study.name)}[/] (id {study.id}) in {escape(store.url)}")
     outcome = _execute(settings, store, study, verbose)
     print_outcome(outcome, settings, out=console)
 
@@ -509,7 +509,9 @@ def _print_dry_run(spec: StudySpec, count: int) -> None:
         console.print(f"[yellow]{kind}[/]: {escape(text)}", highlight=False, soft_wrap=True)
     for p in planned:
         params = ", ".join(f"{k}={v}" for k, v in sorted(p.params.items())) or "engine defaults"
-        console.print(f"\n[bold]trial {p.number}[/] ({p.role.value}): {params}", highlight=False)
+        console.print(
+            f"\n[bold]trial {p.number}[/] ({p.role.value}): {escape(params)}", highlight=False
+        )
         console.print(p.command, markup=False, highlight=False, soft_wrap=True)
         if p.launch and p.launch != p.command:
             console.print(f"{spec.deployment.kind} deployment:", highlight=False)
@@ -540,7 +542,7 @@ def resume(
     try:
         check_resumable(record.name, record.status)
     except ServetuneError as e:  # a finished study: nothing to do, and nothing is rewritten
-        console.print(f"{e}; `servetune show {record.name}` shows its result")
+        console.print(escape(f"{e}; `servetune show {record.name}` shows its result"))
         raise typer.Exit(0) from None
     console.print(
         f"resuming study [bold]{record.name}[/] (id {record.id}): {len(kept)} finished trial(s) "
@@ -568,7 +570,7 @@ def demo(
         raise _fail(f"--size must be tiny or small, not {size!r}", 2)
     settings = _settings(db)
     model_dir = path_under(Path(settings.data_dir) / "models", size)
-    console.print(f"[bold]servetune demo[/]: model in {model_dir}")
+    console.print(f"[bold]servetune demo[/]: model in {escape(str(model_dir))}")
     files = make_model(size, model_dir)  # type: ignore[arg-type]
     doc = demo_spec(files.gguf_path, files.tokenizer_dir, trials)
     spec_path = Path(settings.data_dir) / "demo.yaml"
@@ -576,7 +578,10 @@ def demo(
     spec = validate_document(doc)
     store = StudyStore(settings.db_url)
     study = store.create_study(_study_name(spec), spec, doc)
-    console.print(f"spec written to {spec_path}; study [bold]{study.name}[/] (id {study.id})")
+    console.print(
+        f"spec written to {escape(str(spec_path))}; study [bold]{escape(study.name)}[/] "
+        f"(id {study.id})"
+    )
     outcome = _execute(settings, store, study, verbose)
     print_outcome(outcome, settings, out=console)
 
@@ -706,7 +711,7 @@ def show(
         )
     console.print(table)
     if record.verdict and record.verdict.get("summary"):
-        console.print(record.verdict["summary"], highlight=False)
+        console.print(escape(record.verdict["summary"]), highlight=False)
     if record.verdict and record.verdict.get("recommendation"):
         console.print(f"verdict: {escape(record.verdict['recommendation'])}", highlight=False)
     if best is not None:
@@ -800,7 +805,7 @@ def export(
         err_console.print(f"[yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
     note = (record.verdict or {}).get("recommendation")
     if note and ("noise" in note or "not confirmed" in note):
-        err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]note:[/] {escape(str(note))}", highlight=False, soft_wrap=True)
     if fmt == "command":
         sys.stdout.write(cmd.display() + "\n")
         err_console.print(stand_in_note(record.spec), highlight=False, soft_wrap=True)
@@ -839,7 +844,7 @@ def report(
         write_report(record, trials, out, plotly_dir=plotly_dir)
     except OSError as e:
         raise _fail(f"cannot write the report to {out}: {e.strerror or e}") from None
-    console.print(f"report: {out}")
+    console.print(f"report: {escape(str(out))}")
 
 
 # ---- one-off benchmark ----------------------------------------------------------------------

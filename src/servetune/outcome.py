@@ -129,7 +129,7 @@ def print_outcome(
         console.print(table)
     if outcome.verdict is not None:
         head = "repeats" if outcome.verdict.repeats else "not confirmed"
-        console.print(f"[bold]{head}[/]: {outcome.verdict.summary}", highlight=False)
+        console.print(f"[bold]{head}[/]: {escape(outcome.verdict.summary)}", highlight=False)
     if outcome.noise_pct is not None:
         console.print(
             f"run-to-run spread: {outcome.noise_pct:.1f} % (differences inside it are ties)",
@@ -137,7 +137,9 @@ def print_outcome(
         )
     if outcome.recommendation:
         style = "green" if chosen.feasible else "yellow"
-        console.print(f"[bold {style}]verdict[/]: {outcome.recommendation}", highlight=False)
+        console.print(
+            f"[bold {style}]verdict[/]: {escape(outcome.recommendation)}", highlight=False
+        )
     if outcome.front:
         console.print("Pareto front: trials " + ", ".join(str(t.number) for t in outcome.front))
     cmd = get_engine(spec.engine).user_command(chosen.params)

@@ -110,6 +110,22 @@ def test_a_path_that_cannot_be_created_is_a_one_line_error_naming_it(
     assert_clean_error(ran, 1, f"error: {NO_SUCH_DIR}", f"SERVETUNE_DATA_DIR={NO_SUCH_DIR}")
 
 
+def test_what_the_user_typed_is_printed_as_typed_never_read_as_markup(tmp_path: Path) -> None:
+    """Square brackets in a spec key, a path or an ssh command are the user's text: shown as
+    is (rich would drop ``[user@]``, or crash with a traceback on ``[/bold]``)."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        'engine: {kind: llamacpp, model: "[/bold]x.gguf"}\n'
+        'space: {params: {"[/b]": {kind: int, low: 1, high: 2}}}\n'
+    )
+    checked = servetune(tmp_path, "validate", str(spec))
+    assert_clean_error(checked, 2, "[/bold]x.gguf", "space.params.[/b]")
+    slot = servetune(
+        tmp_path, "worker-deploy", "ssh -p 22 root@x[/bold]", "--manager", "http://127.0.0.1:9"
+    )
+    assert_clean_error(slot, 2, "root@x[/bold]", "[user@]host")
+
+
 def test_ctrl_c_in_a_blocking_command_prints_interrupted_and_exits_130(tmp_path: Path) -> None:
     fifo = tmp_path / "spec.yaml"
     os.mkfifo(fifo)

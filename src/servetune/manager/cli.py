@@ -391,7 +391,7 @@ def submit(
     console.print(f"study {escape(study['name'])}: {status}", highlight=False)
     report = f"{base}/api/studies/{study['id']}/report"
     if status != "finished":
-        console.print(f"report: {report}", highlight=False)
+        console.print(f"report: {escape(str(report))}", highlight=False)
         raise typer.Exit(1)
     from servetune.outcome import print_stored_outcome
 
