@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import io
+import json
 import os
 import platform
 import shlex
@@ -608,6 +609,25 @@ def test_status_and_stop_touch_only_this_installs_worker(
     ok(run_agent("stop_worker", {"install_dir": str(mine), "grace_s": 2}))
     assert workers_of(mine) == []
     assert alive(other_pid)
+
+
+def test_stopping_a_slots_worker_leaves_another_slots_worker_in_a_shared_install_dir(
+    tmp_path: Path, installs: list[Path]
+) -> None:
+    """Two slots given one host and install directory: removing the one never deployed must not
+    stop the other's worker (worker.json says whose it is)."""
+    shared = fake_install(tmp_path / "shared", SLEEPER)
+    installs.append(shared)
+    (shared / "worker.json").write_text(json.dumps({"name": "w1"}))
+    pid = ok(start(shared, wait_s=0.5))["pid"]
+    params = {"install_dir": str(shared), "grace_s": 2}
+    assert ok(run_agent("stop_worker", {**params, "name": "dup1"})) == {
+        "stopped": [],
+        "owner": "w1",
+    }
+    assert alive(pid)
+    assert ok(run_agent("stop_worker", {**params, "name": "w1"}))["stopped"] == [pid]
+    assert not alive(pid)
 
 
 def test_a_worker_that_exits_at_once_is_worker_start_failed_with_its_log(

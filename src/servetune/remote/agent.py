@@ -1142,9 +1142,23 @@ def _stop(install_dir: str, grace_s: float) -> List[int]:
 
 def stop_worker(params: Dict[str, Any]) -> Dict[str, Any]:
     """SIGTERM this install's worker process groups, wait up to ``grace_s`` (default 10) for the
-    workers to exit, then SIGKILL the groups (leftovers included): {stopped: [pids]}."""
+    workers to exit, then SIGKILL the groups (leftovers included): {stopped: [pids]}.
+
+    With ``name`` (a slot's name): when the install's worker.json names another slot's worker
+    (two slots given one host and install directory), nothing is stopped:
+    {stopped: [], owner: <that name>}."""
     install_dir = _path(params, "install_dir")
     grace_s = _number(params, "grace_s", 10)
+    name = _param(params, "name", str, optional=True)
+    if name:
+        owner = None
+        with (
+            contextlib.suppress(OSError, ValueError, AttributeError),
+            open(os.path.join(install_dir, "worker.json"), "rb") as f,
+        ):
+            owner = json.loads(f.read(65536).decode("utf-8")).get("name")
+        if isinstance(owner, str) and owner != name:
+            return {"stopped": [], "owner": owner}
     return {"stopped": _stop(install_dir, grace_s)}
 
 

@@ -403,10 +403,21 @@ class Deployer:
             result = await self._agent(
                 run,
                 "stop_worker",
-                {"install_dir": run.slot.install_dir, "grace_s": STOP_GRACE_S},
+                {
+                    "install_dir": run.slot.install_dir,
+                    "grace_s": STOP_GRACE_S,
+                    "name": run.slot.name,
+                },
                 timeout_s=self.settings.ssh_connect_timeout_s + AGENT_TIMEOUT_S + STOP_GRACE_S,
             )
             stopped = [int(p) for p in result.get("stopped") or []]
+            owner = result.get("owner")
+            if owner:
+                return _Outcome(
+                    value=stopped,
+                    detail=f"{run.slot.install_dir} on {run.target} holds the worker of slot "
+                    f"{owner}, not of {run.slot.name}: left running",
+                )
             if not stopped:
                 return _Outcome(value=stopped, detail=f"no worker ran on {run.target}")
             return _Outcome(value=stopped, detail=f"stopped worker process(es) {stopped}")
