@@ -596,6 +596,35 @@ def test_stop_also_kills_what_the_worker_left_in_its_group(
     assert not alive(child)
 
 
+def test_stop_lets_the_worker_hand_back_before_its_group_is_killed(
+    tmp_path: Path, installs: list[Path]
+) -> None:
+    """SIGTERM goes to the worker alone: the tunnel's ssh in its group must still carry the
+    hand-back of its running trials; the group is SIGKILLed only once the worker is gone."""
+    marker = tmp_path / "child-got-sigterm"
+    child = [
+        SYSTEM_PYTHON,
+        "-c",
+        "import signal, sys, time\n"
+        "def term(*_):\n"
+        f"    open({str(marker)!r}, 'w').close(); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, term)\n"
+        "time.sleep(300)",
+    ]
+    install_dir = fake_install(tmp_path / "st", SLEEPER, child=child)
+    installs.append(install_dir)
+    pid = ok(start(install_dir, wait_s=1))["pid"]
+    child_pid = int((install_dir / "child.pid").read_text())
+    assert ok(run_agent("stop_worker", {"install_dir": str(install_dir), "grace_s": 5}))[
+        "stopped"
+    ] == [pid]
+    deadline = time.monotonic() + 5
+    while alive(child_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(pid) and not alive(child_pid)
+    assert not marker.exists(), "the worker's group got the SIGTERM meant for the worker"
+
+
 def test_status_and_stop_touch_only_this_installs_worker(
     tmp_path: Path, installs: list[Path]
 ) -> None:

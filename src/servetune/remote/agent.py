@@ -1,4 +1,4 @@
-# ruff: noqa: UP006, UP015, UP031, UP035, UP041, UP045
+# ruff: noqa: UP015, UP031
 # (this file must stay valid Python 3.6: no ``X | None``, no ``list[str]`` at runtime, no walrus)
 """The agent: a stdlib-only script that the REMOTE host's python runs, fed JSON on stdin.
 
@@ -1123,26 +1123,45 @@ def _stop(install_dir: str, grace_s: float) -> List[int]:
         # a worker start_worker started leads its own group (its engines are in it); one started
         # some other way may share a group with a shell or with us: then only the process itself
         groups.add(pid if group == pid else -pid)
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        # SIGKILL goes to the groups even when the workers are gone: what they started and left
-        # behind (an engine ignoring SIGTERM) is in their group
-        for group in groups:
-            with contextlib.suppress(OSError):
-                if group > 0:
-                    os.killpg(group, sig)
-                else:
-                    os.kill(-group, sig)
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline and _worker_pids(install_dir):
-            time.sleep(0.1)
+    # SIGTERM to the workers only, not their groups: a worker stops its own engines and hands
+    # its running trials back to the manager, through its Redis tunnel, whose ssh is in its
+    # group (signalling the group would cut the tunnel before the hand-back)
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and _worker_pids(install_dir):
+        time.sleep(0.1)
+    # SIGKILL goes to the groups even when the workers are gone: what they started and left
+    # behind (an engine ignoring SIGTERM, the tunnel's ssh) is in their group
+    for group in groups:
+        with contextlib.suppress(OSError):
+            if group > 0:
+                os.killpg(group, signal.SIGKILL)
+            else:
+                os.kill(-group, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline and _worker_pids(install_dir):
+        time.sleep(0.1)
     with contextlib.suppress(OSError):
         os.unlink(os.path.join(install_dir, "worker.pid"))
     return pids
 
 
+def _config_name(path: str) -> Optional[str]:
+    """The worker name in the worker config ``path``; None when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            name = json.loads(f.read(65536).decode("utf-8")).get("name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) else None
+
+
 def stop_worker(params: Dict[str, Any]) -> Dict[str, Any]:
-    """SIGTERM this install's worker process groups, wait up to ``grace_s`` (default 10) for the
-    workers to exit, then SIGKILL the groups (leftovers included): {stopped: [pids]}.
+    """SIGTERM this install's workers (each hands its running trials back, through its tunnel,
+    and stops its engines), wait up to ``grace_s`` (default 10) for them to exit, then SIGKILL
+    their process groups (leftovers included): {stopped: [pids]}.
 
     With ``name`` (a slot's name): when the install's worker.json names another slot's worker
     (two slots given one host and install directory), nothing is stopped:
@@ -1151,13 +1170,8 @@ def stop_worker(params: Dict[str, Any]) -> Dict[str, Any]:
     grace_s = _number(params, "grace_s", 10)
     name = _param(params, "name", str, optional=True)
     if name:
-        owner = None
-        with (
-            contextlib.suppress(OSError, ValueError, AttributeError),
-            open(os.path.join(install_dir, "worker.json"), "rb") as f,
-        ):
-            owner = json.loads(f.read(65536).decode("utf-8")).get("name")
-        if isinstance(owner, str) and owner != name:
+        owner = _config_name(os.path.join(install_dir, "worker.json"))
+        if owner is not None and owner != name:
             return {"stopped": [], "owner": owner}
     return {"stopped": _stop(install_dir, grace_s)}
 

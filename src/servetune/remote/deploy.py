@@ -72,6 +72,10 @@ REGISTER_POLL_S = 0.5
 
 STOP_GRACE_S = 10.0
 """How long leftover worker processes get between SIGTERM and SIGKILL, s."""
+REMOVE_GRACE_S = 45.0
+"""How long a removed slot's worker gets between SIGTERM and SIGKILL, s: it stops its engines
+(their stop timeouts) and hands its running trials back (``worker.main.HAND_BACK_GRACE_S``
+30 s at most); it exits as soon as that is done, usually within seconds."""
 
 TUNNEL_PORT_TRIES = 3
 """How many bind ports the forward-tunnel check tries when one is taken on the remote."""
@@ -405,10 +409,10 @@ class Deployer:
                 "stop_worker",
                 {
                     "install_dir": run.slot.install_dir,
-                    "grace_s": STOP_GRACE_S,
+                    "grace_s": REMOVE_GRACE_S,
                     "name": run.slot.name,
                 },
-                timeout_s=self.settings.ssh_connect_timeout_s + AGENT_TIMEOUT_S + STOP_GRACE_S,
+                timeout_s=self.settings.ssh_connect_timeout_s + AGENT_TIMEOUT_S + REMOVE_GRACE_S,
             )
             stopped = [int(p) for p in result.get("stopped") or []]
             owner = result.get("owner")
