@@ -229,6 +229,33 @@ def test_prepare_makes_the_install_folders_private(tmp_path: Path) -> None:
     assert list((install_dir / "incoming").iterdir()) == []  # its write test left nothing
 
 
+def test_prepare_leaves_an_existing_directory_s_mode_and_refuses_a_shared_one(
+    tmp_path: Path,
+) -> None:
+    """An install_dir that exists keeps its mode (servetune did not make it); one others may
+    write to (a /tmp-like directory) is refused, untouched."""
+    own = tmp_path / "own"
+    own.mkdir(mode=0o755)
+    own.chmod(0o755)
+    ok(run_agent("prepare", {"install_dir": str(own)}))
+    assert stat.S_IMODE(own.stat().st_mode) == 0o755
+    assert stat.S_IMODE((own / "ssh").stat().st_mode) == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    err = error(run_agent("prepare", {"install_dir": str(shared)}), Category.PERMISSION_DENIED)
+    assert "shared directory" in err["message"] and str(shared) in err["message"]
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777 and list(shared.iterdir()) == []
+
+
+def test_prepare_over_a_file_is_permission_denied(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("x")
+    err = error(
+        run_agent("prepare", {"install_dir": str(tmp_path / "a-file")}), Category.PERMISSION_DENIED
+    )
+    assert "EEXIST" in err["message"]
+
+
 def test_prepare_under_a_file_is_permission_denied_naming_the_path(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("x")
     target = tmp_path / "a-file" / "servetune"

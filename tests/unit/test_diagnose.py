@@ -576,3 +576,26 @@ def test_a_silent_ssh_failure_says_what_hides_the_error() -> None:
     err = classify("", argv=["ssh", "-q", "-p", "1", "--", "root@127.0.0.1", "x"])
     assert err.category is Category.UNKNOWN
     assert "-q / LogLevel QUIET hides its errors" in err.suggestion
+
+
+@pytest.mark.parametrize(
+    ("message", "says"),
+    [
+        (
+            "/srv/shared is not a directory of servetune's own: others may write to it "
+            "(mode 1777): it is a shared directory",
+            "not servetune's to take over",
+        ),
+        ("creating /x/f/sub failed: Not a directory (/x/f/sub) [ENOTDIR]", "is a file, not"),
+        ("creating /ro/st failed: Read-only file system (/ro/st) [EROFS]", "read-only file"),
+        ("creating /x/f failed: File exists (/x/f) [EEXIST]", "exists and is not a directory"),
+    ],
+)
+def test_a_permission_problem_that_is_not_write_access_gets_its_own_advice(
+    message: str, says: str
+) -> None:
+    err = from_agent_error(
+        {"kind": "permission_denied", "message": message}, step="prepare", target="root@h1"
+    )
+    assert says in err.suggestion, err.suggestion
+    assert "give that user write access" not in err.suggestion

@@ -73,6 +73,25 @@ def test_bad_fields_are_named(fields: dict[str, str], field: str) -> None:
         check_slot(slot(**fields))
 
 
+@pytest.mark.parametrize(
+    "install_dir",
+    ["/tmp", "/tmp/.", "/opt", "/usr/local", "/var/lib", "/home/alice", "/etc/servetune",
+     "/proc/1/cwd", "~", "~/.", "/"],
+)  # fmt: skip
+def test_a_system_or_shared_directory_is_no_install_dir(install_dir: str) -> None:
+    """servetune takes its install_dir over (venv/, keys, stopping what runs from it): never
+    /tmp, /opt, /usr/local, a home directory, or a system tree."""
+    [problem] = slot_problems(slot(install_dir=install_dir))
+    assert problem.loc == "install_dir" and "directory of its own" in problem.message
+
+
+@pytest.mark.parametrize(
+    "install_dir", ["/opt/servetune", "/usr/local/servetune", "/home/alice/.servetune", "/tmp/x"]
+)
+def test_a_directory_of_its_own_is_an_install_dir(install_dir: str) -> None:
+    assert slot_problems(slot(install_dir=install_dir)) == []
+
+
 def test_ctrl_c_while_the_manager_deploys_says_the_deploy_goes_on(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -107,6 +107,12 @@ def slot_problems(slot: WorkerSlotCreate) -> list[Problem]:
     return problems
 
 
+SYSTEM_TREES = frozenset(
+    {"bin", "boot", "dev", "etc", "lib", "lib32", "lib64", "libx32", "proc", "run", "sbin", "sys"}
+)
+"""Top-level directories whose trees belong to the operating system: no install_dir there."""
+
+
 def _install_dir_problems(slot: WorkerSlotCreate) -> list[Problem]:
     """What is wrong with ``slot.install_dir``: shell metacharacters, invisible or control
     characters (U+202E would show another path than the real one), a directory that is not one
@@ -125,16 +131,22 @@ def _install_dir_problems(slot: WorkerSlotCreate) -> list[Problem]:
                 "install_dir", f"{path!r} holds invisible or control characters ({names}); {fix}"
             )
         ]
-    parts = [p for p in path.split("/") if p not in ("", "~")]
-    if not parts or ".." in parts:
-        return [
-            Problem(
-                "install_dir",
-                f"{path!r} {'holds ..' if parts else 'is'}: not a directory of its own "
-                "(servetune puts venv/, data/, logs/ and ssh/ in it and stops the processes "
-                "running from it); give a path without '..', e.g. ~/.servetune or /opt/servetune",
-            )
-        ]
+    parts = [p for p in path.split("/") if p not in ("", "~", ".")]
+    own = (
+        "servetune puts venv/, data/, logs/ and ssh/ in it and stops the processes running from "
+        "it; give a directory of its own, e.g. ~/.servetune or /opt/servetune"
+    )
+    if ".." in parts:
+        return [Problem("install_dir", f"{path!r} holds '..': {own}")]
+    if not parts:
+        return [Problem("install_dir", f"{path!r} is the root or the home directory: {own}")]
+    absolute = path.startswith("/")
+    if absolute and (
+        len(parts) == 1
+        or parts[0] in SYSTEM_TREES
+        or (len(parts) == 2 and parts[0] in ("usr", "var", "home"))
+    ):
+        return [Problem("install_dir", f"{path!r} is a system or shared directory: {own}")]
     if slot.redis_via == RedisVia.FORWARD and not TUNNEL_SAFE_PATH.match(path):
         odd = sorted({c for c in path[1:] if not re.match(r"[A-Za-z0-9._/+@=,~-]", c)})
         return [

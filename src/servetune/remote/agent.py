@@ -357,19 +357,47 @@ def _probe_index(index_url: str, timeout_s: float) -> Tuple[bool, Optional[str]]
         return False, "GET %s failed: %s" % (url, reason)
 
 
+def _check_own_dir(install_dir: str) -> None:
+    """An existing install_dir must be a directory of this user's own: not another user's, and
+    not writable by others (a shared directory such as /tmp: servetune puts its venv, keys and
+    config there and stops what runs from it). AgentError permission_denied naming it."""
+    try:
+        st = os.stat(install_dir)
+    except OSError:
+        return  # made by prepare (errors are said there)
+    if not stat.S_ISDIR(st.st_mode):
+        return
+    why = ""
+    if st.st_uid != os.getuid():
+        why = "it belongs to another user (uid %d)" % st.st_uid
+    elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        why = "others may write to it (mode %o): it is a shared directory" % (st.st_mode & 0o7777)
+    if why:
+        raise AgentError(
+            "permission_denied",
+            "%s is not a directory of servetune's own: %s" % (install_dir, why),
+            "",
+        )
+
+
 def prepare(params: Dict[str, Any]) -> Dict[str, Any]:
     """Make install_dir and its data, logs, ssh, incoming folders (mode 700) and prove that a
     file can be written there; disk_full when less than ``min_free_gib`` is free."""
     install_dir = _path(params, "install_dir")
     min_free_gib = _number(params, "min_free_gib", 0)
+    _check_own_dir(install_dir)
     for sub in ("", "data", "logs", "ssh", "incoming"):
         path = os.path.join(install_dir, sub) if sub else install_dir
         try:
             if not os.path.isdir(path):
                 os.makedirs(path, mode=0o700)
-            os.chmod(path, 0o700)
+                os.chmod(path, 0o700)  # made here: ours (an existing install_dir keeps its mode)
+            elif sub:
+                os.chmod(path, 0o700)
         except OSError as exc:
-            raise _os_error(exc, "creating %s" % path) from None
+            # EEXIST: a file where the directory goes (the suggestion says so)
+            kind = "permission_denied" if exc.errno == errno.EEXIST else "unknown"
+            raise _os_error(exc, "creating %s" % path, kind) from None
     free_gib = shutil.disk_usage(install_dir).free / GIB
     if free_gib < min_free_gib:
         raise AgentError(

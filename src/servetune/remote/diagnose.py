@@ -707,4 +707,37 @@ def from_agent_error(error: Mapping[str, object], *, step: str, target: str) -> 
     if category is Category.TUNNEL_FAILED:
         lines = _meaningful(detail)
         found.setdefault("ssh_error", lines[-1] if lines else message)
-    return failure(category, message, step=step, logs=tail(detail), **found)
+    failed = failure(category, message, step=step, logs=tail(detail), **found)
+    if category is Category.PERMISSION_DENIED:
+        specific = _permission_suggestion(message, found.get("path") or "the install directory")
+        if specific:
+            failed.suggestion = _remove_secrets(specific)
+    return failed
+
+
+def _permission_suggestion(message: str, path: str) -> str | None:
+    """A suggestion for a permission_denied whose cause is not missing write access (the
+    template's advice): a shared or foreign directory, a file in the path, a read-only file
+    system, a file where the directory should be; None for plain EACCES."""
+    if "is not a directory of servetune's own" in message:
+        return (
+            f"{path} is not servetune's to take over ({message.split(': ', 1)[-1]}): set the "
+            "slot's install_dir to a new directory of its own, e.g. ~/.servetune or "
+            "/opt/servetune (servetune creates it, mode 700)."
+        )
+    if "ENOTDIR" in message or "Not a directory" in message:
+        return (
+            f"A part of {path} is a file, not a directory: set the slot's install_dir to a path "
+            "whose parents are directories, e.g. ~/.servetune."
+        )
+    if "EROFS" in message or "Read-only file system" in message:
+        return (
+            f"{path} is on a read-only file system: set the slot's install_dir to a writable "
+            "place, e.g. ~/.servetune."
+        )
+    if "EEXIST" in message or "File exists" in message:
+        return (
+            f"{path} exists and is not a directory: set the slot's install_dir to another path, "
+            "e.g. ~/.servetune, or remove that file on the host."
+        )
+    return None
