@@ -370,6 +370,10 @@ def test_deploys_one_at_a_time_and_statuses_follow_the_registered_worker(
     assert deployer.entered.wait(10)
     assert client.get(url).json()["status"] == "deploying"
     assert client.get("/api/worker-slots").json()["items"][0]["status"] == "deploying"
+    # what a manager killed now would leave: the slot says its deploy did not finish
+    stored = h.state.slots.store.get(slot["id"])
+    assert (stored.status, stored.category) == ("failed", "deploy_interrupted"), stored
+    assert "worker-restore gpu-1" in (stored.suggestion or "")
     for method, path, body in (
         ("POST", f"{url}/deploy", None),
         ("POST", f"{url}/restore", None),
@@ -394,6 +398,10 @@ def test_deploys_one_at_a_time_and_statuses_follow_the_registered_worker(
     assert renamed.status_code == 422, renamed.text
     [problem] = renamed.json()["problems"]
     assert problem["field"] == "name" and "delete it and save it again" in problem["fix"]
+    moved = client.patch(url, json={"install_dir": "/opt/elsewhere"})  # its worker runs there
+    assert moved.status_code == 422, moved.text
+    [problem] = moved.json()["problems"]
+    assert problem["field"] == "install_dir" and "worker-remove" in problem["fix"], problem
 
     # the worker's state in the registry drives the slot's: busy, then offline
     registry = h.state.registry

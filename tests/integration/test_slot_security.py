@@ -229,8 +229,9 @@ def test_the_api_refuses_install_dirs_that_could_not_work_and_keeps_the_slot(
         for install_dir, says in (
             ("/opt/st%d", "'%'"),
             ("/opt/\u202eenut", "U+202E"),
-            ("~/../../etc", "holds .."),
-            ("/", "of its own"),
+            ("~/../../etc", "holds '..'"),
+            ("/", "the root or the home directory"),
+            ("/tmp", "system or shared directory"),
         ):
             refused = client.post("/api/worker-slots", json={**good, "install_dir": install_dir})
             assert refused.status_code == 422, refused.text

@@ -599,3 +599,24 @@ def test_a_permission_problem_that_is_not_write_access_gets_its_own_advice(
     )
     assert says in err.suggestion, err.suggestion
     assert "give that user write access" not in err.suggestion
+
+
+@pytest.mark.parametrize(
+    "said",
+    [
+        "Connection to 10.0.0.7 closed by remote host.",
+        "client_loop: send disconnect: Broken pipe",
+        "Timeout, server 10.0.0.7 not responding.",
+    ],
+)
+def test_a_session_that_dropped_midway_is_connection_lost(said: str) -> None:
+    result = CommandResult(
+        argv=["ssh", "-p", "22", "root@10.0.0.7", "python3"],
+        returncode=255,
+        stdout="",
+        stderr=f"{said}\n",
+        duration_s=40.0,
+    )
+    err = classify_ssh(result, target="root@10.0.0.7")
+    assert err is not None and err.category is Category.CONNECTION_LOST
+    assert "10.0.0.7" in err.suggestion and "worker-restore" in err.suggestion

@@ -12,12 +12,13 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from servetune.core.spec import Problem
 from servetune.errors import DeployFailed, SlotBusy, SpecInvalid
 from servetune.manager.deps import SlotDeployer
+from servetune.remote import diagnose
 from servetune.remote.models import (
     Category,
     DeployReport,
@@ -173,6 +174,26 @@ def _settings_of(slot: WorkerSlot) -> dict[str, Any]:
     return slot.model_dump(mode="json", include=set(WorkerSlotCreate.model_fields))
 
 
+def _interrupted(slot: WorkerSlot, action: str) -> DeployReport:
+    """The failure stored when a deploy or restore starts, so one cut short by a manager that
+    was killed says so (category deploy_interrupted) instead of looking never tried."""
+    failed = diagnose.failure(
+        Category.DEPLOY_INTERRUPTED,
+        f"the {action} of worker slot {slot.name} started at "
+        f"{datetime.now(UTC).isoformat(timespec='seconds')} and did not finish (the manager "
+        "stopped during it)",
+        step="",
+        name=slot.name,
+    )
+    return DeployReport(
+        success=False,
+        action="restore" if action == "restore" else "deploy",
+        message=str(failed),
+        category=failed.category,
+        suggestion=failed.suggestion,
+    )
+
+
 def _failed_report(action: str, e: BaseException, started: float) -> DeployReport:
     """The report of a deploy whose deployer raised (a bug or a cancellation), not a step."""
     return DeployReport(
@@ -285,8 +306,9 @@ class WorkerSlots:
     async def update(self, slot_id: int, changes: WorkerSlotUpdate) -> WorkerSlot:
         """Apply ``changes`` after checking the slot they make (``check_slot``). Raises
         SlotNotFound, SlotBusy (a deploy is running), SlotExists (name taken), SpecInvalid (a
-        bad field, a null for a required one, or a new name for a slot deployed before: its
-        worker alias and its tunnel key's authorized_keys line carry the old one)."""
+        bad field, a null for a required one, or a new name or install_dir for a slot deployed
+        before: its worker alias and its tunnel key's authorized_keys line carry the old name,
+        and its worker may still run from the old directory)."""
         slot = await asyncio.to_thread(self.store.get, slot_id)
         self._refuse_while_deploying(slot, "change it")
         given = changes.model_dump(mode="json", exclude_unset=True)
@@ -296,8 +318,8 @@ class WorkerSlots:
             raise SpecInvalid(
                 [Problem(f, f"{f} cannot be null; leave it out to keep it") for f in nulls]
             )
-        renamed = given.get("name") not in (None, slot.name)
-        if renamed and (slot.status != SlotStatus.NEVER_SEEN or slot.worker_id or slot.deployed_at):
+        deployed = slot.status != SlotStatus.NEVER_SEEN or slot.worker_id or slot.deployed_at
+        if deployed and given.get("name") not in (None, slot.name):
             raise SpecInvalid(
                 [
                     Problem(
@@ -305,6 +327,18 @@ class WorkerSlots:
                         f"worker slot {slot.name} was deployed, and its worker, its tunnel key and "
                         "its files carry that name, so it cannot be renamed; delete it and save "
                         f"it again as {given['name']}",
+                    )
+                ]
+            )
+        if deployed and given.get("install_dir") not in (None, slot.install_dir):
+            raise SpecInvalid(
+                [
+                    Problem(
+                        "install_dir",
+                        f"worker slot {slot.name} was deployed to {slot.install_dir}, and a worker "
+                        "may still run from there, which the slot would no longer stop; remove "
+                        "the slot (servetune worker-remove, which stops that worker) and deploy "
+                        f"it again with --install-dir {given['install_dir']}",
                     )
                 ]
             )
@@ -369,6 +403,9 @@ class WorkerSlots:
     ) -> DeployReport:
         started = time.monotonic()
         log.info("worker slot %s: %s started", slot.name, action)
+        # what a manager killed halfway leaves on the slot (the report replaces it): a trace, and
+        # a status that keeps the slot from being renamed while its tunnel key may exist
+        await asyncio.to_thread(self.store.record_deploy, slot.id, _interrupted(slot, action))
         try:
             if action == "deploy":
                 report = await deployer.deploy(slot, offline=offline)

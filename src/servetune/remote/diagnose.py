@@ -129,6 +129,15 @@ SUGGESTIONS: dict[Category, str] = {
         "Step {step} on {host} did not finish within {timeout_s} s: read the log tail for where "
         "it stopped; a slow network or disk needs a longer timeout (deploy_install_timeout_s)."
     ),
+    Category.CONNECTION_LOST: (
+        "The ssh connection to {host} dropped halfway (the host rebooted, sshd restarted, or the "
+        "network cut it): check that {host} is up and answers ssh, then restore the slot "
+        "(servetune worker-restore), which redoes what was not done."
+    ),
+    Category.DEPLOY_INTERRUPTED: (
+        "A deploy or restore of {name} stopped halfway because the manager stopped during it: "
+        "restore the slot (servetune worker-restore {name}) to finish it."
+    ),
     Category.UNKNOWN: (
         "{host}: {reason}. Read the log tail for the cause, fix what it names and deploy again."
     ),
@@ -637,6 +646,13 @@ def classify_ssh(result: CommandResult, *, target: str) -> DeployFailed | None:
             "(-p) in the ssh command.",
             logs=logs,
         )
+    match = _LOST.search(stderr)
+    if match:  # connected, then the link went away mid-command
+        return fail(
+            Category.CONNECTION_LOST,
+            f"the ssh connection to {target} dropped: {match.group(0).strip()}",
+            reason=match.group(0).strip(),
+        )
     if rsync:
         return None  # not ssh's own failure: the caller reports rsync's
     if not lines:
@@ -649,6 +665,12 @@ def classify_ssh(result: CommandResult, *, target: str) -> DeployFailed | None:
         )
     return fail(Category.UNKNOWN, f"ssh to {target} failed: {last}", reason=last)
 
+
+_LOST = re.compile(
+    r"Connection to \S+ closed by remote host\.?|client_loop: send disconnect: [^\n]*"
+    r"|packet_write_wait: [^\n]*|Timeout, server \S+ not responding\.?"
+)
+"""ssh's words for a session that was up and then went away (reboot, sshd restart, network)."""
 
 # ---- agent errors -----------------------------------------------------------------------------
 

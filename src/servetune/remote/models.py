@@ -115,6 +115,8 @@ class Category(StrEnum):
     REGISTER_TIMEOUT = "register_timeout"
     TUNNEL_FAILED = "tunnel_failed"
     STEP_TIMEOUT = "step_timeout"
+    CONNECTION_LOST = "connection_lost"
+    DEPLOY_INTERRUPTED = "deploy_interrupted"
     UNKNOWN = "unknown"
 
 
