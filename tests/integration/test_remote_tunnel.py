@@ -22,7 +22,13 @@ import pytest
 import redis
 
 from servetune.cluster import keys as redis_keys
-from servetune.remote.keys import add_key, authorized_line, known_hosts_text, parse_keyscan
+from servetune.remote.keys import (
+    add_key,
+    authorized_line,
+    fingerprint,
+    known_hosts_text,
+    parse_keyscan,
+)
 from servetune.remote.models import TunnelConfig, WorkerLaunchConfig
 from servetune.remote.tunnel import (
     TunnelFailed,
@@ -222,6 +228,10 @@ def test_a_strict_forward_tunnel_comes_up_only_with_the_pinned_host_key(
     )
     host_keys = parse_keyscan(scanned.stdout)
     assert host_keys == [" ".join(sshd.host_public_key().split()[:2])], scanned
+    listed = subprocess.run(  # noqa: S603 - argv list
+        ["ssh-keygen", "-l", "-f", f"{sshd.host_key}.pub"], capture_output=True, text=True
+    )
+    assert fingerprint(host_keys[0]) in listed.stdout.split(), listed.stdout
     known_hosts.write_text(known_hosts_text(sshd.address, sshd.port, host_keys))
     with _ssh(tunnel_argv(cfg)):
         assert _wait(lambda: _ping(cfg.bind_port), 15), sshd.log.read_text()

@@ -1053,10 +1053,12 @@ class Deployer:
                 if "Address already in use" in text or "cannot listen" in text:
                     continue
                 if any(m in text for m in _HOST_KEY_MARKERS):
+                    pinned = ", ".join(keys.fingerprint(k) for k in host_keys)
                     last.suggestion = (
                         f"The MANAGER's sshd at {host}:{port}, as the worker's host reaches it, "
-                        f"showed a host key other than the one the manager read from its own "
-                        f"sshd at that address (ssh said: {ssh_said[-1] if ssh_said else e}): "
+                        f"showed a host key other than the one(s) the manager read from its own "
+                        f"sshd at that address ({pinned}; ssh said: "
+                        f"{ssh_said[-1] if ssh_said else e}): "
                         "something between the worker and the manager answers in its place "
                         "(a man in the middle, a port forward or NAT to another machine), or "
                         "manager_ssh names another machine for the manager than for the worker. "
@@ -1120,7 +1122,13 @@ class Deployer:
             return host_keys
         said = [line.strip() for line in result.stderr.splitlines() if line.strip()]
         said = [line for line in said if not line.startswith("#")] or said
-        why = "timed out" if result.timed_out else (said[-1] if said else "no answer")
+        why = (
+            "timed out"
+            if result.timed_out
+            else said[-1]
+            if said
+            else "no key came back: nothing listens there, or not an sshd"
+        )
         raise DeployFailed(
             Category.TUNNEL_FAILED,
             f"the manager read no ed25519/ecdsa/rsa host key from its own sshd at {host}:{port} "

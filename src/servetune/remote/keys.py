@@ -8,6 +8,7 @@ import base64
 import binascii
 import contextlib
 import fcntl
+import hashlib
 import os
 import re
 import struct
@@ -218,3 +219,11 @@ def known_hosts_text(host: str, port: int, host_keys: list[str]) -> str:
         raise ValueError("host_keys: give at least one host key (an empty file pins nothing)")
     name = known_hosts_name(host, port)
     return "".join(f"{name} {check_public_key(key)}\n" for key in host_keys)
+
+
+def fingerprint(public_key: str) -> str:
+    """``SHA256:<base64, unpadded>`` of an OpenSSH public key (``"<type> <base64> [comment]"``),
+    as ``ssh-keygen -l`` and ssh's host key warnings print it. Raises ValueError as
+    ``check_public_key`` does."""
+    blob = base64.b64decode(check_public_key(public_key).split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
