@@ -10,6 +10,7 @@ install from a wheelhouse). ``Deployer`` runs in the test process, as the manage
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -138,6 +139,17 @@ def stage(tiny_model: ModelFiles, tmp_path_factory: pytest.TempPathFactory) -> I
         yield Stage(root, fleet, netns, loopback, remote, manager_sshd, key, settings)
 
 
+def assert_pins_the_manager_sshd(stage: Stage, install: Path | str, host: str) -> None:
+    """The worker's known_hosts holds exactly the manager sshd's host key, under the name its
+    tunnel looks up (``[host]:port``), mode 600; its tunnel config checks it strictly."""
+    known_hosts = Path(install) / "ssh" / "known_hosts"
+    host_key = " ".join(stage.manager_sshd.host_public_key().split()[:2])
+    assert known_hosts.read_text() == f"[{host}]:{stage.manager_sshd.port} {host_key}\n"
+    assert stat.S_IMODE(known_hosts.stat().st_mode) == 0o600
+    launch = json.loads((Path(install) / "worker.json").read_text())
+    assert launch["tunnel"]["strict_host_key_checking"] == "yes", launch["tunnel"]
+
+
 def run_one_trial(stage: Stage, model: ModelFiles, name: str, worker_id: str) -> None:
     """Submit a one-trial study (the baseline) and check it completed on ``worker_id``."""
     study_id = stage.fleet.submit(small_spec(model, trials=1, name=name))
@@ -196,6 +208,7 @@ def test_worker_deploy_online_through_the_cli_completes_a_trial_then_restore_and
         assert len(lines) == 1, lines
         assert f'permitopen="127.0.0.1:{stage.fleet.redis.port}"' in lines[0]
         assert lines[0].startswith("restrict,")
+        assert_pins_the_manager_sshd(stage, install, "127.0.0.1")
         run_one_trial(stage, tiny_model, "deployed-online", slots["cli-1"]["worker_id"])
 
         restored = cli("worker-restore", "cli-1")
@@ -240,6 +253,7 @@ def test_offline_deploy_to_the_no_route_host_installs_a_wheelhouse_and_completes
     procs = worker_processes(slot.install_dir)
     assert len(procs) == 1, procs
     assert procs[0].pid in stage.netns.pids(), "the worker runs inside the no-route namespace"
+    assert_pins_the_manager_sshd(stage, slot.install_dir, stage.netns.host_side)
     run_one_trial(stage, tiny_model, "deployed-offline", report.worker_id)
 
 
@@ -264,6 +278,12 @@ def test_restore_keeps_a_live_worker_and_brings_back_a_killed_one(stage: Stage) 
         10,
         "the killed worker is gone",
     )
+    # a key an impostor got recorded earlier does not survive: the file is written anew
+    known_hosts = Path(slot.install_dir) / "ssh" / "known_hosts"
+    impostor = make_key(stage.root / "impostor" / "ssh_host_ed25519_key", "impostor")
+    with known_hosts.open("a") as f:
+        name = f"[{stage.netns.host_side}]:{stage.manager_sshd.port}"
+        f.write(f"{name} {Path(f'{impostor}.pub').read_text()}")
     back = restore(stage.settings, stage.redis_url, slot)
     print(f"\nRESTORE after kill -9: {back.duration_s:.1f} s\n{describe(back)}")
     assert_ok(back)
@@ -272,6 +292,7 @@ def test_restore_keeps_a_live_worker_and_brings_back_a_killed_one(stage: Stage) 
     new = worker_processes(slot.install_dir)
     assert len(new) == 1 and new[0].pid != pid, new
     assert back.worker_id == live.worker_id, "the same worker (stable id) registered again"
+    assert_pins_the_manager_sshd(stage, slot.install_dir, stage.netns.host_side)
     online = [
         w
         for w in workers(stage.settings, stage.redis_url)

@@ -17,11 +17,15 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from servetune.remote import deploy as deploy_module
+from servetune.remote.keys import fingerprint
 from servetune.remote.models import (
     Category,
+    CommandResult,
     DeployReport,
     OfflineMode,
     RedisVia,
@@ -357,6 +361,34 @@ def test_manager_ssh_at_a_closed_port_says_to_check_manager_ssh(hosts: Hosts) ->
     failed(report, Category.TUNNEL_FAILED, "redis")
     assert f"cannot reach the manager's sshd at root@127.0.0.1:{port}" in (report.suggestion or "")
     assert "SERVETUNE_MANAGER_SSH" in (report.suggestion or "")
+
+
+def test_a_manager_sshd_key_other_than_the_pinned_one_stops_the_tunnel(
+    hosts: Hosts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker meets, at manager_ssh, an sshd whose host key is not the one the manager read
+    from its own sshd (the manager's ssh-keyscan is pointed at another real sshd, the loopback
+    host's: the worker's view differs from the manager's as with an impostor in between). The
+    tunnel does not come up (StrictHostKeyChecking=yes), tunnel_failed says it is the manager's
+    sshd key, and known_hosts holds only what the manager pinned."""
+    real_run_command = deploy_module.run_command
+
+    async def scan_elsewhere(argv: list[str], **kw: Any) -> CommandResult:
+        if argv[0] == "ssh-keyscan":  # [..., "-p", PORT, HOST]
+            argv = [*argv[:-2], str(hosts.loopback.port), argv[-1]]
+        return await real_run_command(argv, **kw)
+
+    monkeypatch.setattr(deploy_module, "run_command", scan_elsewhere)
+    install = hosts.root / "install-shared"
+    report = deploy(hosts.settings, hosts.redis.url, hosts.loopback_slot(install, name="pinned"))
+    failed(report, Category.TUNNEL_FAILED, "redis")
+    assert "MANAGER's sshd" in (report.suggestion or ""), describe(report)
+    assert f"127.0.0.1:{hosts.manager_sshd.port}" in (report.suggestion or "")
+    assert "Host key verification failed" in report.message + " ".join(report.logs)
+    pinned = " ".join(hosts.loopback.host_public_key().split()[:2])
+    assert fingerprint(pinned) in (report.suggestion or ""), "the key the manager pinned"
+    known_hosts = install / "ssh" / "known_hosts"
+    assert known_hosts.read_text() == f"[127.0.0.1]:{hosts.manager_sshd.port} {pinned}\n"
 
 
 def test_worker_on_another_redis_is_register_timeout(hosts: Hosts, tmp_path: Path) -> None:

@@ -22,7 +22,13 @@ import pytest
 import redis
 
 from servetune.cluster import keys as redis_keys
-from servetune.remote.keys import add_key, authorized_line
+from servetune.remote.keys import (
+    add_key,
+    authorized_line,
+    fingerprint,
+    known_hosts_text,
+    parse_keyscan,
+)
 from servetune.remote.models import TunnelConfig, WorkerLaunchConfig
 from servetune.remote.tunnel import (
     TunnelFailed,
@@ -186,6 +192,49 @@ def test_restricted_key_forwards_to_redis_only(
     reverse = cfg.model_copy(update={"direction": "remote", "bind_port": free_port()})
     with _ssh(tunnel_argv(reverse)) as proc:
         assert proc.wait(20) != 0  # ExitOnForwardFailure: the server refused -R
+
+
+def test_a_strict_forward_tunnel_comes_up_only_with_the_pinned_host_key(
+    tmp_path: Path, sshd: SshServer, redis_server: RedisServer, worker_key: KeyPair
+) -> None:
+    """StrictHostKeyChecking=yes (a worker's forward tunnel): an sshd whose key is not the one
+    in known_hosts (an impostor at the manager's address) or an empty known_hosts gets no
+    tunnel, nothing recorded; the keys ssh-keyscan reads off the sshd, written as the deploy
+    writes them, let it up."""
+    line = authorized_line(worker_key.public, "gpu-1", "127.0.0.1", redis_server.port)
+    add_key(sshd.authorized_keys, line, "gpu-1")
+    cfg = _cfg(tmp_path, sshd, worker_key, redis_server.port)
+    cfg = cfg.model_copy(update={"strict_host_key_checking": "yes"})
+    assert cfg.known_hosts_file is not None
+    known_hosts = Path(cfg.known_hosts_file)
+    other = make_key(tmp_path / "impostor" / "ssh_host_ed25519_key", "another-sshd")
+    pinned_other = known_hosts_text(sshd.address, sshd.port, [Path(f"{other}.pub").read_text()])
+    for content in (pinned_other, ""):
+        known_hosts.write_text(content)
+        with _ssh(tunnel_argv(cfg)) as proc:
+            assert proc.wait(20) != 0
+            assert proc.stderr is not None
+            said = proc.stderr.read().decode()
+        assert "Host key verification failed" in said, said
+        assert not _ping(cfg.bind_port)
+        assert known_hosts.read_text() == content  # nothing recorded on first use
+
+    scanned = subprocess.run(  # noqa: S603 - argv list, as the deploy runs it
+        ["ssh-keyscan", "-T", "5", "-p", str(sshd.port), sshd.address],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    host_keys = parse_keyscan(scanned.stdout)
+    assert host_keys == [" ".join(sshd.host_public_key().split()[:2])], scanned
+    listed = subprocess.run(  # noqa: S603 - argv list
+        ["ssh-keygen", "-l", "-f", f"{sshd.host_key}.pub"], capture_output=True, text=True
+    )
+    assert fingerprint(host_keys[0]) in listed.stdout.split(), listed.stdout
+    known_hosts.write_text(known_hosts_text(sshd.address, sshd.port, host_keys))
+    with _ssh(tunnel_argv(cfg)):
+        assert _wait(lambda: _ping(cfg.bind_port), 15), sshd.log.read_text()
 
 
 # ---- the supervisor ---------------------------------------------------------------------------

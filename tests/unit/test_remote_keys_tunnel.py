@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from servetune.remote.keys import add_key, authorized_line, check_public_key, remove_key
+from servetune.remote.keys import (
+    add_key,
+    authorized_line,
+    check_public_key,
+    known_hosts_name,
+    known_hosts_text,
+    parse_keyscan,
+    remove_key,
+)
 from servetune.remote.models import TunnelConfig
 from servetune.remote.tunnel import tunnel_argv
 from servetune.worker.cli import read_launch_config
@@ -209,3 +217,62 @@ def test_launch_config_names_the_bad_field(tmp_path: Path) -> None:
     path.chmod(0o600)
     with pytest.raises(ValueError, match="max_parallel"):
         read_launch_config(path)
+
+
+def test_tunnel_argv_host_key_checking_follows_the_config() -> None:
+    def strict(argv: list[str]) -> list[str]:
+        return [a for a in argv if a.startswith("StrictHostKeyChecking=")]
+
+    assert strict(tunnel_argv(_cfg())) == ["StrictHostKeyChecking=accept-new"]  # stored configs
+    assert strict(tunnel_argv(_cfg(strict_host_key_checking="yes"))) == [
+        "StrictHostKeyChecking=yes"
+    ]
+    with pytest.raises(ValueError, match="strict_host_key_checking"):
+        _cfg(strict_host_key_checking="no")
+
+
+def test_parse_keyscan_keeps_ed25519_ecdsa_rsa_and_skips_comments_and_others() -> None:
+    ed, ecdsa, rsa = (
+        fake_key("ssh-ed25519", 1),
+        fake_key("ecdsa-sha2-nistp256", 2),
+        fake_key("ssh-rsa", 3),
+    )
+    dss = fake_key("ssh-dss", 4)
+    bad = fake_key("ssh-rsa", 5).split()[1][:-8] + "*"  # not base64
+    output = "\n".join(
+        [
+            "# [10.0.0.5]:2222 SSH-2.0-OpenSSH_9.6p1 Ubuntu-3ubuntu13",
+            f"[10.0.0.5]:2222 {' '.join(ed.split()[:2])}",
+            "",
+            f"[10.0.0.5]:2222 {' '.join(ecdsa.split()[:2])}",
+            f"[10.0.0.5]:2222 {' '.join(dss.split()[:2])}",
+            f"[10.0.0.5]:2222 ssh-rsa {bad}",
+            f"[10.0.0.5]:2222 ssh-ed25519 {rsa.split()[1]}",  # blob of another type
+            f"[10.0.0.5]:2222 {' '.join(rsa.split()[:2])}",
+            f"[10.0.0.5]:2222 {' '.join(ed.split()[:2])}",  # twice: kept once
+            "banner text from the server",
+        ]
+    )
+    assert parse_keyscan(output) == [" ".join(k.split()[:2]) for k in (ed, ecdsa, rsa)]
+    assert parse_keyscan("") == []
+    assert parse_keyscan("# 10.0.0.5:22 SSH-2.0-OpenSSH_9.6\n") == []
+
+
+def test_known_hosts_lines_name_the_host_as_ssh_looks_it_up() -> None:
+    ed, rsa = " ".join(fake_key().split()[:2]), " ".join(fake_key("ssh-rsa", 7).split()[:2])
+    assert known_hosts_name("manager.example", 22) == "manager.example"
+    assert known_hosts_name("10.0.0.5", 2222) == "[10.0.0.5]:2222"
+    assert known_hosts_name("::1", 2222) == "[::1]:2222"
+    assert known_hosts_text("10.0.0.5", 22, [ed]) == f"10.0.0.5 {ed}\n"
+    assert known_hosts_text("10.0.0.5", 2222, [ed, rsa]) == (
+        f"[10.0.0.5]:2222 {ed}\n[10.0.0.5]:2222 {rsa}\n"
+    )
+    for host in ("-oProxyCommand=x", "a b", "*.example", "!host", "h,other", "[h]"):
+        with pytest.raises(ValueError, match="host"):
+            known_hosts_name(host, 22)
+    with pytest.raises(ValueError, match="port"):
+        known_hosts_name("h", 0)
+    with pytest.raises(ValueError, match="at least one host key"):
+        known_hosts_text("h", 22, [])
+    with pytest.raises(ValueError, match="public_key"):
+        known_hosts_text("h", 22, ["ssh-ed25519 not-base64!"])

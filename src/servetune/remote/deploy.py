@@ -14,6 +14,7 @@ import inspect
 import ipaddress
 import json
 import logging
+import math
 import re
 import shutil
 import sys
@@ -39,7 +40,7 @@ from servetune.remote.models import (
     WorkerLaunchConfig,
     WorkerSlot,
 )
-from servetune.remote.ssh import ResolvedTarget, SshSession, parse_ssh_command
+from servetune.remote.ssh import ResolvedTarget, SshSession, parse_ssh_command, run_command
 from servetune.settings import Settings
 
 __all__ = [
@@ -1005,12 +1006,23 @@ class Deployer:
                 port=port,
                 identity_file=run.path("ssh", "id_ed25519"),
                 known_hosts_file=run.path("ssh", "known_hosts"),
+                strict_host_key_checking="yes",  # the file holds the manager's own keys
                 bind_port=self._bind_port(run, attempt),
                 target_host=endpoint.host,
                 target_port=endpoint.port,
             )
 
         forward_cfg(0)  # a path ssh would misread fails here, before any key is made
+        host_keys = await self._manager_host_keys(user, host, port)
+        await self._agent(
+            run,
+            "write_file",
+            {
+                "path": run.path("ssh", "known_hosts"),
+                "content": keys.known_hosts_text(host, port, host_keys),
+                "mode": 0o600,
+            },
+        )
         key = await self._agent(run, "keygen", {"install_dir": run.install_dir})
         public_key = str(key["public_key"]).strip()
         line = keys.authorized_line(public_key, run.slot.name, endpoint.host, endpoint.port)
@@ -1055,6 +1067,22 @@ class Deployer:
                 )
                 if "Address already in use" in text or "cannot listen" in text:
                     continue
+                if any(m in text for m in _HOST_KEY_MARKERS):
+                    pinned = ", ".join(keys.fingerprint(k) for k in host_keys)
+                    last.suggestion = (
+                        f"The MANAGER's sshd at {host}:{port}, as the worker's host reaches it, "
+                        f"showed a host key other than the one(s) the manager read from its own "
+                        f"sshd at that address ({pinned}; ssh said: "
+                        f"{ssh_said[-1] if ssh_said else e}): "
+                        "something between the worker and the manager answers in its place "
+                        "(a man in the middle, a port forward or NAT to another machine), or "
+                        "manager_ssh names another machine for the manager than for the worker. "
+                        f"On the worker's host compare `ssh-keyscan -p {port} {host}` with the "
+                        "manager's /etc/ssh/ssh_host_*_key.pub; make manager_ssh "
+                        "(SERVETUNE_MANAGER_SSH, or --manager-ssh for this slot) an address that "
+                        "reaches the manager's own sshd from both, or use --redis-via reverse."
+                    )
+                    raise last from e
                 if any(m in text for m in _UNREACHABLE_MARKERS):
                     last.suggestion = (
                         f"The worker's host cannot reach the manager's sshd at {user}@{host}:"
@@ -1080,6 +1108,54 @@ class Deployer:
             )
         assert last is not None
         raise last
+
+    async def _manager_host_keys(self, user: str, host: str, port: int) -> list[str]:
+        """The host keys (``"<type> <base64>"``, ed25519/ecdsa/rsa) of the manager's sshd at
+        ``host``:``port`` (``manager_ssh``), read on the manager itself with
+        ``ssh-keyscan -T <connect timeout> -p <port> <host>`` (argv, no shell; killed after the
+        connect timeout + 10 s): the manager reaching its own address is not exposed to the
+        network between worker and manager, so these keys are what the worker's tunnel must
+        meet. Raises DeployFailed (tunnel_failed, suggestion naming host:port and
+        SERVETUNE_MANAGER_SSH / --manager-ssh) when ssh-keyscan is missing, times out or
+        returns no such key."""
+        connect_s = max(1, math.ceil(self.settings.ssh_connect_timeout_s))
+        argv = ["ssh-keyscan", "-T", str(connect_s), "-p", str(port), host]
+        try:
+            keys.known_hosts_name(host, port)  # a host ssh-keyscan could read as an option
+            result = await run_command(argv, timeout_s=connect_s + 10.0)
+        except (ValueError, DeployFailed) as e:
+            raise DeployFailed(
+                Category.TUNNEL_FAILED,
+                f"cannot read the host keys of the manager's sshd at {host}:{port}: {e}",
+                "install ssh-keyscan (package openssh-client) on the manager and set manager_ssh "
+                "(SERVETUNE_MANAGER_SSH, or --manager-ssh for this slot) to [user@]host[:port] "
+                "of the manager's sshd; or use --redis-via reverse",
+                step="redis",
+            ) from e
+        host_keys = keys.parse_keyscan(result.stdout)
+        if host_keys:
+            return host_keys
+        said = [line.strip() for line in result.stderr.splitlines() if line.strip()]
+        said = [line for line in said if not line.startswith("#")] or said
+        why = (
+            "timed out"
+            if result.timed_out
+            else said[-1]
+            if said
+            else "no key came back: nothing listens there, or not an sshd"
+        )
+        raise DeployFailed(
+            Category.TUNNEL_FAILED,
+            f"the manager read no ed25519/ecdsa/rsa host key from its own sshd at {host}:{port} "
+            f"(`{' '.join(argv)}`: {why}); the worker's tunnel would have no key to check it by",
+            f"The manager cannot reach the manager's sshd at {user}@{host}:{port} itself: "
+            "manager_ssh (SERVETUNE_MANAGER_SSH, or --manager-ssh for this slot) must be the "
+            "manager's own sshd, running and reachable at that address and port from the "
+            "manager as from the worker's host (check `systemctl status ssh` and "
+            f"`ssh-keyscan -p {port} {host}` on the manager); or use --redis-via reverse.",
+            step="redis",
+            logs=diagnose.tail(f"{result.stdout}\n{result.stderr}"),
+        )
 
     async def _reverse(self, run: _Run, endpoint: RedisEndpoint) -> _Outcome:
         assert run.session is not None and run.resolved is not None
@@ -1314,6 +1390,14 @@ _UNREACHABLE_MARKERS = (
     "Could not resolve hostname",
 )
 """ssh's words for a manager sshd the worker's host cannot reach (a wrong manager_ssh)."""
+
+_HOST_KEY_MARKERS = (
+    "Host key verification failed",
+    "REMOTE HOST IDENTIFICATION HAS CHANGED",
+    "host key is known for",
+    "Host key for",
+)
+"""ssh's words for a host key that is not the one in known_hosts (StrictHostKeyChecking=yes)."""
 
 
 def _option_values(options: tuple[str, ...], flag: str, config_key: str) -> list[str]:

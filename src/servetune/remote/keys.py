@@ -8,6 +8,7 @@ import base64
 import binascii
 import contextlib
 import fcntl
+import hashlib
 import os
 import re
 import struct
@@ -160,3 +161,69 @@ def remove_key(path: Path, slot_name: str) -> bool:
             return False
         _rewrite(path, keep)
         return True
+
+
+# ---- the manager sshd's host keys, pinned in a worker's known_hosts ----------------------------
+
+HOST_KEY_TYPES = (
+    "ssh-ed25519",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "ssh-rsa",
+)
+"""Host key types pinned for a forward tunnel (what ``ssh-keyscan`` reports for ed25519, ecdsa
+and rsa host keys; ssh-rsa is the key's type, whichever signature algorithm ssh then uses)."""
+
+
+def parse_keyscan(output: str) -> list[str]:
+    """The host keys in ``ssh-keyscan``'s stdout, as ``"<type> <base64>"`` strings in their order,
+    duplicates dropped. Each key line is ``host keytype base64``; comment lines (``# host:port
+    SSH-2.0-…``, what ``-v``/banners print), blank lines, hashed or malformed lines and key types
+    other than ``HOST_KEY_TYPES`` are ignored (so are blobs that do not encode their type). Pure;
+    never raises: an empty list means no usable key came back."""
+    found: list[str] = []
+    for line in output.splitlines():
+        words = line.split()
+        if len(words) != 3 or words[0].startswith("#") or words[1] not in HOST_KEY_TYPES:
+            continue
+        try:
+            key = check_public_key(f"{words[1]} {words[2]}")
+        except ValueError:
+            continue
+        if key not in found:
+            found.append(key)
+    return found
+
+
+def known_hosts_name(host: str, port: int) -> str:
+    """The name ssh looks a destination up by in known_hosts: ``host`` for port 22, else
+    ``[host]:port`` (an IPv6 ``host`` is given without brackets: ``[::1]:2222``; with port 22 it
+    stays ``::1``). Raises ValueError for a host ssh could misread in that file (space, comma,
+    ``*``/``?`` patterns, ``!``, ``#``, brackets) or a port outside 1-65535."""
+    if not re.fullmatch(r"[A-Za-z0-9._:%-]{1,253}", host) or host.startswith("-"):
+        raise ValueError(
+            f"host {host!r}: give a host name or an IP address (letters, digits and ._:%-)"
+        )
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port}: give a TCP port, 1-65535")
+    return host if port == 22 else f"[{host}]:{port}"
+
+
+def known_hosts_text(host: str, port: int, host_keys: list[str]) -> str:
+    """A whole known_hosts file pinning ``host_keys`` (``"<type> <base64>"``, e.g. from
+    ``parse_keyscan``) for ``host``:``port``: one ``<known_hosts_name> <type> <base64>`` line per
+    key, each ending in a newline. Raises ValueError for no key, a key that is not an accepted
+    OpenSSH public key, or a bad host or port (see ``known_hosts_name``)."""
+    if not host_keys:
+        raise ValueError("host_keys: give at least one host key (an empty file pins nothing)")
+    name = known_hosts_name(host, port)
+    return "".join(f"{name} {check_public_key(key)}\n" for key in host_keys)
+
+
+def fingerprint(public_key: str) -> str:
+    """``SHA256:<base64, unpadded>`` of an OpenSSH public key (``"<type> <base64> [comment]"``),
+    as ``ssh-keygen -l`` and ssh's host key warnings print it. Raises ValueError as
+    ``check_public_key`` does."""
+    blob = base64.b64decode(check_public_key(public_key).split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")

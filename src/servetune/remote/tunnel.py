@@ -93,7 +93,8 @@ def tunnel_argv(cfg: TunnelConfig) -> list[str]:
     ``"remote"``: ``-R`` with the same spec, plus ``-v`` so the supervisor sees the server accept
     it. Always BatchMode, ExitOnForwardFailure, ServerAliveInterval=keepalive_s and
     ServerAliveCountMax=3 (a dead link ends ssh within ~3 keep-alives); IdentitiesOnly with an
-    identity file; StrictHostKeyChecking=accept-new with a known_hosts file; ``-J`` with
+    identity file; StrictHostKeyChecking=``strict_host_key_checking`` (``yes`` or ``accept-new``)
+    with a known_hosts file; ``-J`` with
     ``proxy_jump``. Raises ValueError naming the field for a destination, jump host, target host
     or path ssh could misread.
     """
@@ -123,7 +124,7 @@ def tunnel_argv(cfg: TunnelConfig) -> list[str]:
     argv += ["-o", f"ServerAliveInterval={cfg.keepalive_s}", "-o", "ServerAliveCountMax=3"]
     if cfg.known_hosts_file:
         argv += ["-o", f"UserKnownHostsFile={cfg.known_hosts_file}"]
-        argv += ["-o", "StrictHostKeyChecking=accept-new"]
+        argv += ["-o", f"StrictHostKeyChecking={cfg.strict_host_key_checking}"]
     if cfg.identity_file:
         argv += ["-i", cfg.identity_file, "-o", "IdentitiesOnly=yes"]
     if cfg.port is not None:
