@@ -133,7 +133,7 @@ def _fields(problems: list[Any]) -> dict[str, str]:
         ({"install_dir": "/opt/a\x01b"}, "install_dir", "U+0001"),
         ({"install_dir": "/"}, "install_dir", "of its own"),
         ({"install_dir": "~"}, "install_dir", "of its own"),
-        ({"install_dir": "~/../../etc"}, "install_dir", "holds .."),
+        ({"install_dir": "~/../../etc"}, "install_dir", "holds '..'"),
         ({"install_dir": "/opt/$(touch x)"}, "install_dir", "'$'"),
         ({"python": "-c"}, "python", "starts with '-'"),
     ],
