@@ -218,7 +218,7 @@ def test_worker_deploy_online_through_the_cli_completes_a_trial_then_restore_and
 
         removed = cli("worker-remove", "cli-1")
         assert removed.returncode == 0, removed.stdout + removed.stderr
-        assert f"its worker (pid [{procs[0].pid}]) stopped" in removed.stdout, removed.stdout
+        assert f"its worker (pid {procs[0].pid}) stopped" in removed.stdout, removed.stdout
         assert not worker_processes(install), "worker-remove stops the worker on its host"
         assert "servetune-slot:cli-1" not in stage.manager_sshd.authorized_keys.read_text()
         names = [s["name"] for s in stage.fleet.get("/api/worker-slots")["items"]]

@@ -105,7 +105,7 @@ class StandInDeployer:
             message = f"worker slot {slot.name} removed; its worker on the host was not stopped"
         else:
             stop = DeployStep(name="stop", status=StepStatus.OK, duration_s=0.5)
-            message = f"worker slot {slot.name} removed; its worker (pid [4242]) stopped"
+            message = f"worker slot {slot.name} removed; its worker (pid 4242) stopped"
         return DeployReport(
             success=True, action="remove", message=message, steps=[stop], duration_s=0.5
         )
@@ -551,6 +551,10 @@ def test_cli_deploys_restores_and_lists_through_a_live_manager(
         restored = servetune(tmp_path, "worker-restore", "gpu-host-1", "--manager", url)
         assert restored.returncode == 0, restored.stderr
         assert "worker w-gpu-host-1 registered" in restored.stdout
+        unnamed = servetune(
+            tmp_path, "worker-deploy", "ssh gpu@gpu-9", "--name", "", "--manager", url
+        )
+        assert unnamed.returncode == 2 and "--name is empty" in unnamed.stderr, unnamed.stderr
         unknown = servetune(tmp_path, "worker-restore", "gpu-9", "--manager", url)
         assert unknown.returncode == 2 and "no worker slot named 'gpu-9'" in unknown.stderr
         assert "The request has 1 problem(s)" in unknown.stderr and "spec" not in unknown.stderr

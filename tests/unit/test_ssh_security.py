@@ -55,6 +55,8 @@ from servetune.remote.ssh import parse_ssh_command
         ("ssh -o User=-v h", "-v"),
         ("ssh -o HostKeyAlias=-E h", "HostKeyAlias"),
         ("ssh -o HostKeyAlias=gpu-b h", "another host's name"),  # would poison gpu-b's key
+        ("ssh -i %d/.ssh/k h", "does not expand"),  # ssh opens -i as written
+        ("ssh -i '${HOME}/.ssh/k' h", "-o IdentityFile="),
         ("ssh a@b@c", "a@b@c"),
         ("ssh -l 'a;b' h", "a;b"),
         # -o file values ssh would split or unescape itself (then it opens another file)

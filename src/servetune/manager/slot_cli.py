@@ -193,6 +193,11 @@ def worker_deploy(
     """
     base = manager_base(manager_url)
     token = read_token(token_file)
+    if name is not None and not name.strip():  # e.g. --name "$HOST" with HOST unset
+        raise SpecInvalid(
+            [Problem("name", "--name is empty; give the slot a name or leave --name out")],
+            subject="worker slot",
+        )
     slot_name = name or default_slot_name(ssh_command)
     given = {
         "install_dir": install_dir,

@@ -352,8 +352,9 @@ class Deployer:
                 stopped = await self._stop_remote(run)
             except DeployFailed as e:
                 how = (
-                    f"The slot is removed anyway; if its worker still runs on the host, stop it "
-                    f"there with `kill $(cat {slot.install_dir.rstrip('/')}/worker.pid)`."
+                    f"The slot is removed anyway; if its worker still runs on the host (while "
+                    "its open tunnel lasts it may stay online and take trials), stop it there "
+                    f"with `kill $(cat {slot.install_dir.rstrip('/')}/worker.pid)`."
                 )
                 run.steps[-1] = run.steps[-1].model_copy(
                     update={
@@ -373,20 +374,30 @@ class Deployer:
 
         async def drop_key() -> _Outcome:
             path = self.settings.authorized_keys_path
-            await asyncio.to_thread(keys.remove_key, path, slot.name)
-            return _Outcome(detail=f"no tunnel key of {slot.name} left in {path}")
+            if await asyncio.to_thread(keys.remove_key, path, slot.name):
+                return _Outcome(detail=f"removed the tunnel key of {slot.name} from {path}")
+            return _Outcome(detail=f"no tunnel key of {slot.name} was in {path}")
 
         async def stop_tunnel() -> _Outcome:
-            await _maybe_await(tunnel.stop_detached(self.settings, slot.name))
-            return _Outcome(detail="no reverse tunnel of this slot runs")
+            if await _maybe_await(tunnel.stop_detached(self.settings, slot.name)):
+                return _Outcome(detail="stopped its reverse tunnel")
+            return _Outcome(detail="no reverse tunnel of this slot ran")
 
         await self._step(run, "key", drop_key)
         await self._step(run, "tunnel", stop_tunnel)
-        if stopped is None:
-            what = "kept" if not stop_worker else "not stopped (see the stop step)"
-            message = f"worker slot {slot.name} removed; its worker on the host was {what}"
+        if stopped is None and not stop_worker:
+            message = f"worker slot {slot.name} removed; its worker on the host was kept"
+            if slot.redis_via == RedisVia.FORWARD:
+                message += (
+                    " (its tunnel key is gone: it loses Redis when its tunnel next reconnects)"
+                )
+        elif stopped is None:
+            message = (
+                f"worker slot {slot.name} removed; its worker on the host was not stopped (see "
+                "the stop step)"
+            )
         elif stopped:
-            message = f"worker slot {slot.name} removed; its worker (pid {stopped}) stopped"
+            message = f"worker slot {slot.name} removed; its worker (pid {_pids(stopped)}) stopped"
         else:
             message = f"worker slot {slot.name} removed; no worker of it ran on the host"
         return DeployReport(
@@ -425,7 +436,7 @@ class Deployer:
                 )
             if not stopped:
                 return _Outcome(value=stopped, detail=f"no worker ran on {run.target}")
-            return _Outcome(value=stopped, detail=f"stopped worker process(es) {stopped}")
+            return _Outcome(value=stopped, detail=f"stopped worker process(es) {_pids(stopped)}")
 
         stopped: list[int] = await self._step(run, "stop", step)
         return stopped
@@ -1430,6 +1441,11 @@ def free_space_needed_gib(*, wheelhouse_bytes: int | None, venv_copy_bytes: int 
     if venv_copy_bytes is not None:
         need_gib = max(need_gib, venv_copy_bytes / 2**30 * venvcopy.SPACE_FACTOR)
     return need_gib
+
+
+def _pids(pids: list[int]) -> str:
+    """``[7807, 7808]`` as ``7807, 7808`` for messages."""
+    return ", ".join(str(p) for p in pids)
 
 
 def _dir_size_bytes(path: Any) -> int:

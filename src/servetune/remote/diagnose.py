@@ -523,7 +523,7 @@ def classify_ssh(result: CommandResult, *, target: str) -> DeployFailed | None:
         where = f"{found.get('host', host)} port {found.get('port', port)}"
         return fail(
             Category.HOST_KEY_CHANGED,
-            f"the host key of {where} has changed; the deploy stopped",
+            f"the host key of {where} has changed; servetune stopped before logging in",
             **found,
         )
     match = _UNKNOWN_STRICT.search(stderr)

@@ -154,6 +154,8 @@ def remove_key(path: Path, slot_name: str) -> bool:
     whether there was one. Raises ValueError for a bad slot name, OSError when the file cannot
     be written."""
     check_slot_name(slot_name)
+    if not path.exists():  # nothing to remove: make no ~/.ssh nor lock file for it
+        return False
     with _locked(path):
         lines = _lines(path)
         keep = [old for old in lines if not _is_slot_line(old, slot_name)]

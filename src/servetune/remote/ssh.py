@@ -543,6 +543,13 @@ def parse_ssh_command(command: str) -> SshTarget:
                     options += ["-o", f"{key}={checked}"]
                 else:
                     key = {"p": "Port", "i": "IdentityFile", "l": "User", "J": "ProxyJump"}[flag]
+                    if flag == "i" and ("%" in value or "${" in value):
+                        # ssh opens an -i file as written (it warns "not accessible" and goes
+                        # on without it): tokens and ${VAR} are expanded in -o IdentityFile only
+                        raise _invalid(
+                            f"-i {value!r}: ssh does not expand % tokens or ${{VAR}} in -i",
+                            f"write the path out, or give it as -o IdentityFile={value}",
+                        )
                     options += [f"-{flag}", _check_value(key, value)]
                 break
             continue
