@@ -379,6 +379,22 @@ def test_untar_refuses_a_member_written_through_an_earlier_symlink(tmp_path: Pat
     assert list(outside.iterdir()) == []
 
 
+def test_untar_refuses_a_symlink_that_leads_out_through_an_earlier_one(tmp_path: Path) -> None:
+    """``sub/up -> ..`` stays inside; ``esc -> sub/up/..`` reads as inside yet resolves to
+    dest's parent."""
+    dest = tmp_path / "deep" / "incoming"
+    stream = make_tar(
+        [
+            (entry("sub", tarfile.DIRTYPE), None),
+            (entry("sub/up", tarfile.SYMTYPE, link=".."), None),
+            (entry("esc", tarfile.SYMTYPE, link="sub/up/.."), None),
+        ]
+    )
+    err = error(run_agent("untar", {"dest": str(dest)}, stdin_tail=stream), Category.UNKNOWN)
+    assert "outside" in err["message"] and "'esc'" in err["message"]
+    assert not (dest / "esc").exists() and not (dest / "esc").is_symlink()
+
+
 # --- keygen, write_file ---------------------------------------------------------------------
 
 

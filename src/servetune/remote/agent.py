@@ -465,8 +465,15 @@ def untar(params: Dict[str, Any]) -> Dict[str, Any]:
                     files += 1
                 elif member.issym():
                     link = member.linkname
-                    resolved = os.path.normpath(os.path.join(os.path.dirname(target), link))
-                    if link.startswith("/") or not _inside(root, resolved):
+                    joined = os.path.join(os.path.dirname(target), link)
+                    # as written, and as it resolves through links already extracted (sub/up ->
+                    # .. then esc -> sub/up/.. stays inside when read, yet leads out)
+                    resolved = os.path.normpath(joined)
+                    if (
+                        link.startswith("/")
+                        or not _inside(root, resolved)
+                        or not _inside(root, os.path.realpath(joined))
+                    ):
                         raise AgentError(
                             "unknown",
                             "refused tar member %r: symlink to %r points outside %s"
