@@ -585,3 +585,15 @@ def test_cli_deploys_restores_and_lists_through_a_live_manager(
         assert evil_dir.returncode == 2 and "install_dir" in evil_dir.stderr, evil_dir.stderr
     assert not marker.exists()
     assert [c[0] for c in h.deployer.calls] == ["deploy", "deploy", "restore"]
+
+
+def test_a_body_that_is_not_json_is_named_as_the_body(harness: tuple[Harness, TestClient]) -> None:
+    _, client = harness
+    answer = client.post(
+        "/api/worker-slots",
+        content=b'{"name": "gpu-1",',
+        headers={"content-type": "application/json"},
+    )
+    assert answer.status_code == 422, answer.text
+    [problem] = answer.json()["problems"]
+    assert problem["field"] == "(body)" and "not valid JSON" in problem["message"], problem

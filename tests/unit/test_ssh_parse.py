@@ -119,3 +119,9 @@ def test_refusals_say_what_to_do_instead() -> None:
     with pytest.raises(DeployFailed) as caught:
         parse_ssh_command("ssh -L 1:h:2 host")
     assert "tunnel" in str(caught.value)
+
+
+def test_flags_that_turn_forwarding_off_are_accepted() -> None:
+    """-a (no agent forwarding) and -x (no X11) only take away: kept as given."""
+    options = parse_ssh_command("ssh -a -x -p 2222 gpu@h").options
+    assert "-a" in options and "-x" in options

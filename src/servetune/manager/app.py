@@ -172,10 +172,18 @@ def _install_error_handlers(app: FastAPI) -> None:
         assert isinstance(e, RequestValidationError)
         problems = []
         for err in e.errors():
+            message = str(err.get("msg", "")).removeprefix("Value error, ")
+            if err.get("type") == "json_invalid":  # its loc is a character position, not a field
+                where = [x for x in err.get("loc", ()) if isinstance(x, int)]
+                at = f" at character {where[0]}" if where else ""
+                problems.append(
+                    ProblemPublic(
+                        field="(body)", message=f"the body is not valid JSON{at}: {message}"
+                    )
+                )
+                continue
             loc = [str(x) for x in err.get("loc", ()) if x not in ("body", "query", "path")]
-            problems.append(
-                ProblemPublic(field=".".join(loc) or "(body)", message=str(err.get("msg", "")))
-            )
+            problems.append(ProblemPublic(field=".".join(loc) or "(body)", message=message))
         return _problems_response(f"the request has {len(problems)} problem(s)", problems)
 
     async def servetune_error(request: Request, e: Exception) -> JSONResponse:

@@ -293,7 +293,7 @@ class WorkerSlots:
         if slot.id in self._running:
             raise SlotBusy(
                 f"worker slot {slot.name} is being deployed or restored now; {doing} once it "
-                f"ends (GET /api/worker-slots/{slot.id} shows its status)"
+                f"ends (GET /api/worker-slots/{slot.id} or `servetune worker-slots` shows its status)"
             )
 
     def _refuse_while_deleting(self, slot: WorkerSlot) -> None:
@@ -390,7 +390,7 @@ class WorkerSlots:
         if slot.id in self._running:  # checked and claimed with no await in between
             raise SlotBusy(
                 f"a deploy or restore of worker slot {slot.name} is already running; wait for "
-                f"it to end (GET /api/worker-slots/{slot.id} shows its status)"
+                f"it to end (GET /api/worker-slots/{slot.id} or `servetune worker-slots` shows its status)"
             )
         deployer = self.deployer
         task = asyncio.create_task(self._deploy_task(deployer, slot, action, offline))

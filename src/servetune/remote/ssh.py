@@ -211,10 +211,10 @@ one servetune checked; ``-i PATH`` takes any path as one word."""
 _SAFE_WORD_RE = re.compile(r"[A-Za-z0-9_./@:%+=,-]+")
 _INT_RE = re.compile(r"[0-9]{1,6}")
 
-_FLAGS_NO_ARG = {"4", "6", "C", "q", "v", "T"}
+_FLAGS_NO_ARG = {"4", "6", "C", "q", "v", "T", "a", "x"}  # -a -x: no agent, no X11 forwarding
 _FLAGS_ARG = {"p", "i", "l", "J", "o"}
 _ALLOWED_HELP = (
-    "allowed: -p PORT, -i KEY_FILE, -l USER, -J JUMP_HOST, -4, -6, -C, -q (ignored), -v, -T and "
+    "allowed: -p PORT, -i KEY_FILE, -l USER, -J JUMP_HOST, -4, -6, -C, -a, -x, -q (ignored), -v, -T and "
     "-o Key=Value for a few keys (Port, User, IdentityFile, ProxyJump, ConnectTimeout, …)"
 )
 _REFUSED_FLAGS: dict[str, str] = {
