@@ -133,6 +133,8 @@ def test_an_unknown_action_or_a_missing_parameter_is_a_clear_error() -> None:
 class _Index(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         code = 200 if self.path == "/simple/pip/" else 404
+        if self.headers.get("Authorization") not in (None, "Basic dG9rOnMzY3IzdA=="):  # tok:s3cr3t
+            code = 401
         self.send_response(code)
         self.end_headers()
         self.wfile.write(b"<html></html>")
@@ -191,6 +193,20 @@ def test_probe_reports_an_unreachable_index_without_failing(tmp_path: Path) -> N
     assert facts["index_reachable"] is False
     assert f"127.0.0.1:{port}/simple/pip/" in facts["index_error"]
     assert "refused" in facts["index_error"].lower()
+
+
+def test_probe_sends_the_index_credentials_as_basic_auth_and_never_names_them(
+    tmp_path: Path, index_url: str
+) -> None:
+    """``https://user:token@host/simple``: urllib alone reads ``user:token@host`` as the host."""
+    with_token = index_url.replace("http://", "http://tok:s3cr3t@")
+    params = {"install_dir": str(tmp_path), "index_url": with_token, "index_timeout_s": 5}
+    facts = ok(run_agent("probe", {**params, "min_python": [3, 11]}))
+    assert facts["index_reachable"] is True, facts
+    wrong = index_url.replace("http://", "http://tok:wrong@")
+    facts = ok(run_agent("probe", {**params, "index_url": wrong, "min_python": [3, 11]}))
+    assert facts["index_reachable"] is False and "401" in facts["index_error"]
+    assert "wrong" not in facts["index_error"] and "tok" not in facts["index_error"]
 
 
 def test_the_system_python_is_not_too_old_for_3_11() -> None:

@@ -21,6 +21,7 @@ import errno
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -344,9 +345,10 @@ def _probe_index(index_url: str, timeout_s: float) -> Tuple[bool, Optional[str]]
     import urllib.error
     import urllib.request
 
-    url = index_url.rstrip("/") + "/pip/"
+    url, headers = _without_credentials(index_url.rstrip("/") + "/pip/")
+    headers["User-Agent"] = "servetune-agent"
     try:
-        request = urllib.request.Request(url, headers={"User-Agent": "servetune-agent"})
+        request = urllib.request.Request(url, headers=headers)
         with urllib.request.urlopen(request, timeout=timeout_s) as answer:
             answer.read(1024)
             return True, None
@@ -355,6 +357,31 @@ def _probe_index(index_url: str, timeout_s: float) -> Tuple[bool, Optional[str]]
     except Exception as exc:  # URLError, timeout, ssl errors: all mean "not reachable"
         reason = getattr(exc, "reason", exc)
         return False, "GET %s failed: %s" % (url, reason)
+
+
+def _without_credentials(url: str) -> Tuple[str, Dict[str, str]]:
+    """``url`` without its ``user:password@`` (urllib would read them as the host name) and the
+    HTTP Basic header that carries them instead; messages name the URL without them."""
+    import base64
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, {}
+    host = parts.hostname or ""
+    if ":" in host:
+        host = "[%s]" % host
+    if parts.port is not None:
+        host = "%s:%d" % (host, parts.port)
+    user = urllib.parse.unquote(parts.username or "")
+    password = urllib.parse.unquote(parts.password or "")
+    token = base64.b64encode(("%s:%s" % (user, password)).encode("utf-8")).decode("ascii")
+    bare = urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return bare, {"Authorization": "Basic " + token}
+
+
+_URL_CREDENTIALS = re.compile(r"(://[^/@\s:]*:)[^@\s/]+@")
+"""``user:password@`` in a URL: the password is masked in what the install logs."""
 
 
 def _check_own_dir(install_dir: str) -> None:
@@ -559,6 +586,7 @@ def install(params: Dict[str, Any]) -> Dict[str, Any]:
     def step(argv: List[str], what: str) -> None:
         remaining = timeout_s - (time.monotonic() - started)
         code, output = _run(argv, max(remaining, 1.0), env=env, cwd=install_dir)
+        output = _URL_CREDENTIALS.sub(r"\1***@", output)
         log.append("$ " + " ".join(argv) + "\n" + output)
         _write_log(log_path, log)
         if code != 0:
@@ -570,7 +598,8 @@ def install(params: Dict[str, Any]) -> Dict[str, Any]:
         if wheelhouse:
             argv += ["--offline", "--no-index", "--find-links", wheelhouse]
         elif index_url:
-            argv += ["--index-url", index_url]
+            # in the environment, not on the command line: a token in the URL stays out of ps
+            env["UV_DEFAULT_INDEX"] = index_url
         if constraints:
             argv += ["-c", constraints]
         step([*argv, wheel], "uv pip install")
