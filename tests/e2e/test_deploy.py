@@ -223,6 +223,7 @@ def test_worker_deploy_online_through_the_cli_completes_a_trial_then_restore_and
         assert "servetune-slot:cli-1" not in stage.manager_sshd.authorized_keys.read_text()
         names = [s["name"] for s in stage.fleet.get("/api/worker-slots")["items"]]
         assert "cli-1" not in names
+        assert "cli-1" not in stage.fleet.worker_states(), "its stopped worker is forgotten"
     finally:
         kill_install(install)
 

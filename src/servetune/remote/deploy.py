@@ -338,8 +338,9 @@ class Deployer:
         tunnel dies with it), then, on the manager, drop its tunnel key line from
         ``settings.authorized_keys_path`` and stop its reverse tunnel (if one runs).
 
-        Steps: ``stop`` (connect, SIGTERM the install's worker process groups, SIGKILL after
-        ``STOP_GRACE_S``; a running trial is handed back to the manager), ``key``, ``tunnel``.
+        Steps: ``stop`` (connect, SIGTERM the install's worker, SIGKILL its process group after
+        ``REMOVE_GRACE_S``; a running trial is handed back to the manager), ``key``, ``tunnel``,
+        ``forget`` (its offline workers leave the registry; a live one stays listed).
         A host that cannot be reached (it may be gone) does not stop the removal: the ``stop``
         step ends WARNING with its category and a suggestion that says how to stop the worker
         there. The report has ``success`` True once the manager's side is clean. Raises OSError
@@ -383,8 +384,28 @@ class Deployer:
                 return _Outcome(detail="stopped its reverse tunnel")
             return _Outcome(detail="no reverse tunnel of this slot ran")
 
+        async def forget_workers() -> _Outcome:
+            gone = []
+            try:
+                for status in await self.registry.workers():
+                    if _of_slot(status, slot) and status.state == "offline":
+                        await self.registry.forget(status.info.id)
+                        gone.append(status.info.id)
+            except RedisUnavailable as e:  # the slot goes anyway: only the listing keeps them
+                return _Outcome(
+                    detail=f"its offline workers stay listed: {e}",
+                    status=StepStatus.WARNING,
+                    category=Category.REDIS_UNREACHABLE,
+                    suggestion="Nothing to do for the removal; GET /api/workers lists them "
+                    "as offline until Redis is reachable and they are forgotten.",
+                )
+            if not gone:
+                return _Outcome(detail="no offline worker of this slot was registered")
+            return _Outcome(detail=f"forgot its offline worker(s) {', '.join(gone)}")
+
         await self._step(run, "key", drop_key)
         await self._step(run, "tunnel", stop_tunnel)
+        await self._step(run, "forget", forget_workers)
         if stopped is None and not stop_worker:
             message = f"worker slot {slot.name} removed; its worker on the host was kept"
             if slot.redis_via == RedisVia.FORWARD:
