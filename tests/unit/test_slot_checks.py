@@ -124,3 +124,26 @@ def test_the_slot_commands_help_keeps_paragraphs_and_joins_their_lines() -> None
     then deploys.
     """
     assert help_text(doc) == "Deploy a worker.\n\nSaves the host, then deploys."
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "says"),
+    [
+        ({"python": "python3; id"}, "python", "e.g. python3.11"),
+        ({"max_parallel": True}, "max_parallel", "integer"),
+        ({"max_parallel": "2"}, "max_parallel", "integer"),
+        ({"name": "x" * 5000}, "name", "(5000 characters)"),
+    ],
+)
+def test_a_bad_field_is_named_in_words_without_echoing_it_whole(
+    body: dict[str, object], field: str, says: str
+) -> None:
+    from pydantic import ValidationError
+
+    from servetune.remote.models import WorkerSlotCreate
+
+    with pytest.raises(ValidationError) as caught:
+        WorkerSlotCreate.model_validate({"name": "gpu-1", "ssh_command": "ssh h", **body})
+    [error] = caught.value.errors()
+    assert error["loc"] == (field,) and says in error["msg"], error
+    assert len(error["msg"]) < 400

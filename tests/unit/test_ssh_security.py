@@ -56,6 +56,8 @@ from servetune.remote.ssh import parse_ssh_command
         ("ssh -o HostKeyAlias=-E h", "HostKeyAlias"),
         ("ssh -o HostKeyAlias=gpu-b h", "another host's name"),  # would poison gpu-b's key
         ("ssh -i %d/.ssh/k h", "does not expand"),  # ssh opens -i as written
+        ("ssh --bogus h", "not an ssh option"),
+        ("ssh -o PKCS11Provider=/tmp/x.so h", "PKCS11Provider is not allowed"),  # loads a .so
         ("ssh -i '${HOME}/.ssh/k' h", "-o IdentityFile="),
         ("ssh a@b@c", "a@b@c"),
         ("ssh -l 'a;b' h", "a;b"),

@@ -27,11 +27,24 @@ PYTHON_PATTERN = r"^[A-Za-z0-9_./+-]{1,255}$"
 def check_slot_name(name: str) -> str:
     """``name`` when it matches SLOT_NAME_PATTERN; raises ValueError naming the fix."""
     if not re.fullmatch(SLOT_NAME_PATTERN, name):
+        shown = repr(name) if len(name) <= 80 else f"{name[:60]!r}… ({len(name)} characters)"
         raise ValueError(
-            f"{name!r} is not a valid slot name: use 1-63 letters, digits, '.', '_' or '-', "
+            f"{shown} is not a valid slot name: use 1-63 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit (e.g. gpu-host-1)"
         )
     return name
+
+
+def check_python_name(python: str) -> str:
+    """``python`` when it matches PYTHON_PATTERN (a command name or a path, nothing a shell
+    would read); raises ValueError naming the fix."""
+    if not re.fullmatch(PYTHON_PATTERN, python):
+        shown = repr(python) if len(python) <= 80 else f"{python[:60]!r}…"
+        raise ValueError(
+            f"{shown} is not an interpreter name or path: use letters, digits and _ . / + - "
+            "only, e.g. python3.11 or /usr/bin/python3"
+        )
+    return python
 
 
 def check_remote_path(path: str) -> str:
@@ -47,6 +60,7 @@ def check_remote_path(path: str) -> str:
 
 SlotName = Annotated[str, AfterValidator(check_slot_name)]
 RemotePath = Annotated[str, AfterValidator(check_remote_path)]
+RemotePython = Annotated[str, AfterValidator(check_python_name)]
 
 
 class RedisVia(StrEnum):
@@ -264,9 +278,8 @@ class WorkerSlotCreate(BaseModel):
     install_dir: RemotePath = Field(
         default="~/.servetune", description="Remote install directory (venv, data, logs)."
     )
-    python: str = Field(
+    python: RemotePython = Field(
         default="python3",
-        pattern=PYTHON_PATTERN,
         description="Remote interpreter used to install (>= 3.11): a name on PATH or a path.",
     )
     redis_via: RedisVia = Field(
@@ -283,7 +296,9 @@ class WorkerSlotCreate(BaseModel):
         max_length=300,
         description="direct only: host:port of the manager's Redis as the worker reaches it.",
     )
-    max_parallel: int = Field(default=1, ge=1, le=64, description="Trials the worker runs at once.")
+    max_parallel: int = Field(
+        default=1, ge=1, le=64, strict=True, description="Trials the worker runs at once."
+    )
     offline: OfflineMode = Field(default=OfflineMode.AUTO, description="Online or offline install.")
 
 
@@ -295,11 +310,11 @@ class WorkerSlotUpdate(BaseModel):
     name: SlotName | None = None
     ssh_command: str | None = Field(default=None, min_length=1, max_length=2000)
     install_dir: RemotePath | None = None
-    python: str | None = Field(default=None, pattern=PYTHON_PATTERN)
+    python: RemotePython | None = None
     redis_via: RedisVia | None = None
     manager_ssh: str | None = Field(default=None, max_length=300)
     redis_address: str | None = Field(default=None, max_length=300)
-    max_parallel: int | None = Field(default=None, ge=1, le=64)
+    max_parallel: int | None = Field(default=None, ge=1, le=64, strict=True)
     offline: OfflineMode | None = None
 
 

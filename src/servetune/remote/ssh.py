@@ -382,7 +382,7 @@ def _parse_o(raw: str) -> tuple[str, str]:
             f"-o {raw.splitlines()[0] if raw.splitlines() else ''!r}… contains a newline",
             "give each -o option on one line: -o Key=Value",
         )
-    match = re.fullmatch(r"\s*([A-Za-z]+)\s*(?:=|\s)\s*(.*?)\s*", raw)
+    match = re.fullmatch(r"\s*([A-Za-z][A-Za-z0-9]*)\s*(?:=|\s)\s*(.*?)\s*", raw)
     if match is None:
         raise _invalid(f"-o {raw!r} is not Key=Value", "e.g. -o ConnectTimeout=10")
     key, value = match.group(1), match.group(2)
@@ -516,6 +516,10 @@ def parse_ssh_command(command: str) -> SshTarget:
                     "remove it: servetune runs its own commands on the host",
                 )
             break
+        if word.startswith("--") and len(word) > 2:
+            raise _invalid(
+                f"{word!r} is not an ssh option (ssh has no long options)", _ALLOWED_HELP
+            )
         if word.startswith("-") and len(word) > 1:
             pos = 1
             while pos < len(word):
