@@ -21,6 +21,9 @@ def slot(**fields: object) -> WorkerSlotCreate:
         ("ssh gpu-host-1", "gpu-host-1"),
         ("ssh -p 2222 -i ~/.ssh/key me@gpu-host-1.lab.example", "gpu-host-1.lab.example"),
         ("ssh -J jump tuner@10.0.0.7", "10.0.0.7"),
+        ("ssh root@::1", "ipv6-1"),
+        ("ssh ssh://root@[fd00::5]:2222", "ipv6-fd00-5"),
+        ("ssh ssh://root@gpu-2:2222", "gpu-2"),
     ],
 )
 def test_the_default_slot_name_is_the_host_part(command: str, name: str) -> None:

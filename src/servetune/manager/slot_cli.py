@@ -57,8 +57,14 @@ def default_slot_name(ssh_command: str) -> str:
             [Problem("ssh_command", f"{e}; {e.suggestion}")], subject="worker slot"
         ) from None
     host = target.destination.removeprefix("ssh://").rsplit("@", 1)[-1]
-    host = re.sub(r":[0-9]+$", "", host).strip("[]")
-    name = re.sub(r"[^A-Za-z0-9._-]", "-", host).lstrip("._-")[:63]
+    if host.startswith("["):  # [v6]:port
+        host = re.sub(r":[0-9]+$", "", host).strip("[]")
+    elif host.count(":") == 1:  # host:port (a bare IPv6 address has more colons)
+        host = host.split(":", 1)[0]
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", host)
+    if ":" in host:  # an IPv6 address: ::1 -> ipv6-1, fd00::5 -> ipv6-fd00-5
+        name = "ipv6-" + re.sub(r"-+", "-", name).strip("-")
+    name = name.lstrip("._-")[:63]
     if not name:
         raise SpecInvalid(
             [Problem("name", f"no slot name can be made from {host!r}; give one with --name")],
