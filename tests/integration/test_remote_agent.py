@@ -264,6 +264,38 @@ def test_prepare_leaves_an_existing_directory_s_mode_and_refuses_a_shared_one(
     assert stat.S_IMODE(shared.stat().st_mode) == 0o1777 and list(shared.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("setup", "says"),
+    [
+        ("foreign", "not empty and servetune did not prepare it"),
+        ("other-slot", "holds the worker of slot w1"),
+        ("link-to-proc", "a system directory"),
+    ],
+)
+def test_prepare_takes_over_only_a_directory_servetune_may(
+    setup: str, says: str, tmp_path: Path
+) -> None:
+    """A directory with someone else's files, another slot's install, or a link into a system
+    tree is refused before anything is written; existing files keep their modes."""
+    target = tmp_path / "dir"
+    if setup == "foreign":
+        target.mkdir()
+        (target / "ssh").mkdir(mode=0o755)
+        (target / "ssh").chmod(0o755)
+    elif setup == "other-slot":
+        target.mkdir()
+        (target / "incoming").mkdir()
+        (target / "worker.json").write_text(json.dumps({"name": "w1"}))
+    else:
+        target.symlink_to("/proc/self")
+    params = {"install_dir": str(target), "name": "w2"}
+    err = error(run_agent("prepare", params), Category.PERMISSION_DENIED)
+    assert says in err["message"], err
+    if setup == "foreign":
+        assert stat.S_IMODE((target / "ssh").stat().st_mode) == 0o755
+        assert sorted(p.name for p in target.iterdir()) == ["ssh"]
+
+
 def test_prepare_over_a_file_is_permission_denied(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("x")
     err = error(

@@ -384,21 +384,58 @@ _URL_CREDENTIALS = re.compile(r"(://[^/@\s:]*:)[^@\s/]+@")
 """``user:password@`` in a URL: the password is masked in what the install logs."""
 
 
-def _check_own_dir(install_dir: str) -> None:
-    """An existing install_dir must be a directory of this user's own: not another user's, and
-    not writable by others (a shared directory such as /tmp: servetune puts its venv, keys and
-    config there and stops what runs from it). AgentError permission_denied naming it."""
-    try:
-        st = os.stat(install_dir)
-    except OSError:
-        return  # made by prepare (errors are said there)
-    if not stat.S_ISDIR(st.st_mode):
-        return
+_SYSTEM_TREES = (
+    "bin",
+    "boot",
+    "dev",
+    "etc",
+    "lib",
+    "lib32",
+    "lib64",
+    "libx32",
+    "proc",
+    "run",
+    "sbin",
+    "sys",
+    "usr",
+)
+"""Top-level directories of the operating system: no install_dir resolves into them (a link
+to /etc, /usr/local/bin, …)."""
+_OURS = (".servetune-install", "worker.json", "installed.json", "incoming")
+"""What an install_dir servetune prepared before holds (the first is written by prepare)."""
+
+
+def _check_own_dir(install_dir: str, name: Optional[str]) -> None:
+    """An existing install_dir must be servetune's to take over: where it really leads is no
+    system tree; it is this user's and not writable by others (a shared directory such as /tmp);
+    and it is empty or an install dir servetune prepared, of this slot (``name``; worker.json
+    says whose). AgentError permission_denied naming it and why."""
+    real = os.path.realpath(install_dir)
+    parts = [p for p in real.split("/") if p]
     why = ""
-    if st.st_uid != os.getuid():
-        why = "it belongs to another user (uid %d)" % st.st_uid
-    elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        why = "others may write to it (mode %o): it is a shared directory" % (st.st_mode & 0o7777)
+    if not parts or len(parts) == 1 or parts[0] in _SYSTEM_TREES:
+        why = "it is (or leads to) %s, a system directory" % real
+    try:
+        st = os.stat(real)
+    except OSError:
+        st = None  # made by prepare (errors are said there)
+    if not why and st is not None and stat.S_ISDIR(st.st_mode):
+        if st.st_uid != os.getuid():
+            why = "it belongs to another user (uid %d)" % st.st_uid
+        elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            why = "others may write to it (mode %o): it is a shared directory" % (
+                st.st_mode & 0o7777
+            )
+        else:
+            try:
+                entries = os.listdir(real)
+            except OSError:
+                entries = []
+            owner = _config_name(os.path.join(real, "worker.json"))
+            if name and owner is not None and owner != name:
+                why = "it holds the worker of slot %s; give each slot its own" % owner
+            elif entries and not any(e in entries for e in _OURS):
+                why = "it is not empty and servetune did not prepare it (%d entries)" % len(entries)
     if why:
         raise AgentError(
             "permission_denied",
@@ -412,19 +449,20 @@ def prepare(params: Dict[str, Any]) -> Dict[str, Any]:
     file can be written there; disk_full when less than ``min_free_gib`` is free."""
     install_dir = _path(params, "install_dir")
     min_free_gib = _number(params, "min_free_gib", 0)
-    _check_own_dir(install_dir)
+    _check_own_dir(install_dir, _param(params, "name", str, optional=True))
     for sub in ("", "data", "logs", "ssh", "incoming"):
         path = os.path.join(install_dir, sub) if sub else install_dir
         try:
             if not os.path.isdir(path):
                 os.makedirs(path, mode=0o700)
-                os.chmod(path, 0o700)  # made here: ours (an existing install_dir keeps its mode)
-            elif sub:
-                os.chmod(path, 0o700)
+                os.chmod(path, 0o700)  # made here: ours (what existed keeps its mode)
         except OSError as exc:
             # EEXIST: a file where the directory goes (the suggestion says so)
             kind = "permission_denied" if exc.errno == errno.EEXIST else "unknown"
             raise _os_error(exc, "creating %s" % path, kind) from None
+    # says "servetune prepared this directory" to the next deploy (_check_own_dir)
+    with contextlib.suppress(OSError):
+        open(os.path.join(install_dir, ".servetune-install"), "a").close()
     free_gib = shutil.disk_usage(install_dir).free / GIB
     if free_gib < min_free_gib:
         raise AgentError(

@@ -758,7 +758,11 @@ class Deployer:
             result = await self._agent(
                 run,
                 "prepare",
-                {"install_dir": run.slot.install_dir, "min_free_gib": round(need_gib, 3)},
+                {
+                    "install_dir": run.slot.install_dir,
+                    "min_free_gib": round(need_gib, 3),
+                    "name": run.slot.name,
+                },
             )
             return _Outcome(detail=f"{result.get('install_dir', run.install_dir)} ready")
 
@@ -976,9 +980,20 @@ class Deployer:
             result = await self._agent(
                 run,
                 "stop_worker",
-                {"install_dir": run.install_dir, "grace_s": STOP_GRACE_S},
+                {"install_dir": run.install_dir, "grace_s": STOP_GRACE_S, "name": run.slot.name},
                 timeout_s=self.settings.ssh_connect_timeout_s + AGENT_TIMEOUT_S + STOP_GRACE_S,
             )
+            owner = result.get("owner")
+            if owner:  # another slot's worker runs from this install_dir: not a leftover
+                message = (
+                    f"{run.install_dir} is not a directory of servetune's own: it holds the "
+                    f"worker of slot {owner}; give each slot its own"
+                )
+                raise diagnose.from_agent_error(
+                    {"kind": "permission_denied", "message": message, "found": run.found()},
+                    step="stop",
+                    target=run.target,
+                )
             stopped = [int(p) for p in result.get("stopped") or []]
             if not stopped:
                 return _Outcome(detail="no leftover worker process")

@@ -272,6 +272,11 @@ def _check_value(key: str, value: str, *, in_o: bool = False) -> str:
     if lowered in ("identityfile", "certificatefile"):
         if _PATH_FORBIDDEN.search(value):
             raise _invalid(f"{key} {value!r} contains a '\"'", "rename the key file")
+        if "${" in value:  # it would read the manager's environment (tokens, secrets) into paths
+            raise _invalid(
+                f"{key} {value!r}: ${{VAR}} is not expanded in a worker slot's ssh command",
+                "write the path out, e.g. -i ~/.ssh/id_ed25519",
+            )
         if in_o and _O_PATH_FORBIDDEN.search(value):
             raise _invalid(
                 f"-o {key}={value} holds a space, a quote, a backslash or '#', which ssh would "

@@ -641,10 +641,11 @@ async def resolve_pins(
         ]
         if constraints is not None:
             argv += ["--constraint", str(constraints)]
-        argv += ["--index-url", index_url] if index_url else ["--no-index"]
+        if not index_url:
+            argv += ["--no-index"]
         if find_links is not None:
             argv += ["--find-links", str(find_links)]
-        result = await run_command(argv, timeout_s=timeout_s, cwd=tmp)
+        result = await run_command(argv, timeout_s=timeout_s, cwd=tmp, env=_index_env(index_url))
         unusable = re.search(
             r"Because (?:only )?([A-Za-z0-9._-]+)(?:==\S+)? "
             r"(?:has|have) no (?:usable wheels|wheels with a matching)",
@@ -722,11 +723,12 @@ async def download_wheels(
     ]
     for tag in target.pip_platforms:
         argv += ["--platform", tag]
-    argv += ["--index-url", index_url] if index_url else ["--no-index"]
+    if not index_url:
+        argv += ["--no-index"]
     if find_links is not None:
         argv += ["--find-links", str(find_links)]
     argv += pins
-    result = await run_command(argv, timeout_s=timeout_s)
+    result = await run_command(argv, timeout_s=timeout_s, env=_index_env(index_url))
     missing = re.search(r"No matching distribution found for (\S+)", result.stderr)
     if result.returncode != 0 and missing and not _network_error(result):
         package = missing.group(1)
@@ -765,6 +767,19 @@ def _pip_argv() -> list[str]:
 # ---- small helpers -----------------------------------------------------------------------
 
 
+def _index_env(index_url: str | None) -> dict[str, str] | None:
+    """The environment giving uv (``UV_DEFAULT_INDEX``) and pip (``PIP_INDEX_URL``) the index:
+    a token in its URL stays out of argv (``ps``); None (inherit) without one."""
+    if not index_url:
+        return None
+    return {**os.environ, "UV_DEFAULT_INDEX": index_url, "PIP_INDEX_URL": index_url}
+
+
+def mask_url(url: str) -> str:
+    """``url`` with the password of its ``user:password@`` shown as ``***``."""
+    return re.sub(r"(://[^/@\s:]*:)[^@\s/]+@", r"\1***@", url)
+
+
 def _network_error(result: CommandResult) -> bool:
     text = result.stdout + result.stderr
     return any(marker in text for marker in _NETWORK_ERRORS)
@@ -787,7 +802,7 @@ def _check(result: CommandResult, doing: str, *, index_url: str | None = None) -
         raise DeployFailed(
             Category.INDEX_UNREACHABLE,
             f"{doing} failed: the manager cannot reach the package index"
-            + (f" {index_url}" if index_url else ""),
+            + (f" {mask_url(index_url)}" if index_url else ""),
             "check the manager's network or proxy, or set package_index_url "
             "(SERVETUNE_PACKAGE_INDEX_URL) to an index the manager can reach",
             step="bundle",
