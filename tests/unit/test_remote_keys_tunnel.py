@@ -169,6 +169,14 @@ def test_tunnel_argv_reverse() -> None:
     assert "-L" not in argv and "-i" not in argv
 
 
+def test_tunnel_argv_offers_every_key_of_the_slots_ssh_command() -> None:
+    argv = tunnel_argv(_cfg(direction="remote", more_identity_files=["/k/two", "/k/three"]))
+    keys = [argv[i + 1] for i, word in enumerate(argv) if word == "-i"]
+    assert keys[1:] == ["/k/two", "/k/three"] and len(keys) == 3
+    with pytest.raises(ValueError, match="more_identity_files"):
+        tunnel_argv(_cfg(direction="remote", more_identity_files=["/a b/k"]))
+
+
 def test_tunnel_argv_goes_through_the_slots_jump_hosts() -> None:
     argv = tunnel_argv(_cfg(direction="remote", proxy_jump="admin@bastion:2222,ssh://j2"))
     assert argv[argv.index("-J") + 1] == "admin@bastion:2222,ssh://j2"

@@ -57,6 +57,8 @@ from servetune.remote.ssh import parse_ssh_command
         ("ssh -o HostKeyAlias=gpu-b h", "another host's name"),  # would poison gpu-b's key
         ("ssh -i %d/.ssh/k h", "does not expand"),  # ssh opens -i as written
         ("ssh --bogus h", "not an ssh option"),
+        ("ssh -o 'IdentityFile=/etc/${HF_TOKEN}/../passwd' h", "not expanded"),  # reads env
+        ("ssh -o CertificateFile=${HOME}/c h", "not expanded"),
         ("ssh -o PKCS11Provider=/tmp/x.so h", "PKCS11Provider is not allowed"),  # loads a .so
         ("ssh -i '${HOME}/.ssh/k' h", "-o IdentityFile="),
         ("ssh a@b@c", "a@b@c"),

@@ -126,3 +126,14 @@ def test_source_hash_changes_when_a_source_file_is_edited(tmp_path: Path) -> Non
     assert edited != before
     (package / "cli.py").rename(package / "main.py")
     assert source_hash(tmp_path) not in (before, edited)  # a rename changes it too
+
+
+def test_an_index_token_goes_in_the_environment_and_is_masked_in_messages() -> None:
+    from servetune.remote.wheelhouse import _index_env, mask_url
+
+    url = "https://alice:Tok3n@index.example/simple"
+    env = _index_env(url)
+    assert env is not None and env["UV_DEFAULT_INDEX"] == url and env["PIP_INDEX_URL"] == url
+    assert _index_env(None) is None
+    assert mask_url(url) == "https://alice:***@index.example/simple"
+    assert mask_url("https://index.example/simple") == "https://index.example/simple"

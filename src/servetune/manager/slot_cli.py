@@ -173,7 +173,8 @@ def worker_deploy(
     manager_ssh: Annotated[
         str | None,
         typer.Option(
-            help="forward: the manager's sshd as the worker reaches it, user@host[:port]."
+            help="forward: the manager's sshd as the worker reaches it, user@host[:port] (the "
+            "manager reads its host key there too, so it must reach it as well)."
         ),
     ] = None,
     redis_address: Annotated[
@@ -283,7 +284,8 @@ def worker_remove(
     token_file: TokenFileOption = None,
 ) -> None:
     """Forget the worker slot NAME: its worker on the host is stopped (a running trial is handed
-    back), its Redis tunnel key leaves the manager's authorized_keys, its reverse tunnel stops.
+    back), its Redis tunnel key leaves the manager's authorized_keys, its reverse tunnel stops,
+    and its stopped worker leaves the manager's worker list.
 
     A host that cannot be reached does not keep the slot: the stop step says so, with how to
     stop the worker there. Exit status 0 once removed.

@@ -1215,6 +1215,7 @@ class Deployer:
         # the key the user named (-i / IdentityFile); else ssh's defaults and ~/.ssh/config
         keys_given = _option_values(options, "-i", "identityfile")
         identity = keys_given[0] if keys_given else None
+        more_keys = keys_given[1:]  # ssh tries them all, in order
         cfg, _ = _tunnel(
             run,
             direction="remote",
@@ -1222,6 +1223,7 @@ class Deployer:
             port=resolved.port,
             proxy_jump=jump,
             identity_file=identity,
+            more_identity_files=more_keys,
             config_file=config_file,
             known_hosts_file=str(self.settings.ssh_dir / "known_hosts"),
             bind_port=self._bind_port(run, 0),

@@ -115,6 +115,8 @@ def tunnel_argv(cfg: TunnelConfig) -> list[str]:
             "',' (letters, digits and ._-, not starting with '-')"
         )
     _check_file("identity_file", cfg.identity_file)
+    for extra in cfg.more_identity_files:
+        _check_file("more_identity_files", extra)
     _check_file("config_file", cfg.config_file)
     _check_file("known_hosts_file", cfg.known_hosts_file)
     argv = ["ssh", "-N"]
@@ -127,6 +129,8 @@ def tunnel_argv(cfg: TunnelConfig) -> list[str]:
         argv += ["-o", f"StrictHostKeyChecking={cfg.strict_host_key_checking}"]
     if cfg.identity_file:
         argv += ["-i", cfg.identity_file, "-o", "IdentitiesOnly=yes"]
+        for extra in cfg.more_identity_files:
+            argv += ["-i", extra]
     if cfg.port is not None:
         argv += ["-p", str(cfg.port)]
     if cfg.proxy_jump:
