@@ -70,10 +70,9 @@ def test_key_paths_are_checked_as_ssh_expands_them(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("SERVETUNE_TEST_KEYS", str(client_key.parent))
     session = SshSession(
         parse_ssh_command(
-            f"ssh -p {loopback_host.port} -o IdentityFile=${{SERVETUNE_TEST_KEYS}}/%n-key "
+            f"ssh -p {loopback_host.port} -o IdentityFile={client_key.parent}/%n-key "
             f"root@{loopback_host.address}"
         ),
         Settings(data_dir=tmp_path / "data"),
@@ -92,8 +91,9 @@ def test_key_paths_are_checked_as_ssh_expands_them(
     )  # fmt: skip
     assert facts["install_dir"] == str(tmp_path)
 
+    with pytest.raises(DeployFailed, match="not expanded"):  # it would read our environment
+        parse_ssh_command(f"ssh -o IdentityFile=${{HOME}}/id root@{loopback_host.address}")
     for raw, says in (
-        ("${SERVETUNE_TEST_UNSET_VAR}/id", "not set"),
         ("%C-key", "%C"),
         (str(client_key.parent), "not a regular file"),
     ):

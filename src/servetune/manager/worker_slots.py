@@ -319,29 +319,18 @@ class WorkerSlots:
                 [Problem(f, f"{f} cannot be null; leave it out to keep it") for f in nulls]
             )
         deployed = slot.status != SlotStatus.NEVER_SEEN or slot.worker_id or slot.deployed_at
-        if deployed and given.get("name") not in (None, slot.name):
-            raise SpecInvalid(
-                [
-                    Problem(
-                        "name",
-                        f"worker slot {slot.name} was deployed, and its worker, its tunnel key and "
-                        "its files carry that name, so it cannot be renamed; delete it and save "
-                        f"it again as {given['name']}",
-                    )
-                ]
-            )
-        if deployed and given.get("install_dir") not in (None, slot.install_dir):
-            raise SpecInvalid(
-                [
-                    Problem(
-                        "install_dir",
-                        f"worker slot {slot.name} was deployed to {slot.install_dir}, and a worker "
-                        "may still run from there, which the slot would no longer stop; remove "
-                        "the slot (servetune worker-remove, which stops that worker) and deploy "
-                        f"it again with --install-dir {given['install_dir']}",
-                    )
-                ]
-            )
+        moved = [f for f in ("name", "install_dir") if given.get(f) not in (None, getattr(slot, f))]
+        if deployed and moved:
+            why = {
+                "name": f"worker slot {slot.name} was deployed, and its worker, its tunnel key "
+                "and its files carry that name, so it cannot be renamed; delete it and save it "
+                f"again as {given.get('name')}",
+                "install_dir": f"worker slot {slot.name} was deployed to {slot.install_dir}, and "
+                "a worker may still run from there, which the slot would no longer stop; remove "
+                "the slot (servetune worker-remove, which stops that worker) and deploy it "
+                f"again with --install-dir {given.get('install_dir')}",
+            }
+            raise SpecInvalid([Problem(f, why[f]) for f in moved])
         check_slot(WorkerSlotCreate.model_validate({**_settings_of(slot), **given}))
         await asyncio.to_thread(self.store.update, slot_id, changes)
         return await self.read(slot_id)

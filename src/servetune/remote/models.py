@@ -24,12 +24,16 @@ PYTHON_PATTERN = r"^[A-Za-z0-9_./+-]{1,255}$"
 """The remote interpreter: a command name on the remote PATH (``python3``) or an absolute path."""
 
 
+def _shown(value: str) -> str:
+    """``value`` as an error message quotes it: whole when short, else its start and length."""
+    return repr(value) if len(value) <= 80 else f"{value[:60]!r}… ({len(value)} characters)"
+
+
 def check_slot_name(name: str) -> str:
     """``name`` when it matches SLOT_NAME_PATTERN; raises ValueError naming the fix."""
     if not re.fullmatch(SLOT_NAME_PATTERN, name):
-        shown = repr(name) if len(name) <= 80 else f"{name[:60]!r}… ({len(name)} characters)"
         raise ValueError(
-            f"{shown} is not a valid slot name: use 1-63 letters, digits, '.', '_' or '-', "
+            f"{_shown(name)} is not a valid slot name: use 1-63 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit (e.g. gpu-host-1)"
         )
     return name
@@ -39,9 +43,8 @@ def check_python_name(python: str) -> str:
     """``python`` when it matches PYTHON_PATTERN (a command name or a path, nothing a shell
     would read); raises ValueError naming the fix."""
     if not re.fullmatch(PYTHON_PATTERN, python):
-        shown = repr(python) if len(python) <= 80 else f"{python[:60]!r}…"
         raise ValueError(
-            f"{shown} is not an interpreter name or path: use letters, digits and _ . / + - "
+            f"{_shown(python)} is not an interpreter name or path: use letters, digits and _ . / + - "
             "only, e.g. python3.11 or /usr/bin/python3"
         )
     return python
