@@ -3,6 +3,8 @@ tunnel, and the manager's ssh address (``manager_ssh``) a forward tunnel goes to
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from servetune.remote.deploy import _option_values, parse_manager_ssh, parse_redis_url
@@ -66,3 +68,42 @@ def test_the_key_and_jump_a_reverse_tunnel_reads_from_the_ssh_command() -> None:
     plain = parse_ssh_command("ssh -p 2 u@host").options
     assert _option_values(plain, "-i", "identityfile") == []
     assert _option_values(plain, "-J", "proxyjump") == []
+
+
+@pytest.mark.parametrize(
+    ("said", "category"),
+    [
+        ("root@gpu-1: Permission denied (publickey).\n", "auth_refused"),
+        ("ssh: connect to host gpu-1 port 2222: Connection refused\n", "connection_refused"),
+        ("Remote port forwarding failed for listen port 40001\n", None),
+    ],
+)
+def test_a_reverse_tunnel_that_never_came_up_says_what_its_ssh_said(
+    tmp_path: Path, said: str, category: str | None
+) -> None:
+    """Its log, not a guess about AllowTcpForwarding: a refused key is auth_refused."""
+    from servetune.remote.deploy import Deployer, _Run
+    from servetune.remote.models import RedisVia, TunnelConfig
+    from servetune.settings import Settings
+    from tests.integration.deploy_helpers import make_slot
+
+    settings = Settings(data_dir=tmp_path / "data")
+    (settings.data_dir / "tunnels").mkdir(parents=True)
+    (settings.data_dir / "tunnels" / "rv.log").write_text(said)
+    slot = make_slot("rv", "ssh -p 2222 root@gpu-1", "/opt/st", redis_via=RedisVia.REVERSE)
+    cfg = TunnelConfig(
+        direction="remote",
+        destination="root@gpu-1",
+        port=2222,
+        bind_port=40001,
+        target_host="127.0.0.1",
+        target_port=6379,
+    )
+    found = Deployer(settings, "redis://127.0.0.1:6379", registry=None)._tunnel_ssh_failure(  # type: ignore[arg-type]
+        _Run(slot, "deploy"), cfg
+    )
+    if category is None:
+        assert found is None
+    else:
+        assert found is not None and found.category.value == category and found.step == "redis"
+        assert "reverse tunnel" in str(found)

@@ -30,6 +30,7 @@ from servetune.errors import DeployFailed, RedisUnavailable
 from servetune.remote import diagnose, keys, tunnel, venvcopy, wheelhouse
 from servetune.remote.models import (
     Category,
+    CommandResult,
     DeployReport,
     DeployStep,
     OfflineMode,
@@ -1248,6 +1249,9 @@ class Deployer:
             except DeployFailed as e:
                 if e.category != Category.REDIS_UNREACHABLE or time.monotonic() > deadline:
                     await _maybe_await(tunnel.stop_detached(self.settings, run.slot.name))
+                    refused = self._tunnel_ssh_failure(run, cfg)
+                    if refused is not None:
+                        raise refused from e
                     raise DeployFailed(
                         Category.TUNNEL_FAILED,
                         f"the reverse tunnel to {run.target} (manager pid {pid}) does not "
@@ -1268,6 +1272,27 @@ class Deployer:
         return _Outcome(
             detail=f"reverse tunnel from the manager (pid {pid}): Redis answers at "
             f"127.0.0.1:{cfg.bind_port} on {run.target}"
+        )
+
+    def _tunnel_ssh_failure(self, run: _Run, cfg: TunnelConfig) -> DeployFailed | None:
+        """What the reverse tunnel's own ssh said, when it never got up (refused key, host key,
+        closed port, …: its log), as that category; None when its log names no such cause."""
+        said = tunnel.detached_log_tail(self.settings, run.slot.name)
+        if not said:
+            return None
+        result = CommandResult(
+            argv=tunnel.tunnel_argv(cfg), returncode=255, stdout="", stderr=said, duration_s=0.0
+        )
+        found = diagnose.classify_ssh(result, target=run.target)
+        if found is None or found.category in (Category.UNKNOWN, Category.STEP_TIMEOUT):
+            return None
+        found.step = "redis"
+        return DeployFailed(
+            found.category,
+            f"the reverse tunnel's ssh to {run.target} failed: {found}",
+            found.suggestion,
+            step="redis",
+            logs=found.logs,
         )
 
     async def _direct(self, run: _Run, endpoint: RedisEndpoint) -> _Outcome:

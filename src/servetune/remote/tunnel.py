@@ -395,6 +395,18 @@ def _tunnels_dir(settings: Settings) -> Path:
     return path
 
 
+def detached_log_tail(settings: Settings, slot_name: str, max_bytes: int = 16384) -> str:
+    """The end (at most ``max_bytes``) of the slot's detached tunnel log, decoded; '' when there
+    is none. Raises ValueError for a bad slot name."""
+    log_path = _files(settings, slot_name)[2]
+    try:
+        with log_path.open("rb") as f:
+            f.seek(max(0, log_path.stat().st_size - max_bytes))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
 def _files(settings: Settings, slot_name: str) -> tuple[Path, Path, Path]:
     check_slot_name(slot_name)
     folder = _tunnels_dir(settings)
