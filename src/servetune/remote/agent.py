@@ -606,18 +606,7 @@ def install(params: Dict[str, Any]) -> Dict[str, Any]:
     venv = os.path.join(install_dir, "venv")
     venv_python = os.path.join(venv, "bin", "python")
     env = dict(os.environ)
-    env.update(
-        {
-            "UV_PYTHON_DOWNLOADS": "never",
-            "UV_NO_CONFIG": "1",
-            "NO_COLOR": "1",
-        }
-    )
-    # uv's cache: the host's own when it sets one (kept between deploys), else one in install_dir
-    env.setdefault("UV_CACHE_DIR", os.path.join(install_dir, "cache", "uv"))
-    # The host's own CA store (uv's default is its bundled roots): hosts behind a TLS-inspecting
-    # proxy trust its CA there, as pip does; the host's own setting wins when it has one.
-    env.setdefault("UV_NATIVE_TLS", "1")
+    _uv_env(env, install_dir)
     log_path = os.path.join(install_dir, "logs", "install.log")
     log = []  # type: List[str]
 
@@ -673,6 +662,17 @@ def _installed_version(venv: str, install_dir: str) -> str:
         )
     lines = output.strip().splitlines()
     return lines[-1] if lines else ""
+
+
+def _uv_env(env: Dict[str, str], install_dir: str) -> None:
+    """Set in ``env`` what every uv run of the agent needs: no Python downloads, no uv config
+    files of the host, no colour; uv's cache the host's own when it sets one (kept between
+    deploys), else one in install_dir; the host's own CA store (uv's default is its bundled
+    roots: hosts behind a TLS-inspecting proxy trust its CA there, as pip does), unless the
+    host says otherwise."""
+    env.update({"UV_PYTHON_DOWNLOADS": "never", "UV_NO_CONFIG": "1", "NO_COLOR": "1"})
+    env.setdefault("UV_CACHE_DIR", os.path.join(install_dir, "cache", "uv"))
+    env.setdefault("UV_NATIVE_TLS", "1")
 
 
 def _write_log(path: str, parts: List[str]) -> None:
@@ -739,8 +739,6 @@ def _write_over(path: str, data: bytes) -> None:
 def _prefix_pattern(prefix: str) -> "Any":
     """The regex of ``prefix`` as a whole path: followed by '/', a quote, white space, ':' or
     the end (so /a/.venv never matches inside /a/.venv2)."""
-    import re
-
     return re.compile(re.escape(prefix.rstrip("/").encode("utf-8")) + rb"(?=[/'\"\s:;]|$)")
 
 
@@ -892,8 +890,7 @@ def _installer(venv: str, install_dir: str, env: Dict[str, str]) -> Tuple[str, L
     venv_python = os.path.join(venv, "bin", "python")
     uv = os.path.join(venv, "bin", "uv")
     if _regular_file(uv) and os.access(uv, os.X_OK):
-        env.update({"UV_NO_CONFIG": "1", "UV_PYTHON_DOWNLOADS": "never", "NO_COLOR": "1"})
-        env.setdefault("UV_CACHE_DIR", os.path.join(install_dir, "cache", "uv"))
+        _uv_env(env, install_dir)
         argv = [uv, "pip", "install", "--python", venv_python, "--no-deps", "--offline"]
         return "uv", [*argv, "--no-index"]
     code, _ = _run([venv_python, "-I", "-c", "import pip"], 60)

@@ -280,8 +280,9 @@ class Deployer:
         ``offline`` overrides the slot's mode (auto: a wheelhouse when the remote cannot reach
         the package index; when the manager cannot build that wheelhouse either, its own venv is
         copied to a host whose CPython, architecture and libc match its own: the bundle step
-        then ends WARNING and says so, see ``venvcopy``). Steps: preflight, bundle, prepare, redis, upload, install, stop,
-        config, start, register: how the worker will reach Redis (tunnel, address) is checked
+        then ends WARNING and says so, see ``venvcopy``). Steps: preflight, bundle, prepare,
+        redis, upload, install, stop, config, start, register: how the worker will reach Redis
+        (tunnel, address) is checked
         before anything is uploaded or installed, so a wrong address fails in seconds. A worker
         of this slot already running there is stopped (its leftovers too) before the new one
         starts. Returns the report (success or the failure's category and suggestion)."""
@@ -438,18 +439,7 @@ class Deployer:
         async def step() -> _Outcome:
             run.session = SshSession(parse_ssh_command(run.slot.ssh_command), self.settings)
             run.resolved = await run.session.resolve()
-            result = await self._agent(
-                run,
-                "stop_worker",
-                {
-                    "install_dir": run.slot.install_dir,
-                    "grace_s": REMOVE_GRACE_S,
-                    "name": run.slot.name,
-                },
-                timeout_s=self.settings.ssh_connect_timeout_s + AGENT_TIMEOUT_S + REMOVE_GRACE_S,
-            )
-            stopped = [int(p) for p in result.get("stopped") or []]
-            owner = result.get("owner")
+            stopped, owner = await self._stop_worker(run, run.slot.install_dir, REMOVE_GRACE_S)
             if owner:
                 return _Outcome(
                     value=stopped,
@@ -462,6 +452,21 @@ class Deployer:
 
         stopped: list[int] = await self._step(run, "stop", step)
         return stopped
+
+    async def _stop_worker(
+        self, run: _Run, install_dir: str, grace_s: float
+    ) -> tuple[list[int], str | None]:
+        """The agent's ``stop_worker`` for this slot's worker in ``install_dir``, SIGKILL after
+        ``grace_s`` s: (the pids stopped, the other slot whose worker runs there and was left
+        alone, else None). Raises DeployFailed as ``_agent`` does."""
+        result = await self._agent(
+            run,
+            "stop_worker",
+            {"install_dir": install_dir, "grace_s": grace_s, "name": run.slot.name},
+            timeout_s=self.settings.ssh_connect_timeout_s + AGENT_TIMEOUT_S + grace_s,
+        )
+        owner = result.get("owner")
+        return [int(p) for p in result.get("stopped") or []], str(owner) if owner else None
 
     # ---- the run -----------------------------------------------------------------------------
 
@@ -978,13 +983,7 @@ class Deployer:
 
     async def _stop_leftovers(self, run: _Run) -> None:
         async def step() -> _Outcome:
-            result = await self._agent(
-                run,
-                "stop_worker",
-                {"install_dir": run.install_dir, "grace_s": STOP_GRACE_S, "name": run.slot.name},
-                timeout_s=self.settings.ssh_connect_timeout_s + AGENT_TIMEOUT_S + STOP_GRACE_S,
-            )
-            owner = result.get("owner")
+            stopped, owner = await self._stop_worker(run, run.install_dir, STOP_GRACE_S)
             if owner:  # another slot's worker runs from this install_dir: not a leftover
                 message = (
                     f"{run.install_dir} is not a directory of servetune's own: it holds the "
@@ -995,7 +994,6 @@ class Deployer:
                     step="stop",
                     target=run.target,
                 )
-            stopped = [int(p) for p in result.get("stopped") or []]
             if not stopped:
                 return _Outcome(detail="no leftover worker process")
             return _Outcome(detail=f"stopped leftover worker process(es) {stopped}")
@@ -1286,7 +1284,6 @@ class Deployer:
         found = diagnose.classify_ssh(result, target=run.target)
         if found is None or found.category in (Category.UNKNOWN, Category.STEP_TIMEOUT):
             return None
-        found.step = "redis"
         return DeployFailed(
             found.category,
             f"the reverse tunnel's ssh to {run.target} failed: {found}",

@@ -46,6 +46,7 @@ from typing import IO
 
 import servetune
 from servetune.errors import DeployFailed
+from servetune.redact import redact
 from servetune.remote.models import Category, CommandResult, RemoteFacts
 from servetune.remote.ssh import run_command
 from servetune.settings import Settings
@@ -775,11 +776,6 @@ def _index_env(index_url: str | None) -> dict[str, str] | None:
     return {**os.environ, "UV_DEFAULT_INDEX": index_url, "PIP_INDEX_URL": index_url}
 
 
-def mask_url(url: str) -> str:
-    """``url`` with the password of its ``user:password@`` shown as ``***``."""
-    return re.sub(r"(://[^/@\s:]*:)[^@\s/]+@", r"\1***@", url)
-
-
 def _network_error(result: CommandResult) -> bool:
     text = result.stdout + result.stderr
     return any(marker in text for marker in _NETWORK_ERRORS)
@@ -802,7 +798,7 @@ def _check(result: CommandResult, doing: str, *, index_url: str | None = None) -
         raise DeployFailed(
             Category.INDEX_UNREACHABLE,
             f"{doing} failed: the manager cannot reach the package index"
-            + (f" {mask_url(index_url)}" if index_url else ""),
+            + (f" {redact(index_url)}" if index_url else ""),
             "check the manager's network or proxy, or set package_index_url "
             "(SERVETUNE_PACKAGE_INDEX_URL) to an index the manager can reach",
             step="bundle",
